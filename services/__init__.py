@@ -1,0 +1,1 @@
+"""Scepsy: serve multi-LLM agentic workflows on GPU clusters."""

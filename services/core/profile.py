@@ -1,0 +1,81 @@
+"""Profiles: one LLM's per-call latency against arrival rate on one hardware configuration.
+
+A profile belongs to a ``ProfileKey`` (model, GPU type, TP degree, GPU fraction, engine version and
+the request mix it was measured with). Its points are sorted by rate and end at or just below the
+saturation rate, the highest sustainable call rate. Backends (analytic simulation, real vLLM engines)
+produce the same structure; the ALP reads latency at any rate by interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from services.core.errors import InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileKey:
+    model: str
+    gpu_type: str
+    tp: int
+    fraction: float  # share of one GPU; 1.0 for whole GPUs (always 1.0 when tp > 1)
+    engine: str  # engine/backend version, e.g. "analytic-1" or "vllm-0.32.0"
+    mix: str  # short id of the request mix (token-length distribution) profiled
+
+    def redis_field(self) -> str:
+        """Stable textual form used as the storage key suffix."""
+        return f"{self.model}|{self.gpu_type}|tp{self.tp}|f{self.fraction:g}|{self.engine}|{self.mix}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePoint:
+    rate: float  # calls/s offered to one instance
+    mean_latency: float  # s, per call (arrival to last token)
+    p50_latency: float
+    p99_latency: float
+    ttft: float  # s, mean time to first token
+    tpot: float  # s, mean time per output token after the first
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    key: ProfileKey
+    points: tuple[ProfilePoint, ...]
+    saturation_rate: float  # calls/s; the ALP's T_m for this configuration
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise InvalidInputError(f"profile {self.key.redis_field()}: points: empty")
+        rates = [p.rate for p in self.points]
+        if any(b <= a for a, b in zip(rates, rates[1:], strict=False)):
+            raise InvalidInputError(
+                f"profile {self.key.redis_field()}: points: rates must increase, got {rates}"
+            )
+        if not self.saturation_rate > 0:
+            raise InvalidInputError(
+                f"profile {self.key.redis_field()}: saturation_rate: must be > 0, "
+                f"got {self.saturation_rate}"
+            )
+
+    def latency_at(self, rate: float) -> float:
+        """Mean per-call latency at ``rate`` calls/s (linear interpolation between points).
+
+        Below the first point the first point's latency holds (an idle engine); at or beyond
+        saturation the latency is unbounded.
+        """
+        if rate >= self.saturation_rate:
+            return math.inf
+        pts = self.points
+        if rate <= pts[0].rate:
+            return pts[0].mean_latency
+        i = bisect_left([p.rate for p in pts], rate)
+        if i >= len(pts):
+            # between the last measured point and saturation: grow like an M/M/1 queue
+            last = pts[-1]
+            headroom = (self.saturation_rate - last.rate) / (self.saturation_rate - rate)
+            return last.mean_latency * headroom
+        lo, hi = pts[i - 1], pts[i]
+        w = (rate - lo.rate) / (hi.rate - lo.rate)
+        return lo.mean_latency + w * (hi.mean_latency - lo.mean_latency)
