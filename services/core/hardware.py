@@ -63,6 +63,15 @@ GPUS: dict[str, GpuSpec] = {
             nvml_names=("NVIDIA A100-SXM4-80GB",),
         ),
         GpuSpec(
+            name="A100-40GB-SXM",
+            peak_bf16_flops=312e12,
+            hbm_bandwidth=1.555e12,
+            memory_bytes=40 * GIB,
+            nvlink_bandwidth=300 * GB,
+            pcie_bandwidth=32 * GB,
+            nvml_names=("NVIDIA A100-SXM4-40GB",),
+        ),
+        GpuSpec(
             name="A100-80GB-PCIe",
             peak_bf16_flops=312e12,
             hbm_bandwidth=1.935e12,
@@ -98,6 +107,7 @@ _ALIASES = {alias.lower(): spec.name for spec in GPUS.values() for alias in spec
     "a100": "A100-80GB-SXM",
     "a100-sxm": "A100-80GB-SXM",
     "a100-pcie": "A100-80GB-PCIe",
+    "a100-40gb": "A100-40GB-SXM",
 }
 
 
@@ -106,9 +116,9 @@ def gpu_spec(name: str) -> GpuSpec:
     if name in GPUS:
         return GPUS[name]
     key = name.strip().lower()
-    for spec_name in GPUS:
+    for spec_name, spec in GPUS.items():
         if spec_name.lower() == key:
-            return GPUS[spec_name]
+            return spec
     if key in _ALIASES:
         return GPUS[_ALIASES[key]]
     raise UnknownGpuError(f"gpu type {name!r} is not in the catalogue (known: {', '.join(GPUS)})")

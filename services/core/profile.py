@@ -1,9 +1,9 @@
 """Profiles: one LLM's per-call latency against arrival rate on one hardware configuration.
 
-A profile belongs to a ``ProfileKey`` (model, GPU type, TP degree, GPU fraction, engine version and
-the request mix it was measured with). Its points are sorted by rate and end at or just below the
-saturation rate, the highest sustainable call rate. Backends (analytic simulation, real vLLM engines)
-produce the same structure; the ALP reads latency at any rate by interpolation.
+A profile belongs to a ``ProfileKey`` (model, GPU type, TP degree, GPU fraction, engine version
+and the request mix it was measured with). Its points are sorted by rate and end at or just below
+the saturation rate, the highest sustainable call rate. Backends (analytic simulation, real vLLM
+engines) produce the same structure; the ALP reads latency at any rate by interpolation.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import pairwise
 
 from services.core.errors import InvalidInputError
 
@@ -26,7 +27,9 @@ class ProfileKey:
 
     def redis_field(self) -> str:
         """Stable textual form used as the storage key suffix."""
-        return f"{self.model}|{self.gpu_type}|tp{self.tp}|f{self.fraction:g}|{self.engine}|{self.mix}"
+        return (
+            f"{self.model}|{self.gpu_type}|tp{self.tp}|f{self.fraction:g}|{self.engine}|{self.mix}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +52,7 @@ class Profile:
         if not self.points:
             raise InvalidInputError(f"profile {self.key.redis_field()}: points: empty")
         rates = [p.rate for p in self.points]
-        if any(b <= a for a, b in zip(rates, rates[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(rates)):
             raise InvalidInputError(
                 f"profile {self.key.redis_field()}: points: rates must increase, got {rates}"
             )

@@ -1,0 +1,48 @@
+# One entry point. Every target creates or reuses the local virtual environment (.venv) and installs
+# what it needs, so on a fresh machine `make demo` and `make test` need nothing else.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast check lint typecheck proto proto-check bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## demo: start an embedded Redis and the agents of a declared two-node H100 cluster, show it, stop
+demo: venv
+	@export SCEPSY_HOME=$$(mktemp -d); trap '$(VENV)/bin/scepsy down >/dev/null' EXIT; \
+	$(VENV)/bin/scepsy up --cluster deploy/examples/cluster-2xh100.yaml && \
+	$(VENV)/bin/scepsy nodes
+
+## test: the whole suite (what CI runs)
+test: venv
+	$(PY) -m pytest -q
+
+## check: lint, format, strict types, proto drift
+check: lint typecheck proto-check
+
+lint: venv
+	$(VENV)/bin/ruff check services tests scripts
+	$(VENV)/bin/ruff format --check services tests scripts
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+## proto: regenerate protos/scepsy/v1/*_pb2*.py{,i} (the one codegen command)
+proto: venv
+	PYTHON=$(PY) scripts/protogen.sh
+
+proto-check: venv
+	@tmp=$$(mktemp -d); PYTHON=$(PY) scripts/protogen.sh $$tmp >/dev/null 2>&1; \
+	if diff -r -q -x '__init__.py' -x '*.proto' -x '__pycache__' -x 'py.typed' $$tmp/protos protos; then echo "protos: up to date"; \
+	else echo "protos: generated code is stale; run 'make proto'"; rm -rf $$tmp; exit 1; fi; rm -rf $$tmp
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

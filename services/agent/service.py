@@ -1,0 +1,137 @@
+"""The node agent: heartbeats the node into Redis and serves ``scepsy.v1.NodeAgent``.
+
+Registration is idempotent (the node's name is its key), so a restarted agent replaces its old
+record instead of adding a second one. If Redis is unreachable the agent keeps serving gRPC and
+retries on the next heartbeat; a node whose agent dies vanishes ``node_ttl_s`` after its last beat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+
+import grpc
+
+from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
+from services.agent.config import AgentConfig
+from services.agent.sources import InventorySource
+from services.core.errors import UnavailableError
+from services.core.inventory import NodeInventory
+from services.runtime.convert import node_to_pb, topology_to_pb
+from services.runtime.logging import get_logger
+from services.runtime.server import Server, ServiceBinding
+from services.runtime.store import Store
+
+log = get_logger(__name__)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        source: InventorySource,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._source = source
+        self._store = store
+        self._clock = clock
+        self._address = ""
+        self._started_at = clock()
+        self._task: asyncio.Task[None] | None = None
+        self.beats = 0  # successful heartbeats, for tests and metrics
+        self.failed_beats = 0
+
+    async def node(self) -> NodeInventory:
+        """The node as it is now, stamped with this agent's address and times."""
+        node = await asyncio.to_thread(self._source.read)
+        return dataclasses.replace(
+            node,
+            agent_address=self._address,
+            started_at=self._started_at,
+            heartbeat_at=self._clock(),
+        )
+
+    async def start(self, server: Server) -> None:
+        host = self._config.advertise_host or self._config.host
+        self._address = f"{host}:{server.port}"
+        await self.heartbeat()
+        self._task = asyncio.create_task(self._beat_forever(), name="agent-heartbeat")
+
+    async def stop(self, server: Server | None = None) -> None:
+        """Stop heartbeating and deregister (a crash instead lets the TTL remove the node)."""
+        await self.stop_heartbeat()
+        with contextlib.suppress(UnavailableError):
+            await self._store.remove_node(self._config.resolved_node_name)
+        self._source.close()
+
+    async def stop_heartbeat(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def heartbeat(self) -> None:
+        """One beat: read the inventory, refresh the record. A failed beat (Redis down, an NVML
+        error) is logged and counted; the next beat retries, and serving goes on."""
+        try:
+            node = await self.node()
+            joined = await self._store.put_node(node, self._config.node_ttl_s)
+        except Exception as exc:
+            self.failed_beats += 1
+            log.warning("heartbeat_failed", node=self._config.resolved_node_name, error=str(exc))
+            return
+        self.beats += 1
+        if joined:
+            log.info(
+                "node_registered",
+                node=node.name,
+                gpus=len(node.gpus),
+                domains=[list(d) for d in node.domains],
+                address=node.agent_address,
+            )
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            await self.heartbeat()
+
+
+class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def GetInventory(
+        self,
+        request: agent_pb2.GetInventoryRequest,
+        context: grpc.aio.ServicerContext[
+            agent_pb2.GetInventoryRequest, agent_pb2.GetInventoryResponse
+        ],
+    ) -> agent_pb2.GetInventoryResponse:
+        return agent_pb2.GetInventoryResponse(node=node_to_pb(await self._agent.node()))
+
+    async def GetTopology(
+        self,
+        request: agent_pb2.GetTopologyRequest,
+        context: grpc.aio.ServicerContext[
+            agent_pb2.GetTopologyRequest, agent_pb2.GetTopologyResponse
+        ],
+    ) -> agent_pb2.GetTopologyResponse:
+        return agent_pb2.GetTopologyResponse(topology=topology_to_pb(await self._agent.node()))
+
+
+def agent_binding(agent: Agent) -> ServiceBinding:
+    servicer = NodeAgentServicer(agent)
+    return ServiceBinding(
+        name=agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name,
+        add_to_server=lambda server: agent_pb2_grpc.add_NodeAgentServicer_to_server(
+            servicer, server
+        ),
+        on_start=(agent.start,),
+        on_stop=(agent.stop,),
+    )

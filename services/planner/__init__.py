@@ -1,0 +1,1 @@
+"""The planner service: workflow statistics + profiles -> ALP -> allocation search (issue 4)."""

@@ -1,0 +1,62 @@
+"""The Redis key schema, in one place. Every key starts with the namespace (default "scepsy") and
+the schema version, so several deployments (or test runs) can share one Redis.
+
+| key | type | holds |
+|---|---|---|
+| {ns}:v1:node:{name} | string, TTL | a ``scepsy.v1.Node`` (protobuf bytes), expiring |
+| {ns}:v1:nodes | set | names of registered nodes (pruned of expired ones on read) |
+| {ns}:v1:events | pub/sub channel | JSON change announcements: {"event": ..., ...} |
+| {ns}:v1:trace | stream, capped | trace calls recorded by the router |
+| {ns}:v1:profile:{field} | string | a ``scepsy.v1.Profile``; field = ProfileKey.redis_field() |
+| {ns}:v1:plan:{id} | string, immutable | a ``scepsy.v1.Plan`` |
+| {ns}:v1:plans | sorted set | plan ids by creation time |
+| {ns}:v1:plan:current | string | id of the current plan, swapped atomically |
+| {ns}:v1:endpoints:{model} | hash | replica id -> engine base URL |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA = "v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str = "scepsy"
+
+    @property
+    def _root(self) -> str:
+        return f"{self.namespace}:{SCHEMA}"
+
+    def node(self, name: str) -> str:
+        return f"{self._root}:node:{name}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self._root}:nodes"
+
+    @property
+    def events(self) -> str:
+        return f"{self._root}:events"
+
+    @property
+    def trace(self) -> str:
+        return f"{self._root}:trace"
+
+    def profile(self, field: str) -> str:
+        return f"{self._root}:profile:{field}"
+
+    def plan(self, plan_id: str) -> str:
+        return f"{self._root}:plan:{plan_id}"
+
+    @property
+    def plans(self) -> str:
+        return f"{self._root}:plans"
+
+    @property
+    def current_plan(self) -> str:
+        return f"{self._root}:plan:current"
+
+    def endpoints(self, model: str) -> str:
+        return f"{self._root}:endpoints:{model}"
