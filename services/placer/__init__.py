@@ -1,1 +1,1 @@
-"""The placer service: allocation -> topology-aware, fragmentation-minimising placement (issue 4)."""
+"""The placer service: allocation -> topology-aware, fragmentation-minimising placement."""

@@ -1,1 +1,1 @@
-"""The router: OpenAI-compatible HTTP and gRPC dispatch of workflow LLM calls, with tracing (issue 6)."""
+"""The router: OpenAI-compatible HTTP and gRPC dispatch of workflow LLM calls, with tracing."""
