@@ -4,15 +4,18 @@
 # source: protos/scepsy/v1/agent.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "protos/scepsy/v1/agent.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'protos/scepsy/v1/agent.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -22,23 +25,21 @@ _sym_db = _symbol_database.Default()
 from protos.scepsy.v1 import types_pb2 as protos_dot_scepsy_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1cprotos/scepsy/v1/agent.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto"\x15\n\x13GetInventoryRequest"5\n\x14GetInventoryResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Node"\x14\n\x12GetTopologyRequest"<\n\x13GetTopologyResponse\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.scepsy.v1.Topology2\xaa\x01\n\tNodeAgent\x12O\n\x0cGetInventory\x12\x1e.scepsy.v1.GetInventoryRequest\x1a\x1f.scepsy.v1.GetInventoryResponse\x12L\n\x0bGetTopology\x12\x1d.scepsy.v1.GetTopologyRequest\x1a\x1e.scepsy.v1.GetTopologyResponseb\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/scepsy/v1/agent.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"\x15\n\x13GetInventoryRequest\"5\n\x14GetInventoryResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Node\"\x14\n\x12GetTopologyRequest\"<\n\x13GetTopologyResponse\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.scepsy.v1.Topology2\xaa\x01\n\tNodeAgent\x12O\n\x0cGetInventory\x12\x1e.scepsy.v1.GetInventoryRequest\x1a\x1f.scepsy.v1.GetInventoryResponse\x12L\n\x0bGetTopology\x12\x1d.scepsy.v1.GetTopologyRequest\x1a\x1e.scepsy.v1.GetTopologyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "protos.scepsy.v1.agent_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.scepsy.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_GETINVENTORYREQUEST"]._serialized_start = 73
-    _globals["_GETINVENTORYREQUEST"]._serialized_end = 94
-    _globals["_GETINVENTORYRESPONSE"]._serialized_start = 96
-    _globals["_GETINVENTORYRESPONSE"]._serialized_end = 149
-    _globals["_GETTOPOLOGYREQUEST"]._serialized_start = 151
-    _globals["_GETTOPOLOGYREQUEST"]._serialized_end = 171
-    _globals["_GETTOPOLOGYRESPONSE"]._serialized_start = 173
-    _globals["_GETTOPOLOGYRESPONSE"]._serialized_end = 233
-    _globals["_NODEAGENT"]._serialized_start = 236
-    _globals["_NODEAGENT"]._serialized_end = 406
+  DESCRIPTOR._loaded_options = None
+  _globals['_GETINVENTORYREQUEST']._serialized_start=73
+  _globals['_GETINVENTORYREQUEST']._serialized_end=94
+  _globals['_GETINVENTORYRESPONSE']._serialized_start=96
+  _globals['_GETINVENTORYRESPONSE']._serialized_end=149
+  _globals['_GETTOPOLOGYREQUEST']._serialized_start=151
+  _globals['_GETTOPOLOGYREQUEST']._serialized_end=171
+  _globals['_GETTOPOLOGYRESPONSE']._serialized_start=173
+  _globals['_GETTOPOLOGYRESPONSE']._serialized_end=233
+  _globals['_NODEAGENT']._serialized_start=236
+  _globals['_NODEAGENT']._serialized_end=406
 # @@protoc_insertion_point(module_scope)

@@ -4,15 +4,18 @@
 # source: protos/scepsy/v1/placer.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "protos/scepsy/v1/placer.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'protos/scepsy/v1/placer.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -22,19 +25,17 @@ _sym_db = _symbol_database.Default()
 from protos.scepsy.v1 import types_pb2 as protos_dot_scepsy_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1dprotos/scepsy/v1/placer.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto"\x80\x01\n\x0cPlaceRequest\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.Allocation\x12\x1e\n\x05nodes\x18\x02 \x03(\x0b\x32\x0f.scepsy.v1.Node\x12%\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x14.scepsy.v1.Placement"i\n\rPlaceResponse\x12\'\n\tplacement\x18\x01 \x01(\x0b\x32\x14.scepsy.v1.Placement\x12\x0f\n\x07started\x18\x02 \x01(\r\x12\x0f\n\x07stopped\x18\x03 \x01(\r\x12\r\n\x05moved\x18\x04 \x01(\r2D\n\x06Placer\x12:\n\x05Place\x12\x17.scepsy.v1.PlaceRequest\x1a\x18.scepsy.v1.PlaceResponseb\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/scepsy/v1/placer.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"\x80\x01\n\x0cPlaceRequest\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.Allocation\x12\x1e\n\x05nodes\x18\x02 \x03(\x0b\x32\x0f.scepsy.v1.Node\x12%\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x14.scepsy.v1.Placement\"i\n\rPlaceResponse\x12\'\n\tplacement\x18\x01 \x01(\x0b\x32\x14.scepsy.v1.Placement\x12\x0f\n\x07started\x18\x02 \x01(\r\x12\x0f\n\x07stopped\x18\x03 \x01(\r\x12\r\n\x05moved\x18\x04 \x01(\r2D\n\x06Placer\x12:\n\x05Place\x12\x17.scepsy.v1.PlaceRequest\x1a\x18.scepsy.v1.PlaceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "protos.scepsy.v1.placer_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.scepsy.v1.placer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_PLACEREQUEST"]._serialized_start = 75
-    _globals["_PLACEREQUEST"]._serialized_end = 203
-    _globals["_PLACERESPONSE"]._serialized_start = 205
-    _globals["_PLACERESPONSE"]._serialized_end = 310
-    _globals["_PLACER"]._serialized_start = 312
-    _globals["_PLACER"]._serialized_end = 380
+  DESCRIPTOR._loaded_options = None
+  _globals['_PLACEREQUEST']._serialized_start=75
+  _globals['_PLACEREQUEST']._serialized_end=203
+  _globals['_PLACERESPONSE']._serialized_start=205
+  _globals['_PLACERESPONSE']._serialized_end=310
+  _globals['_PLACER']._serialized_start=312
+  _globals['_PLACER']._serialized_end=380
 # @@protoc_insertion_point(module_scope)

@@ -4,68 +4,71 @@
 # source: protos/scepsy/v1/types.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "protos/scepsy/v1/types.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'protos/scepsy/v1/types.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1cprotos/scepsy/v1/types.proto\x12\tscepsy.v1"\xe7\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x63ompute_capability\x18\x07 \x01(\t\x12\x13\n\x0bmig_enabled\x18\x08 \x01(\x08\x12\x11\n\tnuma_node\x18\t \x01(\x05\x12\x14\n\x0c\x63pu_affinity\x18\n \x01(\t\x12\x12\n\npci_bus_id\x18\x0b \x01(\t"x\n\x04Link\x12\r\n\x05gpu_a\x18\x01 \x01(\r\x12\r\n\x05gpu_b\x18\x02 \x01(\r\x12\x14\n\x0cnvlink_count\x18\x03 \x01(\r\x12\x12\n\nnvlink_p2p\x18\x04 \x01(\x08\x12(\n\npcie_level\x18\x05 \x01(\x0e\x32\x14.scepsy.v1.PcieLevel"\x1c\n\x0cNvlinkDomain\x12\x0c\n\x04gpus\x18\x01 \x03(\r"T\n\x08Topology\x12\x1e\n\x05links\x18\x01 \x03(\x0b\x32\x0f.scepsy.v1.Link\x12(\n\x07\x64omains\x18\x02 \x03(\x0b\x32\x17.scepsy.v1.NvlinkDomain"\xf0\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x03 \x01(\t\x12\x1c\n\x04gpus\x18\x04 \x03(\x0b\x32\x0e.scepsy.v1.Gpu\x12%\n\x08topology\x18\x05 \x01(\x0b\x32\x13.scepsy.v1.Topology\x12*\n\x06source\x18\x06 \x01(\x0e\x32\x1a.scepsy.v1.InventorySource\x12\x15\n\ragent_address\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x14\n\x0cheartbeat_at\x18\t \x01(\x01"\xe4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x17\n\x0f\x61ttention_heads\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x19\n\x11intermediate_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x0f\n\x07\x65xperts\x18\t \x01(\r\x12\x16\n\x0e\x61\x63tive_experts\x18\n \x01(\r\x12\x13\n\x0b\x64type_bytes\x18\x0b \x01(\r"h\n\nProfileKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0b\n\x03mix\x18\x06 \x01(\t"\x82\x01\n\x0cProfilePoint\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x16\n\x0emean_latency_s\x18\x02 \x01(\x01\x12\x15\n\rp50_latency_s\x18\x03 \x01(\x01\x12\x15\n\rp99_latency_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01"o\n\x07Profile\x12"\n\x03key\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.ProfileKey\x12\'\n\x06points\x18\x02 \x03(\x0b\x32\x17.scepsy.v1.ProfilePoint\x12\x17\n\x0fsaturation_rate\x18\x03 \x01(\x01"T\n\rLlmAllocation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x66raction_units\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r"K\n\nAllocation\x12\x15\n\rfraction_unit\x18\x01 \x01(\r\x12&\n\x04llms\x18\x02 \x03(\x0b\x32\x18.scepsy.v1.LlmAllocation"y\n\nAssignment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04gpus\x18\x04 \x03(\r\x12\x16\n\x0emps_percentage\x18\x05 \x01(\r\x12\x17\n\x0fmemory_fraction\x18\x06 \x01(\x01"]\n\rFragmentation\x12\x18\n\x10partly_used_gpus\x18\x01 \x01(\r\x12\x19\n\x11stranded_fraction\x18\x02 \x01(\x01\x12\x17\n\x0flargest_free_tp\x18\x03 \x01(\r"h\n\tPlacement\x12*\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x15.scepsy.v1.Assignment\x12/\n\rfragmentation\x18\x02 \x01(\x0b\x32\x18.scepsy.v1.Fragmentation"\x95\x01\n\x06\x45ngine\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.scepsy.v1.EngineState\x12)\n\nassignment\x18\x06 \x01(\x0b\x32\x15.scepsy.v1.Assignment"\xe7\x01\n\tTraceCall\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.scepsy.v1.CallStatus\x12\x0f\n\x07replica\x18\x0b \x01(\t*\xb7\x01\n\tPcieLevel\x12\x1a\n\x16PCIE_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13PCIE_LEVEL_INTERNAL\x10\x01\x12\x15\n\x11PCIE_LEVEL_SINGLE\x10\x02\x12\x17\n\x13PCIE_LEVEL_MULTIPLE\x10\x03\x12\x19\n\x15PCIE_LEVEL_HOSTBRIDGE\x10\x04\x12\x13\n\x0fPCIE_LEVEL_NODE\x10\x05\x12\x15\n\x11PCIE_LEVEL_SYSTEM\x10\x06*m\n\x0fInventorySource\x12 \n\x1cINVENTORY_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15INVENTORY_SOURCE_NVML\x10\x01\x12\x1d\n\x19INVENTORY_SOURCE_DECLARED\x10\x02*\x91\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04*o\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_STATUS_OK\x10\x01\x12\x15\n\x11\x43\x41LL_STATUS_ERROR\x10\x02\x12\x19\n\x15\x43\x41LL_STATUS_CANCELLED\x10\x03\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/scepsy/v1/types.proto\x12\tscepsy.v1\"\xe7\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x63ompute_capability\x18\x07 \x01(\t\x12\x13\n\x0bmig_enabled\x18\x08 \x01(\x08\x12\x11\n\tnuma_node\x18\t \x01(\x05\x12\x14\n\x0c\x63pu_affinity\x18\n \x01(\t\x12\x12\n\npci_bus_id\x18\x0b \x01(\t\"x\n\x04Link\x12\r\n\x05gpu_a\x18\x01 \x01(\r\x12\r\n\x05gpu_b\x18\x02 \x01(\r\x12\x14\n\x0cnvlink_count\x18\x03 \x01(\r\x12\x12\n\nnvlink_p2p\x18\x04 \x01(\x08\x12(\n\npcie_level\x18\x05 \x01(\x0e\x32\x14.scepsy.v1.PcieLevel\"\x1c\n\x0cNvlinkDomain\x12\x0c\n\x04gpus\x18\x01 \x03(\r\"T\n\x08Topology\x12\x1e\n\x05links\x18\x01 \x03(\x0b\x32\x0f.scepsy.v1.Link\x12(\n\x07\x64omains\x18\x02 \x03(\x0b\x32\x17.scepsy.v1.NvlinkDomain\"\xf0\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x03 \x01(\t\x12\x1c\n\x04gpus\x18\x04 \x03(\x0b\x32\x0e.scepsy.v1.Gpu\x12%\n\x08topology\x18\x05 \x01(\x0b\x32\x13.scepsy.v1.Topology\x12*\n\x06source\x18\x06 \x01(\x0e\x32\x1a.scepsy.v1.InventorySource\x12\x15\n\ragent_address\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x14\n\x0cheartbeat_at\x18\t \x01(\x01\"\xe4\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x17\n\x0f\x61ttention_heads\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x19\n\x11intermediate_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x0f\n\x07\x65xperts\x18\t \x01(\r\x12\x16\n\x0e\x61\x63tive_experts\x18\n \x01(\r\x12\x13\n\x0b\x64type_bytes\x18\x0b \x01(\r\"h\n\nProfileKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0b\n\x03mix\x18\x06 \x01(\t\"\x82\x01\n\x0cProfilePoint\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x16\n\x0emean_latency_s\x18\x02 \x01(\x01\x12\x15\n\rp50_latency_s\x18\x03 \x01(\x01\x12\x15\n\rp99_latency_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\"o\n\x07Profile\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.ProfileKey\x12\'\n\x06points\x18\x02 \x03(\x0b\x32\x17.scepsy.v1.ProfilePoint\x12\x17\n\x0fsaturation_rate\x18\x03 \x01(\x01\"T\n\rLlmAllocation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x66raction_units\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\"K\n\nAllocation\x12\x15\n\rfraction_unit\x18\x01 \x01(\r\x12&\n\x04llms\x18\x02 \x03(\x0b\x32\x18.scepsy.v1.LlmAllocation\"y\n\nAssignment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04gpus\x18\x04 \x03(\r\x12\x16\n\x0emps_percentage\x18\x05 \x01(\r\x12\x17\n\x0fmemory_fraction\x18\x06 \x01(\x01\"]\n\rFragmentation\x12\x18\n\x10partly_used_gpus\x18\x01 \x01(\r\x12\x19\n\x11stranded_fraction\x18\x02 \x01(\x01\x12\x17\n\x0flargest_free_tp\x18\x03 \x01(\r\"h\n\tPlacement\x12*\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x15.scepsy.v1.Assignment\x12/\n\rfragmentation\x18\x02 \x01(\x0b\x32\x18.scepsy.v1.Fragmentation\"\x95\x01\n\x06\x45ngine\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.scepsy.v1.EngineState\x12)\n\nassignment\x18\x06 \x01(\x0b\x32\x15.scepsy.v1.Assignment\"\xe7\x01\n\tTraceCall\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0e\n\x06ttft_s\x18\t \x01(\x01\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.scepsy.v1.CallStatus\x12\x0f\n\x07replica\x18\x0b \x01(\t*\xb7\x01\n\tPcieLevel\x12\x1a\n\x16PCIE_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13PCIE_LEVEL_INTERNAL\x10\x01\x12\x15\n\x11PCIE_LEVEL_SINGLE\x10\x02\x12\x17\n\x13PCIE_LEVEL_MULTIPLE\x10\x03\x12\x19\n\x15PCIE_LEVEL_HOSTBRIDGE\x10\x04\x12\x13\n\x0fPCIE_LEVEL_NODE\x10\x05\x12\x15\n\x11PCIE_LEVEL_SYSTEM\x10\x06*m\n\x0fInventorySource\x12 \n\x1cINVENTORY_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15INVENTORY_SOURCE_NVML\x10\x01\x12\x1d\n\x19INVENTORY_SOURCE_DECLARED\x10\x02*\x91\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04*o\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_STATUS_OK\x10\x01\x12\x15\n\x11\x43\x41LL_STATUS_ERROR\x10\x02\x12\x19\n\x15\x43\x41LL_STATUS_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "protos.scepsy.v1.types_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.scepsy.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_PCIELEVEL"]._serialized_start = 2215
-    _globals["_PCIELEVEL"]._serialized_end = 2398
-    _globals["_INVENTORYSOURCE"]._serialized_start = 2400
-    _globals["_INVENTORYSOURCE"]._serialized_end = 2509
-    _globals["_ENGINESTATE"]._serialized_start = 2512
-    _globals["_ENGINESTATE"]._serialized_end = 2657
-    _globals["_CALLSTATUS"]._serialized_start = 2659
-    _globals["_CALLSTATUS"]._serialized_end = 2770
-    _globals["_GPU"]._serialized_start = 44
-    _globals["_GPU"]._serialized_end = 275
-    _globals["_LINK"]._serialized_start = 277
-    _globals["_LINK"]._serialized_end = 397
-    _globals["_NVLINKDOMAIN"]._serialized_start = 399
-    _globals["_NVLINKDOMAIN"]._serialized_end = 427
-    _globals["_TOPOLOGY"]._serialized_start = 429
-    _globals["_TOPOLOGY"]._serialized_end = 513
-    _globals["_NODE"]._serialized_start = 516
-    _globals["_NODE"]._serialized_end = 756
-    _globals["_MODEL"]._serialized_start = 759
-    _globals["_MODEL"]._serialized_end = 987
-    _globals["_PROFILEKEY"]._serialized_start = 989
-    _globals["_PROFILEKEY"]._serialized_end = 1093
-    _globals["_PROFILEPOINT"]._serialized_start = 1096
-    _globals["_PROFILEPOINT"]._serialized_end = 1226
-    _globals["_PROFILE"]._serialized_start = 1228
-    _globals["_PROFILE"]._serialized_end = 1339
-    _globals["_LLMALLOCATION"]._serialized_start = 1341
-    _globals["_LLMALLOCATION"]._serialized_end = 1425
-    _globals["_ALLOCATION"]._serialized_start = 1427
-    _globals["_ALLOCATION"]._serialized_end = 1502
-    _globals["_ASSIGNMENT"]._serialized_start = 1504
-    _globals["_ASSIGNMENT"]._serialized_end = 1625
-    _globals["_FRAGMENTATION"]._serialized_start = 1627
-    _globals["_FRAGMENTATION"]._serialized_end = 1720
-    _globals["_PLACEMENT"]._serialized_start = 1722
-    _globals["_PLACEMENT"]._serialized_end = 1826
-    _globals["_ENGINE"]._serialized_start = 1829
-    _globals["_ENGINE"]._serialized_end = 1978
-    _globals["_TRACECALL"]._serialized_start = 1981
-    _globals["_TRACECALL"]._serialized_end = 2212
+  DESCRIPTOR._loaded_options = None
+  _globals['_PCIELEVEL']._serialized_start=2215
+  _globals['_PCIELEVEL']._serialized_end=2398
+  _globals['_INVENTORYSOURCE']._serialized_start=2400
+  _globals['_INVENTORYSOURCE']._serialized_end=2509
+  _globals['_ENGINESTATE']._serialized_start=2512
+  _globals['_ENGINESTATE']._serialized_end=2657
+  _globals['_CALLSTATUS']._serialized_start=2659
+  _globals['_CALLSTATUS']._serialized_end=2770
+  _globals['_GPU']._serialized_start=44
+  _globals['_GPU']._serialized_end=275
+  _globals['_LINK']._serialized_start=277
+  _globals['_LINK']._serialized_end=397
+  _globals['_NVLINKDOMAIN']._serialized_start=399
+  _globals['_NVLINKDOMAIN']._serialized_end=427
+  _globals['_TOPOLOGY']._serialized_start=429
+  _globals['_TOPOLOGY']._serialized_end=513
+  _globals['_NODE']._serialized_start=516
+  _globals['_NODE']._serialized_end=756
+  _globals['_MODEL']._serialized_start=759
+  _globals['_MODEL']._serialized_end=987
+  _globals['_PROFILEKEY']._serialized_start=989
+  _globals['_PROFILEKEY']._serialized_end=1093
+  _globals['_PROFILEPOINT']._serialized_start=1096
+  _globals['_PROFILEPOINT']._serialized_end=1226
+  _globals['_PROFILE']._serialized_start=1228
+  _globals['_PROFILE']._serialized_end=1339
+  _globals['_LLMALLOCATION']._serialized_start=1341
+  _globals['_LLMALLOCATION']._serialized_end=1425
+  _globals['_ALLOCATION']._serialized_start=1427
+  _globals['_ALLOCATION']._serialized_end=1502
+  _globals['_ASSIGNMENT']._serialized_start=1504
+  _globals['_ASSIGNMENT']._serialized_end=1625
+  _globals['_FRAGMENTATION']._serialized_start=1627
+  _globals['_FRAGMENTATION']._serialized_end=1720
+  _globals['_PLACEMENT']._serialized_start=1722
+  _globals['_PLACEMENT']._serialized_end=1826
+  _globals['_ENGINE']._serialized_start=1829
+  _globals['_ENGINE']._serialized_end=1978
+  _globals['_TRACECALL']._serialized_start=1981
+  _globals['_TRACECALL']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)
