@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from protos.scepsy.v1 import types_pb2 as pb
 from services.core.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source
+from services.core.profile import Profile, ProfileKey, ProfilePoint
 
 _SOURCE_TO_PB = {
     Source.NVML: pb.INVENTORY_SOURCE_NVML,
@@ -97,4 +98,62 @@ def node_from_pb(msg: pb.Node) -> NodeInventory:
         agent_address=msg.agent_address,
         started_at=msg.started_at,
         heartbeat_at=msg.heartbeat_at,
+    )
+
+
+def profile_key_to_pb(key: ProfileKey) -> pb.ProfileKey:
+    return pb.ProfileKey(
+        model=key.model,
+        gpu_type=key.gpu_type,
+        tp=key.tp,
+        fraction=key.fraction,
+        engine=key.engine,
+        mix=key.mix,
+    )
+
+
+def profile_key_from_pb(msg: pb.ProfileKey) -> ProfileKey:
+    return ProfileKey(
+        model=msg.model,
+        gpu_type=msg.gpu_type,
+        tp=msg.tp,
+        fraction=msg.fraction,
+        engine=msg.engine,
+        mix=msg.mix,
+    )
+
+
+def profile_to_pb(profile: Profile) -> pb.Profile:
+    return pb.Profile(
+        key=profile_key_to_pb(profile.key),
+        points=[
+            pb.ProfilePoint(
+                rate=p.rate,
+                mean_latency_s=p.mean_latency,
+                p50_latency_s=p.p50_latency,
+                p99_latency_s=p.p99_latency,
+                ttft_s=p.ttft,
+                tpot_s=p.tpot,
+            )
+            for p in profile.points
+        ],
+        saturation_rate=profile.saturation_rate,
+    )
+
+
+def profile_from_pb(msg: pb.Profile) -> Profile:
+    return Profile(
+        key=profile_key_from_pb(msg.key),
+        points=tuple(
+            ProfilePoint(
+                rate=p.rate,
+                mean_latency=p.mean_latency_s,
+                p50_latency=p.p50_latency_s,
+                p99_latency=p.p99_latency_s,
+                ttft=p.ttft_s,
+                tpot=p.tpot_s,
+            )
+            for p in msg.points
+        ),
+        saturation_rate=msg.saturation_rate,
     )

@@ -18,7 +18,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from protos.scepsy.v1 import types_pb2 as pb
 from services.core.errors import UnavailableError
 from services.core.inventory import NodeInventory
-from services.runtime.convert import node_from_pb, node_to_pb
+from services.core.profile import Profile, ProfileKey
+from services.runtime.convert import node_from_pb, node_to_pb, profile_from_pb, profile_to_pb
 from services.runtime.keys import Keys
 
 T = TypeVar("T")
@@ -101,6 +102,16 @@ class Store:
             await self._publish({"event": "node_left", "node": name})
 
         await self._call(remove)
+
+    # ------------------------------------------------------------------ profiles
+    async def put_profile(self, profile: Profile) -> None:
+        """Store a profile under its key; a newer measurement of the same key replaces it."""
+        data = profile_to_pb(profile).SerializeToString()
+        await self._call(lambda: self._r.set(self.keys.profile(profile.key.redis_field()), data))
+
+    async def get_profile(self, key: ProfileKey) -> Profile | None:
+        blob = await self._call(lambda: self._r.get(self.keys.profile(key.redis_field())))
+        return None if blob is None else profile_from_pb(pb.Profile.FromString(_bytes(blob)))
 
     # ------------------------------------------------------------------ events
     @asynccontextmanager

@@ -1,0 +1,75 @@
+"""The Redis store against a real server: profiles round-trip, events announce changes, and an
+unreachable Redis fails fast with UnavailableError instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+
+from services.core.cluster import parse_cluster
+from services.core.errors import UnavailableError
+from services.core.profile import Profile, ProfileKey, ProfilePoint
+from services.runtime.redis_server import free_port
+from services.runtime.store import Store
+
+KEY = ProfileKey("llama-3.1-8b", "H100-SXM", 2, 1.0, "analytic-1", "in512-out128")
+
+
+def profile(saturation: float) -> Profile:
+    points = tuple(
+        ProfilePoint(
+            rate=r, mean_latency=1 + r / 10, p50_latency=1, p99_latency=2, ttft=0.1, tpot=0.01
+        )
+        for r in (1.0, 2.0, 4.0)
+    )
+    return Profile(KEY, points, saturation)
+
+
+async def test_profile_round_trip_and_replace(store: Store) -> None:
+    assert await store.get_profile(KEY) is None
+    await store.put_profile(profile(5.0))
+    assert await store.get_profile(KEY) == profile(5.0)
+    await store.put_profile(profile(6.0))
+    got = await store.get_profile(KEY)
+    assert got is not None and got.saturation_rate == 6.0
+    other = ProfileKey("llama-3.1-8b", "H100-SXM", 4, 1.0, "analytic-1", "in512-out128")
+    assert await store.get_profile(other) is None
+
+
+async def test_node_events(store: Store) -> None:
+    node = parse_cluster({"version": 1, "nodes": [{"name": "n", "gpu_type": "L40S", "gpus": 1}]})[0]
+    async with store.subscribe() as sub:
+        assert await store.put_node(node, ttl_s=5) is True  # a join
+        assert await store.put_node(node, ttl_s=5) is False  # a heartbeat
+        await store.remove_node("n")
+        events = []
+        deadline = time.monotonic() + 2
+        while len(events) < 2 and time.monotonic() < deadline:
+            msg = await sub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            if msg is not None:
+                events.append(json.loads(msg["data"]))
+    assert events == [{"event": "node_joined", "node": "n"}, {"event": "node_left", "node": "n"}]
+
+
+async def test_refused_connection_is_unavailable() -> None:
+    store = Store.connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
+    with pytest.raises(UnavailableError, match=r"redis at redis://127\.0\.0\.1"):
+        await asyncio.wait_for(store.list_nodes(), timeout=5)
+    await store.close()
+
+
+async def test_silent_server_hits_the_deadline() -> None:
+    # A peer that accepts connections but never answers: only the call deadline ends the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = Store.connect(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(store.get_profile(KEY), timeout=5)
+        assert 0.25 < time.monotonic() - t0 < 3
+        await store.close()
