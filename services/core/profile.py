@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import pairwise
+from typing import Any
 
 from services.core.errors import InvalidInputError
 
@@ -61,6 +62,20 @@ class Profile:
                 f"profile {self.key.redis_field()}: saturation_rate: must be > 0, "
                 f"got {self.saturation_rate}"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``from_dict`` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        """Inverse of ``to_dict``; raises ``InvalidInputError`` naming a missing field."""
+        try:
+            key = ProfileKey(**data["key"])
+            points = tuple(ProfilePoint(**p) for p in data["points"])
+            return cls(key=key, points=points, saturation_rate=float(data["saturation_rate"]))
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"profile: malformed document ({exc})") from None
 
     def latency_at(self, rate: float) -> float:
         """Mean per-call latency at ``rate`` calls/s (linear interpolation between points).

@@ -1,0 +1,146 @@
+"""``scepsy engine start`` and ``scepsy engine build-model``: real vLLM engines on this host.
+
+``start`` runs N replicas of one model in the foreground with the engine venv's ``vllm``
+(``$SCEPSY_ENGINE_VENV``, default ``<repo>/.venv-engine``; ``make engine-venv`` installs it), prints
+their URLs, and stops them on Ctrl-C or SIGTERM. ``build-model`` builds the tiny random Llama that
+tests and demos serve on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from services.core.errors import UnavailableError
+from services.runtime.engines import (
+    EngineSpec,
+    LocalEngine,
+    run_engine_module,
+    start_engines,
+    stop_engines,
+    vllm_executable,
+)
+
+TINY_MODEL_MODULE = "services.profiler.tiny_model"
+
+
+def register(sub: Any) -> None:
+    engine = sub.add_parser("engine", help="run real vLLM engines on this host")
+    engine_sub = engine.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
+
+    start = engine_sub.add_parser(
+        "start", help="start vLLM engines (foreground; Ctrl-C or SIGTERM stops them)"
+    )
+    start.add_argument("--model-dir", type=Path, required=True, help="model directory to serve")
+    start.add_argument("--name", required=True, help="served model name")
+    start.add_argument("--replicas", type=int, default=1, help="engines to start (default 1)")
+    start.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port of the first replica, the next get +1, +2, ... (default: free ports)",
+    )
+    start.add_argument("--max-model-len", type=int, default=256, help="context length (256)")
+    start.add_argument("--max-num-seqs", type=int, help="concurrent sequences per engine")
+    start.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for /health (300)"
+    )
+    start.add_argument(
+        "--log-dir",
+        type=Path,
+        help="engine logs (default: $SCEPSY_HOME/engines, ./.scepsy/engines)",
+    )
+    start.add_argument("--json", action="store_true", help="print the engines as JSON")
+    start.set_defaults(func=cmd_start)
+
+    build = engine_sub.add_parser("build-model", help="build the tiny random Llama test model")
+    build.add_argument("--out", type=Path, required=True, help="model directory to create")
+    build.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    build.add_argument("--json", action="store_true", help="print the result as JSON")
+    build.set_defaults(func=cmd_build_model)
+
+
+def _default_log_dir() -> Path:
+    return Path(os.environ.get("SCEPSY_HOME", ".scepsy")).resolve() / "engines"
+
+
+def engine_json(engine: LocalEngine, replica: int) -> dict[str, Any]:
+    return {
+        "name": engine.spec.served_model_name,
+        "replica": replica,
+        "url": engine.base_url,
+        "port": engine.spec.port,
+        "pid": engine.pid,
+        "log": str(engine.log_path),
+    }
+
+
+def engines_table(rows: list[dict[str, Any]]) -> str:
+    header = ("NAME", "REPLICA", "URL", "PID", "LOG")
+    cells = [header] + [
+        (r["name"], str(r["replica"]), r["url"], str(r["pid"]), r["log"]) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    vllm = vllm_executable()
+    spec = EngineSpec.cpu(
+        args.model_dir.resolve(),
+        args.name,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        port=args.port,
+    )
+    log_dir = args.log_dir.resolve() if args.log_dir else _default_log_dir()
+    # SIGTERM behaves like Ctrl-C, so that both stop the engines on the way out.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    engines: list[LocalEngine] = []
+    try:
+        engines = start_engines(spec, args.replicas, log_dir, timeout_s=args.timeout, vllm=vllm)
+        rows = [engine_json(engine, i) for i, engine in enumerate(engines)]
+        print(json.dumps({"engines": rows}) if args.json else engines_table(rows), flush=True)
+        print("engines running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
+        while True:
+            for engine in engines:
+                if not engine.running():
+                    raise UnavailableError(
+                        f"engine {engine.spec.served_model_name} at {engine.base_url} exited; "
+                        f"log {engine.log_path}"
+                    )
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_engines(engines)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_build_model(args: argparse.Namespace) -> int:
+    out = args.out.resolve()
+    result = run_engine_module(TINY_MODEL_MODULE, ["--out", str(out), "--seed", str(args.seed)])
+    if args.json:
+        print(json.dumps(result))
+    elif result.get("built"):
+        print(
+            f"built {result['model_dir']}: vocab {result['vocab_size']}, "
+            f"{result['parameters']} parameters, {result['seconds']} s"
+        )
+    else:
+        print(f"already built: {result['model_dir']}")
+    return 0
