@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"fit split, for reference: median {fit_all['median_ape']:.1f}%, "
         f"p90 {fit_all['p90_ape']:.1f}% over {fit_all['rows']} rows"
     )
-    print(f"time: fit {fit_seconds:.1f} s, predictions {predict_seconds:.1f} s")
+    fit_time = f"fit {fit_seconds:.1f} s, " if args.refit else ""
+    print(f"time: {fit_time}predictions {predict_seconds:.1f} s")
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from services.core.errors import ScepsyError
 
 # Modules under services.cli that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("cluster", "engine", "trace", "predict")
+COMMAND_MODULES: tuple[str, ...] = ("cluster", "engine", "trace", "perf", "profile", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,7 +186,7 @@ def profile_analytic(
         raise InvalidInputError(f"rate_fractions: must lie in (0, 1), got {list(rate_fractions)}")
     perf = PerfModel.create(model, gpu, tp, fraction, params)
     capacity = perf.kv_capacity_tokens(cfg.memory_utilization, cfg.max_batched_tokens)
-    if mix.longest > capacity:
+    if mix.longest + int(cfg.watermark * capacity) > capacity:
         raise InfeasibleError(
             f"model {model.name} on {gpu.name} tp {tp} fraction {fraction:g}: the KV cache holds "
             f"{capacity} tokens, the mix {mix.id!r} has calls of {mix.longest} tokens"

@@ -31,11 +31,12 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.perf import DEFAULT_MEMORY_UTILIZATION, FloatArray, PerfModel, StepLoad
 
-IntArray = np.ndarray
+IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,9 @@ concurrent memory requests, so we assume both shrink in proportion. The CPU over
 scale. Memory is capped separately at f * memory * gpu_memory_utilization.
 
 Efficiencies per GPU type (``PerfParams``) are fitted on measured data by ``perf_fit``; the
-committed values live in ``perf_params.json`` beside this module.
+committed values live in ``perf_params.json`` beside this module (regenerate with
+``scripts/bench_perf.py --refit --write``). Whole batches and request streams are run through
+this model by the scheduler simulator in ``batching`` (``static_batch``, ``simulate``).
 """
 
 from __future__ import annotations
