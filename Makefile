@@ -27,9 +27,11 @@ demo: venv
 	$(VENV)/bin/scepsy up --cluster deploy/examples/cluster-2xh100.yaml && \
 	$(VENV)/bin/scepsy nodes
 
-## test: the whole suite (what CI runs), real vLLM CPU engines included
-test: venv engine-venv
+## test: what CI runs: the static checks, the whole suite (real vLLM CPU engines included), then
+## the performance model's accuracy table on the validation split (printed, not gated)
+test: check engine-venv
 	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) $(PY) -m pytest -q
+	$(PY) scripts/bench_perf.py
 
 ## test-fast: everything but the real-engine tests
 test-fast: venv
