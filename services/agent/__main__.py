@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Sequence
 
 from services.agent.config import AgentConfig
 from services.agent.service import Agent, agent_binding
 from services.agent.sources import open_source
-from services.core.errors import ScepsyError
-from services.runtime.logging import configure_logging
-from services.runtime.server import serve
+from services.runtime.entry import run_service
+from services.runtime.server import ServiceBinding
 from services.runtime.store import Store
 
 
-async def run(config: AgentConfig) -> None:
+async def build(config: AgentConfig, store: Store) -> Sequence[ServiceBinding]:
     source = open_source(config.cluster, config.resolved_node_name)
-    store = Store.connect(config.redis_url, config.redis_timeout_s)
-    try:
-        await serve(config, [agent_binding(Agent(config, source, store))])
-    finally:
-        await store.close()
+    return [agent_binding(Agent(config, source, store))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = AgentConfig.load(argv, prog="python -m services.agent")
-        configure_logging(config.log_format, config.log_level)
-        asyncio.run(run(config))
-    except ScepsyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service(AgentConfig, build, argv, prog="python -m services.agent")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class ServiceConfig:
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(0, "gRPC port (0 picks a free one)", in_range(0, 65535))
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL for shared state")
+    namespace: str = option(
+        "scepsy", "prefix of every Redis key (several deployments can share one Redis)"
+    )
     redis_timeout_s: float = option(2.0, "deadline of every Redis call", positive)
     log_format: str = option("json", "log output", one_of("json", "console"))
     log_level: str = option("info", "log level", one_of("debug", "info", "warning", "error"))
