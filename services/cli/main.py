@@ -16,7 +16,16 @@ from collections.abc import Sequence
 from services.core.errors import ScepsyError
 
 # Modules under services.cli that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("cluster", "engine", "trace", "perf", "profile", "predict")
+COMMAND_MODULES: tuple[str, ...] = (
+    "cluster",
+    "engine",
+    "trace",
+    "perf",
+    "profile",
+    "predict",
+    "plan",
+    "place",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

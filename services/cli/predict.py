@@ -25,10 +25,8 @@ from dataclasses import asdict
 from typing import Any
 
 from services.core.alp import Allocation, Prediction, check_fraction_unit, predict
-from services.core.analytic_profile import RequestMix, profile_analytic
-from services.core.errors import InfeasibleError, InvalidInputError
-from services.core.hardware import gpu_spec
-from services.core.profile import Profile
+from services.core.errors import InvalidInputError
+from services.core.profile_cache import AnalyticProfiles
 from services.core.spec import Spec, load_spec
 
 _ALLOCATION_FIELDS = {"fraction", "tp", "replicas"}
@@ -121,40 +119,6 @@ def _allocation(model: str, entry: Any, where: str, spec: Spec) -> Allocation:
         prefix = "" if message.startswith(f"{model}.") else f"{model}."
         raise InvalidInputError(f"{where}: {prefix}{message}") from None
     return allocation
-
-
-# The request mix of a model that no workflow calls (it carries no load; only fit and idle
-# latency matter): a moderate chat-sized call.
-FALLBACK_MIX = (512, 128)
-
-
-class AnalyticProfiles:
-    """Profiles from the analytic backend, computed once per (model, tp, fraction).
-
-    Each model is profiled with its request mix from the spec (the token samples of every
-    workflow calling it). Infeasible configurations are cached too and raise again.
-    """
-
-    def __init__(self, spec: Spec) -> None:
-        self.spec = spec
-        self.gpu = gpu_spec(spec.gpu_type)
-        self._cache: dict[tuple[str, int, float], Profile | InfeasibleError] = {}
-
-    def profile(self, model: str, tp: int, fraction: float) -> Profile:
-        key = (model, tp, fraction)
-        if key not in self._cache:
-            samples = self.spec.token_mix(model) or (FALLBACK_MIX,)
-            mix = RequestMix.from_samples(samples)
-            try:
-                self._cache[key] = profile_analytic(
-                    self.spec.models[model], self.gpu, tp, fraction, mix
-                )
-            except InfeasibleError as exc:
-                self._cache[key] = exc
-        found = self._cache[key]
-        if isinstance(found, InfeasibleError):
-            raise found
-        return found
 
 
 def _finite(value: float) -> float | None:

@@ -3,8 +3,16 @@ servicers, that imports generated code)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
+from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
+from services.core.alp import Allocation
+from services.core.errors import InvalidInputError
 from services.core.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source
+from services.core.placement import Assignment, Fragmentation, Placement
+from services.core.plan import LlmForecast, Plan, WorkflowForecast
 from services.core.profile import Profile, ProfileKey, ProfilePoint
 
 _SOURCE_TO_PB = {
@@ -156,4 +164,187 @@ def profile_from_pb(msg: pb.Profile) -> Profile:
             for p in msg.points
         ),
         saturation_rate=msg.saturation_rate,
+    )
+
+
+# ---------------------------------------------------------------- allocation and placement
+def allocation_to_pb(allocation: Mapping[str, Allocation], k: int) -> pb.Allocation:
+    """Fractions travel as whole units of 1/k (``fraction_units``)."""
+    return pb.Allocation(
+        fraction_unit=k,
+        llms=[
+            pb.LlmAllocation(
+                model=model,
+                fraction_units=round(a.fraction * k),
+                tp=a.tp,
+                replicas=a.replicas,
+            )
+            for model, a in sorted(allocation.items())
+        ],
+    )
+
+
+def allocation_from_pb(msg: pb.Allocation) -> tuple[dict[str, Allocation], int]:
+    """(allocation by model, k). Raises ``InvalidInputError`` naming the field."""
+    k = msg.fraction_unit
+    if k < 1:
+        raise InvalidInputError(f"allocation.fraction_unit: must be >= 1, got {k}")
+    out: dict[str, Allocation] = {}
+    for i, llm in enumerate(msg.llms):
+        where = f"allocation.llms[{i}]"
+        if not llm.model:
+            raise InvalidInputError(f"{where}.model: must not be empty")
+        if llm.model in out:
+            raise InvalidInputError(f"{where}.model: {llm.model!r} is listed twice")
+        if not 1 <= llm.fraction_units <= k:
+            raise InvalidInputError(
+                f"{where}.fraction_units: must be in 1..{k}, got {llm.fraction_units}"
+            )
+        try:
+            out[llm.model] = Allocation(llm.fraction_units / k, llm.tp, llm.replicas)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where} ({llm.model}): {exc}") from None
+    return out, k
+
+
+def assignment_to_pb(a: Assignment) -> pb.Assignment:
+    return pb.Assignment(
+        model=a.model,
+        replica=a.replica,
+        node=a.node,
+        gpus=list(a.gpus),
+        mps_percentage=a.mps_percentage,
+        memory_fraction=a.memory_fraction,
+        units=a.units,
+    )
+
+
+def assignment_from_pb(msg: pb.Assignment, k: int) -> Assignment:
+    """``units`` when the sender set it; otherwise from the MPS percentage,
+    ``floor(100 u / k)``: ``u = ceil(mps k / 100)``, exact for k <= 100 (0 or 100: a whole GPU)."""
+    mps = msg.mps_percentage
+    units = msg.units or (k if mps in (0, 100) else min(k, max(1, math.ceil(mps * k / 100 - 1e-9))))
+    return Assignment(
+        model=msg.model,
+        replica=msg.replica,
+        node=msg.node,
+        gpus=tuple(msg.gpus),
+        units=units,
+        mps_percentage=mps or 100,
+        memory_fraction=msg.memory_fraction,
+    )
+
+
+def fragmentation_to_pb(f: Fragmentation) -> pb.Fragmentation:
+    return pb.Fragmentation(
+        partly_used_gpus=f.partly_used_gpus,
+        stranded_fraction=f.stranded_fraction,
+        largest_free_tp=f.largest_free_tp,
+        stranded_units=f.stranded_units,
+        largest_free_block=f.largest_free_block,
+        free_gpus=f.free_gpus,
+        broken_domains=f.broken_domains,
+    )
+
+
+def fragmentation_from_pb(f: pb.Fragmentation) -> Fragmentation:
+    return Fragmentation(
+        partly_used_gpus=f.partly_used_gpus,
+        stranded_units=f.stranded_units,
+        stranded_fraction=f.stranded_fraction,
+        largest_free_tp=f.largest_free_tp,
+        largest_free_block=f.largest_free_block,
+        free_gpus=f.free_gpus,
+        broken_domains=f.broken_domains,
+    )
+
+
+def placement_to_pb(placement: Placement) -> pb.Placement:
+    """Lossless: units per assignment, k, the memory margin and every fragmentation metric."""
+    return pb.Placement(
+        assignments=[assignment_to_pb(a) for a in placement.assignments],
+        fragmentation=fragmentation_to_pb(placement.fragmentation),
+        fraction_unit=placement.k,
+        memory_margin=placement.memory_margin,
+    )
+
+
+def placement_from_pb(msg: pb.Placement, k: int) -> Placement:
+    """Inverse of ``placement_to_pb``; ``k`` applies when the message does not carry one."""
+    k = msg.fraction_unit or k
+    return Placement(
+        k=k,
+        memory_margin=msg.memory_margin,
+        assignments=assignments_from_pb(msg, k),
+        fragmentation=fragmentation_from_pb(msg.fragmentation),
+    )
+
+
+def assignments_from_pb(msg: pb.Placement, k: int) -> tuple[Assignment, ...]:
+    return tuple(assignment_from_pb(a, msg.fraction_unit or k) for a in msg.assignments)
+
+
+# ---------------------------------------------------------------- plan
+def plan_to_pb(plan: Plan) -> planner_pb.Plan:
+    return planner_pb.Plan(
+        id=plan.id,
+        created_at=plan.created_at,
+        spec_yaml=plan.spec_text,
+        allocation=allocation_to_pb(plan.allocation, plan.fraction_unit),
+        predictions=[
+            planner_pb.WorkflowPrediction(
+                workflow=w.workflow,
+                latency_s=w.latency_s,
+                throughput_rps=w.throughput_rps,
+                target_rps=w.target_rps,
+                weight=w.weight,
+            )
+            for w in plan.workflows
+        ],
+        placement=placement_to_pb(plan.placement),
+        search_seconds=plan.search_seconds,
+        nodes=[node_to_pb(n) for n in plan.nodes],
+        rho=plan.rho,
+        llms=[
+            planner_pb.LlmPrediction(
+                model=m.model,
+                load_cps=m.load_cps,
+                utilization=m.utilization,
+                call_latency_s=m.call_latency_s,
+                gpus=m.gpus,
+            )
+            for m in plan.llms
+        ],
+        objective_s=plan.objective_s,
+        rounds=plan.rounds,
+        constraints=list(plan.constraints),
+        profile_seconds=plan.profile_seconds,
+    )
+
+
+def plan_from_pb(msg: planner_pb.Plan) -> Plan:
+    """Inverse of ``plan_to_pb``; raises ``InvalidInputError`` for a malformed allocation."""
+    allocation, k = allocation_from_pb(msg.allocation)
+    return Plan(
+        id=msg.id,
+        created_at=msg.created_at,
+        spec_text=msg.spec_yaml,
+        nodes=tuple(node_from_pb(n) for n in msg.nodes),
+        fraction_unit=k,
+        rho=msg.rho,
+        allocation=allocation,
+        workflows=tuple(
+            WorkflowForecast(w.workflow, w.target_rps, w.weight, w.latency_s, w.throughput_rps)
+            for w in msg.predictions
+        ),
+        llms=tuple(
+            LlmForecast(m.model, m.load_cps, m.utilization, m.call_latency_s, m.gpus)
+            for m in msg.llms
+        ),
+        objective_s=msg.objective_s,
+        placement=placement_from_pb(msg.placement, k),
+        search_seconds=msg.search_seconds,
+        profile_seconds=msg.profile_seconds,
+        rounds=msg.rounds,
+        constraints=tuple(msg.constraints),
     )

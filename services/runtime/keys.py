@@ -6,12 +6,13 @@ the schema version, so several deployments (or test runs) can share one Redis.
 | {ns}:v1:node:{name} | string, TTL | a ``scepsy.v1.Node`` (protobuf bytes), expiring |
 | {ns}:v1:nodes | set | names of registered nodes (pruned of expired ones on read) |
 | {ns}:v1:events | pub/sub channel | JSON change announcements: {"event": ..., ...} |
-| {ns}:v1:trace | stream, capped | trace calls recorded by the router |
+| {ns}:v1:trace | stream, capped | router trace calls (field ``call``: one JSON line) |
 | {ns}:v1:profile:{field} | string | a ``scepsy.v1.Profile``; field = ProfileKey.redis_field() |
 | {ns}:v1:plan:{id} | string, immutable | a ``scepsy.v1.Plan`` |
 | {ns}:v1:plans | sorted set | plan ids by creation time |
 | {ns}:v1:plan:current | string | id of the current plan, swapped atomically |
-| {ns}:v1:endpoints:{model} | hash | replica id -> engine base URL |
+| {ns}:v1:endpoints:{model} | hash | replica id -> JSON {"url": engine base URL, "weight": w} |
+| {ns}:v1:endpoint-models | set | models that have an ``endpoints:{model}`` hash |
 """
 
 from __future__ import annotations
@@ -60,3 +61,7 @@ class Keys:
 
     def endpoints(self, model: str) -> str:
         return f"{self._root}:endpoints:{model}"
+
+    @property
+    def endpoint_models(self) -> str:
+        return f"{self._root}:endpoint-models"

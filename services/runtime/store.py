@@ -7,7 +7,7 @@ as ``UnavailableError`` naming the Redis URL, so callers can keep serving and re
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -15,11 +15,21 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
-from services.core.errors import UnavailableError
+from services.core.errors import InvalidInputError, UnavailableError
 from services.core.inventory import NodeInventory
+from services.core.plan import Plan
 from services.core.profile import Profile, ProfileKey
-from services.runtime.convert import node_from_pb, node_to_pb, profile_from_pb, profile_to_pb
+from services.core.routing import Endpoint
+from services.runtime.convert import (
+    node_from_pb,
+    node_to_pb,
+    plan_from_pb,
+    plan_to_pb,
+    profile_from_pb,
+    profile_to_pb,
+)
 from services.runtime.keys import Keys
 
 T = TypeVar("T")
@@ -113,6 +123,120 @@ class Store:
         blob = await self._call(lambda: self._r.get(self.keys.profile(key.redis_field())))
         return None if blob is None else profile_from_pb(pb.Profile.FromString(_bytes(blob)))
 
+    # -------------------------------------------------------------- endpoints
+    async def put_endpoint(self, endpoint: Endpoint) -> None:
+        """Register (or replace) one engine replica of a model; announces ``endpoints_changed``."""
+        value = json.dumps({"url": endpoint.url, "weight": endpoint.weight})
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(self.keys.endpoints(endpoint.model), endpoint.replica, value)
+                pipe.sadd(self.keys.endpoint_models, endpoint.model)
+                await pipe.execute()
+            await self._publish({"event": "endpoints_changed", "model": endpoint.model})
+
+        await self._call(put)
+
+    async def remove_endpoint(self, model: str, replica: str) -> bool:
+        """Deregister one replica; True when it was registered. The model leaves the index with
+        its last replica."""
+
+        async def remove() -> bool:
+            removed = await self._r.hdel(self.keys.endpoints(model), replica)
+            if not await self._r.exists(self.keys.endpoints(model)):
+                await self._r.srem(self.keys.endpoint_models, model)
+            if removed:
+                await self._publish({"event": "endpoints_changed", "model": model})
+            return bool(removed)
+
+        return await self._call(remove)
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        """Every registered replica, sorted by (model, replica). Entries that do not parse are
+        left out: a bad write must not take the whole routing table down."""
+
+        async def read() -> list[Endpoint]:
+            models = sorted(_text(m) for m in await self._r.smembers(self.keys.endpoint_models))
+            out: list[Endpoint] = []
+            for model in models:
+                entries = await self._r.hgetall(self.keys.endpoints(model))
+                for replica, raw in sorted((_text(k), _text(v)) for k, v in entries.items()):
+                    endpoint = _endpoint(model, replica, raw)
+                    if endpoint is not None:
+                        out.append(endpoint)
+            return out
+
+        return await self._call(read)
+
+    # ------------------------------------------------------------------ trace
+    async def append_trace(self, lines: Sequence[str], max_len: int) -> None:
+        """Append trace JSON lines to the capped trace stream (one round trip, approximate cap)."""
+
+        async def append() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for line in lines:
+                    pipe.xadd(self.keys.trace, {"call": line}, maxlen=max_len, approximate=True)
+                await pipe.execute()
+
+        await self._call(append)
+
+    async def read_trace(self, after: str = "", count: int = 1000) -> list[tuple[str, str]]:
+        """Up to ``count`` (entry id, JSON line) pairs of the trace stream, oldest first, after
+        the entry id ``after`` (from the start when empty)."""
+        start = f"({after}" if after else "-"
+        entries = await self._call(
+            lambda: self._r.xrange(self.keys.trace, min=start, max="+", count=count)
+        )
+        out: list[tuple[str, str]] = []
+        for entry_id, fields in entries or []:
+            line = (fields or {}).get(b"call", b"")
+            out.append((_text(entry_id or b""), _text(line or b"")))
+        return out
+
+    async def trace_length(self) -> int:
+        return int(await self._call(lambda: self._r.xlen(self.keys.trace)))
+
+    # ------------------------------------------------------------------ plans
+    async def put_plan(self, plan: Plan) -> bool:
+        """Store ``plan`` under its id and make it current, in one MULTI/EXEC transaction.
+
+        A plan is immutable: when its id (a content hash) is already stored, the stored document
+        and its creation time stay, and only the current pointer moves to it. Announces
+        ``plan_changed``. Returns True when the plan was new.
+        """
+        data = plan_to_pb(plan).SerializeToString()
+
+        async def put() -> bool:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.plan(plan.id), data, nx=True)
+                pipe.zadd(self.keys.plans, {plan.id: plan.created_at}, nx=True)
+                pipe.set(self.keys.current_plan, plan.id)
+                added, _, _ = await pipe.execute()
+            await self._publish({"event": "plan_changed", "plan": plan.id})
+            return bool(added)
+
+        return await self._call(put)
+
+    async def get_plan(self, plan_id: str) -> Plan | None:
+        blob = await self._call(lambda: self._r.get(self.keys.plan(plan_id)))
+        return None if blob is None else plan_from_pb(planner_pb.Plan.FromString(_bytes(blob)))
+
+    async def current_plan_id(self) -> str | None:
+        value = await self._call(lambda: self._r.get(self.keys.current_plan))
+        return None if value is None else _text(value)
+
+    async def get_current_plan(self) -> Plan | None:
+        """The current plan (plans never change, so reading the pointer first is consistent)."""
+        plan_id = await self.current_plan_id()
+        return None if plan_id is None else await self.get_plan(plan_id)
+
+    async def list_plans(self, limit: int = 10) -> list[tuple[str, float]]:
+        """(plan id, created at) of the ``limit`` most recently created plans, newest first."""
+        entries: list[Any] = await self._call(
+            lambda: self._r.zrevrange(self.keys.plans, 0, limit - 1, withscores=True)
+        )
+        return [(_text(plan_id), float(score)) for plan_id, score in entries]
+
     # ------------------------------------------------------------------ events
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[aioredis.client.PubSub]:
@@ -131,6 +255,14 @@ class Store:
             return await fn()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
+
+
+def _endpoint(model: str, replica: str, raw: str) -> Endpoint | None:
+    try:
+        value = json.loads(raw)
+        return Endpoint(model, replica, str(value["url"]), float(value.get("weight", 1.0)))
+    except (ValueError, TypeError, KeyError, AttributeError, InvalidInputError):
+        return None
 
 
 def _text(value: bytes | str) -> str:

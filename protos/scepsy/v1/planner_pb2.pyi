@@ -27,10 +27,13 @@ class WorkflowPrediction(_message.Message):
     LATENCY_S_FIELD_NUMBER: _builtins.int
     THROUGHPUT_RPS_FIELD_NUMBER: _builtins.int
     TARGET_RPS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     latency_s: _builtins.float
     throughput_rps: _builtins.float
     target_rps: _builtins.float
+    weight: _builtins.float
+    """weight of its latency in the objective"""
     def __init__(
         self,
         *,
@@ -38,14 +41,52 @@ class WorkflowPrediction(_message.Message):
         latency_s: _builtins.float = ...,
         throughput_rps: _builtins.float = ...,
         target_rps: _builtins.float = ...,
+        weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency_s", b"latency_s", "target_rps", b"target_rps", "throughput_rps", b"throughput_rps", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency_s", b"latency_s", "target_rps", b"target_rps", "throughput_rps", b"throughput_rps", "weight", b"weight", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowPrediction: _TypeAlias = WorkflowPrediction  # noqa: Y015
+
+@_typing.final
+class LlmPrediction(_message.Message):
+    """The ALP's view of one LLM under the plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOAD_CPS_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
+    CALL_LATENCY_S_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    load_cps: _builtins.float
+    """calls/s over all replicas, summed over workflows"""
+    utilization: _builtins.float
+    """load / capacity"""
+    call_latency_s: _builtins.float
+    """predicted mean latency of one call"""
+    gpus: _builtins.float
+    """replicas x tp x fraction"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        load_cps: _builtins.float = ...,
+        utilization: _builtins.float = ...,
+        call_latency_s: _builtins.float = ...,
+        gpus: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_latency_s", b"call_latency_s", "gpus", b"gpus", "load_cps", b"load_cps", "model", b"model", "utilization", b"utilization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LlmPrediction: _TypeAlias = LlmPrediction  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
@@ -58,6 +99,13 @@ class Plan(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     SEARCH_SECONDS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    LLMS_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_S_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    PROFILE_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """content hash of inputs and result"""
     created_at: _builtins.float
@@ -65,12 +113,31 @@ class Plan(_message.Message):
     spec_yaml: _builtins.str
     """the deployment spec planned"""
     search_seconds: _builtins.float
+    """search and placement, every feedback round, profiles included"""
+    rho: _builtins.float
+    """utilisation cap"""
+    objective_s: _builtins.float
+    """weighted mean predicted latency (the minimised objective)"""
+    rounds: _builtins.int
+    """searches run: 1 + placement feedback rounds"""
+    profile_seconds: _builtins.float
+    """of search_seconds, spent computing profiles"""
     @_builtins.property
     def allocation(self) -> _types_pb2.Allocation: ...
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowPrediction]: ...
     @_builtins.property
     def placement(self) -> _types_pb2.Placement: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Node]:
+        """the cluster planned for"""
+
+    @_builtins.property
+    def llms(self) -> _containers.RepeatedCompositeFieldContainer[Global___LlmPrediction]: ...
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """constraints placement feedback added, each with its reason"""
+
     def __init__(
         self,
         *,
@@ -81,10 +148,17 @@ class Plan(_message.Message):
         predictions: _abc.Iterable[Global___WorkflowPrediction] | None = ...,
         placement: _types_pb2.Placement | None = ...,
         search_seconds: _builtins.float = ...,
+        nodes: _abc.Iterable[_types_pb2.Node] | None = ...,
+        rho: _builtins.float = ...,
+        llms: _abc.Iterable[Global___LlmPrediction] | None = ...,
+        objective_s: _builtins.float = ...,
+        rounds: _builtins.int = ...,
+        constraints: _abc.Iterable[_builtins.str] | None = ...,
+        profile_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "created_at", b"created_at", "id", b"id", "placement", b"placement", "predictions", b"predictions", "search_seconds", b"search_seconds", "spec_yaml", b"spec_yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "constraints", b"constraints", "created_at", b"created_at", "id", b"id", "llms", b"llms", "nodes", b"nodes", "objective_s", b"objective_s", "placement", b"placement", "predictions", b"predictions", "profile_seconds", b"profile_seconds", "rho", b"rho", "rounds", b"rounds", "search_seconds", b"search_seconds", "spec_yaml", b"spec_yaml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,6 +171,9 @@ class PlanRequest(_message.Message):
     SPEC_YAML_FIELD_NUMBER: _builtins.int
     CLUSTER_YAML_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
+    """A self-contained deployment spec (inline statistics; its cluster entry is optional when
+    cluster_yaml is given or agents are registered).
+    """
     cluster_yaml: _builtins.str
     """optional: plan for a declared cluster instead of the live one"""
     def __init__(

@@ -54,13 +54,22 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
     """a completion prompt, or"""
     max_tokens: _builtins.int
+    """0: the engine's default"""
     temperature: _builtins.float
+    """0: greedy"""
     top_p: _builtins.float
+    """0: unset"""
     seed: _builtins.int
+    """0: unset"""
+    extra_json: _builtins.str
+    """Further OpenAI request fields as one JSON object (e.g. {"ignore_eos": true, "n": 2}), passed
+    to the engine as they are; it may not set model, prompt, messages or stream.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """a chat"""
@@ -78,10 +87,11 @@ class GenerateRequest(_message.Message):
         top_p: _builtins.float = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_json", b"extra_json", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -119,6 +129,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """the router's call id (as in the trace)"""
     model: _builtins.str
     text: _builtins.str
     finish_reason: _builtins.str

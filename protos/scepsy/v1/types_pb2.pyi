@@ -535,6 +535,7 @@ class Assignment(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     MPS_PERCENTAGE_FIELD_NUMBER: _builtins.int
     MEMORY_FRACTION_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     replica: _builtins.int
     node: _builtins.str
@@ -542,6 +543,8 @@ class Assignment(_message.Message):
     """CUDA MPS active thread percentage (100 = whole GPU)"""
     memory_fraction: _builtins.float
     """vLLM --gpu-memory-utilization"""
+    units: _builtins.int
+    """share of each of its GPUs, in 1/fraction_unit of a GPU"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """GPU indices on that node; one for a fraction"""
@@ -555,10 +558,11 @@ class Assignment(_message.Message):
         gpus: _abc.Iterable[_builtins.int] | None = ...,
         mps_percentage: _builtins.int = ...,
         memory_fraction: _builtins.float = ...,
+        units: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "memory_fraction", b"memory_fraction", "model", b"model", "mps_percentage", b"mps_percentage", "node", b"node", "replica", b"replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "memory_fraction", b"memory_fraction", "model", b"model", "mps_percentage", b"mps_percentage", "node", b"node", "replica", b"replica", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,21 +575,37 @@ class Fragmentation(_message.Message):
     PARTLY_USED_GPUS_FIELD_NUMBER: _builtins.int
     STRANDED_FRACTION_FIELD_NUMBER: _builtins.int
     LARGEST_FREE_TP_FIELD_NUMBER: _builtins.int
+    STRANDED_UNITS_FIELD_NUMBER: _builtins.int
+    LARGEST_FREE_BLOCK_FIELD_NUMBER: _builtins.int
+    FREE_GPUS_FIELD_NUMBER: _builtins.int
+    BROKEN_DOMAINS_FIELD_NUMBER: _builtins.int
     partly_used_gpus: _builtins.int
     stranded_fraction: _builtins.float
     """GPU capacity left in partly used GPUs"""
     largest_free_tp: _builtins.int
     """largest TP group that still fits in the free space"""
+    stranded_units: _builtins.int
+    """the same as stranded_fraction, in 1/fraction_unit"""
+    largest_free_block: _builtins.int
+    """most wholly free GPUs in one NVLink domain"""
+    free_gpus: _builtins.int
+    """wholly free GPUs"""
+    broken_domains: _builtins.int
+    """domains with some but not all GPUs wholly free"""
     def __init__(
         self,
         *,
         partly_used_gpus: _builtins.int = ...,
         stranded_fraction: _builtins.float = ...,
         largest_free_tp: _builtins.int = ...,
+        stranded_units: _builtins.int = ...,
+        largest_free_block: _builtins.int = ...,
+        free_gpus: _builtins.int = ...,
+        broken_domains: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["largest_free_tp", b"largest_free_tp", "partly_used_gpus", b"partly_used_gpus", "stranded_fraction", b"stranded_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken_domains", b"broken_domains", "free_gpus", b"free_gpus", "largest_free_block", b"largest_free_block", "largest_free_tp", b"largest_free_tp", "partly_used_gpus", b"partly_used_gpus", "stranded_fraction", b"stranded_fraction", "stranded_units", b"stranded_units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,6 +617,12 @@ class Placement(_message.Message):
 
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     FRAGMENTATION_FIELD_NUMBER: _builtins.int
+    FRACTION_UNIT_FIELD_NUMBER: _builtins.int
+    MEMORY_MARGIN_FIELD_NUMBER: _builtins.int
+    fraction_unit: _builtins.int
+    """k: units are 1/k of a GPU"""
+    memory_margin: _builtins.float
+    """share of every GPU's memory left outside the engines' caps"""
     @_builtins.property
     def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]: ...
     @_builtins.property
@@ -606,10 +632,12 @@ class Placement(_message.Message):
         *,
         assignments: _abc.Iterable[Global___Assignment] | None = ...,
         fragmentation: Global___Fragmentation | None = ...,
+        fraction_unit: _builtins.int = ...,
+        memory_margin: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fragmentation", b"fragmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "fragmentation", b"fragmentation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "fraction_unit", b"fraction_unit", "fragmentation", b"fragmentation", "memory_margin", b"memory_margin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,172 @@
+"""Search time of the allocation search at 5, 10 and 20 LLMs (16, 64 and 256 H100 GPUs).
+
+Each case is a synthetic deployment: catalogue models (from 0.5B to 70B parameters) under
+deployment names, and workflows calling 3 or 4 of them each, some pairs in parallel stages,
+some LLMs shared by two workflows, with per-LLM call counts and token lengths drawn from a fixed
+seed. The target rates are set to half the best throughput the cluster reaches at that mix, so
+the cluster is neither idle nor saturated. Every case is searched with k = 4 (quarter GPUs)
+and rho = 0.9 on 8-GPU NVSwitch nodes.
+
+Reported per case: profiles computed (analytic backend, one per (model, TP, fraction)) and their
+time; then, with every profile cached, the median over ``--repeat`` runs of the search alone
+(``search``) and of search plus placement with its feedback loop (``search_placed``); and the
+first, cold plan including profile computation.
+
+    .venv/bin/python scripts/bench_search.py [--repeat N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from services.core.alp import LlmDemand, WorkflowDemand  # noqa: E402
+from services.core.cluster import parse_cluster  # noqa: E402
+from services.core.models import model_spec  # noqa: E402
+from services.core.placement_feedback import search_placed  # noqa: E402
+from services.core.plan import placer_for, problem_of  # noqa: E402
+from services.core.profile_cache import AnalyticProfiles  # noqa: E402
+from services.core.search import best_scale, search  # noqa: E402
+from services.core.spec import Spec, WorkflowTarget  # noqa: E402
+
+CASES = ((5, 16), (10, 64), (20, 256))  # (LLMs, GPUs)
+ARCHITECTURES = (
+    "meta-llama/Llama-3.1-8B",
+    "Qwen/Qwen3-Reranker-4B",
+    "Qwen/Qwen2.5-1.5B",
+    "meta-llama/Llama-3.2-3B",
+    "Qwen/Qwen3-14B",
+    "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data",
+    "Qwen/Qwen2.5-0.5B",
+    "Qwen/Qwen2.5-32B",
+    "mistralai/Mistral-7B-v0.1",
+    "meta-llama/Llama-3.1-70B",
+)
+K = 4
+RHO = 0.9
+LOAD = 0.5  # target rates as a share of the best throughput the cluster reaches
+
+
+def synthetic_spec(llms: int, gpus: int, seed: int = 0) -> Spec:
+    """``llms`` deployments on ``gpus`` H100s; about one workflow per 2.5 LLMs (module doc)."""
+    rng = random.Random(seed)
+    names = [
+        f"m{i:02d}-{ARCHITECTURES[i % len(ARCHITECTURES)].split('/')[-1]}" for i in range(llms)
+    ]
+    models = {n: model_spec(ARCHITECTURES[i % len(ARCHITECTURES)]) for i, n in enumerate(names)}
+    mixes = {n: ((rng.choice([200, 800, 2000]), rng.choice([1, 50, 200])),) for n in names}
+    workflows = []
+    count = max(2, round(llms / 2.5))
+    for w in range(count):
+        # consecutive windows of the models, overlapping by one: neighbours share an LLM
+        start = (w * llms) // count
+        chosen = [names[(start + j) % llms] for j in range(rng.choice([3, 4]))]
+        stages = (
+            [tuple(chosen[:2]), *((m,) for m in chosen[2:])]
+            if rng.random() < 0.5
+            else [(m,) for m in chosen]
+        )
+        demand = WorkflowDemand(
+            f"w{w}",
+            tuple(LlmDemand(m, rng.choice([1, 2, 4, 8]), rng.choice([1, 1, 2])) for m in chosen),
+            tool_time=rng.uniform(0, 0.5),
+            stages=tuple(stages),
+        )
+        target = WorkflowTarget(
+            demand.name, 1.0, 1.0, demand, {m: mixes[m] for m in chosen}, "synthetic"
+        )
+        workflows.append(target)
+    doc = {
+        "version": 1,
+        "nodes": [
+            {"name": "h100", "gpu_type": "H100-SXM", "gpus": 8, "count": gpus // 8,
+             "interconnect": "nvswitch"}
+        ],
+    }  # fmt: skip
+    return Spec(tuple(workflows), models, parse_cluster(doc), K, RHO)
+
+
+def with_rates(spec: Spec, scale: float) -> Spec:
+    targets = tuple(
+        WorkflowTarget(w.name, w.rate * scale, w.weight, w.demand, w.mixes, w.source)
+        for w in spec.workflows
+    )
+    return Spec(targets, spec.models, spec.nodes, spec.fraction_unit, spec.rho)
+
+
+def run_case(llms: int, gpus: int, repeat: int) -> dict[str, Any]:
+    base = synthetic_spec(llms, gpus)
+    profiles = AnalyticProfiles(base)  # the mixes do not depend on the rates' common scale
+    started = time.perf_counter()
+    scale = best_scale(problem_of(base), profiles.profile) * LOAD
+    spec = with_rates(base, scale)
+    problem = problem_of(spec)
+    placer = placer_for(spec.nodes, K)
+    search_placed(problem, profiles.profile, placer)
+    cold = time.perf_counter() - started
+    searches, placed_runs = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = search(problem, profiles.profile)
+        t1 = time.perf_counter()
+        placed = search_placed(problem, profiles.profile, placer)
+        placed_runs.append(time.perf_counter() - t1)
+        searches.append(t1 - t0)
+    return {
+        "llms": llms,
+        "gpus": gpus,
+        "workflows": len(spec.workflows),
+        "components": result.components,
+        "profiles": profiles.computed,
+        "profile_seconds": profiles.seconds,
+        "cold_seconds": cold,
+        "search_seconds": statistics.median(searches),
+        "search_placed_seconds": statistics.median(placed_runs),
+        "rounds": placed.rounds,
+        "candidates": result.candidates,
+        "frontier": result.frontier,
+        "gpus_used": result.units / K,
+        "latency_s": placed.result.objective,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'LLMs':>4} {'GPUs':>4} {'wfs':>3} {'profiles':>8} {'profile s':>9} {'search s':>9} "
+        f"{'+place s':>9} {'cold s':>7} {'rounds':>6} {'cands':>6} {'front':>5} {'used':>5} "
+        f"{'latency s':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['llms']:>4} {r['gpus']:>4} {r['workflows']:>3} {r['profiles']:>8} "
+            f"{r['profile_seconds']:>9.2f} {r['search_seconds']:>9.4f} "
+            f"{r['search_placed_seconds']:>9.4f} {r['cold_seconds']:>7.2f} {r['rounds']:>6} "
+            f"{r['candidates']:>6} {r['frontier']:>5} {r['gpus_used']:>5g} {r['latency_s']:>9.3f}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="warm runs per case (median)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = [run_case(llms, gpus, max(1, args.repeat)) for llms, gpus in CASES]
+    if args.json:
+        print(json.dumps({"k": K, "rho": RHO, "cases": rows}, indent=1))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
