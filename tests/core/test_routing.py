@@ -149,8 +149,7 @@ def test_affinity_without_key_is_least_outstanding() -> None:
 def test_affinity_spreads_distinct_requests() -> None:
     ids = [f"r{i}" for i in range(4)]
     homes = Counter(
-        Affinity().choose(loads(*[(r, 0) for r in ids]), CallInfo(0, f"wf/{n}"))
-        for n in range(400)
+        Affinity().choose(loads(*[(r, 0) for r in ids]), CallInfo(0, f"wf/{n}")) for n in range(400)
     )
     assert set(homes) == set(ids)
     assert all(60 <= c <= 140 for c in homes.values())  # about 100 each
