@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "predict",
     "plan",
     "place",
+    "router",
 )
 
 

@@ -1,4 +1,5 @@
 """``scepsy trace stats FILE [--json]``: workflow statistics of a trace file.
+``scepsy trace export --out FILE``: the router's recorded trace (the Redis stream) as JSONL.
 
 The table shows, per workflow, the request count, end-to-end latency (mean, CV), tool time and
 stages, then per LLM: calls per request n, concurrency p, time share (mean, CV), mean token
@@ -9,16 +10,21 @@ lengths, mean call latency and failed calls. ``--json`` prints one object
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+from services.core.errors import InvalidInputError
 from services.core.stats import (
     DEFAULT_OVERLAP_THRESHOLD,
     DEFAULT_SAMPLE_SIZE,
     WorkflowStats,
     workflow_stats,
 )
-from services.core.trace import read_trace
+from services.core.trace import parse_trace_lines, read_trace
+from services.runtime.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,6 +47,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     stats.set_defaults(func=run_stats)
 
+    export = trace_sub.add_parser("export", help="write the router's recorded trace as JSONL")
+    export.add_argument("--out", required=True, metavar="FILE", help="trace JSONL file to write")
+    export.add_argument(
+        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
+    )
+    export.add_argument(
+        "--namespace",
+        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
+        help="Redis key namespace (env SCEPSY_NAMESPACE; default scepsy)",
+    )
+    export.add_argument("--json", action="store_true", help="print a JSON summary")
+    export.set_defaults(func=run_export)
+
 
 def run_stats(args: argparse.Namespace) -> int:
     trace = read_trace(args.file)
@@ -52,6 +71,52 @@ def run_stats(args: argparse.Namespace) -> int:
         print(json.dumps(doc))
     else:
         print(format_table(result))
+    return 0
+
+
+async def read_recorded(store: Store, page: int = 1000) -> list[str]:
+    """Every call in the store's trace stream, oldest first, one JSON line each.
+
+    Each entry is validated (one that is not a valid trace line raises ``InvalidInputError``
+    naming its stream entry id). The router writes at least once, so a call recorded twice
+    (a write retried after a timeout) is kept once."""
+    lines: list[str] = []
+    seen: set[tuple[str, str, str]] = set()
+    after = ""
+    while True:
+        entries = await store.read_trace(after, page)
+        for entry_id, line in entries:
+            parsed = parse_trace_lines([line], source=f"trace stream entry {entry_id}")
+            key = next(((c.workflow, c.request_id, c.call_id) for c in parsed.calls), None)
+            if key is None or key not in seen:
+                lines.append(line)
+            if key is not None:
+                seen.add(key)
+        if len(entries) < page:
+            return lines
+        after = entries[-1][0]
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from services.cli.cluster import resolve_redis_url
+
+    async def read() -> list[str]:
+        store = Store.connect(resolve_redis_url(args.redis_url), namespace=args.namespace)
+        try:
+            return await read_recorded(store)
+        finally:
+            await store.close()
+
+    lines = asyncio.run(read())
+    out = Path(args.out)
+    try:
+        out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"--out {str(out)!r}: cannot write: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps({"out": str(out), "calls": len(lines)}))
+    else:
+        print(f"exported {len(lines)} calls to {out}")
     return 0
 
 

@@ -1,0 +1,328 @@
+"""Benchmark the router's own cost: added latency and maximum calls/s, router vs direct.
+
+Each upstream is measured directly and through the router in the same run, so the ratios
+compare like with like:
+
+* ``fake``: ``services.router.fake_engine``, an OpenAI-compatible upstream that answers at once
+  (isolates the router's cost);
+* ``vllm``: one real vLLM CPU engine serving the tiny model (needs the engine venv; skipped with
+  ``--no-engine`` or when it is missing).
+
+Latency: ``--calls`` sequential non-streamed calls, alternating direct and routed, so drift in
+the machine's load hits both alike; p50 and p99 of each, the ratio routed/direct and the added
+milliseconds. Throughput: a closed loop of ``--concurrency`` clients for ``--seconds`` per
+side, in one-second windows alternating direct and routed; calls/s and the ratio. The router,
+the fake upstream and Redis run as separate processes; the load generator runs here.
+``--vllm-router PATH`` also measures a ``vllm-router`` binary (PyPI ``vllm-router``) on both
+upstreams. The machine's load average is recorded: on a shared machine, rerun.
+
+    .venv/bin/python scripts/bench_router.py [--calls 400] [--seconds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.core.errors import ScepsyError  # noqa: E402
+from services.core.routing import Endpoint  # noqa: E402
+from services.runtime.engines import (  # noqa: E402
+    EngineSpec,
+    LocalEngine,
+    run_engine_module,
+    vllm_executable,
+)
+from services.runtime.redis_server import RedisServer, free_port  # noqa: E402
+from services.runtime.store import Store  # noqa: E402
+
+Body = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- processes
+@contextmanager
+def child(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process (stopped by its own PID on the way out)."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_http(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout_s} s")
+
+
+async def register(redis_url: str, namespace: str, endpoints: list[Endpoint]) -> None:
+    store = Store.connect(redis_url, namespace=namespace)
+    try:
+        for endpoint in endpoints:
+            await store.put_endpoint(endpoint)
+    finally:
+        await store.close()
+
+
+# --------------------------------------------------------------------------- measuring
+async def one_call(session: aiohttp.ClientSession, url: str, body: Body) -> float:
+    started = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as reply:
+        await reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"{url}: HTTP {reply.status}")
+    return time.perf_counter() - started
+
+
+async def latencies(
+    direct: str, routed: str, body: Body, calls: int
+) -> tuple[list[float], list[float]]:
+    """Sequential calls, alternating direct and routed (after a short warm-up of each)."""
+    out: tuple[list[float], list[float]] = ([], [])
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(10):
+            await one_call(session, direct, body)
+            await one_call(session, routed, body)
+        for _ in range(calls):
+            out[0].append(await one_call(session, direct, body))
+            out[1].append(await one_call(session, routed, body))
+    return out
+
+
+async def throughput(
+    direct: str, routed: str, body: Body, concurrency: int, seconds: float, rounds: int
+) -> tuple[float, float]:
+    """Calls per second of a closed loop of ``concurrency`` clients, direct and routed,
+    alternating in ``rounds`` windows of ``seconds / rounds`` each (so that load from other
+    processes on the machine hits both sides alike)."""
+    counts = {direct: 0, routed: 0}
+    spent = {direct: 0.0, routed: 0.0}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def window(url: str, length: float) -> tuple[int, float]:
+            done = 0
+            stop_at = time.perf_counter() + length
+
+            async def client() -> None:
+                nonlocal done
+                while time.perf_counter() < stop_at:
+                    await one_call(session, url, body)
+                    done += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            return done, time.perf_counter() - started
+
+        for url in (direct, routed):  # warm-up: open the connections
+            await window(url, 0.3)
+        for _ in range(rounds):
+            for url in (direct, routed):
+                done, took = await window(url, seconds / rounds)
+                counts[url] += done
+                spent[url] += took
+    return counts[direct] / spent[direct], counts[routed] / spent[routed]
+
+
+def rows_for(
+    upstream: str, lat: tuple[list[float], list[float]], rates: tuple[float, float]
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, q in (("p50 latency ms", 50), ("p99 latency ms", 99)):
+        d, r = (float(np.percentile(x, q)) * 1000 for x in lat)
+        rows.append({"upstream": upstream, "metric": name, "direct": d, "router": r,
+                     "ratio": r / d, "added": r - d})  # fmt: skip
+    d, r = rates
+    rows.append({"upstream": upstream, "metric": "max calls/s", "direct": d, "router": r,
+                 "ratio": r / d, "added": r - d})  # fmt: skip
+    return rows
+
+
+async def measure(
+    upstream: str, direct: str, routed: str, body: Body, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    print(f"measuring {upstream}: latency ({args.calls} calls each)...", file=sys.stderr)
+    lat = await latencies(direct, routed, body, args.calls)
+    print(f"measuring {upstream}: throughput ({args.seconds} s each side)...", file=sys.stderr)
+    rates = await throughput(
+        direct, routed, body, args.concurrency, args.seconds, max(1, round(args.seconds))
+    )
+    return rows_for(upstream, lat, rates)
+
+
+# --------------------------------------------------------------------------- setups
+Measure = Callable[[str, str], Awaitable[list[dict[str, Any]]]]
+
+
+def router_argv(redis_url: str, http_port: int, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, "-m", "services.router", "--redis-url", redis_url, "--namespace",
+        "bench", "--http-port", str(http_port), "--log-level", "warning",
+        "--max-in-flight", "10000", "--queue-size", "10000",
+    ]  # fmt: skip
+
+
+def fake_upstream(work: Path, redis_url: str, router_url: str) -> Iterator[str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "services.router.fake_engine", "--model", "fake",
+            "--port", str(port), "--tokens", "4"]  # fmt: skip
+    with child(argv, work / "fake.log"):
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(wait_http(url + "/health"))
+        asyncio.run(register(redis_url, "bench", [Endpoint("fake", "fake-0", url)]))
+        asyncio.run(wait_http_model(router_url, "fake"))
+        yield url
+
+
+async def wait_http_model(router_url: str, model: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(router_url + "/v1/models") as reply:
+                if model in [m["id"] for m in (await reply.json())["data"]]:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"router never listed {model}")
+
+
+def vllm_upstream(work: Path, redis_url: str, router_url: str) -> Iterator[str]:
+    vllm = vllm_executable()
+    model_dir = work / "tiny-model"
+    run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])
+    with LocalEngine(EngineSpec.cpu(model_dir, "tiny"), work / "engine.log", vllm=vllm) as engine:
+        engine.start()
+        engine.wait_ready(time.monotonic() + 300)
+        asyncio.run(register(redis_url, "bench", [Endpoint("tiny", "tiny-0", engine.base_url)]))
+        asyncio.run(wait_http_model(router_url, "tiny"))
+        yield engine.base_url
+
+
+def vllm_router_rows(
+    binary: str, work: Path, upstream: str, upstream_url: str, body: Body, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The same measurement with a ``vllm-router`` process in place of Scepsy's router."""
+    port = free_port()
+    argv = [binary, "--worker-urls", upstream_url, "--port", str(port), "--host", "127.0.0.1"]
+    with child(argv, work / f"vllm-router-{upstream}.log"):
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(wait_http(url + "/health"))
+        rows = asyncio.run(measure(upstream, upstream_url, url, body, args))
+    for row in rows:
+        row["upstream"] = f"{upstream} (vllm-router)"
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'upstream':<24} {'metric':<16} {'direct':>10} {'router':>10} {'ratio':>7} {'added':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['upstream']:<24} {r['metric']:<16} {r['direct']:>10.2f} {r['router']:>10.2f} "
+            f"{r['ratio']:>6.2f}x {r['added']:>+9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="scepsy-bench-"))
+    redis = RedisServer(workdir=work).start()
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    try:
+        http_port = free_port()
+        router_url = f"http://127.0.0.1:{http_port}"
+        with child(router_argv(redis.url, http_port, args), work / "router.log"):
+            asyncio.run(wait_http(router_url + "/health"))
+            for fake_url in fake_upstream(work, redis.url, router_url):
+                body = {"model": "fake", "prompt": "hello", "max_tokens": 4}
+                rows += asyncio.run(measure("fake", fake_url, router_url, body, args))
+                if args.vllm_router:
+                    rows += vllm_router_rows(args.vllm_router, work, "fake", fake_url, body, args)
+            if args.engine:
+                try:
+                    for engine_url in vllm_upstream(work, redis.url, router_url):
+                        body = {"model": "tiny", "prompt": "hello", "max_tokens": 8,
+                                "temperature": 0, "ignore_eos": True}  # fmt: skip
+                        engine_args = argparse.Namespace(**{
+                            **vars(args), "calls": args.engine_calls,
+                            "concurrency": args.engine_concurrency,
+                        })  # fmt: skip
+                        rows += asyncio.run(measure("vllm-cpu", engine_url, router_url, body,
+                                                    engine_args))  # fmt: skip
+                        if args.vllm_router:
+                            rows += vllm_router_rows(
+                                args.vllm_router, work, "vllm-cpu", engine_url, body, engine_args
+                            )
+                except ScepsyError as exc:
+                    notes.append(f"vllm engine not measured: {exc}")
+    finally:
+        redis.stop()
+    return {
+        "rows": rows,
+        "notes": notes,
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "machine": {"cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400, help="sequential calls per side (fake)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="throughput window per side")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (fake)")
+    parser.add_argument("--engine-calls", type=int, default=100, help="sequential calls (vllm)")
+    parser.add_argument("--engine-concurrency", type=int, default=16, help="clients (vllm)")
+    parser.add_argument("--no-engine", dest="engine", action="store_false",
+                        help="skip the real vLLM engine")  # fmt: skip
+    parser.add_argument("--vllm-router", metavar="PATH", help="also measure this vllm-router")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(table(result["rows"]))
+        for note in result["notes"]:
+            print("note:", note)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

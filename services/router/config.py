@@ -1,0 +1,81 @@
+"""The router's configuration: front ends, dispatch limits, health checks, tracing, API keys.
+
+API keys come from ``api_keys`` (comma-separated) and/or ``api_keys_file`` (one key per line);
+neither is ever shown in the config's repr or in logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.core.errors import ConfigError
+from services.core.routing import DEFAULT_POLICY, POLICIES
+from services.runtime.config import ServiceConfig, in_range, one_of, option, positive
+
+
+def _secret(help: str) -> str:
+    # Like ``option`` but hidden from repr, so that logging the config never prints a key.
+    value: str = field(default="", repr=False, metadata={"help": help, "check": None})
+    return value
+
+
+@dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    """Router: OpenAI-compatible HTTP and gRPC dispatch of workflow LLM calls, with tracing."""
+
+    http_host: str = option("", "address the HTTP server binds (default: host)")
+    http_port: int = option(8000, "HTTP port (0 picks a free one)", in_range(0, 65535))
+    policy: str = option(DEFAULT_POLICY, "routing policy", one_of(*sorted(POLICIES)))
+    policy_seed: int = option(0, "seed of the power_of_two policy")
+    affinity_load_factor: float = option(
+        1.25, "affinity policy: max load of a replica relative to the mean", in_range(1.0, 100.0)
+    )
+    max_in_flight: int = option(
+        64, "calls one replica serves at once; more wait in the queue", in_range(1, 100_000)
+    )
+    queue_size: int = option(
+        256, "calls of one model that may wait for a free replica", in_range(0, 1_000_000)
+    )
+    queue_timeout_s: float = option(30.0, "longest wait in the queue before a 429", positive)
+    retry_after_s: float = option(1.0, "retry hint sent with a 429 / RESOURCE_EXHAUSTED", positive)
+    upstream_timeout_s: float = option(300.0, "deadline of every upstream call", positive)
+    connect_timeout_s: float = option(2.0, "deadline of connecting to a replica", positive)
+    health_interval_s: float = option(1.0, "seconds between replica health checks", positive)
+    health_timeout_s: float = option(1.0, "deadline of one health check", positive)
+    refresh_s: float = option(2.0, "seconds between re-reads of the replicas from Redis", positive)
+    max_body_bytes: int = option(
+        16 * 1024 * 1024, "largest request body accepted (413 beyond)", in_range(1024, 1 << 31)
+    )
+    trace: bool = option(True, "record every call in the Redis trace stream")
+    trace_max_len: int = option(1_000_000, "trace stream cap (approximate)", in_range(1, 1 << 40))
+    trace_batch: int = option(256, "trace records written per round trip", in_range(1, 100_000))
+    trace_flush_s: float = option(0.2, "longest a trace record waits before a write", positive)
+    trace_buffer: int = option(
+        100_000, "trace records held while Redis is slow; more are dropped", in_range(1, 1 << 30)
+    )
+    api_keys: str = _secret("comma-separated bearer tokens; empty: no authentication")
+    api_keys_file: str = option("", "file with one bearer token per line")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.namespace:
+            raise ConfigError("namespace: must not be empty")
+        if self.connect_timeout_s > self.upstream_timeout_s:
+            raise ConfigError(
+                f"connect_timeout_s: must not exceed upstream_timeout_s "
+                f"({self.upstream_timeout_s}), got {self.connect_timeout_s}"
+            )
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ConfigError(f"api_keys_file: no such file, got {self.api_keys_file!r}")
+
+    @property
+    def resolved_http_host(self) -> str:
+        return self.http_host or self.host
+
+    def keys(self) -> frozenset[str]:
+        """The accepted bearer tokens (empty: authentication off)."""
+        found = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file:
+            found += [k.strip() for k in Path(self.api_keys_file).read_text().splitlines()]
+        return frozenset(k for k in found if k and not k.startswith("#"))

@@ -1,0 +1,389 @@
+"""Dispatch: admit a call, pick a replica, call it, record the call.
+
+``Dispatcher.call(spec)`` is an async context manager yielding an open ``Upstream``:
+
+1. **Admission.** A replica takes a call while it is healthy and below ``max_in_flight``; the
+   routing policy (``services.core.routing``) chooses among those. When none is free the call
+   waits in the model's FIFO queue (at most ``queue_size`` waiting, each at most
+   ``queue_timeout_s``); beyond that ``OverloadedError`` (HTTP 429 / RESOURCE_EXHAUSTED).
+2. **Failover.** A call that fails before the engine's first byte (cannot connect, connection
+   dropped before the headers), or is answered with a 5xx status before any body, is retried
+   once on another replica; a replica that refuses connections is ejected
+   (``ReplicaRegistry.report_failure``).
+3. **Deadline.** The whole call, answer included, runs under ``upstream_timeout_s`` (or the
+   caller's shorter deadline): ``UpstreamTimeoutError``.
+4. **Cancellation.** When the caller goes away, the task running the call is cancelled; leaving
+   the context closes the engine connection, which aborts the generation there.
+5. **Trace.** On exit the call becomes one ``TraceCall`` (ok, error or cancelled) handed to the
+   recorder, which never blocks; metrics are updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from services.core.routing import CallInfo, ReplicaLoad, RoutingPolicy
+from services.core.trace import UNTAGGED_WORKFLOW, Status, TraceCall
+from services.router.config import RouterConfig
+from services.router.errors import (
+    DrainingError,
+    ModelNotFoundError,
+    NoHealthyReplicaError,
+    OverloadedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from services.router.metrics import RouterMetrics
+from services.router.registry import Replica, ReplicaRegistry
+from services.router.schema import Identity
+from services.router.tracing import TraceRecorder
+from services.router.upstream import Upstream
+from services.runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CallSpec:
+    """One call to dispatch: the engine API path, the JSON body to send, and its context."""
+
+    model: str
+    path: str  # "/v1/chat/completions" or "/v1/completions"
+    body: Mapping[str, Any]
+    stream: bool
+    identity: Identity
+    api: str  # front end, a metrics label: "http" or "grpc"
+    timeout_s: float | None = None  # the caller's own deadline, if shorter
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: str = "error"  # ok | error | cancelled | rejected
+    kind: str | None = None  # error kind for metrics and logs
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: ReplicaRegistry,
+        recorder: TraceRecorder,
+        metrics: RouterMetrics,
+        policy: RoutingPolicy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._recorder = recorder
+        self._metrics = metrics
+        self._policy = policy
+        self._clock = clock
+        self._seq = itertools.count()
+        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s
+        )
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        registry.on_change = self._wake_all
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    @property
+    def active(self) -> int:
+        """Calls admitted and not yet finished (queued ones included)."""
+        return self._active
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is active; False when ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def check_model(self, model: str) -> None:
+        """``ModelNotFoundError`` unless ``model`` has a registered replica."""
+        if not self._registry.replicas(model):
+            raise ModelNotFoundError(f"The model `{model}` does not exist.")
+
+    # --------------------------------------------------------------------- a call
+    @asynccontextmanager
+    async def call(self, spec: CallSpec) -> AsyncIterator[Upstream]:
+        """Admit, route and open one upstream call; record it on exit (see the module doc)."""
+        if self.draining:
+            raise DrainingError("router is shutting down")
+        self.check_model(spec.model)
+        call_id = uuid.uuid4().hex[:20]
+        info = CallInfo(next(self._seq), spec.identity.affinity)
+        started_wall, started = self._clock(), time.monotonic()
+        outcome = _Outcome()
+        upstream: Upstream | None = None
+        self._enter()
+        try:
+            limit = self._config.upstream_timeout_s
+            timeout = min(spec.timeout_s, limit) if spec.timeout_s is not None else limit
+            try:
+                async with asyncio.timeout(timeout):
+                    upstream = await self._open(spec, info, started, call_id)
+                    try:
+                        yield upstream
+                    finally:
+                        upstream.release()
+                        self._release(upstream.replica)
+            except TimeoutError as exc:
+                outcome.kind = "timeout"
+                raise UpstreamTimeoutError(
+                    f"model {spec.model}: no complete answer within {timeout:g} s"
+                ) from exc
+            outcome.status = "ok" if upstream.ok else "error"
+            outcome.kind = None if upstream.ok else "status"
+        except (asyncio.CancelledError, ConnectionResetError, GeneratorExit):
+            outcome.status, outcome.kind = "cancelled", "cancelled"
+            raise
+        except OverloadedError:
+            outcome.status, outcome.kind = "rejected", "overloaded"
+            raise
+        except NoHealthyReplicaError:
+            outcome.kind = "no_healthy_replica"
+            raise
+        except UpstreamError:
+            outcome.kind = outcome.kind or "broken"
+            raise
+        finally:
+            self._leave()
+            self._finish(spec, call_id, started_wall, started, upstream, outcome)
+
+    async def _open(self, spec: CallSpec, info: CallInfo, started: float, call_id: str) -> Upstream:
+        assert self._session is not None, "dispatcher not started"
+        excluded: set[str] = set()
+        while True:
+            replica = await self._acquire(spec.model, info, excluded)
+            try:
+                response = await self._session.post(
+                    replica.url + spec.path, json=spec.body, timeout=self._connect_timeout
+                )
+            except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError) as exc:
+                self._release(replica)
+                self._note_connect_failure(replica, exc)
+                excluded.add(replica.id)
+                if len(excluded) == 1 and self._has_candidate(spec.model, excluded):
+                    self._metrics.retries.labels(spec.model).inc()
+                    continue
+                raise UpstreamError(
+                    f"model {spec.model}: replica {replica.id} failed before answering: "
+                    f"{type(exc).__name__}"
+                ) from exc
+            except BaseException:
+                self._release(replica)
+                raise
+            retry = len(excluded) == 0 and self._has_candidate(spec.model, {replica.id})
+            if response.status >= 500 and retry:
+                # A server error before any answer (an engine shutting down, or crashed on
+                # this call): try another replica once. Generation has no side effects. The
+                # replica is not ejected here, since a request can cause its own 500; the
+                # health check decides.
+                response.close()
+                self._release(replica)
+                self._metrics.errors.labels(replica.model, "server_error").inc()
+                self._metrics.replica_failures.labels(replica.model, replica.id).inc()
+                self._metrics.retries.labels(spec.model).inc()
+                excluded.add(replica.id)
+                continue
+            return Upstream(replica, response, started, call_id)
+
+    def _note_connect_failure(self, replica: Replica, exc: Exception) -> None:
+        self._metrics.errors.labels(replica.model, "connect").inc()
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            self._registry.report_failure(replica, f"cannot connect: {exc}")
+        else:
+            # A dropped connection may be a stale keep-alive one: count it, let the health
+            # check decide whether the replica is gone.
+            self._metrics.replica_failures.labels(replica.model, replica.id).inc()
+        log.warning(
+            "upstream_connect_failed",
+            model=replica.model,
+            replica=replica.id,
+            error=type(exc).__name__,
+        )
+
+    # ------------------------------------------------------------------ admission
+    def _candidates(self, model: str, excluded: set[str]) -> list[Replica]:
+        replicas = self._registry.replicas(model)
+        if not replicas:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.")
+        healthy = [r for r in replicas if r.healthy and r.id not in excluded]
+        if not healthy:
+            raise NoHealthyReplicaError(f"model {model}: no healthy replica")
+        return healthy
+
+    def _has_candidate(self, model: str, excluded: set[str]) -> bool:
+        return any(r.healthy and r.id not in excluded for r in self._registry.replicas(model))
+
+    async def _acquire(self, model: str, info: CallInfo, excluded: set[str]) -> Replica:
+        queue = self._queues.setdefault(model, deque())
+        loop = asyncio.get_running_loop()
+        deadline = math.inf
+        woken = False
+        while True:
+            limit = self._config.max_in_flight
+            free = [r for r in self._candidates(model, excluded) if r.in_flight < limit]
+            if free and (woken or not queue):
+                replica = self._take(free, info)
+                if queue and len(free) > 1:
+                    self._wake(model)  # more than one slot was free: let the next one try
+                return replica
+            if not woken and len(queue) >= self._config.queue_size:
+                raise OverloadedError(
+                    f"model {model}: all replicas busy and {len(queue)} calls queued",
+                    self._config.retry_after_s,
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            if woken:
+                queue.appendleft(waiter)
+            else:
+                queue.append(waiter)
+            self._metrics.queue_length.labels(model).set(len(queue))
+            if deadline == math.inf:
+                deadline = loop.time() + self._config.queue_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                self._pass_turn(model, waiter)
+                raise OverloadedError(
+                    f"model {model}: no replica free within {self._config.queue_timeout_s:g} s",
+                    self._config.retry_after_s,
+                ) from None
+            except asyncio.CancelledError:
+                self._pass_turn(model, waiter)
+                raise
+            finally:
+                if waiter in queue:
+                    queue.remove(waiter)
+                self._metrics.queue_length.labels(model).set(len(queue))
+            woken = True
+
+    def _pass_turn(self, model: str, waiter: asyncio.Future[None]) -> None:
+        """A waiter leaves the queue: if it had been woken, wake the next one instead."""
+        if waiter.done() and not waiter.cancelled():
+            self._wake(model)
+
+    def _take(self, free: list[Replica], info: CallInfo) -> Replica:
+        by_id = {r.id: r for r in free}
+        loads = [ReplicaLoad(r.id, r.in_flight, r.endpoint.weight) for r in free]
+        replica = by_id[self._policy.choose(loads, info)]
+        replica.in_flight += 1
+        self._metrics.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+        return replica
+
+    def _release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        if self._registry.is_registered(replica):  # a removed replica's series stays removed
+            self._metrics.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+        self._wake(replica.model)
+
+    def _wake(self, model: str) -> None:
+        """Wake the first waiter of ``model``'s queue (it re-checks for a free replica)."""
+        queue = self._queues.get(model)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self, model: str) -> None:
+        queue = self._queues.get(model)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    # -------------------------------------------------------------------- record
+    def _finish(
+        self,
+        spec: CallSpec,
+        call_id: str,
+        started_wall: float,
+        started: float,
+        upstream: Upstream | None,
+        outcome: _Outcome,
+    ) -> None:
+        elapsed = time.monotonic() - started
+        model = spec.model
+        self._metrics.requests.labels(model, spec.api, outcome.status).inc()
+        if outcome.kind is not None and outcome.status != "cancelled":
+            self._metrics.errors.labels(model, outcome.kind).inc()
+        if outcome.status != "rejected":
+            self._metrics.latency.labels(model).observe(elapsed)
+        ttft = upstream.ttft if upstream is not None and spec.stream else None
+        if ttft is not None:
+            ttft = min(ttft, elapsed)
+            self._metrics.ttft.labels(model).observe(ttft)
+        identity = spec.identity
+        status: Status = (
+            "ok"
+            if outcome.status == "ok"
+            else ("cancelled" if outcome.status == "cancelled" else "error")
+        )
+        self._recorder.record(
+            TraceCall(
+                workflow=identity.workflow or UNTAGGED_WORKFLOW,
+                request_id=identity.request_id or call_id,
+                call_id=call_id,
+                model=model,
+                start=started_wall,
+                end=started_wall + elapsed,
+                prompt_tokens=upstream.prompt_tokens if upstream else 0,
+                completion_tokens=upstream.completion_tokens if upstream else 0,
+                ttft=ttft,
+                status=status,
+                replica=upstream.replica.id if upstream else None,
+            )
+        )
+        if outcome.status == "ok":
+            log.debug(
+                "call",
+                model=model,
+                workflow=identity.workflow,
+                request_id=identity.request_id,
+                call_id=call_id,
+                replica=upstream.replica.id if upstream else None,
+                seconds=round(elapsed, 6),
+            )
+        else:
+            log.info(
+                "call_failed",
+                model=model,
+                status=outcome.status,
+                kind=outcome.kind,
+                workflow=identity.workflow,
+                request_id=identity.request_id,
+                call_id=call_id,
+                replica=upstream.replica.id if upstream else None,
+            )

@@ -1,0 +1,221 @@
+"""A stand-in for a vLLM engine's OpenAI API: fast, scripted, no model.
+
+For router tests that need no real engine (failover, backpressure, shutdown, bad input) and for
+the benchmark's "upstream that answers at once". It serves ``/health``, ``/v1/models``,
+``/v1/completions`` and ``/v1/chat/completions``, streamed or not. The answer is ``max_tokens``
+words ``w0 w1 ...`` (``tokens`` when unset); ``prompt_tokens`` counts the prompt's words.
+Timing: ``first_token_delay_s`` before the first token, ``token_delay_s`` between tokens; a
+request may override the first with a ``fake_delay_s`` field. It counts calls, calls in flight
+(and the most at once) and calls abandoned by their client; ``healthy = False`` makes
+``/health`` answer 503 and ``fail_status`` makes every call answer that HTTP status.
+
+``python -m services.router.fake_engine --model M [--port P]`` runs one and prints
+``{"url": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: int = 4,
+        first_token_delay_s: float = 0.0,
+        token_delay_s: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.host = host
+        self.port = port
+        self.tokens = tokens
+        self.first_token_delay_s = first_token_delay_s
+        self.token_delay_s = token_delay_s
+        self.healthy = True
+        self.fail_status: int | None = None  # answer every call with this HTTP status
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cancelled = 0
+        self.last_body: dict[str, Any] | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def start(self) -> int:
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Close the port and every connection at once (like a killed engine)."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await request.json()
+        self.last_body = body
+        if body.get("model") != self.model:
+            return web.json_response(
+                {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                           "type": "NotFoundError", "param": None, "code": 404}},
+                status=404,
+            )  # fmt: skip
+        self.calls += 1
+        if self.fail_status is not None:
+            return web.json_response(
+                {"error": {"message": "scripted failure", "type": "InternalServerError",
+                           "param": None, "code": self.fail_status}},
+                status=self.fail_status,
+            )  # fmt: skip
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await _sleep(float(body.get("fake_delay_s", self.first_token_delay_s)))
+            words = [f"w{i}" for i in range(int(body.get("max_tokens") or self.tokens))]
+            usage = {
+                "prompt_tokens": _prompt_words(body, chat),
+                "completion_tokens": len(words),
+                "total_tokens": _prompt_words(body, chat) + len(words),
+            }
+            if body.get("stream"):
+                return await self._stream(request, body, chat, words, usage)
+            text = " ".join(words)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return web.json_response(
+                {"id": _id(), "object": "chat.completion" if chat else "text_completion",
+                 "created": int(time.time()), "model": self.model, "choices": [choice],
+                 "usage": usage}
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        chat: bool,
+        words: list[str],
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        cid = _id()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+            chunk = {"id": cid, "object": kind, "model": self.model, "choices": choices}
+            data = json.dumps({**chunk, **(extra or {})}).encode()
+            await response.write(b"data: " + data + b"\n\n")
+
+        if chat:
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+        for i, word in enumerate(words):
+            if i:
+                await _sleep(self.token_delay_s)
+            piece = word if i == 0 else " " + word
+            last = i == len(words) - 1
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
+            choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+            await send([choice])
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await send([], {"usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+def _id() -> str:
+    return "fake-" + uuid.uuid4().hex[:12]
+
+
+def _prompt_words(body: dict[str, Any], chat: bool) -> int:
+    if chat:
+        return sum(len(str(m.get("content") or "").split()) for m in body.get("messages", []))
+    prompt = body.get("prompt")
+    return len(prompt.split()) if isinstance(prompt, str) else len(prompt or [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.router.fake_engine")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--first-token-delay", type=float, default=0.0)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        engine = FakeEngine(
+            args.model,
+            host=args.host,
+            port=args.port,
+            tokens=args.tokens,
+            first_token_delay_s=args.first_token_delay,
+            token_delay_s=args.token_delay,
+        )
+        await engine.start()
+        print(json.dumps({"url": engine.url}), flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Replicas per model: read from Redis, kept live, health-checked.
+
+The registry mirrors the ``endpoints`` records of the store. It re-reads them when an
+``endpoints_changed`` event arrives on the events channel and every ``refresh_s`` anyway (an event
+lost while Redis restarts is caught by the next periodic read). While Redis is unreachable the
+last known replicas keep serving.
+
+Health: a replica starts admitted. A call that cannot connect to it ejects it at once (passive
+check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
+a failed probe ejects and a passing one re-admits. ``on_change`` is called whenever a replica
+becomes usable (added or re-admitted), so that queued calls can take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import aiohttp
+from redis.exceptions import RedisError
+
+from services.core.errors import UnavailableError
+from services.core.routing import Endpoint
+from services.router.metrics import RouterMetrics
+from services.runtime.logging import get_logger
+from services.runtime.store import Store
+
+log = get_logger(__name__)
+
+ENDPOINTS_EVENT = "endpoints_changed"
+
+
+class Replica:
+    """Runtime state of one registered endpoint; mutated only on the event loop."""
+
+    __slots__ = ("endpoint", "healthy", "in_flight")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.in_flight = 0
+        self.healthy = True
+
+    @property
+    def id(self) -> str:
+        return self.endpoint.replica
+
+    @property
+    def model(self) -> str:
+        return self.endpoint.model
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+
+class ReplicaRegistry:
+    def __init__(
+        self,
+        store: Store,
+        metrics: RouterMetrics,
+        *,
+        refresh_s: float,
+        health_interval_s: float,
+        health_timeout_s: float,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._refresh_s = refresh_s
+        # Pub/sub reads wait at most this long, so that stopping takes at most this long.
+        self._read_timeout_s = min(refresh_s, 0.5)
+        self._health_interval_s = health_interval_s
+        self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
+        self._models: dict[str, dict[str, Replica]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self.on_change: Callable[[str], None] = lambda model: None
+
+    # ------------------------------------------------------------------ queries
+    def models(self) -> list[str]:
+        """Models with at least one registered replica, sorted."""
+        return sorted(m for m, replicas in self._models.items() if replicas)
+
+    def replicas(self, model: str) -> list[Replica]:
+        """All registered replicas of ``model`` (healthy or not), sorted by id."""
+        return sorted(self._models.get(model, {}).values(), key=lambda r: r.id)
+
+    def is_registered(self, replica: Replica) -> bool:
+        """True while ``replica`` (this very object) is in the registry."""
+        return self._models.get(replica.model, {}).get(replica.id) is replica
+
+    # ------------------------------------------------------------------ updates
+    def apply(self, endpoints: Sequence[Endpoint]) -> None:
+        """Make the registry hold exactly ``endpoints``; replicas whose endpoint is unchanged
+        keep their state (in-flight count, health)."""
+        wanted: dict[str, dict[str, Endpoint]] = {}
+        for endpoint in endpoints:
+            wanted.setdefault(endpoint.model, {})[endpoint.replica] = endpoint
+        for model in list(self._models):
+            for rid in list(self._models[model]):
+                if rid not in wanted.get(model, {}):
+                    del self._models[model][rid]
+                    self._metrics.forget_replica(model, rid)
+                    log.info("replica_removed", model=model, replica=rid)
+            if not self._models[model]:
+                del self._models[model]
+        for model, entries in wanted.items():
+            current = self._models.setdefault(model, {})
+            added = False
+            for rid, endpoint in entries.items():
+                old = current.get(rid)
+                if old is not None and old.endpoint == endpoint:
+                    continue
+                current[rid] = Replica(endpoint)
+                self._metrics.replica_healthy.labels(model, rid).set(1)
+                self._metrics.in_flight.labels(model, rid).set(0)
+                log.info("replica_added", model=model, replica=rid, url=endpoint.url)
+                added = True
+            if added:
+                self.on_change(model)
+
+    async def refresh(self) -> None:
+        """Re-read the endpoints from Redis; ``UnavailableError`` when it is unreachable."""
+        self.apply(await self._store.list_endpoints())
+
+    def report_failure(self, replica: Replica, reason: str) -> None:
+        """A call could not reach ``replica``: eject it until a health check passes."""
+        if not self.is_registered(replica):
+            return
+        self._metrics.replica_failures.labels(replica.model, replica.id).inc()
+        self._set_health(replica, False, reason)
+
+    def _set_health(self, replica: Replica, healthy: bool, reason: str) -> None:
+        if replica.healthy == healthy:
+            return
+        replica.healthy = healthy
+        self._metrics.replica_healthy.labels(replica.model, replica.id).set(int(healthy))
+        if healthy:
+            log.info("replica_readmitted", model=replica.model, replica=replica.id)
+            self.on_change(replica.model)
+        else:
+            log.warning("replica_ejected", model=replica.model, replica=replica.id, reason=reason)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Read the replicas once (Redis may be down: then start empty and keep trying), then
+        watch for changes and probe health in the background."""
+        self._session = session
+        try:
+            await self.refresh()
+        except UnavailableError as exc:
+            log.warning("endpoints_unreadable", error=str(exc))
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="router-endpoints-watch"),
+            asyncio.create_task(self._probe_forever(), name="router-health-checks"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop watching and probing. The tasks are asked to stop, not cancelled: redis-py's
+        pub/sub read, and a cancellation racing with a timeout (Python 3.11), can lose a
+        cancellation and leave a task running; their short waits end them instead."""
+        self._stopping.set()
+        limit = max(self._read_timeout_s, self._health_timeout.total or 0.0) + 2.0
+        done, pending = await asyncio.wait(self._tasks, timeout=limit)
+        for task in pending:
+            task.cancel()
+            log.warning("registry_task_stuck", task=task.get_name())
+        for task in done:
+            task.result()
+        self._tasks = []
+
+    async def _watch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with self._store.subscribe() as pubsub:
+                    await self.refresh()
+                    refreshed = time.monotonic()
+                    while not self._stopping.is_set():
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=self._read_timeout_s
+                        )
+                        due = time.monotonic() - refreshed >= self._refresh_s
+                        if due or (message and _is_endpoints_event(message.get("data"))):
+                            await self.refresh()
+                            refreshed = time.monotonic()
+            except (UnavailableError, RedisError, OSError) as exc:
+                log.warning("endpoints_watch_failed", error=str(exc))
+                await self._sleep(self._read_timeout_s)
+
+    async def _probe_forever(self) -> None:
+        while not await self._sleep(self._health_interval_s):
+            replicas = [r for model in self.models() for r in self.replicas(model)]
+            await asyncio.gather(*(self.probe(r) for r in replicas))
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until stopping; True when stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
+
+    async def probe(self, replica: Replica) -> bool:
+        """One ``GET {url}/health``: eject on failure, re-admit on success; True when healthy."""
+        assert self._session is not None, "registry not started"
+        try:
+            async with self._session.get(
+                f"{replica.url}/health", timeout=self._health_timeout
+            ) as reply:
+                healthy = reply.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            healthy = False
+        if not healthy and replica.healthy:
+            self._metrics.replica_failures.labels(replica.model, replica.id).inc()
+        self._set_health(replica, healthy, "health check failed")
+        return healthy
+
+
+def _is_endpoints_event(data: object) -> bool:
+    try:
+        event = json.loads(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return isinstance(event, dict) and event.get("event") == ENDPOINTS_EVENT

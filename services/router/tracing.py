@@ -1,0 +1,132 @@
+"""Trace recording: every call becomes a ``TraceCall`` appended to the capped Redis stream.
+
+``record`` only appends to an in-memory buffer, so the request path never waits on Redis. A
+background task writes the buffer in batches of up to ``batch`` records, at least every
+``flush_s``. A batch that cannot be written (Redis down or slow) is dropped and counted, as is
+a record arriving while the buffer holds ``buffer`` records; writing resumes by itself when Redis
+answers again. A failed write is tried once more at once, because every pooled connection fails
+once after a Redis restart; so a record may be stored twice (``scepsy trace export`` keeps one).
+``stop`` writes what is left (within its deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from redis.exceptions import RedisError
+
+from services.core.errors import UnavailableError
+from services.core.trace import TraceCall, dumps
+from services.router.metrics import RouterMetrics
+from services.runtime.logging import get_logger
+from services.runtime.store import Store
+
+log = get_logger(__name__)
+
+
+class TraceRecorder:
+    def __init__(
+        self,
+        store: Store,
+        metrics: RouterMetrics,
+        *,
+        max_len: int,
+        batch: int,
+        flush_s: float,
+        buffer: int,
+        enabled: bool = True,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._max_len = max_len
+        self._batch = batch
+        self._flush_s = flush_s
+        self._buffer_max = buffer
+        self._enabled = enabled
+        self._buffer: deque[TraceCall] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._store_down = False
+        self.recorded = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def record(self, call: TraceCall) -> None:
+        """Queue one record for writing; never blocks and never raises."""
+        if not self._enabled:
+            return
+        if len(self._buffer) >= self._buffer_max:
+            self._drop(1)
+            return
+        self._buffer.append(call)
+        if len(self._buffer) >= self._batch:
+            self._wake.set()
+
+    async def start(self) -> None:
+        if self._enabled:
+            self._task = asyncio.create_task(self._run(), name="router-trace-writer")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the writer, then write what is buffered, giving up after ``timeout_s``.
+
+        The writer is asked to stop rather than cancelled: a cancellation racing with a
+        timeout inside it could be lost (Python 3.11), leaving the task running."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=timeout_s)
+            self._task = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._buffer and await self.flush():
+                    pass
+        except TimeoutError:
+            pass
+        if self._buffer:
+            self._drop(len(self._buffer))
+            self._buffer.clear()
+
+    async def flush(self) -> bool:
+        """Write one batch; False when it could not be written (it is dropped and counted)."""
+        batch = [self._buffer.popleft() for _ in range(min(self._batch, len(self._buffer)))]
+        if not batch:
+            return True
+        lines = [dumps(c) for c in batch]
+        try:
+            try:
+                await self._store.append_trace(lines, self._max_len)
+            except (UnavailableError, RedisError, OSError):
+                # Once more at once: after a Redis restart each pooled connection fails once.
+                await self._store.append_trace(lines, self._max_len)
+        except (UnavailableError, RedisError, OSError) as exc:
+            self._drop(len(batch))
+            if not self._store_down:
+                self._store_down = True
+                log.warning("trace_store_down", error=str(exc), dropped=len(batch))
+            return False
+        if self._store_down:
+            self._store_down = False
+            log.info("trace_store_up", dropped_total=self.dropped)
+        self.recorded += len(batch)
+        self._metrics.trace_recorded.inc(len(batch))
+        return True
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self._metrics.trace_dropped.inc(count)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            while self._buffer and not self._stopping.is_set():
+                if not await self.flush():
+                    break  # Redis is down: wait for the next tick rather than spin
