@@ -26,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "plan",
     "place",
     "router",
+    "simulate",
+    "bench",
 )
 
 

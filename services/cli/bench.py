@@ -1,0 +1,181 @@
+"""``scepsy bench``: Scepsy against the baselines in the workflow simulator.
+
+    scepsy bench [eval] [--workflows rag,beam,composite] [--gpus 4,8,16] [--gpu-type H100-SXM]
+                 [--systems scepsy,static,independent,autoscaler] [--quick] [--no-oracle]
+                 [--seed S] [--json] [--out DIR]
+
+The evaluation (``services.core.sim.evaluation``) is the default action of ``bench`` and also
+its ``eval`` sub-command; other benchmarks add sub-commands through ``BENCH_MODULES`` (each such
+module exposes ``register_bench(subparsers)``). It prints the results table (Scepsy's peak
+sustainable throughput and latency at equal throughput against every baseline, as ratios), then
+per workflow the ALP's errors, the oracle and the time-share stability; ``--json`` prints
+everything as one object instead. Progress goes to stderr. ``--out DIR`` writes ``bench.json``,
+``curves.csv`` (every curve point), ``report.txt`` and one ``<workflow>.png`` of
+throughput-latency curves per workflow (matplotlib). ``--quick`` is a CI-sized run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import InvalidInputError
+from services.core.sim.evaluation import run_bench
+from services.core.sim.report import CURVE_COLUMNS, curve_rows, format_report, report_dict
+from services.core.sim.results import BenchResult, BenchSettings
+from services.core.sim.systems import SYSTEMS
+from services.core.sim.workflows import WORKFLOWS, workflow
+
+DEFAULT_WORKFLOWS = ("rag", "beam", "composite")
+# Modules under services.cli that add ``bench`` sub-commands (``register_bench(subparsers)``).
+BENCH_MODULES: tuple[str, ...] = ()
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("bench", help="Scepsy against the baselines, simulated")
+    add_eval_args(parser)
+    parser.set_defaults(func=cmd_eval)
+    bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    evaluation = bench_sub.add_parser("eval", help="the head-to-head evaluation (the default)")
+    add_eval_args(evaluation)
+    evaluation.set_defaults(func=cmd_eval)
+    for name in BENCH_MODULES:
+        importlib.import_module(f"services.cli.{name}").register_bench(bench_sub)
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workflows",
+        default=",".join(DEFAULT_WORKFLOWS),
+        help=f"comma-separated, from {', '.join(sorted(WORKFLOWS))}",
+    )
+    parser.add_argument("--gpus", default="4,8,16", help="comma-separated GPU counts")
+    parser.add_argument("--gpu-type", default="H100-SXM", help="GPU type of the clusters")
+    parser.add_argument(
+        "--systems",
+        default=",".join(BenchSettings().systems),
+        help=f"comma-separated, scepsy and any of {', '.join(s for s in SYSTEMS if s != 'scepsy')}",
+    )
+    parser.add_argument("--quick", action="store_true", help="a CI-sized run (well under 60 s)")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="write JSON, CSV, text and PNG plots here")
+
+
+def _list(text: str, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise InvalidInputError(f"{flag}: give at least one value")
+    return items
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    try:
+        gpus = tuple(int(g) for g in _list(args.gpus, "--gpus"))
+    except ValueError:
+        raise InvalidInputError(f"--gpus: comma-separated integers, got {args.gpus!r}") from None
+    changes: dict[str, Any] = {
+        "gpu_counts": gpus,
+        "gpu_type": args.gpu_type,
+        "systems": tuple(_list(args.systems, "--systems")),
+        "seed": args.seed,
+    }
+    if args.no_oracle:
+        changes["oracle_gpus"] = 0
+    if args.quick:
+        return BenchSettings.quick(**changes)
+    return replace(BenchSettings(), **changes)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    flows = [workflow(name) for name in _list(args.workflows, "--workflows")]
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    result = run_bench(flows, settings, progress)
+    wall = time.perf_counter() - started
+    text = format_report(result) + (
+        f"\n\n{result.calls} LLM calls simulated in {wall:.1f} s "
+        f"({result.calls / wall:,.0f} calls/s of wall time)"
+    )
+    if args.out is not None:
+        write_outputs(result, text, args.out)
+    if args.json:
+        doc = report_dict(result)
+        doc["wall_seconds"] = wall
+        print(json.dumps(doc))
+    else:
+        print(text)
+    return 0
+
+
+def write_outputs(result: BenchResult, text: str, out: Path) -> None:
+    """bench.json, curves.csv, report.txt and a PNG per workflow in ``out``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report_dict(result), indent=1) + "\n")
+        (out / "report.txt").write_text(text + "\n")
+        with open(out / "curves.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(CURVE_COLUMNS))
+            writer.writeheader()
+            writer.writerows(curve_rows(result))
+    except OSError as exc:
+        raise InvalidInputError(f"--out: cannot write to {str(out)!r}: {exc.strerror}") from None
+    plot_curves(curve_rows(result), out)
+
+
+COLORS = {"scepsy": "tab:red", "static": "tab:blue", "independent": "tab:green"}
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per workflow: mean (solid) and p99 (dotted) latency against offered rate, one
+    panel per GPU count; hollow markers are unsustainable points. matplotlib is imported
+    here only, so the rest of the command works without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    for name in dict.fromkeys(r["workflow"] for r in rows):
+        mine = [r for r in rows if r["workflow"] == name]
+        counts = sorted({r["gpus"] for r in mine})
+        fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 3.6), squeeze=False)
+        for ax, gpus in zip(axes[0], counts, strict=True):
+            _panel(ax, [r for r in mine if r["gpus"] == gpus])
+            ax.set_title(f"{name}, {gpus} GPUs")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        color = COLORS.get(system, "tab:purple")
+        rates = [r["rate"] for r in pts]
+        ax.plot(rates, [r["mean_latency"] for r in pts], "-", color=color, label=system)
+        ax.plot(rates, [r["p99_latency"] for r in pts], ":", color=color, linewidth=1)
+        for r in pts:
+            face = color if r["sustainable"] else "none"
+            ax.plot(r["rate"], r["mean_latency"], "o", color=color, markerfacecolor=face, ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (s): mean, p99 dotted")
+    ax.grid(alpha=0.3)

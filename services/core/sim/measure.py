@@ -1,0 +1,124 @@
+"""One point of a throughput-latency curve, measured from a simulation run.
+
+A run offers requests at ``rate`` (Poisson) and serves them all. Requests arriving during the
+warm-up (an empty cluster, an autoscaler still reacting) are served but not measured; the
+warm-up lasts ``warmup_share`` of the arrival span, or ``warmup_latencies`` median request
+latencies of this run when that is longer (queues need a few latencies to settle), but at most
+``MAX_WARMUP_SHARE`` of the span (thresholds in ``MeasureConfig``). Over the measurement window
+[end of the warm-up, last arrival], of length W:
+
+- **throughput** (achieved) = requests completed inside the window / W;
+- **completion ratio** = requests completed inside the window / requests that arrived inside it;
+- **backlog growth** = the least-squares slope of the number of requests in the system over the
+  window (sampled at ``BACKLOG_SAMPLES`` instants), divided by the arrival rate in the window.
+  A system that keeps up holds a steady backlog (zero up to noise); one that falls behind piles
+  up rate - capacity requests per second, a growth of 1 - capacity / rate. Unlike the
+  completion ratio, which compares the two ends of the window, the slope uses all of it;
+- the run is **settled** when its arrival span is at least ``min_span_latencies`` median
+  latencies: shorter runs cannot tell a slow but steady system from one falling behind;
+- the point is **sustainable** when the run is settled and the backlog growth is at most
+  ``max_backlog_growth``;
+- **run throughput** = all requests / (last finish - first arrival): under overload the cluster
+  works without pause until the backlog is gone, so this is its capacity (the requests that a
+  processor-sharing-like system leaves half done inside the window finish in the drain).
+
+Latency (mean, p50, p99) is over the measured requests, arrival to finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.errors import InvalidInputError
+from services.core.perf import FloatArray
+from services.core.sim.simulator import SimResult
+
+MAX_WARMUP_SHARE = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureConfig:
+    """The thresholds of the module docstring."""
+
+    warmup_share: float = 0.2
+    warmup_latencies: float = 3.0
+    max_backlog_growth: float = 0.1
+    min_span_latencies: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_share <= MAX_WARMUP_SHARE:
+            raise InvalidInputError(
+                f"warmup_share: must be in [0, {MAX_WARMUP_SHARE}], got {self.warmup_share}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One system at one offered rate (requests/s); latencies in seconds."""
+
+    rate: float
+    requests: int  # measured
+    throughput: float
+    completion_ratio: float
+    backlog_growth: float
+    settled: bool
+    mean_latency: float
+    p50_latency: float
+    p99_latency: float
+    sustainable: bool
+    allocation: str = ""  # compact description of what served it
+    gpus: float = 0.0  # GPUs the allocation uses
+    predicted_latency: float | None = None  # the ALP's, for plans that come with one
+    run_throughput: float = 0.0  # all requests / (last finish - first arrival)
+    calls: int = 0  # LLM calls simulated (all requests)
+
+
+def measure(result: SimResult, rate: float, config: MeasureConfig | None = None) -> Point:
+    """The curve point of ``result`` (module docstring). Needs two requests arriving apart."""
+    cfg = config or MeasureConfig()
+    arrival, n = result.arrival, len(result.arrival)
+    span = float(arrival[-1] - arrival[0]) if n else 0.0
+    if n < 2 or span <= 0:
+        raise InvalidInputError("measure: need at least 2 requests arriving at different times")
+    median = float(np.median(result.latency))
+    warm = min(max(cfg.warmup_share * span, cfg.warmup_latencies * median), MAX_WARMUP_SHARE * span)
+    first = min(int(np.searchsorted(arrival, arrival[0] + warm)), n - 2)
+    start, stop = float(arrival[first]), float(arrival[-1])
+    completed = int(np.count_nonzero((result.finish >= start) & (result.finish <= stop)))
+    latency = result.latency[first:]
+    growth = backlog_growth(arrival, result.finish, start, stop, (n - first) / (stop - start))
+    settled = span >= cfg.min_span_latencies * median
+    return Point(
+        rate=rate,
+        requests=n - first,
+        throughput=completed / (stop - start),
+        completion_ratio=completed / (n - first),
+        backlog_growth=growth,
+        settled=settled,
+        mean_latency=float(latency.mean()),
+        p50_latency=float(np.percentile(latency, 50)),
+        p99_latency=float(np.percentile(latency, 99)),
+        sustainable=settled and growth <= cfg.max_backlog_growth,
+        run_throughput=n / (float(result.finish.max()) - float(arrival[0])),
+        calls=result.calls,
+    )
+
+
+BACKLOG_SAMPLES = 256
+
+
+def backlog_growth(
+    arrival: FloatArray, finish: FloatArray, start: float, stop: float, arrival_rate: float
+) -> float:
+    """Least-squares slope of requests in the system over [start, stop] / ``arrival_rate``.
+
+    ``arrival`` must be sorted. In the system at t: arrived at or before t, not finished by t.
+    """
+    t = np.linspace(start, stop, BACKLOG_SAMPLES)
+    done = np.sort(finish)
+    inside = np.searchsorted(arrival, t, side="right") - np.searchsorted(done, t, side="right")
+    centred = t - t.mean()
+    slope = float(np.dot(centred, inside - inside.mean()) / np.dot(centred, centred))
+    return slope / arrival_rate

@@ -1,0 +1,149 @@
+"""The evaluation's settings and results (``services.core.sim.evaluation`` fills them in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from services.core import baselines
+from services.core.errors import InvalidInputError
+from services.core.sim.measure import MeasureConfig, Point
+from services.core.sim.simulator import SimOptions
+from services.core.sim.systems import SYSTEMS
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    """What ``evaluation.run_bench`` runs (its module docstring explains each step)."""
+
+    gpu_type: str = "H100-SXM"
+    gpu_counts: tuple[int, ...] = (4, 8, 16)
+    systems: tuple[str, ...] = ("scepsy", "static", "independent", "autoscaler")
+    rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.85, 1.0)
+    extend_factor: float = 1.2
+    max_extra_rates: int = 3
+    stop_after: int = 1
+    refine_steps: int = 1
+    duration: float = 45.0  # s of arrivals per run, at least
+    latency_multiple: float = 25.0  # ... and at least this many isolated request latencies
+    min_requests: int = 250
+    max_calls: int = 40_000  # LLM calls of a run (about), before doubling an unsettled one
+    doublings: int = 1  # an unsettled run is repeated with twice the requests, this often
+    warmup_requests: int = 200
+    overload: float = 1.5
+    oracle_gpus: int = 4  # 0: no oracle
+    oracle_load: float = 0.7
+    oracle_max_candidates: int = 150
+    oracle_requests: int = 40  # per candidate in the first selection round
+    fraction_unit: int = 4
+    rho: float = 0.9
+    seed: int = 0
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    autoscaler: baselines.HpaAutoscaler = field(default_factory=baselines.HpaAutoscaler)
+    options: SimOptions = field(default_factory=SimOptions)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.systems) - set(SYSTEMS))
+        if unknown or "scepsy" not in self.systems:
+            raise InvalidInputError(
+                f"systems: must include scepsy and come from {sorted(SYSTEMS)}, got "
+                f"{list(self.systems)}"
+            )
+        if not self.gpu_counts or min(self.gpu_counts) < 1:
+            raise InvalidInputError(f"gpu_counts: must be positive, got {list(self.gpu_counts)}")
+        if not self.rate_fractions or min(self.rate_fractions) <= 0:
+            raise InvalidInputError("rate_fractions: must be positive")
+
+    @classmethod
+    def quick(cls, **changes: object) -> BenchSettings:
+        """A CI-sized run: four rates, short runs, no refinement, no oracle."""
+        base = cls(
+            rate_fractions=(0.3, 0.6, 0.9, 1.2),
+            max_extra_rates=1,
+            refine_steps=0,
+            duration=20.0,
+            latency_multiple=8.0,
+            min_requests=40,
+            max_calls=3_000,
+            doublings=0,
+            warmup_requests=60,
+            oracle_gpus=0,
+            measure=MeasureConfig(min_span_latencies=4.0, max_backlog_growth=0.2),
+        )
+        return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    system: str
+    points: tuple[Point, ...]  # by rising rate
+
+
+@dataclass(frozen=True, slots=True)
+class AlpCheck:
+    """The ALP's prediction for a plan against the simulated value."""
+
+    rate: float
+    allocation: str
+    predicted: float
+    simulated: float
+
+    @property
+    def error(self) -> float:
+        """(predicted - simulated) / simulated."""
+        return (self.predicted - self.simulated) / self.simulated
+
+
+@dataclass(frozen=True, slots=True)
+class OracleResult:
+    rate: float
+    candidates: int  # maximal allocations of the cluster
+    simulated: int  # of them simulated (their capacity covers the load)
+    allocation: str
+    latency: float  # mean, on the measured arrivals
+    scepsy_allocation: str
+    scepsy_latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class GpuResult:
+    gpus: int
+    capacity: float  # the ALP's highest throughput on these GPUs, requests/s
+    curves: tuple[Curve, ...]
+    alp_latency: tuple[AlpCheck, ...]
+    alp_throughput: AlpCheck | None
+    oracle: OracleResult | None
+
+    def curve(self, system: str) -> Curve:
+        return next(c for c in self.curves if c.system == system)
+
+
+@dataclass(frozen=True, slots=True)
+class Stability:
+    """Per-LLM time shares (mean, CV) against the CV of end-to-end latency, in one trace."""
+
+    source: str
+    requests: int
+    e2e_cv: float
+    shares: tuple[tuple[str, float, float], ...]  # (model, mean share, CV of share)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowResult:
+    workflow: str
+    models: dict[str, str]
+    calls_per_request: dict[str, float]  # n_m of the warm-up trace
+    concurrency: dict[str, float]  # p_m of the warm-up trace
+    isolated_latency: float
+    gpus: tuple[GpuResult, ...]
+    stability: tuple[Stability, ...]
+    calls: int  # LLM calls simulated for this workflow
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    settings: BenchSettings
+    workflows: tuple[WorkflowResult, ...]
+
+    @property
+    def calls(self) -> int:
+        return sum(w.calls for w in self.workflows)

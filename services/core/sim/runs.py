@@ -1,0 +1,74 @@
+"""One measured simulation run of a plan at a rate (a curve point).
+
+A ``Load`` is a rate, a number of requests and a seed: the Poisson arrivals it gives are the same
+for every system, so all of them serve the same requests. ``run_point`` simulates a plan on a
+load and measures it (``services.core.sim.measure``); a run too short for its latencies (not
+settled) that otherwise looks sustainable is repeated with twice the requests (the same arrivals
+extended), up to ``BenchSettings.doublings`` times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from services.core.sim.arrivals import poisson
+from services.core.sim.measure import Point, measure
+from services.core.sim.results import BenchSettings
+from services.core.sim.systems import Context, Plan, describe
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    rate: float  # requests/s
+    requests: int
+    seed: int
+
+    def doubled(self) -> Load:
+        return replace(self, requests=2 * self.requests)
+
+
+class Counter:
+    """LLM calls simulated (for the speed figure)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+def requests_for(ctx: Context, rate: float, settings: BenchSettings) -> int:
+    """Requests of one run at ``rate``: ``rate x duration``, where the duration is at least
+    ``latency_multiple`` isolated request latencies, within ``min_requests`` and
+    ``max_calls`` LLM calls."""
+    duration = max(settings.duration, settings.latency_multiple * ctx.isolated_latency)
+    most = max(settings.min_requests, int(settings.max_calls / max(ctx.calls_per_request, 1)))
+    return max(settings.min_requests, min(round(rate * duration), most))
+
+
+def load_at(ctx: Context, rate: float, seed: int, settings: BenchSettings) -> Load:
+    return Load(rate, requests_for(ctx, rate, settings), settings.seed + seed)
+
+
+def run_point(
+    ctx: Context,
+    plan: Plan,
+    load: Load,
+    gpus: int,
+    settings: BenchSettings,
+    counter: Counter,
+) -> Point:
+    """Simulate ``plan`` on ``load`` and measure it (module docstring)."""
+    cfg = settings.measure
+    for attempt in range(settings.doublings + 1):
+        result = ctx.serve(plan, poisson(load.rate, load.requests, load.seed), gpus=gpus)
+        counter.calls += result.calls
+        point = measure(result, load.rate, cfg)
+        if point.settled or point.backlog_growth > cfg.max_backlog_growth:
+            break
+        if attempt < settings.doublings:
+            load = load.doubled()
+    predicted = None
+    if plan.prediction is not None and plan.planned_rate is None:
+        predicted = plan.prediction.workflow(ctx.workflow.name).latency
+    used = sum(a.gpus for a in plan.allocation.values())
+    return replace(
+        point, allocation=describe(plan.allocation), gpus=used, predicted_latency=predicted
+    )

@@ -1,0 +1,287 @@
+"""The compared systems as planners: what each one deploys for a workflow, GPUs and target rate.
+
+``Context.prepare`` does what every system may know before serving: a warm-up run of the workflow
+in the simulator (the static even split, requests far enough apart that they rarely overlap) is
+traced, and the trace gives the workflow statistics (``services.core.stats``), the ALP demand and
+each LLM's request mix; the profiles of every (model, TP, fraction) are computed from those mixes
+on demand and kept (``services.core.profile_cache``).
+
+Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Plan``:
+
+- ``scepsy`` - the ALP search with placement feedback (``services.core.search.search_placed``)
+  for the target rate; above the highest rate it can plan (throughput >= rate / rho), the plan for
+  that highest rate (its maximum-throughput allocation);
+- ``static`` - ``baselines.even_split``;
+- ``independent`` - ``baselines.independent`` at the target's per-LLM call rates;
+- ``autoscaler`` - starts from the even split, then ``baselines.HpaAutoscaler`` moves whole GPUs;
+  unless given, each model's target is tuned from its profile (``hpa_targets``), as an operator
+  would set it from a benchmark of one engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from services.core import baselines
+from services.core.alp import Allocation, Prediction, WorkflowDemand, predict
+from services.core.cluster import parse_cluster
+from services.core.errors import InfeasibleError
+from services.core.hardware import GpuSpec, gpu_spec
+from services.core.inventory import NodeInventory
+from services.core.models import ModelSpec, model_spec
+from services.core.perf import PerfModel
+from services.core.placement_feedback import search_placed
+from services.core.plan import max_tp_of, placer_for
+from services.core.profile_cache import AnalyticProfiles
+from services.core.search import AllocationInfeasible, best_scale
+from services.core.search_space import Problem
+from services.core.sim.control import Controller
+from services.core.sim.program import Workflow
+from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
+from services.core.spec import Spec, WorkflowTarget
+from services.core.stats import WorkflowStats, workflow_stats
+from services.core.trace import Trace
+
+NODE_GPUS = 8  # GPUs per node (one NVSwitch domain) of the simulated clusters
+PROBE_REQUESTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a system deploys: an allocation, maybe a controller, maybe the ALP's prediction."""
+
+    system: str
+    allocation: dict[str, Allocation]
+    controller: Controller | None = None
+    prediction: Prediction | None = None  # at the offered rate
+    planned_rate: float | None = None  # the rate the plan was made for, when not the offered one
+
+
+def cluster_nodes(gpu_type: str, gpus: int) -> tuple[NodeInventory, ...]:
+    """A cluster of ``gpus`` GPUs in nodes of up to ``NODE_GPUS``, one NVSwitch domain each."""
+    full, rest = divmod(gpus, NODE_GPUS)
+    nodes: list[dict[str, object]] = []
+    if full:
+        nodes.append({"name": "node", "gpu_type": gpu_type, "gpus": NODE_GPUS, "count": full})
+    if rest:
+        nodes.append({"name": "part", "gpu_type": gpu_type, "gpus": rest})
+    for node in nodes:
+        node["interconnect"] = "nvswitch"
+    return parse_cluster({"version": 1, "nodes": nodes}, source="simulated cluster")
+
+
+def describe(allocation: Mapping[str, Allocation]) -> str:
+    """Compact text: ``generator 2x tp2, reranker 3x 0.5``."""
+    parts = []
+    for m, a in sorted(allocation.items()):
+        config = f"tp{a.tp}" if a.fraction == 1 else f"{a.fraction:g}"
+        parts.append(f"{m} {a.replicas}x {config}")
+    return ", ".join(parts)
+
+
+@dataclass
+class Context:
+    """A workflow's planning inputs on one GPU type (mutable: profiles are computed lazily)."""
+
+    workflow: Workflow
+    gpu: GpuSpec
+    models: dict[str, ModelSpec]
+    stats: WorkflowStats
+    warmup: Trace
+    isolated_latency: float  # s, mean latency of a request served alone (warm-up probe)
+    profiles: AnalyticProfiles
+    fraction_unit: int = 4
+    rho: float = 0.9
+    options: SimOptions = field(default_factory=SimOptions)
+
+    @classmethod
+    def prepare(
+        cls,
+        workflow: Workflow,
+        gpu_type: str,
+        gpus: int,
+        *,
+        warmup_requests: int = 200,
+        fraction_unit: int = 4,
+        rho: float = 0.9,
+        options: SimOptions | None = None,
+    ) -> Context:
+        """Trace a warm-up run on the even split of ``gpus`` GPUs and derive the statistics."""
+        opts = options or SimOptions()
+        gpu = gpu_spec(gpu_type)
+        models = {m: model_spec(c) for m, c in sorted(workflow.models.items())}
+        trace, alone = warmup_trace(workflow, gpu, models, gpus, warmup_requests, opts)
+        stats = next(s for s in workflow_stats(trace) if s.workflow == workflow.name)
+        demand = WorkflowDemand.from_stats(stats)
+        target = WorkflowTarget(
+            workflow.name, 1.0, 1.0, demand, {m.model: m.sample for m in stats.llms if m.n > 0}
+        )
+        spec = Spec((target,), models, cluster_nodes(gpu_type, gpus), fraction_unit, rho)
+        profiles = AnalyticProfiles(spec)
+        return cls(workflow, gpu, models, stats, trace, alone, profiles, fraction_unit, rho, opts)
+
+    @property
+    def demand(self) -> WorkflowDemand:
+        return self.profiles.spec.workflows[0].demand
+
+    @property
+    def calls_per_request(self) -> float:
+        return sum(d.n for d in self.demand.llms)
+
+    def fits(self, model: str, tp: int, fraction: float) -> bool:
+        """Whether an instance holds the weights, a minimum KV cache and the longest call."""
+        try:
+            self.profiles.profile(model, tp, fraction)
+        except InfeasibleError:
+            return False
+        return True
+
+    def problem(self, gpus: int, rate: float) -> Problem:
+        return Problem(
+            (self.demand,),
+            {self.workflow.name: rate},
+            gpus,
+            self.fraction_unit,
+            max_tp=max_tp_of(cluster_nodes(self.gpu.name, gpus)),
+            rho=self.rho,
+        )
+
+    def capacity(self, gpus: int) -> float:
+        """The ALP's highest throughput (requests/s) that any allocation of ``gpus`` reaches."""
+        return best_scale(self.problem(gpus, 1.0), self.profiles.profile)
+
+    def predict(self, allocation: Mapping[str, Allocation], rate: float) -> Prediction:
+        return predict([self.demand], self.profiles.profile, allocation, {self.workflow.name: rate})
+
+    def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
+        return Deployment(self.gpu, self.models, dict(allocation))
+
+    def serve(
+        self,
+        plan: Plan,
+        arrivals: np.ndarray,
+        *,
+        record: bool = False,
+        gpus: int | None = None,
+    ) -> SimResult:
+        """Simulate ``plan`` on ``arrivals`` (the controller may grow into ``gpus``)."""
+        opts = replace(self.options, record=record, gpus=gpus)
+        return simulate(
+            self.workflow, self.deployment(plan.allocation), arrivals, opts, plan.controller
+        )
+
+
+def memory_fits(gpu: GpuSpec, models: Mapping[str, ModelSpec]) -> baselines.Fits:
+    """Whether an instance holds its model's weights and a minimum KV cache."""
+
+    def fits(model: str, tp: int, fraction: float) -> bool:
+        try:
+            PerfModel.create(models[model], gpu, tp, fraction).kv_capacity_tokens()
+        except InfeasibleError:
+            return False
+        return True
+
+    return fits
+
+
+def warmup_trace(
+    workflow: Workflow,
+    gpu: GpuSpec,
+    models: Mapping[str, ModelSpec],
+    gpus: int,
+    requests: int,
+    options: SimOptions,
+) -> tuple[Trace, float]:
+    """The trace of ``requests`` requests on the even split, arriving on average one isolated
+    request latency apart, and that latency (the mean of ``PROBE_REQUESTS`` requests served
+    alone). Seeds differ from the evaluation's, so the statistics are not fitted to the measured
+    requests."""
+    allocation = baselines.even_split(models, gpus, memory_fits(gpu, models), min(gpus, NODE_GPUS))
+    deployment = Deployment(gpu, models, allocation)
+    alone = np.arange(PROBE_REQUESTS, dtype=np.float64) * 1e6
+    probe = simulate(workflow, deployment, alone, replace(options, seed=options.seed + 7919))
+    gap = float(np.mean(probe.latency))
+    rng = np.random.default_rng([options.seed, 0x3A7])
+    arrivals = np.cumsum(rng.exponential(gap, size=requests))
+    run = replace(options, seed=options.seed + 1, record=True)
+    result = simulate(workflow, deployment, arrivals, run)
+    return Trace(result.trace, result.requests), gap
+
+
+# ------------------------------------------------------------------------------------ systems
+def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Plan:
+    """The ALP-optimal placeable allocation for ``rate`` (module docstring)."""
+    placer = placer_for(cluster_nodes(ctx.gpu.name, gpus), ctx.fraction_unit)
+    target = rate
+    for _ in range(8):
+        try:
+            placed = search_placed(ctx.problem(gpus, target), ctx.profiles.profile, placer)
+        except AllocationInfeasible as exc:
+            best = exc.best_throughput.get(ctx.workflow.name, 0.0) * ctx.rho
+            if not best > 0:
+                raise
+            target = min(best * 0.999, target * 0.98)
+            continue
+        allocation = placed.result.allocation
+        return Plan(
+            "scepsy",
+            allocation,
+            prediction=ctx.predict(allocation, rate),
+            planned_rate=None if target == rate else target,
+        )
+    raise InfeasibleError(f"scepsy: no plan for {ctx.workflow.name} on {gpus} GPUs")
+
+
+def plan_static(ctx: Context, gpus: int, rate: float) -> Plan:
+    allocation = baselines.even_split(ctx.models, gpus, ctx.fits, min(gpus, NODE_GPUS))
+    return Plan("static", allocation)
+
+
+def plan_independent(ctx: Context, gpus: int, rate: float) -> Plan:
+    loads = {d.model: rate * d.n for d in ctx.demand.llms}
+    allocation = baselines.independent(
+        loads, ctx.profiles.profile, ctx.fits, gpus, min(gpus, NODE_GPUS)
+    )
+    return Plan("independent", allocation)
+
+
+TARGET_UTILIZATION = 0.5
+
+
+def hpa_targets(
+    ctx: Context, allocation: Mapping[str, Allocation], utilization: float = TARGET_UTILIZATION
+) -> dict[str, float]:
+    """Per model, the outstanding calls of one replica running at ``utilization`` of its
+    saturation rate: by Little's law, that rate x the profile's latency there."""
+    targets: dict[str, float] = {}
+    for model, a in sorted(allocation.items()):
+        profile = ctx.profiles.profile(model, a.tp, a.fraction)
+        rate = utilization * profile.saturation_rate
+        targets[model] = max(1.0, rate * profile.latency_at(rate))
+    return targets
+
+
+def autoscaler_plan(autoscaler: baselines.HpaAutoscaler) -> PlanFn:
+    """The autoscaling system with ``autoscaler``'s settings (module docstring)."""
+
+    def plan(ctx: Context, gpus: int, rate: float) -> Plan:
+        start = baselines.even_split(ctx.models, gpus, ctx.fits, min(gpus, NODE_GPUS))
+        controller = autoscaler
+        if not autoscaler.targets:
+            controller = replace(autoscaler, targets=hpa_targets(ctx, start))
+        return Plan("autoscaler", start, controller=controller)
+
+    return plan
+
+
+PlanFn = Callable[[Context, int, float], Plan]
+
+SYSTEMS: Mapping[str, PlanFn] = {
+    "scepsy": plan_scepsy,
+    "static": plan_static,
+    "independent": plan_independent,
+    "autoscaler": autoscaler_plan(baselines.HpaAutoscaler()),
+}

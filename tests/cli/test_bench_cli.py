@@ -1,0 +1,96 @@
+"""``scepsy bench`` and ``scepsy simulate`` as a user runs them (quick, CI-sized)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from services.cli import bench, simulate
+from services.core.errors import InvalidInputError
+from services.core.trace import read_trace
+
+
+def scepsy(*argv: str) -> int:
+    """Parse and run like ``scepsy``, with the two commands registered as main.py does."""
+    parser = argparse.ArgumentParser(prog="scepsy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench.register(sub)
+    simulate.register(sub)
+    args = parser.parse_args(list(argv))
+    code: int = args.func(args)
+    return code
+
+
+def test_bench_quick_writes_the_table_curves_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench"
+    code = scepsy(
+        "bench", "--quick", "--workflows", "rag", "--gpus", "4", "--systems", "scepsy,static",
+        "--json", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert "rag 4 GPUs" in captured.err  # progress on stderr
+    (row,) = doc["comparisons"]
+    assert (row["workflow"], row["gpus"], row["baseline"]) == ("rag", 4, "static")
+    with open(out / "curves.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # the peaks in the table are the highest sustainable rates of the plotted curves
+    for system, key in (("scepsy", "scepsy_peak"), ("static", "baseline_peak")):
+        ok = [
+            float(r["rate"]) for r in rows if r["system"] == system and r["sustainable"] == "True"
+        ]
+        assert row[key] == pytest.approx(max(ok, default=0.0))
+    assert (out / "rag.png").stat().st_size > 1000
+    assert json.loads((out / "bench.json").read_text())["comparisons"] == doc["comparisons"]
+    assert "peak req/s" in (out / "report.txt").read_text()
+
+
+def test_bench_eval_is_the_same_as_bench(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--quick", "--workflows", "rag", "--gpus", "4", "--systems", "scepsy,static")
+    scepsy("bench", *args, "--json")
+    first = json.loads(capsys.readouterr().out)
+    scepsy("bench", "eval", *args, "--json")
+    second = json.loads(capsys.readouterr().out)
+    assert first["comparisons"] == second["comparisons"]
+
+
+def test_bench_rejects_bad_lists() -> None:
+    with pytest.raises(InvalidInputError, match="--gpus"):
+        scepsy("bench", "--quick", "--gpus", "four")
+    with pytest.raises(InvalidInputError, match="workflow: unknown"):
+        scepsy("bench", "--quick", "--workflows", "nope")
+
+
+def test_simulate_a_given_allocation_writes_the_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "rag.jsonl"
+    allocation = '{"generator": {"tp": 1, "replicas": 1}, "reranker": {"fraction": 0.5}}'
+    code = scepsy(
+        "simulate", "--workflow", "rag", "--gpus", "2", "--allocation", allocation,
+        "--rate", "1", "--requests", "40", "--trace-out", str(trace), "--json",
+    )  # fmt: skip
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["requests"] == 40
+    assert doc["allocation"]["reranker"] == {"fraction": 0.5, "tp": 1, "replicas": 1}
+    recorded = read_trace(trace)
+    assert len(recorded.requests) == 40
+    assert len(recorded.calls) == doc["calls"]
+
+
+def test_simulate_as_a_system_plans_first(capsys: pytest.CaptureFixture[str]) -> None:
+    code = scepsy(
+        "simulate", "--workflow", "rag", "--gpus", "4", "--system", "static",
+        "--rate", "2", "--requests", "30",
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "generator 2x tp1, reranker 2x tp1 (static)" in text
