@@ -10,7 +10,7 @@ from services.core.errors import InvalidInputError
 from services.core.hardware import gpu_spec
 from services.core.models import model_spec
 from services.core.perf import PerfModel, StepLoad, chunk_pairs, load_params
-from services.core.sim.engine import Replica
+from services.core.scheduler import Replica
 
 H100 = gpu_spec("H100-SXM")
 PERF = PerfModel.create(

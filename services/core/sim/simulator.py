@@ -3,7 +3,7 @@
 ``simulate(workflow, deployment, arrivals, ...)`` serves one request per arrival time: each runs the
 workflow's program (``services.core.sim.program``); every LLM call is routed by the router's own
 policy code (``services.core.routing``) to a replica of its model, which batches it with the other
-calls on that replica (``services.core.sim.engine.Replica``, the analytic performance model of its
+calls on that replica (``services.core.scheduler.Replica``, the analytic performance model of its
 model, GPU type, TP degree and GPU fraction); tool calls take their time and no GPU.
 
 Determinism: request i runs with the random generator ``default_rng([seed, i])`` whatever the
@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from services.core.alp import Allocation
-from services.core.batching import SchedulerConfig
 from services.core.errors import InvalidInputError
 from services.core.hardware import GpuSpec
 from services.core.models import ModelSpec
 from services.core.perf import FloatArray, PerfModel
 from services.core.routing import DEFAULT_POLICY, CallInfo, PolicyOptions, ReplicaLoad, make_policy
+from services.core.scheduler import Replica, SchedulerConfig
 from services.core.sim.control import (
     ClusterView,
     Controller,
@@ -46,7 +46,6 @@ from services.core.sim.control import (
     ScaleAction,
     ScaleEvent,
 )
-from services.core.sim.engine import Replica
 from services.core.sim.program import Llm, LlmResult, Parallel, Program, Tool, ToolResult, Workflow
 from services.core.trace import TraceCall, TraceRequest
 

@@ -1,24 +1,38 @@
-"""One engine replica of the discrete-event simulator: continuous batching, one call at a time.
+"""The vLLM-style continuous-batching scheduler of one engine, on the analytic performance model.
 
-``batching.simulate`` replays a list of calls known in advance; inside a workflow simulation the
-calls arrive one by one, as the programs reach them. ``Replica`` runs the same scheduler (the same
-``SchedulerConfig`` and ``PerfModel`` iteration times, vLLM V1 chunked prefill or V0) driven by
-events instead, and gives the same first-token and finish times as ``batching.simulate`` for the
-same arrivals (tests check this on random loads):
+Both simulators drive this one scheduler: ``batching.simulate`` replays a list of calls known in
+advance (profiles, static batches), the workflow simulator (``services.core.sim``) hands calls to
+each replica as its programs reach them. Each iteration's duration comes from ``PerfModel``. The
+scheduler mirrors vLLM's:
+
+- at most ``max_num_seqs`` sequences run at once; an iteration computes at most
+  ``max_batched_tokens`` tokens;
+- with ``chunked_prefill`` (vLLM V1, the default) running sequences decode first and prompts fill
+  the rest of the token budget, a long prompt in chunks over several iterations; without it
+  (vLLM V0) an iteration either prefills whole prompts or decodes every running sequence, and
+  prefills go first;
+- a waiting call is admitted (first come, first served) only when its whole prompt fits in the
+  free KV cache minus a small watermark; when decoding sequences outgrow the cache, the most
+  recently admitted sequence is preempted and later recomputed (its prompt plus the tokens it had
+  generated are prefilled again), as vLLM's recompute preemption does.
+
+KV usage is counted in tokens (vLLM's 16-token blocks waste at most a block per sequence).
+
+``Replica`` is driven by events:
 
 - ``submit(now, prompt, completion)`` hands a call to the engine at time ``now``;
 - ``wake`` is when the iteration in progress ends (``None`` while idle); ``epoch`` changes whenever
   ``wake`` does, so an event loop can drop the stale wake-up events it scheduled before;
 - at ``wake`` the loop calls ``finish_iteration(now)`` (the calls finished at ``now``), hands the
-  results to the programs (which may submit new calls at ``now``: they join the next iteration,
-  as in vLLM) and then ``start_iteration(now)``.
+  results on (new calls may be submitted at ``now``: they join the next iteration, as in vLLM)
+  and then ``start_iteration(now)``.
 
 Iterations that change the batch (prefill chunks, admissions, preemptions) are computed one at a
 time. A run of pure decode iterations over an unchanged batch is one event, up to the next finish
 or the point where the KV cache fills; its iteration times are affine in the context
 (``PerfModel.decode_times``), so the run's end and the iteration in progress at any instant have a
-closed form. A call submitted during such a run, that could be admitted at once, cuts the run
-short at the end of the iteration in progress, exactly where ``batching.simulate`` cuts it.
+closed form, which keeps a profile's worth of simulation fast. A call submitted during such a
+run, that could be admitted at once, cuts the run short at the end of the iteration in progress.
 """
 
 from __future__ import annotations
@@ -26,12 +40,33 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
-from services.core.batching import SchedulerConfig
 from services.core.errors import InvalidInputError
-from services.core.perf import PerfModel, StepLoad
+from services.core.perf import DEFAULT_MEMORY_UTILIZATION, PerfModel, StepLoad
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Engine scheduling limits (vLLM flag names in comments)."""
+
+    max_num_seqs: int = 256  # --max-num-seqs
+    max_batched_tokens: int = 8192  # --max-num-batched-tokens
+    chunked_prefill: bool = True  # --enable-chunked-prefill (always on in vLLM V1)
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION  # --gpu-memory-utilization
+    watermark: float = 0.01  # share of the KV cache kept free when admitting a prompt
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidInputError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_batched_tokens < 1:
+            raise InvalidInputError(
+                f"max_batched_tokens: must be >= 1, got {self.max_batched_tokens}"
+            )
+        if not 0 <= self.watermark < 1:
+            raise InvalidInputError(f"watermark: must be in [0, 1), got {self.watermark}")
 
 
 class Replica:
@@ -144,7 +179,7 @@ class Replica:
                 self._v0_step()
         self.epoch += 1
 
-    # --- bookkeeping (as in batching._Engine) --------------------------------------------------
+    # --- bookkeeping -------------------------------------------------------------------------
 
     def _generated(self, i: int) -> int:
         return self.out[i] - (self.fin_at[i] - self.decode_counter)
