@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.cli.store_args import add_store_flags, with_store
 from services.core.cluster import load_cluster
 from services.core.errors import InvalidInputError, ScepsyError, UnavailableError
 from services.core.hardware import GIB
@@ -40,9 +41,7 @@ def register(sub: Any) -> None:
     down.set_defaults(func=cmd_down)
 
     nodes = sub.add_parser("nodes", help="list the cluster's nodes, GPUs and NVLink domains")
-    nodes.add_argument(
-        "--redis-url", help="Redis to read (default: the one `up` started; env REDIS_URL)"
-    )
+    add_store_flags(nodes)
     nodes.add_argument("--json", action="store_true", help="print JSON instead of a table")
     nodes.set_defaults(func=cmd_nodes)
 
@@ -221,15 +220,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- nodes
 def cmd_nodes(args: argparse.Namespace) -> int:
     url = resolve_redis_url(args.redis_url)
-
-    async def read() -> list[NodeInventory]:
-        store = Store.connect(url)
-        try:
-            return await store.list_nodes()
-        finally:
-            await store.close()
-
-    nodes = asyncio.run(read())
+    nodes = with_store(args, Store.list_nodes)
     if args.json:
         print(json.dumps({"redis_url": url, "nodes": [node_json(n) for n in nodes]}, indent=1))
     else:

@@ -28,7 +28,6 @@ multiple of 1/4, got 0.3``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -36,10 +35,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from services.cli.store_args import add_store_flags, with_store
 from services.core.alp import Allocation
 from services.core.cluster import load_cluster
 from services.core.errors import InvalidInputError
-from services.core.inventory import NodeInventory
 from services.core.placement import (
     DEFAULT_MEMORY_MARGIN,
     Assignment,
@@ -60,7 +59,7 @@ def register(sub: Any) -> None:
     place = sub.add_parser("place", help="place an allocation on the cluster's GPUs")
     place.add_argument("--allocation", required=True, help="allocation file (YAML or JSON)")
     place.add_argument("--cluster", help="declared cluster YAML (default: the live cluster)")
-    place.add_argument("--redis-url", help="live cluster's Redis (default: `scepsy up`'s)")
+    add_store_flags(place)
     place.add_argument("--current", help="`scepsy place --json` output of the running placement")
     place.add_argument(
         "--memory-margin",
@@ -81,7 +80,7 @@ def cmd_place(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 f"{args.current}: fraction_unit {current_k} differs from the allocation's {k}"
             )
-    nodes = load_cluster(args.cluster) if args.cluster else _live_nodes(args.redis_url)
+    nodes = load_cluster(args.cluster) if args.cluster else with_store(args, Store.list_nodes)
     started = time.perf_counter()
     result = place_allocation(
         allocation, k, nodes, current=current, memory_margin=args.memory_margin
@@ -92,21 +91,6 @@ def cmd_place(args: argparse.Namespace) -> int:
     else:
         print(format_result(result, seconds, with_changes=bool(args.current)))
     return 0
-
-
-def _live_nodes(redis_url: str | None) -> list[NodeInventory]:
-    from services.cli.cluster import resolve_redis_url
-
-    url = resolve_redis_url(redis_url)
-
-    async def read() -> list[NodeInventory]:
-        store = Store.connect(url)
-        try:
-            return await store.list_nodes()
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 # ---------------------------------------------------------------------------------- files

@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from services.cli.store_args import add_store_flags, connect_store
 from services.core.cluster import load_cluster
 from services.core.errors import InvalidInputError
 from services.core.plan import Plan, build_plan, plan_dict, with_nodes
 from services.core.profile_cache import AnalyticProfiles
 from services.core.spec import load_spec
-from services.runtime.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,31 +36,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan.add_argument("--cluster", metavar="FILE", help="cluster YAML instead of the spec's")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("--store", action="store_true", help="store the plan and make it current")
-    _redis_flags(plan)
+    add_store_flags(plan)
     plan.set_defaults(func=run_plan)
 
     status = sub.add_parser("status", help="the current plan, its placement and recent plans")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--recent", type=int, default=5, help="recent plans to list (default 5)")
-    _redis_flags(status)
+    add_store_flags(status)
     status.set_defaults(func=run_status)
-
-
-def _redis_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
-    )
-    parser.add_argument(
-        "--namespace",
-        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
-        help="Redis key namespace (env SCEPSY_NAMESPACE; default scepsy)",
-    )
-
-
-def _store(args: argparse.Namespace) -> Store:
-    from services.cli.cluster import resolve_redis_url
-
-    return Store.connect(resolve_redis_url(args.redis_url), namespace=args.namespace)
 
 
 # ------------------------------------------------------------------------------ plan
@@ -94,7 +76,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 async def _put(args: argparse.Namespace, plan: Plan) -> bool:
-    store = _store(args)
+    store = connect_store(args)
     try:
         return await store.put_plan(plan)
     finally:
@@ -130,7 +112,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 async def _read_status(args: argparse.Namespace) -> tuple[Plan | None, list[Plan]]:
-    store = _store(args)
+    store = connect_store(args)
     try:
         current = await store.get_current_plan()
         recent = []

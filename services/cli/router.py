@@ -10,16 +10,15 @@ it), ``endpoints remove MODEL TARGET`` removes the replicas whose URL or id is T
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from services.cli.cluster import resolve_redis_url
+from services.cli.store_args import add_store_flags, with_store
 from services.core.errors import InvalidInputError, NotFoundError, UnavailableError
 from services.core.routing import Endpoint
 from services.router.config import RouterConfig
@@ -67,28 +66,8 @@ def register(sub: Any) -> None:
 
 
 def _store_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
-    )
-    parser.add_argument(
-        "--namespace",
-        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
-        help="Redis key namespace (env SCEPSY_NAMESPACE; default scepsy)",
-    )
+    add_store_flags(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-def with_store(args: argparse.Namespace, action: Callable[[Store], Awaitable[T]]) -> T:
-    """Run ``action`` against the store named by ``--redis-url``/``--namespace``."""
-
-    async def run() -> T:
-        store = Store.connect(resolve_redis_url(args.redis_url), namespace=args.namespace)
-        try:
-            return await action(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 def cmd_router(args: argparse.Namespace) -> int:

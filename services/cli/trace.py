@@ -10,12 +10,11 @@ lengths, mean call latency and failed calls. ``--json`` prints one object
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from services.cli.store_args import add_store_flags, with_store
 from services.core.errors import InvalidInputError
 from services.core.stats import (
     DEFAULT_OVERLAP_THRESHOLD,
@@ -49,14 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     export = trace_sub.add_parser("export", help="write the router's recorded trace as JSONL")
     export.add_argument("--out", required=True, metavar="FILE", help="trace JSONL file to write")
-    export.add_argument(
-        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
-    )
-    export.add_argument(
-        "--namespace",
-        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
-        help="Redis key namespace (env SCEPSY_NAMESPACE; default scepsy)",
-    )
+    add_store_flags(export)
     export.add_argument("--json", action="store_true", help="print a JSON summary")
     export.set_defaults(func=run_export)
 
@@ -98,16 +90,7 @@ async def read_recorded(store: Store, page: int = 1000) -> list[str]:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from services.cli.cluster import resolve_redis_url
-
-    async def read() -> list[str]:
-        store = Store.connect(resolve_redis_url(args.redis_url), namespace=args.namespace)
-        try:
-            return await read_recorded(store)
-        finally:
-            await store.close()
-
-    lines = asyncio.run(read())
+    lines = with_store(args, read_recorded)
     out = Path(args.out)
     try:
         out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -7,6 +7,7 @@ leaking the exception text.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -60,17 +61,25 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+@contextlib.asynccontextmanager
+async def _mapped(context: grpc.aio.ServicerContext[Any, Any], method: str) -> AsyncIterator[None]:
+    """Turn what the handler raises into the status the caller sees."""
+    try:
+        yield
+    except errors.ScepsyError as exc:
+        await context.abort(status_of(exc), str(exc))
+    except (grpc.aio.AbortError, grpc.aio.BaseError):
+        raise
+    except Exception:
+        log.exception("rpc_failed", method=method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+
 def _wrap_unary(behaviour: Any, method: str) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
+        async with _mapped(context, method):
             return await behaviour(request, context)
-        except errors.ScepsyError as exc:
-            await context.abort(status_of(exc), str(exc))
-        except (grpc.aio.AbortError, grpc.aio.BaseError):
-            raise
-        except Exception:
-            log.exception("rpc_failed", method=method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+        raise AssertionError("unreachable: _mapped aborts or re-raises")
 
     return wrapped
 
@@ -79,15 +88,8 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        try:
+        async with _mapped(context, method):
             async for item in behaviour(request, context):
                 yield item
-        except errors.ScepsyError as exc:
-            await context.abort(status_of(exc), str(exc))
-        except (grpc.aio.AbortError, grpc.aio.BaseError):
-            raise
-        except Exception:
-            log.exception("rpc_failed", method=method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
     return wrapped

@@ -1,0 +1,47 @@
+"""The Redis flags every command that reads or writes shared state takes, and the store they name.
+
+``--redis-url`` (else ``REDIS_URL``, else the Redis that ``scepsy up`` started) and
+``--namespace`` (else ``SCEPSY_NAMESPACE``, else ``scepsy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from services.runtime.store import Store
+
+T = TypeVar("T")
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
+        help="Redis key namespace (env SCEPSY_NAMESPACE; default scepsy)",
+    )
+
+
+def connect_store(args: argparse.Namespace) -> Store:
+    from services.cli.cluster import resolve_redis_url
+
+    return Store.connect(resolve_redis_url(args.redis_url), namespace=args.namespace)
+
+
+def with_store(args: argparse.Namespace, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``action`` against the store the flags name, then close it."""
+
+    async def run() -> T:
+        store = connect_store(args)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
