@@ -3,8 +3,8 @@
 Each upstream is measured directly and through the router in the same run, so the ratios
 compare like with like:
 
-* ``fake``: ``services.router.fake_engine``, an OpenAI-compatible upstream that answers at once
-  (isolates the router's cost);
+* ``fake``: ``services.router.scripted_upstream``, an OpenAI-compatible upstream that answers
+  at once (isolates the router's cost);
 * ``vllm``: one real vLLM CPU engine serving the tiny model (needs the engine venv; skipped with
   ``--no-engine`` or when it is missing).
 
@@ -198,7 +198,7 @@ def router_argv(redis_url: str, http_port: int, args: argparse.Namespace) -> lis
 
 def fake_upstream(work: Path, redis_url: str, router_url: str) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "services.router.fake_engine", "--model", "fake",
+    argv = [sys.executable, "-m", "services.router.scripted_upstream", "--model", "fake",
             "--port", str(port), "--tokens", "4"]  # fmt: skip
     with child(argv, work / "fake.log"):
         url = f"http://127.0.0.1:{port}"

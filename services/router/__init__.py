@@ -19,7 +19,7 @@ Modules: ``config`` (RouterConfig), ``service`` (composition, start/stop), ``htt
 ``grpc_api`` (front ends), ``schema`` (request validation, workflow identity), ``dispatch``
 (admission, queue, failover, deadlines, tracing of each call), ``upstream`` (one engine call,
 SSE), ``registry`` (replicas from Redis, health), ``tracing`` (batched trace writer),
-``metrics``, ``auth``, ``errors``, ``client`` (workflow tagging, gRPC clients), ``fake_engine``
-(a scripted OpenAI upstream for tests and benchmarks). Routing policies are pure code in
-``services.core.routing``.
+``metrics``, ``auth``, ``errors``, ``client`` (workflow tagging, gRPC clients),
+``scripted_upstream`` (an upstream that answers at once, for the benchmark and for failures a
+real engine cannot produce on demand). Routing policies are pure code in ``services.core.routing``.
 """

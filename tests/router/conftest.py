@@ -1,5 +1,7 @@
-"""Router fixtures: fake engines on real sockets, and routers served in-process (real HTTP and
-gRPC on port 0, real Redis), stopped at the end of each test."""
+"""Router fixtures: routers served in-process (real HTTP and gRPC on port 0, real Redis) and
+scripted upstreams on real sockets, stopped at the end of each test. Real vLLM engines are
+started once per module by ``test_engines``; the scripted upstream is only for failures a real
+engine cannot produce on demand."""
 
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 
+from services.core.errors import UnavailableError
 from services.core.routing import Endpoint
 from services.router.config import RouterConfig
-from services.router.fake_engine import FakeEngine
+from services.router.scripted_upstream import ScriptedUpstream
 from services.router.service import Router, router_binding
+from services.runtime.redis_server import free_port
 from services.runtime.server import Server
 from services.runtime.store import Store
 
-StartEngine = Callable[..., Awaitable[FakeEngine]]
+StartUpstream = Callable[..., Awaitable[ScriptedUpstream]]
 
 
 @dataclass
@@ -40,12 +45,26 @@ class RunningRouter:
     async def stop(self) -> None:
         await self.server.stop()
 
+    def metric(self, series: str) -> float:
+        """The value of one series of the router's metrics, e.g.
+        ``'scepsy_router_queue_length{model="m"}'`` (0 when absent)."""
+        for line in self.router.metrics.render().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     async def trace(self, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
         """The first ``count`` recorded trace records, waiting for the writer to store them
-        (a call is recorded just after its answer went out)."""
+        (a call is recorded just after its answer went out) and for Redis to be reachable (a
+        pooled connection may still point at a Redis that was restarted)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            lines = [json.loads(line) for _, line in await self.store.read_trace()]
+            try:
+                lines = [json.loads(line) for _, line in await self.store.read_trace()]
+            except UnavailableError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                lines = []
             if len(lines) >= count or asyncio.get_running_loop().time() > deadline:
                 return lines
             await asyncio.sleep(0.02)
@@ -55,19 +74,19 @@ StartRouter = Callable[..., Awaitable[RunningRouter]]
 
 
 @pytest.fixture
-async def start_engine() -> AsyncIterator[StartEngine]:
-    """Start a ``FakeEngine`` (arguments as for it); all are stopped after the test."""
-    started: list[FakeEngine] = []
+async def start_upstream() -> AsyncIterator[StartUpstream]:
+    """Start a ``ScriptedUpstream`` (arguments as for it); all are stopped after the test."""
+    started: list[ScriptedUpstream] = []
 
-    async def start(model: str, **kwargs: Any) -> FakeEngine:
-        engine = FakeEngine(model, **kwargs)
-        await engine.start()
-        started.append(engine)
-        return engine
+    async def start(model: str, **kwargs: Any) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(model, **kwargs)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
 
     yield start
-    for engine in started:
-        await engine.stop()
+    for upstream in started:
+        await upstream.stop()
 
 
 def router_config(redis_url: str, namespace: str, **overrides: Any) -> RouterConfig:
@@ -122,8 +141,28 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
         await asyncio.sleep(0.02)
 
 
-async def register(store: Store, model: str, *engines: FakeEngine | str) -> None:
-    """Register engines (or base URLs) as replicas ``{model}-0``, ``{model}-1``, ..."""
-    for i, engine in enumerate(engines):
-        url = engine if isinstance(engine, str) else engine.url
+async def complete(
+    session: aiohttp.ClientSession,
+    handle: RunningRouter,
+    model: str = "m",
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> tuple[int, dict[str, str], Any]:
+    """POST a completion to the router: HTTP status, headers and JSON answer."""
+    body = {"model": model, "prompt": "p", **fields}
+    async with session.post(
+        handle.http_url + "/v1/completions", json=body, headers=headers or {}
+    ) as reply:
+        return reply.status, dict(reply.headers), await reply.json()
+
+
+def nothing_at() -> str:
+    """A base URL where nothing listens (a port that was free a moment ago)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def register(store: Store, model: str, *upstreams: ScriptedUpstream | str) -> None:
+    """Register upstreams (or base URLs) as replicas ``{model}-0``, ``{model}-1``, ..."""
+    for i, upstream in enumerate(upstreams):
+        url = upstream if isinstance(upstream, str) else upstream.url
         await store.put_endpoint(Endpoint(model, f"{model}-{i}", url))

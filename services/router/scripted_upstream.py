@@ -1,15 +1,18 @@
-"""A stand-in for a vLLM engine's OpenAI API: fast, scripted, no model.
+"""An OpenAI-compatible upstream that answers at once, from a script instead of a model.
 
-For router tests that need no real engine (failover, backpressure, shutdown, bad input) and for
-the benchmark's "upstream that answers at once". It serves ``/health``, ``/v1/models``,
-``/v1/completions`` and ``/v1/chat/completions``, streamed or not. The answer is ``max_tokens``
-words ``w0 w1 ...`` (``tokens`` when unset); ``prompt_tokens`` counts the prompt's words.
-Timing: ``first_token_delay_s`` before the first token, ``token_delay_s`` between tokens; a
-request may override the first with a ``fake_delay_s`` field. It counts calls, calls in flight
-(and the most at once) and calls abandoned by their client; ``healthy = False`` makes
+Its main role is the router benchmark's "upstream that answers at once", which isolates the
+router's own cost (``scripts/bench_router.py``). Router tests use it only for conditions a real
+vLLM engine cannot produce on demand: a ``/health`` that flips to 503, a replica answering 500
+before its first byte, a stream that breaks off mid-way, a replica that comes back on the same
+port; everything else is tested on real engines (``tests/router/test_engines.py``).
+
+It serves ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``,
+streamed or not. The answer is ``max_tokens`` words ``w0 w1 ...`` (``tokens`` when unset);
+``prompt_tokens`` counts the prompt's words. Timing: ``first_token_delay_s`` before the first
+token, ``token_delay_s`` between tokens. It counts the calls it got; ``healthy = False`` makes
 ``/health`` answer 503 and ``fail_status`` makes every call answer that HTTP status.
 
-``python -m services.router.fake_engine --model M [--port P]`` runs one and prints
+``python -m services.router.scripted_upstream --model M [--port P]`` runs one and prints
 ``{"url": ...}``.
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 
-class FakeEngine:
+class ScriptedUpstream:
     def __init__(
         self,
         model: str,
@@ -47,10 +50,6 @@ class FakeEngine:
         self.healthy = True
         self.fail_status: int | None = None  # answer every call with this HTTP status
         self.calls = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.cancelled = 0
-        self.last_body: dict[str, Any] | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -95,7 +94,6 @@ class FakeEngine:
 
     async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await request.json()
-        self.last_body = body
         if body.get("model") != self.model:
             return web.json_response(
                 {"error": {"message": f"The model `{body.get('model')}` does not exist.",
@@ -109,34 +107,26 @@ class FakeEngine:
                            "param": None, "code": self.fail_status}},
                 status=self.fail_status,
             )  # fmt: skip
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await _sleep(float(body.get("fake_delay_s", self.first_token_delay_s)))
-            words = [f"w{i}" for i in range(int(body.get("max_tokens") or self.tokens))]
-            usage = {
-                "prompt_tokens": _prompt_words(body, chat),
-                "completion_tokens": len(words),
-                "total_tokens": _prompt_words(body, chat) + len(words),
-            }
-            if body.get("stream"):
-                return await self._stream(request, body, chat, words, usage)
-            text = " ".join(words)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            return web.json_response(
-                {"id": _id(), "object": "chat.completion" if chat else "text_completion",
-                 "created": int(time.time()), "model": self.model, "choices": [choice],
-                 "usage": usage}
-            )  # fmt: skip
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.in_flight -= 1
+        await _sleep(self.first_token_delay_s)
+        words = [f"w{i}" for i in range(int(body.get("max_tokens") or self.tokens))]
+        usage = {
+            "prompt_tokens": _prompt_words(body, chat),
+            "completion_tokens": len(words),
+            "total_tokens": _prompt_words(body, chat) + len(words),
+        }
+        if body.get("stream"):
+            return await self._stream(request, body, chat, words, usage)
+        text = " ".join(words)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return web.json_response(
+            {"id": _id(), "object": "chat.completion" if chat else "text_completion",
+             "created": int(time.time()), "model": self.model, "choices": [choice],
+             "usage": usage}
+        )  # fmt: skip
 
     async def _stream(
         self,
@@ -179,7 +169,7 @@ async def _sleep(seconds: float) -> None:
 
 
 def _id() -> str:
-    return "fake-" + uuid.uuid4().hex[:12]
+    return "scripted-" + uuid.uuid4().hex[:12]
 
 
 def _prompt_words(body: dict[str, Any], chat: bool) -> int:
@@ -190,7 +180,7 @@ def _prompt_words(body: dict[str, Any], chat: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.router.fake_engine")
+    parser = argparse.ArgumentParser(prog="python -m services.router.scripted_upstream")
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -200,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        engine = FakeEngine(
+        upstream = ScriptedUpstream(
             args.model,
             host=args.host,
             port=args.port,
@@ -208,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_token_delay_s=args.first_token_delay,
             token_delay_s=args.token_delay,
         )
-        await engine.start()
-        print(json.dumps({"url": engine.url}), flush=True)
+        await upstream.start()
+        print(json.dumps({"url": upstream.url}), flush=True)
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
