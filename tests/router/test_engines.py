@@ -183,6 +183,8 @@ async def _engine_counts(
 
 
 async def _wait_generating(session: aiohttp.ClientSession, replicas: Sequence[LocalEngine]) -> None:
+    """Wait until ``replicas`` run a request. Only for ``LONG`` calls: while an engine generates,
+    its metrics endpoint can take most of a second to answer, too late to see a short call."""
     deadline = time.monotonic() + 10
     while not (await _engine_counts(session, replicas)).running:
         assert time.monotonic() < deadline, "the engine never started generating"
@@ -213,6 +215,25 @@ async def _post(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[
 async def _post_raw(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> bytes:
     async with session.post(url, json=body) as reply:
         return await reply.read()
+
+
+async def _sse(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The bytes of a streamed answer as they arrive."""
+    async with session.post(url, json=body) as reply:
+        assert reply.status == 200
+        async for piece in reply.content.iter_any():
+            yield piece
+
+
+async def _read(pieces: AsyncIterator[Any], begun: asyncio.Event) -> list[Any]:
+    """Read a stream to its end, setting ``begun`` at its first piece (the engine generates)."""
+    got = []
+    async for piece in pieces:
+        begun.set()
+        got.append(piece)
+    return got
 
 
 # ------------------------------------------------------------------ answers equal the engine's
@@ -717,11 +738,6 @@ async def test_deadlines_end_the_call_and_abort_the_generation(
     assert calls[2]["status"] in ("error", "cancelled")
 
 
-async def _drain(chunks: AsyncIterator[router_pb2.GenerateChunk]) -> None:
-    async for _ in chunks:
-        pass
-
-
 @pytest.mark.parametrize(("front", "stream"), [("http", False), ("http", True), ("grpc", True)])
 async def test_a_client_going_away_aborts_the_generation(
     engines: dict[str, list[LocalEngine]],
@@ -733,16 +749,22 @@ async def test_a_client_going_away_aborts_the_generation(
     engine = engines["tiny-a"][0]
     await register(store, "tiny-a", engine.base_url)
     handle = await start_router()
-    body = {"model": "tiny-a", "stream": stream, **LONG}
+    url, body = handle.http_url + "/v1/completions", {"model": "tiny-a", "stream": stream, **LONG}
+    begun = asyncio.Event()
     async with aiohttp.ClientSession() as session, RouterClient(handle.grpc_target) as client:
         before = await _engine_counts(session, [engine])
         call: asyncio.Task[Any]
-        if front == "http":
-            url = handle.http_url + "/v1/completions"
-            call = asyncio.create_task(_post_raw(session, url, body))
+        if front == "grpc":
+            chunks = client.generate_stream(_long_request("tiny-a"))
+            call = asyncio.create_task(_read(chunks, begun))
+        elif stream:
+            call = asyncio.create_task(_read(_sse(session, url, body), begun))
         else:
-            call = asyncio.create_task(_drain(client.generate_stream(_long_request("tiny-a"))))
-        await _wait_generating(session, [engine])
+            call = asyncio.create_task(_post_raw(session, url, body))
+        if stream:
+            await asyncio.wait_for(begun.wait(), timeout=30)
+        else:
+            await _wait_generating(session, [engine])
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -759,7 +781,8 @@ async def test_known_structure_gives_n_and_p(routed: RunningRouter, tmp_path: Pa
     # calls are in flight together (their intervals share an instant), so 1 < p_b <= 4; on 2
     # shared CPU cores some calls take much longer than others, so p_b is not close to 4 here.
     # tiny-a runs before tiny-b: stages [a] then [b]. One more untagged call is its own request.
-    fixed = {"temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
+    # 200 tokens each (~0.4 s): long enough that the four fan-out calls always overlap
+    fixed = {"temperature": 0, "max_tokens": 200, "extra_body": {"ignore_eos": True}}
     async with _openai(routed.http_url) as client:
         for n in range(3):
             with workflow_request("fanout", f"r{n}") as request:
@@ -775,7 +798,7 @@ async def test_known_structure_gives_n_and_p(routed: RunningRouter, tmp_path: Pa
     for n in range(3):
         fanout = [c for c in calls if c["request_id"] == f"r{n}" and c["model"] == "tiny-b"]
         assert max(c["start"] for c in fanout) < min(c["end"] for c in fanout)
-    assert all(c["completion_tokens"] == 24 and c["prompt_tokens"] > 0 for c in calls)
+    assert all(c["completion_tokens"] == 200 and c["prompt_tokens"] > 0 for c in calls)
 
     out = tmp_path / "trace.jsonl"  # `scepsy trace export` writes what the planner reads
     args = argparse.Namespace(
@@ -894,7 +917,8 @@ async def test_redis_outage_keeps_serving_counts_drops_and_resumes(
 async def test_sigterm_stops_accepting_finishes_in_flight_calls_and_exits(
     engines: dict[str, list[LocalEngine]], store: Store, redis_url: str, namespace: str
 ) -> None:
-    # The in-flight call (~1.5 s here) outlasts the 0.2 s drain and fits in the 30 s grace.
+    # The in-flight call (~1.5 s here) outlasts the 0.2 s drain and fits in the 30 s grace. It
+    # is streamed, so its first chunk tells that the engine generates.
     engine = engines["tiny-b"][0]
     await register(store, "tiny-b", engine.base_url)
     port = free_port()
@@ -909,20 +933,20 @@ async def test_sigterm_stops_accepting_finishes_in_flight_calls_and_exits(
         url = f"http://127.0.0.1:{port}"
         await _wait_serving(url)
         async with aiohttp.ClientSession() as session:
-            body = {"model": "tiny-b", **LONG, "n": 32}
-
-            async def call() -> tuple[int, Any]:
-                async with session.post(url + "/v1/completions", json=body) as reply:
-                    return reply.status, await reply.json()
-
-            in_flight = asyncio.create_task(call())
-            await _wait_generating(session, [engine])
+            body = {"model": "tiny-b", **LONG, "stream": True}  # ~5 s: outlives the drain
+            begun = asyncio.Event()
+            streamed = _sse(session, url + "/v1/completions", body)
+            in_flight = asyncio.create_task(_read(streamed, begun))
+            await asyncio.wait_for(begun.wait(), timeout=30)
             process.send_signal(signal.SIGTERM)
             await _wait_refused(url)  # past drain_s: no longer accepting...
             assert not in_flight.done()  # ...while the call still runs
-            status, answer = await in_flight
-            assert (status, len(answer["choices"])) == (200, 32)
-            assert {c["finish_reason"] for c in answer["choices"]} == {"length"}  # ran to its end
+            events = b"".join(await in_flight).decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            finished = [
+                c["finish_reason"] for e in events[:-2] for c in json.loads(e[6:])["choices"]
+            ]
+            assert finished.count("length") == 32  # every sequence ran to its end
             assert await asyncio.wait_for(process.wait(), 15) == 0  # then it exits
     finally:
         if process.returncode is None:
