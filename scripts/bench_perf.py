@@ -23,9 +23,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.core import perf_fit  # noqa: E402
 from services.core.errors import ScepsyError  # noqa: E402
-from services.core.perf import PARAMS_FILE, PerfParams, load_params  # noqa: E402
+from services.core.perf import fit as perf_fit  # noqa: E402
+from services.core.perf.model import PARAMS_FILE, PerfParams, load_params  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "llm-inference-bench" / "All_results.csv"
 
@@ -34,7 +34,7 @@ def _write_params(params: PerfParams, path: Path) -> None:
     doc = {
         "comment": (
             "Fitted on the fit split of llm-inference-bench (vLLM, H100, Llama-2-7b/70b); "
-            "every GPU type shares the H100 values (see services/core/perf_fit.py). "
+            "every GPU type shares the H100 values (see services/core/perf/fit.py). "
             "Regenerate: .venv/bin/python scripts/bench_perf.py --refit --write"
         ),
         "reference_gpu": perf_fit.REFERENCE_GPU,

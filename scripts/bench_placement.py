@@ -31,10 +31,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.core.alp import Allocation
-from services.core.cluster import parse_cluster
-from services.core.inventory import NodeInventory
-from services.core.placement import (
+from services.core.allocation import Allocation
+from services.core.cluster.declared import parse_cluster
+from services.core.cluster.inventory import NodeInventory
+from services.core.placement.heuristic import (
     ClusterState,
     Placement,
     PlacementInfeasible,
@@ -42,10 +42,10 @@ from services.core.placement import (
     instances_of,
     make_assignment,
     place,
-    replace,
+    replace_running,
     validate,
 )
-from services.core.placement_ilp import place_exact
+from services.core.placement.milp import place_exact
 
 TOPOLOGIES = {
     "h100-nvswitch": {"gpu_type": "H100-SXM", "gpus": 8, "interconnect": "nvswitch"},
@@ -229,7 +229,7 @@ def scale(repeat: int) -> list[dict[str, Any]]:
     }
     inst = instances_of(changed, k)
     current = cluster_state(nodes, k, current=first.assignments)
-    best, result = _best(lambda: replace(inst, current, first.assignments), repeat)
+    best, result = _best(lambda: replace_running(inst, current, first.assignments), repeat)
     assert validate(result.placement, current, inst) == ()
     changes = {
         "kept": len(result.kept),

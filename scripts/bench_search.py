@@ -30,14 +30,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.core.alp import LlmDemand, WorkflowDemand  # noqa: E402
-from services.core.cluster import parse_cluster  # noqa: E402
-from services.core.models import model_spec  # noqa: E402
-from services.core.placement_feedback import search_placed  # noqa: E402
-from services.core.plan import placer_for, problem_of  # noqa: E402
-from services.core.profile_cache import AnalyticProfiles  # noqa: E402
-from services.core.search import best_scale, search  # noqa: E402
-from services.core.spec import Spec, WorkflowTarget  # noqa: E402
+from services.core.cluster.declared import parse_cluster  # noqa: E402
+from services.core.cluster.models import model_spec  # noqa: E402
+from services.core.planning.feedback import search_placed  # noqa: E402
+from services.core.planning.plan import placer_for, problem_of  # noqa: E402
+from services.core.planning.profiles import AnalyticProfiles  # noqa: E402
+from services.core.planning.search import best_scale, search  # noqa: E402
+from services.core.workload.demand import LlmDemand, WorkflowDemand  # noqa: E402
+from services.core.workload.spec import Spec, WorkflowTarget  # noqa: E402
 
 CASES = ((5, 16), (10, 64), (20, 256))  # (LLMs, GPUs)
 ARCHITECTURES = (

@@ -11,8 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from services.core.hardware import gpu_type_of
-from services.core.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source, nvlink_domains
+from services.core.cluster.hardware import gpu_type_of
+from services.core.cluster.inventory import (
+    GpuInfo,
+    Link,
+    NodeInventory,
+    PcieLevel,
+    Source,
+    nvlink_domains,
+)
 
 _PCIE_LEVELS = {
     "NVML_TOPOLOGY_INTERNAL": PcieLevel.INTERNAL,

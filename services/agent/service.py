@@ -18,8 +18,8 @@ import grpc
 from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.config import AgentConfig
 from services.agent.sources import InventorySource
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import UnavailableError
-from services.core.inventory import NodeInventory
 from services.runtime.convert import node_to_pb, topology_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.server import Server, ServiceBinding

@@ -6,9 +6,9 @@ import socket
 from typing import Any, Protocol
 
 from services.agent.nvml_reader import read_node
-from services.core.cluster import load_cluster
+from services.core.cluster.declared import load_cluster
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import ConfigError, UnavailableError
-from services.core.inventory import NodeInventory
 
 
 class InventorySource(Protocol):
@@ -42,7 +42,7 @@ class NvmlSource:
 
 
 class DeclaredSource:
-    """One node of a cluster YAML (see services.core.cluster)."""
+    """One node of a cluster YAML (see services.core.cluster.declared)."""
 
     def __init__(self, node: NodeInventory) -> None:
         self._node = node

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.store_args import add_store_flags, with_store
-from services.core.cluster import load_cluster
+from services.core.cluster.declared import load_cluster
+from services.core.cluster.hardware import GIB
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, ScepsyError, UnavailableError
-from services.core.hardware import GIB
-from services.core.inventory import NodeInventory
 from services.runtime.redis_server import RedisServer
 from services.runtime.store import Store
 

@@ -14,10 +14,10 @@ import argparse
 import json
 from typing import Any
 
-from services.core.batching import SchedulerConfig, static_batch
-from services.core.hardware import gpu_spec
-from services.core.models import ModelSpec, resolve_model
-from services.core.perf import PerfModel
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import ModelSpec, resolve_model
+from services.core.perf.batching import SchedulerConfig, static_batch
+from services.core.perf.model import PerfModel
 
 
 def register(sub: Any) -> None:

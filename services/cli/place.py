@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.store_args import add_store_flags, with_store
-from services.core.alp import Allocation
-from services.core.cluster import load_cluster
+from services.core.allocation import Allocation
+from services.core.cluster.declared import load_cluster
 from services.core.errors import InvalidInputError
-from services.core.placement import (
+from services.core.placement.heuristic import (
     DEFAULT_MEMORY_MARGIN,
     Assignment,
     Fragmentation,

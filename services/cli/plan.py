@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.store_args import add_store_flags, connect_store
-from services.core.cluster import load_cluster
+from services.core.cluster.declared import load_cluster
 from services.core.errors import InvalidInputError
-from services.core.plan import Plan, build_plan, plan_dict, with_nodes
-from services.core.profile_cache import AnalyticProfiles
-from services.core.spec import load_spec
+from services.core.planning.plan import Plan, build_plan, plan_dict, with_nodes
+from services.core.planning.profiles import AnalyticProfiles
+from services.core.workload.spec import load_spec
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,10 +24,11 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from services.core.alp import Allocation, Prediction, check_fraction_unit, predict
+from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InvalidInputError
-from services.core.profile_cache import AnalyticProfiles
-from services.core.spec import Spec, load_spec
+from services.core.planning.alp import Prediction, predict
+from services.core.planning.profiles import AnalyticProfiles
+from services.core.workload.spec import Spec, load_spec
 
 _ALLOCATION_FIELDS = {"fraction", "tp", "replicas"}
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.perf import add_engine_args, scheduler_config
-from services.core.analytic_profile import RequestMix, profile_analytic
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import resolve_model
 from services.core.errors import InvalidInputError
-from services.core.hardware import gpu_spec
-from services.core.models import resolve_model
-from services.core.profile import Profile
-from services.core.trace import read_trace
+from services.core.perf.analytic import RequestMix, profile_analytic
+from services.core.perf.profile import Profile
+from services.core.workload.trace import read_trace
 
 BACKENDS = ("analytic",)
 

@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from services.core.alp import Allocation, check_fraction_unit
+from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InvalidInputError
 from services.core.sim.arrivals import load_timestamps, poisson, replay
 from services.core.sim.measure import measure
 from services.core.sim.simulator import SimResult
 from services.core.sim.systems import SYSTEMS, Context, Plan, describe
 from services.core.sim.workflows import WORKFLOWS, workflow
-from services.core.trace import write_trace
+from services.core.workload.trace import write_trace
 
 _ALLOCATION_FIELDS = {"fraction", "tp", "replicas"}
 

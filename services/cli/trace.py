@@ -16,13 +16,13 @@ from typing import Any
 
 from services.cli.store_args import add_store_flags, with_store
 from services.core.errors import InvalidInputError
-from services.core.stats import (
+from services.core.workload.stats import (
     DEFAULT_OVERLAP_THRESHOLD,
     DEFAULT_SAMPLE_SIZE,
     WorkflowStats,
     workflow_stats,
 )
-from services.core.trace import parse_trace_lines, read_trace
+from services.core.workload.trace import parse_trace_lines, read_trace
 from services.runtime.store import Store
 
 

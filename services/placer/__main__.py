@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.core.cluster import load_cluster
+from services.core.cluster.declared import load_cluster
 from services.placer.config import PlacerConfig
 from services.placer.service import Placer, placer_binding
 from services.runtime.entry import run_service

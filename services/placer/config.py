@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.core.placement import DEFAULT_MEMORY_MARGIN, DEFAULT_SPREAD_WINDOW
+from services.core.placement.heuristic import DEFAULT_MEMORY_MARGIN, DEFAULT_SPREAD_WINDOW
 from services.runtime.config import ServiceConfig, in_range, option
 
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import grpc
 
 from protos.scepsy.v1 import placer_pb2, placer_pb2_grpc
-from services.core.inventory import NodeInventory
-from services.core.placement import Replacement, place_allocation
+from services.core.cluster.inventory import NodeInventory
+from services.core.placement.heuristic import Replacement, place_allocation
 from services.placer.config import PlacerConfig
 from services.runtime.convert import (
     allocation_from_pb,
@@ -34,7 +34,8 @@ log = get_logger(__name__)
 
 
 class Placer:
-    """``declared``: the nodes of the config's cluster file (``services.core.cluster``), if any."""
+    """``declared``: the nodes of the config's cluster file (``services.core.cluster.declared``),
+    if any."""
 
     def __init__(
         self,

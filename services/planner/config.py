@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.runtime.config import ServiceConfig, in_range, option
+from services.core.planning.feedback import DEFAULT_MAX_ROUNDS
+from services.runtime.config import ServiceConfig, in_range, option, positive
 
 
 @dataclass(frozen=True)
@@ -12,8 +13,16 @@ class PlannerConfig(ServiceConfig):
     """Planner: searches the allocation of a deployment spec, places it, stores it as a plan."""
 
     max_rounds: int = option(
-        64, "placement feedback: searches before giving up on a placeable plan", in_range(1, 10_000)
+        DEFAULT_MAX_ROUNDS,
+        "placement feedback: searches before giving up on a placeable plan",
+        in_range(1, 10_000),
     )
-    profile_caches: int = option(
-        8, "deployment specs whose profiles stay cached in memory", in_range(1, 1_000)
+    profiler_address: str = option(
+        "", "host:port of the Profiler service (empty: profiles computed in-process, store first)"
+    )
+    placer_address: str = option(
+        "", "host:port of the Placer service (empty: placed in-process)"
+    )
+    rpc_timeout_s: float = option(
+        30.0, "deadline of each call to the Profiler and Placer services", positive
     )

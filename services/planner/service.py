@@ -22,12 +22,12 @@ from collections.abc import Callable, Hashable
 import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
-from services.core.cluster import parse_cluster
+from services.core.cluster.declared import parse_cluster
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, NotFoundError
-from services.core.inventory import NodeInventory
-from services.core.plan import Plan, build_plan, placer_for, spec_from_text
-from services.core.profile_cache import AnalyticProfiles
-from services.core.spec import Spec
+from services.core.planning.plan import Plan, build_plan, placer_for, spec_from_text
+from services.core.planning.profiles import AnalyticProfiles
+from services.core.workload.spec import Spec
 from services.planner.config import PlannerConfig
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.core.analytic_profile import ENGINE as ANALYTIC_ENGINE
-from services.core.analytic_profile import RequestMix, profile_analytic
-from services.core.hardware import GpuSpec
-from services.core.models import ModelSpec
-from services.core.profile import Profile
+from services.core.cluster.hardware import GpuSpec
+from services.core.cluster.models import ModelSpec
+from services.core.perf.analytic import ENGINE as ANALYTIC_ENGINE
+from services.core.perf.analytic import RequestMix, profile_analytic
+from services.core.perf.profile import Profile
 
 
 class ProfilerBackend(Protocol):

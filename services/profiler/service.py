@@ -12,11 +12,11 @@ import asyncio
 import grpc
 
 from protos.scepsy.v1 import profiler_pb2, profiler_pb2_grpc
-from services.core.analytic_profile import RequestMix
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import resolve_model
 from services.core.errors import InvalidInputError, NotFoundError
-from services.core.hardware import gpu_spec
-from services.core.models import resolve_model
-from services.core.profile import Profile, ProfileKey
+from services.core.perf.analytic import RequestMix
+from services.core.perf.profile import Profile, ProfileKey
 from services.profiler.backends import BACKENDS, ProfilerBackend
 from services.runtime.convert import profile_key_from_pb, profile_to_pb
 from services.runtime.logging import get_logger

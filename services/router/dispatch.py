@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from services.core.routing import CallInfo, ReplicaLoad, RoutingPolicy
-from services.core.trace import UNTAGGED_WORKFLOW, Status, TraceCall
+from services.core.workload.trace import UNTAGGED_WORKFLOW, Status, TraceCall
 from services.router.config import RouterConfig
 from services.router.errors import (
     DrainingError,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.core.errors import InvalidInputError
-from services.core.trace import UNTAGGED_WORKFLOW
+from services.core.workload.trace import UNTAGGED_WORKFLOW
 
 WORKFLOW_HEADER = "x-scepsy-workflow"
 REQUEST_ID_HEADER = "x-scepsy-request-id"

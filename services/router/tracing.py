@@ -18,7 +18,7 @@ from collections import deque
 from redis.exceptions import RedisError
 
 from services.core.errors import UnavailableError
-from services.core.trace import TraceCall, dumps
+from services.core.workload.trace import TraceCall, dumps
 from services.router.metrics import RouterMetrics
 from services.runtime.logging import get_logger
 from services.runtime.store import Store

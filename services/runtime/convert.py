@@ -8,12 +8,12 @@ from collections.abc import Mapping
 
 from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
-from services.core.alp import Allocation
+from services.core.allocation import Allocation
+from services.core.cluster.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source
 from services.core.errors import InvalidInputError
-from services.core.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source
-from services.core.placement import Assignment, Fragmentation, Placement
-from services.core.plan import LlmForecast, Plan, WorkflowForecast
-from services.core.profile import Profile, ProfileKey, ProfilePoint
+from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
+from services.core.placement.heuristic import Assignment, Fragmentation, Placement
+from services.core.planning.plan import LlmForecast, Plan, WorkflowForecast
 
 _SOURCE_TO_PB = {
     Source.NVML: pb.INVENTORY_SOURCE_NVML,

@@ -17,10 +17,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, UnavailableError
-from services.core.inventory import NodeInventory
-from services.core.plan import Plan
-from services.core.profile import Profile, ProfileKey
+from services.core.perf.profile import Profile, ProfileKey
+from services.core.planning.plan import Plan
 from services.core.routing import Endpoint
 from services.runtime.convert import (
     node_from_pb,

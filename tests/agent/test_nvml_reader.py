@@ -8,8 +8,8 @@ import pytest
 from services.agent.fake_nvml import RECORDINGS, FakeNvml
 from services.agent.nvml_reader import read_node
 from services.agent.sources import NvmlSource
+from services.core.cluster.inventory import PcieLevel
 from services.core.errors import UnavailableError
-from services.core.inventory import PcieLevel
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from services.cli import bench, simulate
 from services.core.errors import InvalidInputError
-from services.core.trace import read_trace
+from services.core.workload.trace import read_trace
 
 
 def scepsy(*argv: str) -> int:

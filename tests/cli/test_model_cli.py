@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.core.profile import Profile
-from services.core.trace import TraceCall, write_trace
+from services.core.perf.profile import Profile
+from services.core.workload.trace import TraceCall, write_trace
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "deploy/examples"

@@ -13,10 +13,10 @@ from protos.scepsy.v1 import placer_pb2, placer_pb2_grpc
 from protos.scepsy.v1 import types_pb2 as pb
 from services.agent.fake_nvml import FakeNvml
 from services.agent.sources import NvmlSource
-from services.core.alp import Allocation
-from services.core.cluster import parse_cluster
-from services.core.inventory import NodeInventory
-from services.core.placement import cluster_state, instances_of, make_placement, validate
+from services.core.allocation import Allocation
+from services.core.cluster.declared import parse_cluster
+from services.core.cluster.inventory import NodeInventory
+from services.core.placement.heuristic import cluster_state, instances_of, make_placement, validate
 from services.placer.config import PlacerConfig
 from services.placer.service import Placer, placer_binding
 from services.runtime.convert import allocation_to_pb, assignments_from_pb, node_to_pb

@@ -11,16 +11,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
-from services.core.cluster import parse_cluster
-from services.core.placement import cluster_state, instances_of, validate
-from services.core.plan import build_plan, spec_from_text
+from services.core.cluster.declared import parse_cluster
+from services.core.placement.heuristic import cluster_state, instances_of, validate
+from services.core.planning.plan import build_plan, spec_from_text
 from services.planner.config import PlannerConfig
 from services.planner.service import Planner, planner_binding
 from services.runtime.convert import plan_from_pb, plan_to_pb
 from services.runtime.server import Server
 from services.runtime.store import Store
-from tests.core.test_plan import SPEC as TEST_PLAN_SPEC
-from tests.core.test_search import synthetic
+from tests.core.planning.test_plan import SPEC as TEST_PLAN_SPEC
+from tests.core.planning.test_search import synthetic
 
 # Two small models on two L40S (PCIe: TP 1 only), k = 2: 2 configurations per model, so the
 # analytic profiles take a fraction of a second.

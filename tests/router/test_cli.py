@@ -14,7 +14,7 @@ import pytest
 from services.cli import router as router_cli
 from services.cli import trace as trace_cli
 from services.core.errors import NotFoundError
-from services.core.trace import TraceCall, dumps, read_trace
+from services.core.workload.trace import TraceCall, dumps, read_trace
 from services.runtime.store import Store
 
 

@@ -40,8 +40,8 @@ from protos.scepsy.v1 import router_pb2
 from services.cli import trace as trace_cli
 from services.core.errors import NotFoundError
 from services.core.routing import Endpoint
-from services.core.stats import workflow_stats
-from services.core.trace import parse_trace_lines, read_trace
+from services.core.workload.stats import workflow_stats
+from services.core.workload.trace import parse_trace_lines, read_trace
 from services.router.client import (
     RouterClient,
     SyncRouterClient,

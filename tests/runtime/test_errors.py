@@ -9,7 +9,7 @@ from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.config import AgentConfig
 from services.agent.service import Agent, agent_binding
 from services.core import errors
-from services.core.inventory import NodeInventory
+from services.core.cluster.inventory import NodeInventory
 from services.runtime.errors import status_of
 from services.runtime.server import Server
 from services.runtime.store import Store

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from services.core.cluster import parse_cluster
+from services.core.cluster.declared import parse_cluster
 from services.core.errors import UnavailableError
-from services.core.profile import Profile, ProfileKey, ProfilePoint
+from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
 from services.runtime.redis_server import free_port
 from services.runtime.store import Store
 

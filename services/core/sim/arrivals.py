@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from services.core.errors import InvalidInputError
-from services.core.perf import FloatArray
+from services.core.perf.model import FloatArray
 
 
 def poisson(rate: float, n: int, seed: int) -> FloatArray:

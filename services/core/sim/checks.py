@@ -18,16 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from services.core import baselines
-from services.core.alp import Allocation
+from services.core.allocation import Allocation
 from services.core.errors import InfeasibleError
+from services.core.sim import baselines
 from services.core.sim.arrivals import poisson
 from services.core.sim.measure import Point
 from services.core.sim.results import AlpCheck, BenchSettings, OracleResult, Stability
 from services.core.sim.runs import Counter, Load, load_at, run_point
 from services.core.sim.systems import SYSTEMS, Context, Plan, describe
-from services.core.stats import WorkflowStats, workflow_stats
-from services.core.trace import Trace
+from services.core.workload.stats import WorkflowStats, workflow_stats
+from services.core.workload.trace import Trace
 
 Progress = Callable[[str], None]
 SEED_OVERLOAD = 991

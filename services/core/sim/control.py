@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.core.alp import Allocation
+from services.core.allocation import Allocation
 
 
 @dataclass(frozen=True, slots=True)

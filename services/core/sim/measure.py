@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.core.errors import InvalidInputError
-from services.core.perf import FloatArray
+from services.core.perf.model import FloatArray
 from services.core.sim.simulator import SimResult
 
 MAX_WARMUP_SHARE = 0.6

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from services.core import baselines
 from services.core.errors import InvalidInputError
+from services.core.sim import baselines
 from services.core.sim.measure import MeasureConfig, Point
 from services.core.sim.simulator import SimOptions
 from services.core.sim.systems import SYSTEMS

@@ -3,8 +3,8 @@
 ``simulate(workflow, deployment, arrivals, ...)`` serves one request per arrival time: each runs the
 workflow's program (``services.core.sim.program``); every LLM call is routed by the router's own
 policy code (``services.core.routing``) to a replica of its model, which batches it with the other
-calls on that replica (``services.core.scheduler.Replica``, the analytic performance model of its
-model, GPU type, TP degree and GPU fraction); tool calls take their time and no GPU.
+calls on that replica (``services.core.perf.scheduler.Replica``, the analytic performance
+model of its model, GPU type, TP degree and GPU fraction); tool calls take their time and no GPU.
 
 Determinism: request i runs with the random generator ``default_rng([seed, i])`` whatever the
 deployment, and events at equal times are handled in the order they were scheduled, so the same
@@ -19,7 +19,7 @@ while the simulation runs: every ``interval`` seconds it sees a ``ClusterView`` 
 call finishes.
 
 The result carries per-request spans and, with ``record=True``, the trace the router would record
-(``services.core.trace``), so statistics, the ALP and the planner run on it unchanged.
+(``services.core.workload.trace``), so statistics, the ALP and the planner run on it unchanged.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from services.core.alp import Allocation
+from services.core.allocation import Allocation
+from services.core.cluster.hardware import GpuSpec
+from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
-from services.core.hardware import GpuSpec
-from services.core.models import ModelSpec
-from services.core.perf import FloatArray, PerfModel
+from services.core.perf.model import FloatArray, PerfModel
+from services.core.perf.scheduler import Replica, SchedulerConfig
 from services.core.routing import DEFAULT_POLICY, CallInfo, PolicyOptions, ReplicaLoad, make_policy
-from services.core.scheduler import Replica, SchedulerConfig
 from services.core.sim.control import (
     ClusterView,
     Controller,
@@ -47,7 +47,7 @@ from services.core.sim.control import (
     ScaleEvent,
 )
 from services.core.sim.program import Llm, LlmResult, Parallel, Program, Tool, ToolResult, Workflow
-from services.core.trace import TraceCall, TraceRequest
+from services.core.workload.trace import TraceCall, TraceRequest
 
 
 @dataclass(frozen=True, slots=True)

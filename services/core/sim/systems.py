@@ -2,15 +2,17 @@
 
 ``Context.prepare`` does what every system may know before serving: a warm-up run of the workflow
 in the simulator (the static even split, requests far enough apart that they rarely overlap) is
-traced, and the trace gives the workflow statistics (``services.core.stats``), the ALP demand and
+traced, and the trace gives the workflow statistics (``services.core.workload.stats``), the ALP
+demand and
 each LLM's request mix; the profiles of every (model, TP, fraction) are computed from those mixes
-on demand and kept (``services.core.profile_cache``).
+on demand and kept (``services.core.planning.profiles``).
 
 Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Plan``:
 
-- ``scepsy`` - the ALP search with placement feedback (``services.core.search.search_placed``)
-  for the target rate; above the highest rate it can plan (throughput >= rate / rho), the plan for
-  that highest rate (its maximum-throughput allocation);
+- ``scepsy`` - the ALP search with placement feedback
+  (``services.core.planning.feedback.search_placed``) for the target rate; above the highest
+  rate it can plan (throughput >= rate / rho), the plan for that highest rate (its
+  maximum-throughput allocation);
 - ``static`` - ``baselines.even_split``;
 - ``independent`` - ``baselines.independent`` at the target's per-LLM call rates;
 - ``autoscaler`` - starts from the even split, then ``baselines.HpaAutoscaler`` moves whole GPUs;
@@ -25,25 +27,27 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from services.core import baselines
-from services.core.alp import Allocation, Prediction, WorkflowDemand, predict
-from services.core.cluster import parse_cluster
+from services.core.allocation import Allocation
+from services.core.cluster.declared import parse_cluster
+from services.core.cluster.hardware import GpuSpec, gpu_spec
+from services.core.cluster.inventory import NodeInventory
+from services.core.cluster.models import ModelSpec, model_spec
 from services.core.errors import InfeasibleError
-from services.core.hardware import GpuSpec, gpu_spec
-from services.core.inventory import NodeInventory
-from services.core.models import ModelSpec, model_spec
-from services.core.perf import PerfModel
-from services.core.placement_feedback import search_placed
-from services.core.plan import max_tp_of, placer_for
-from services.core.profile_cache import AnalyticProfiles
-from services.core.search import AllocationInfeasible, best_scale
-from services.core.search_space import Problem
+from services.core.perf.model import PerfModel
+from services.core.planning.alp import Prediction, predict
+from services.core.planning.feedback import search_placed
+from services.core.planning.plan import max_tp_of, placer_for
+from services.core.planning.profiles import AnalyticProfiles
+from services.core.planning.search import AllocationInfeasible, best_scale
+from services.core.planning.space import Problem
+from services.core.sim import baselines
 from services.core.sim.control import Controller
 from services.core.sim.program import Workflow
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
-from services.core.spec import Spec, WorkflowTarget
-from services.core.stats import WorkflowStats, workflow_stats
-from services.core.trace import Trace
+from services.core.workload.demand import WorkflowDemand
+from services.core.workload.spec import Spec, WorkflowTarget
+from services.core.workload.stats import WorkflowStats, workflow_stats
+from services.core.workload.trace import Trace
 
 NODE_GPUS = 8  # GPUs per node (one NVSwitch domain) of the simulated clusters
 PROBE_REQUESTS = 5

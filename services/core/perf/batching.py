@@ -1,0 +1,149 @@
+"""Continuous batching over a list of requests known in advance, and static batches.
+
+``simulate`` replays requests (arrival time, prompt tokens, completion tokens) through one
+engine's scheduler (``services.core.perf.scheduler.Replica``: vLLM-style continuous
+batching, iteration times from ``PerfModel``) and returns each request's first-token and
+finish times. A request is first considered for the first iteration that starts at or after
+its arrival, as in vLLM.
+
+``static_batch`` runs the offline benchmark the llm-inference-bench data set measures: ``batch``
+identical requests submitted at once; latency is the time until the last token, throughput
+batch x (input + output) / latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from services.core.errors import InvalidInputError
+from services.core.perf.model import FloatArray, PerfModel
+from services.core.perf.scheduler import Replica, SchedulerConfig
+
+__all__ = ["IntArray", "SchedulerConfig", "SimResult", "simulate", "static_batch"]
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """Per-request times (seconds from the start of the simulation), in input order."""
+
+    arrival: FloatArray
+    first_token: FloatArray
+    finish: FloatArray
+    completion_tokens: IntArray
+    preemptions: int
+
+    @property
+    def latency(self) -> FloatArray:
+        return self.finish - self.arrival
+
+    @property
+    def ttft(self) -> FloatArray:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> FloatArray:
+        """Mean time per output token after the first (0 for one-token completions)."""
+        steps = np.maximum(self.completion_tokens - 1, 1)
+        return np.where(self.completion_tokens > 1, (self.finish - self.first_token) / steps, 0.0)
+
+    @property
+    def makespan(self) -> float:
+        return float(self.finish.max()) if self.finish.size else 0.0
+
+
+def simulate(
+    perf: PerfModel,
+    arrival: FloatArray,
+    prompt: IntArray,
+    completion: IntArray,
+    config: SchedulerConfig | None = None,
+    kv_capacity: int | None = None,
+) -> SimResult:
+    """Run the requests through the engine; deterministic for the same inputs.
+
+    ``arrival`` must be non-decreasing; ``prompt`` >= 1 and ``completion`` >= 1 tokens each.
+    ``kv_capacity`` (tokens) overrides the perf model's KV-cache size. Raises
+    ``InvalidInputError`` for a request that can never fit the KV cache or the token budget,
+    ``InfeasibleError`` when the model does not fit the memory at all.
+    """
+    arr = np.asarray(arrival, dtype=np.float64)
+    p_len = np.asarray(prompt, dtype=np.int64)
+    o_len = np.asarray(completion, dtype=np.int64)
+    if not (len(p_len) == len(o_len) == len(arr)):
+        raise InvalidInputError("simulate: arrival, prompt and completion differ in length")
+    if len(arr) > 1 and np.any(np.diff(arr) < 0):
+        raise InvalidInputError("simulate: arrival times must be non-decreasing")
+    engine = Replica(perf, config, kv_capacity)
+    _replay(engine, arr.tolist(), p_len.tolist(), o_len.tolist())
+    if engine.outstanding:
+        raise InvalidInputError("simulate: requests can never be scheduled (limits too small)")
+    return SimResult(
+        arrival=arr,
+        first_token=np.array(engine.first_token, dtype=np.float64),
+        finish=np.array(engine.finish, dtype=np.float64),
+        completion_tokens=o_len,
+        preemptions=engine.preemptions,
+    )
+
+
+def _replay(
+    engine: Replica, arrival: list[float], prompt: list[int], completion: list[int]
+) -> None:
+    """Submit the requests at their arrival times and run the engine until it is idle.
+
+    Iterations ending at or before an arrival finish first; requests arriving together are
+    handed over before the next iteration starts, so they join it together."""
+    i, n = 0, len(arrival)
+    while i < n:
+        t = arrival[i]
+        while engine.wake is not None and engine.wake <= t:
+            now = engine.wake
+            engine.finish_iteration(now)
+            if now < t:
+                engine.start_iteration(now)
+        while i < n and arrival[i] == t:
+            engine.submit(t, prompt[i], completion[i], start=False)
+            i += 1
+        engine.start_iteration(t)
+    while engine.wake is not None:
+        now = engine.wake
+        engine.finish_iteration(now)
+        engine.start_iteration(now)
+
+
+def static_batch(
+    perf: PerfModel,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    config: SchedulerConfig | None = None,
+    kv_capacity: int | None = None,
+) -> tuple[float, float]:
+    """(latency s, throughput tokens/s) of ``batch`` identical requests submitted together.
+
+    The llm-inference-bench definition: latency until the batch's last token; throughput
+    batch x (input_len + output_len) / latency. The first output token comes out of the prefill;
+    the other output_len - 1 from decode iterations over a growing context. When the batch's KV
+    cache does not fit, the scheduler queues and preempts exactly as in ``simulate``.
+    """
+    if batch < 1 or input_len < 1 or output_len < 1:
+        raise InvalidInputError(
+            f"static batch: batch, input_len and output_len must be >= 1, "
+            f"got {batch}, {input_len}, {output_len}"
+        )
+    zeros = np.zeros(batch)
+    result = simulate(
+        perf,
+        zeros,
+        np.full(batch, input_len, dtype=np.int64),
+        np.full(batch, output_len, dtype=np.int64),
+        config,
+        kv_capacity,
+    )
+    latency = result.makespan
+    return latency, batch * (input_len + output_len) / latency

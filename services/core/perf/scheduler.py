@@ -1,0 +1,390 @@
+"""The vLLM-style continuous-batching scheduler of one engine, on the analytic performance model.
+
+Both simulators drive this one scheduler: ``batching.simulate`` replays a list of calls known in
+advance (profiles, static batches), the workflow simulator (``services.core.sim``) hands calls to
+each replica as its programs reach them. Each iteration's duration comes from ``PerfModel``. The
+scheduler mirrors vLLM's:
+
+- at most ``max_num_seqs`` sequences run at once; an iteration computes at most
+  ``max_batched_tokens`` tokens;
+- with ``chunked_prefill`` (vLLM V1, the default) running sequences decode first and prompts fill
+  the rest of the token budget, a long prompt in chunks over several iterations; without it
+  (vLLM V0) an iteration either prefills whole prompts or decodes every running sequence, and
+  prefills go first;
+- a waiting call is admitted (first come, first served) only when its whole prompt fits in the
+  free KV cache minus a small watermark; when decoding sequences outgrow the cache, the most
+  recently admitted sequence is preempted and later recomputed (its prompt plus the tokens it had
+  generated are prefilled again), as vLLM's recompute preemption does.
+
+KV usage is counted in tokens (vLLM's 16-token blocks waste at most a block per sequence).
+
+``Replica`` is driven by events:
+
+- ``submit(now, prompt, completion)`` hands a call to the engine at time ``now``;
+- ``wake`` is when the iteration in progress ends (``None`` while idle); ``epoch`` changes whenever
+  ``wake`` does, so an event loop can drop the stale wake-up events it scheduled before;
+- at ``wake`` the loop calls ``finish_iteration(now)`` (the calls finished at ``now``), hands the
+  results on (new calls may be submitted at ``now``: they join the next iteration, as in vLLM)
+  and then ``start_iteration(now)``.
+
+Iterations that change the batch (prefill chunks, admissions, preemptions) are computed one at a
+time. A run of pure decode iterations over an unchanged batch is one event, up to the next finish
+or the point where the KV cache fills; its iteration times are affine in the context
+(``PerfModel.decode_times``), so the run's end and the iteration in progress at any instant have a
+closed form, which keeps a profile's worth of simulation fast. A call submitted during such a
+run, that could be admitted at once, cuts the run short at the end of the iteration in progress.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.errors import InvalidInputError
+from services.core.perf.model import DEFAULT_MEMORY_UTILIZATION, PerfModel, StepLoad
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Engine scheduling limits (vLLM flag names in comments)."""
+
+    max_num_seqs: int = 256  # --max-num-seqs
+    max_batched_tokens: int = 8192  # --max-num-batched-tokens
+    chunked_prefill: bool = True  # --enable-chunked-prefill (always on in vLLM V1)
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION  # --gpu-memory-utilization
+    watermark: float = 0.01  # share of the KV cache kept free when admitting a prompt
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidInputError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_batched_tokens < 1:
+            raise InvalidInputError(
+                f"max_batched_tokens: must be >= 1, got {self.max_batched_tokens}"
+            )
+        if not 0 <= self.watermark < 1:
+            raise InvalidInputError(f"watermark: must be in [0, 1), got {self.watermark}")
+
+
+class Replica:
+    """Mutable scheduler state of one engine instance (see the module docstring).
+
+    Calls are numbered 0, 1, ... in submission order; ``first_token[i]`` and ``finish[i]`` hold
+    their times once known (NaN before). ``kv_capacity`` (tokens) overrides the perf model's.
+    Raises ``InvalidInputError`` from ``submit`` for a call that can never fit the KV cache (or,
+    without chunked prefill, the token budget); the constructor raises ``InfeasibleError`` when
+    the model does not fit in memory.
+    """
+
+    def __init__(
+        self, perf: PerfModel, config: SchedulerConfig | None = None, kv_capacity: int | None = None
+    ) -> None:
+        self.perf = perf
+        self.cfg = config or SchedulerConfig()
+        self.capacity = kv_capacity or perf.kv_capacity_tokens(
+            self.cfg.memory_utilization, self.cfg.max_batched_tokens
+        )
+        self.watermark = int(self.cfg.watermark * self.capacity)
+        self.prompt: list[int] = []
+        self.out: list[int] = []
+        self.first_token: list[float] = []
+        self.finish: list[float] = []
+        self.gen: list[int] = []  # tokens generated so far (valid while not decoding)
+        self.need: list[int] = []  # tokens the current admission must prefill
+        self.prog: list[int] = []  # of which computed
+        self.fin_at: list[int] = []  # decode counter value at which a decoding call finishes
+        self.clock = 0.0  # end of the last committed iteration
+        self.decode_counter = 0
+        self.waiting: deque[int] = deque()
+        self.running: dict[int, None] = {}  # admission order; popitem() gives the newest
+        self.prefilling: dict[int, None] = {}
+        self.heap: list[tuple[int, int]] = []  # (fin_at, call) of decoding calls
+        self.decoding: set[int] = set()
+        self.kv_used = 0
+        self.dec_context = 0
+        self.preemptions = 0
+        self.iterations = 0
+        self.wake: float | None = None
+        self.epoch = 0
+        self._done: list[int] = []  # calls finishing at ``wake``
+        self._run: tuple[float, int, float, float] | None = None  # lazy decode run
+        self._run_cuttable = False
+        self._coef: dict[int, tuple[float, float]] = {}
+
+    @property
+    def outstanding(self) -> int:
+        """Calls submitted and not finished (waiting, running or finishing at ``wake``)."""
+        return len(self.waiting) + len(self.running) + len(self._done)
+
+    # --- the event interface -----------------------------------------------------------------
+
+    def submit(self, now: float, prompt: int, completion: int, start: bool = True) -> int:
+        """Hand a call to the engine at ``now``; returns its number. May change ``wake``.
+
+        An idle engine starts an iteration at once, unless ``start`` is False (the caller will
+        call ``start_iteration(now)`` after handing over every call of this instant)."""
+        if prompt < 1 or completion < 1:
+            raise InvalidInputError(
+                f"engine: prompt and completion must be >= 1 token, got {prompt}, {completion}"
+            )
+        if prompt + completion + self.watermark > self.capacity:
+            raise InvalidInputError(
+                f"engine {self.perf.model.name}: a call of {prompt + completion} tokens exceeds "
+                f"the KV cache ({self.capacity} tokens)"
+            )
+        if not self.cfg.chunked_prefill and prompt + completion > self.cfg.max_batched_tokens:
+            raise InvalidInputError(
+                f"engine: without chunked prefill a call must fit max_batched_tokens "
+                f"({self.cfg.max_batched_tokens}), got {prompt + completion} tokens"
+            )
+        i = len(self.prompt)
+        self.prompt.append(prompt)
+        self.out.append(completion)
+        for column in (self.gen, self.need, self.prog, self.fin_at):
+            column.append(0)
+        self.first_token.append(math.nan)
+        self.finish.append(math.nan)
+        was_empty = not self.waiting
+        self.waiting.append(i)
+        if self.wake is None:
+            if start:
+                self.start_iteration(now)
+        elif self._run is not None and self._run_cuttable and was_empty:
+            self._cut_run(now)
+        return i
+
+    def finish_iteration(self, now: float) -> list[int]:
+        """Commit the iteration ending at ``now`` (= ``wake``); the calls it finished."""
+        if self.wake is None or now != self.wake:
+            raise InvalidInputError(f"engine: no iteration ends at {now} (wake {self.wake})")
+        if self._run is not None:
+            self._commit_run(self._run[1])
+        done, self._done = self._done, []
+        self.wake = None
+        return done
+
+    def start_iteration(self, now: float) -> None:
+        """Begin the next iteration at ``now`` if there is work and none is in progress (a call
+        submitted to an idle engine starts one itself); sets ``wake`` (None: idle)."""
+        if self.wake is not None:
+            return
+        self.clock = max(self.clock, now)
+        if self.running or self.waiting:
+            if self.cfg.chunked_prefill:
+                self._chunked_step()
+            else:
+                self._v0_step()
+        self.epoch += 1
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _generated(self, i: int) -> int:
+        return self.out[i] - (self.fin_at[i] - self.decode_counter)
+
+    def _admit(self, i: int) -> None:
+        self.waiting.popleft()
+        self.need[i] = self.prompt[i] + self.gen[i]
+        self.prog[i] = 0
+        self.kv_used += self.need[i]
+        self.running[i] = None
+        self.prefilling[i] = None
+
+    def _start_decoding(self, i: int) -> None:
+        """Prefill of ``i`` finished at ``self.clock``: it emitted one token."""
+        del self.prefilling[i]
+        self.gen[i] += 1
+        if math.isnan(self.first_token[i]):
+            self.first_token[i] = self.clock
+        if self.gen[i] >= self.out[i]:
+            self._finish(i, self.need[i])
+            return
+        self.fin_at[i] = self.decode_counter + self.out[i] - self.gen[i]
+        heapq.heappush(self.heap, (self.fin_at[i], i))
+        self.decoding.add(i)
+        self.dec_context += self.need[i]
+
+    def _finish(self, i: int, kv_tokens: int) -> None:
+        self.finish[i] = self.clock
+        del self.running[i]
+        self.kv_used -= kv_tokens
+        self._done.append(i)
+
+    def _preempt_newest(self) -> None:
+        i, _ = self.running.popitem()
+        self.preemptions += 1
+        if i in self.decoding:
+            self.decoding.discard(i)
+            self.gen[i] = self._generated(i)
+            kv = self.prompt[i] + self.gen[i] - 1
+            self.dec_context -= kv
+            self.kv_used -= kv
+        else:
+            del self.prefilling[i]
+            self.kv_used -= self.need[i]
+        self.waiting.appendleft(i)
+
+    def _pop_finished(self) -> None:
+        while self.heap and self.heap[0][0] <= self.decode_counter:
+            fin, i = heapq.heappop(self.heap)
+            if i not in self.decoding or self.fin_at[i] != fin:
+                continue  # stale entry of a preempted call
+            self.decoding.discard(i)
+            kv = self.prompt[i] + self.out[i] - 1
+            self.dec_context -= kv
+            self.gen[i] = self.out[i]
+            self._finish(i, kv)
+
+    def _head_admissible(self) -> bool:
+        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
+            return False
+        i = self.waiting[0]
+        return self.kv_used + self.prompt[i] + self.gen[i] + self.watermark <= self.capacity
+
+    def _make_room_for_decode(self) -> None:
+        while self.decoding and self.kv_used + len(self.decoding) > self.capacity:
+            self._preempt_newest()
+
+    # --- iterations ----------------------------------------------------------------------------
+
+    def _eager(self, load: StepLoad) -> None:
+        """An iteration whose effects are applied now; they are reported at its end."""
+        self.clock += self.perf.step_time(load)
+        self.wake = self.clock
+        self.iterations += 1
+
+    def _v0_step(self) -> None:
+        """vLLM V0: prefill-only iterations first, otherwise one decode iteration for all."""
+        budget = self.cfg.max_batched_tokens
+        chunks: list[int] = []
+        while self._head_admissible():
+            i = self.waiting[0]
+            if self.prompt[i] + self.gen[i] > budget:
+                break
+            self._admit(i)
+            budget -= self.need[i]
+            chunks.append(i)
+        if chunks:
+            self._eager(
+                StepLoad(
+                    prefill_tokens=sum(self.need[i] for i in chunks),
+                    prefill_pairs=sum(self.need[i] * (self.need[i] + 1) / 2 for i in chunks),
+                    prefill_seqs=len(chunks),
+                )
+            )
+            for i in chunks:
+                self.prog[i] = self.need[i]
+                self._start_decoding(i)
+            return
+        self._make_room_for_decode()
+        if self.decoding:
+            self._begin_run()
+
+    def _chunked_step(self) -> None:
+        """vLLM V1: decodes first, then prompt chunks up to the token budget, in one iteration."""
+        self._make_room_for_decode()
+        budget = self.cfg.max_batched_tokens - len(self.decoding)
+        if not self.prefilling and not self._head_admissible():
+            if self.decoding:
+                self._begin_run()
+            return
+        chunks: list[tuple[int, int]] = []
+        for i in self.prefilling:
+            if budget <= 0:
+                break
+            take = min(self.need[i] - self.prog[i], budget)
+            chunks.append((i, take))
+            budget -= take
+        while budget > 0 and self._head_admissible():
+            i = self.waiting[0]
+            self._admit(i)
+            take = min(self.need[i], budget)
+            chunks.append((i, take))
+            budget -= take
+        n_dec = len(self.decoding)
+        self._eager(
+            StepLoad(
+                prefill_tokens=sum(take for _, take in chunks),
+                prefill_pairs=sum(
+                    self.prog[i] * take + take * (take + 1) / 2 for i, take in chunks
+                ),
+                prefill_seqs=len(chunks),
+                decode_seqs=n_dec,
+                decode_context=self.dec_context + n_dec,
+            )
+        )
+        if n_dec:
+            self.decode_counter += 1
+            self.kv_used += n_dec
+            self.dec_context += n_dec
+            self._pop_finished()
+        for i, take in chunks:
+            self.prog[i] += take
+            if self.prog[i] >= self.need[i]:
+                self._start_decoding(i)
+
+    # --- decode runs ---------------------------------------------------------------------------
+
+    def _coefficients(self, seqs: int) -> tuple[float, float]:
+        """(a, b) with one decode iteration of ``seqs`` sequences taking a + b x context."""
+        found = self._coef.get(seqs)
+        if found is None:
+            t = self.perf.decode_times(seqs, np.array([0.0, 1.0]))
+            found = (float(t[0]), float(t[1] - t[0]))
+            self._coef[seqs] = found
+        return found
+
+    def _begin_run(self) -> None:
+        """Decode iterations over an unchanged batch, up to the next finish or a full cache."""
+        n_dec = len(self.decoding)
+        steps = self.heap[0][0] - self.decode_counter
+        steps = min(steps, max((self.capacity - self.kv_used) // n_dec, 1))
+        a, b = self._coefficients(n_dec)
+        # iteration j (1-based) attends over dec_context + n_dec * j tokens
+        first = a + b * (self.dec_context + n_dec)
+        slope = b * n_dec
+        self._run = (self.clock, steps, first, slope)
+        self._run_cuttable = len(self.running) < self.cfg.max_num_seqs and not self.waiting
+        self.wake = self._run_end(steps)
+
+    def _run_end(self, steps: int) -> float:
+        """End of the ``steps``-th iteration of the current run."""
+        assert self._run is not None
+        start, _, first, slope = self._run
+        return start + steps * first + slope * (steps - 1) * steps / 2
+
+    def _cut_run(self, now: float) -> None:
+        """A call that can be admitted arrived at ``now``: end the run with the iteration in
+        progress (the first whose end is at or after ``now``)."""
+        assert self._run is not None
+        start, steps, first, slope = self._run
+        # smallest s >= 1 with start + s first + slope s (s - 1) / 2 >= now
+        elapsed = now - start
+        if slope > 0:
+            half = slope / 2
+            lin = first - half
+            guess = (-lin + math.sqrt(lin * lin + 4 * half * max(elapsed, 0.0))) / (2 * half)
+        else:
+            guess = elapsed / first
+        s = max(1, min(steps, math.ceil(guess)))
+        while s > 1 and self._run_end(s - 1) >= now:
+            s -= 1
+        while s < steps and self._run_end(s) < now:
+            s += 1
+        self._run_cuttable = False
+        if s < steps:
+            self._run = (start, s, first, slope)
+            self.wake = self._run_end(s)
+            self.epoch += 1
+
+    def _commit_run(self, steps: int) -> None:
+        n_dec = len(self.decoding)
+        self.clock = self._run_end(steps)
+        self._run = None
+        self.iterations += steps
+        self.decode_counter += steps
+        self.kv_used += n_dec * steps
+        self.dec_context += n_dec * steps
+        self._pop_finished()

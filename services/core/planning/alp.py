@@ -1,0 +1,215 @@
+"""The Aggregate LLM Pipeline (ALP): predicted workflow latency and throughput of an allocation.
+
+DESIGN.md section 3. For workflow w at target rate lambda_w:
+
+* LLM m carries the summed load of every workflow calling it: ``load_m = sum_w lambda_w n_{w,m}``
+  calls/s, split evenly over its r_m replicas (the router balances them);
+* its per-call latency is ``L_m(load_m / r_m)`` read off m's profile for its (TP, fraction);
+* w's term for m is ``L_m(load_m / r_m) * n_{w,m} / p_{w,m}``: the expected busy time of m per
+  request (n calls, p of them in flight at once);
+* terms compose **per stage**: LLMs observed active at the same time inside a request (a stage,
+  see ``services.core.workload.stats``) overlap, so a stage costs the largest of its terms; stages
+  run one
+  after another, so ``L_w = sum over stages of max over m in stage + tool time``. With one LLM per
+  stage this is the paper's serial sum. (``max`` is a lower bound on the union of overlapping busy
+  times; it is exact when the shorter one is fully hidden.)
+* throughput at the target mix: every workflow's rate scaled by the largest common factor ``s``
+  that keeps every LLM within capacity, ``s = min_m r_m T_m / load_m``; ``T_w = s lambda_w``.
+  For a single workflow this is the paper's ``min_m r_m T_m / n_m``.
+
+An allocation is infeasible when an instance does not fit in memory (the ``fits`` callable, or a
+profile lookup raising ``InfeasibleError``), when an LLM's load reaches its capacity
+(``load_m >= r_m T_m``, latency unbounded), when it exceeds the utilisation cap ``rho`` or when it
+needs more GPUs than available. The prediction says why, naming the LLM and the numbers.
+
+Everything here is arithmetic on already computed profiles: cheap enough for search loops. The
+per-LLM pieces (``llm_loads``, ``call_latency``, ``llm_term``) are exposed for planners that exploit
+separability: only the stage ``max`` couples LLMs, and only inside one stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.core.allocation import Allocation
+from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.profile import Profile
+from services.core.workload.demand import LlmDemand, WorkflowDemand
+
+# (model, tp, fraction) -> the profile of one instance of that configuration.
+ProfileLookup = Callable[[str, int, float], Profile]
+# (model, tp, fraction) -> None when an instance fits in its memory share, else the reason.
+FitCheck = Callable[[str, int, float], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class LlmPrediction:
+    model: str
+    load: float  # calls/s over all replicas, summed over workflows
+    replica_rate: float  # calls/s offered to one replica
+    capacity: float  # calls/s, replicas x saturation rate (0 when it does not fit)
+    utilization: float  # load / capacity (inf when capacity is 0)
+    call_latency: float  # s per call at replica_rate (inf when saturated or not fitting)
+    gpus: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowPrediction:
+    workflow: str
+    rate: float  # target requests/s
+    latency: float  # s per request (inf when an LLM it calls is saturated or does not fit)
+    throughput: float  # requests/s at the target mix
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    feasible: bool
+    reasons: tuple[str, ...]  # empty when feasible
+    workflows: tuple[WorkflowPrediction, ...]
+    llms: tuple[LlmPrediction, ...]
+    gpus: float  # total GPUs the allocation uses
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    def workflow(self, name: str) -> WorkflowPrediction:
+        for w in self.workflows:
+            if w.workflow == name:
+                return w
+        raise KeyError(name)
+
+    def llm(self, model: str) -> LlmPrediction:
+        for m in self.llms:
+            if m.model == model:
+                return m
+        raise KeyError(model)
+
+
+def llm_loads(
+    workflows: Sequence[WorkflowDemand], target_rates: Mapping[str, float]
+) -> dict[str, float]:
+    """Calls/s each LLM carries: ``sum_w lambda_w n_{w,m}``."""
+    loads: dict[str, float] = {}
+    for w in workflows:
+        rate = target_rates[w.name]
+        for d in w.llms:
+            loads[d.model] = loads.get(d.model, 0.0) + rate * d.n
+    return loads
+
+
+def call_latency(profile: Profile, replicas: int, load: float) -> float:
+    """Per-call latency of an LLM with ``replicas`` instances carrying ``load`` calls/s in all."""
+    return profile.latency_at(load / replicas)
+
+
+def llm_term(profile: Profile, replicas: int, load: float, demand: LlmDemand) -> float:
+    """One workflow's latency term for one LLM: ``L_m(load / r) * n / p``."""
+    return call_latency(profile, replicas, load) * demand.n / demand.p
+
+
+def compose(workflow: WorkflowDemand, terms: Mapping[str, float]) -> float:
+    """``L_w``: per stage the largest term, summed over stages, plus tool time."""
+    return workflow.tool_time + sum(max(terms[m] for m in stage) for stage in workflow.stages)
+
+
+def predict(
+    workflows: Sequence[WorkflowDemand],
+    profiles: ProfileLookup,
+    allocation: Mapping[str, Allocation],
+    target_rates: Mapping[str, float],
+    *,
+    fits: FitCheck | None = None,
+    rho: float = 1.0,
+    gpus_available: float | None = None,
+) -> Prediction:
+    """Predict every workflow's latency and throughput under ``allocation`` (module docstring).
+
+    Raises ``InvalidInputError`` when a workflow has no target rate or calls an LLM that the
+    allocation leaves out; everything else that goes wrong is an infeasible prediction.
+    """
+    if not 0 < rho <= 1:
+        raise InvalidInputError(f"rho: must be in (0, 1], got {rho}")
+    for w in workflows:
+        if w.name not in target_rates:
+            raise InvalidInputError(f"target_rates: no rate for workflow {w.name!r}")
+        if not target_rates[w.name] >= 0:
+            raise InvalidInputError(
+                f"target_rates.{w.name}: must be >= 0, got {target_rates[w.name]}"
+            )
+        for d in w.llms:
+            if d.model not in allocation:
+                raise InvalidInputError(f"allocation: no entry for LLM {d.model!r} ({w.name})")
+    loads = llm_loads(workflows, target_rates)
+    reasons: list[str] = []
+    llms: list[LlmPrediction] = []
+    latency: dict[str, float] = {}
+    scale = math.inf  # the common factor s of the module docstring
+    for model in sorted(allocation):
+        alloc = allocation[model]
+        load = loads.get(model, 0.0)
+        profile = _profile(model, alloc, profiles, fits, reasons)
+        capacity = alloc.replicas * profile.saturation_rate if profile is not None else 0.0
+        utilization = load / capacity if capacity > 0 else math.inf
+        latency[model] = (
+            call_latency(profile, alloc.replicas, load) if profile is not None else math.inf
+        )
+        if profile is not None and load > 0:
+            scale = min(scale, capacity / load)
+            where = (
+                f"{model}: {load:.4g} calls/s on {alloc.replicas} replica(s) of capacity "
+                f"{profile.saturation_rate:.4g} calls/s each"
+            )
+            if load >= capacity:
+                reasons.append(f"{where}: saturated (utilisation {utilization:.3g})")
+            elif utilization > rho:
+                reasons.append(f"{where}: utilisation {utilization:.3g} exceeds rho {rho:g}")
+        elif profile is None and load > 0:
+            scale = 0.0
+        llms.append(
+            LlmPrediction(
+                model,
+                load,
+                load / alloc.replicas,
+                capacity,
+                utilization,
+                latency[model],
+                alloc.gpus,
+            )
+        )
+    gpus = sum(a.gpus for a in allocation.values())
+    if gpus_available is not None and gpus > gpus_available + 1e-9:
+        reasons.append(f"allocation uses {gpus:g} GPUs, {gpus_available:g} available")
+    predictions = tuple(
+        WorkflowPrediction(
+            w.name,
+            target_rates[w.name],
+            compose(w, {d.model: latency[d.model] * d.n / d.p for d in w.llms}),
+            target_rates[w.name] * scale if scale < math.inf else math.inf,
+        )
+        for w in workflows
+    )
+    return Prediction(not reasons, tuple(reasons), predictions, tuple(llms), gpus)
+
+
+def _profile(
+    model: str,
+    alloc: Allocation,
+    profiles: ProfileLookup,
+    fits: FitCheck | None,
+    reasons: list[str],
+) -> Profile | None:
+    """The instance profile, or None (with a reason appended) when the instance does not fit."""
+    config = f"tp {alloc.tp}, fraction {alloc.fraction:g}"
+    if fits is not None:
+        problem = fits(model, alloc.tp, alloc.fraction)
+        if problem is not None:
+            reasons.append(f"{model}: does not fit ({config}): {problem}")
+            return None
+    try:
+        return profiles(model, alloc.tp, alloc.fraction)
+    except InfeasibleError as exc:
+        reasons.append(f"{model}: does not fit ({config}): {exc}")
+        return None

@@ -1,0 +1,416 @@
+"""The allocation search: GPU fraction x TP degree x replicas per LLM, optimal under the ALP.
+
+**Problem** (DESIGN.md section 3). Every LLM m gets a configuration: TP degree t, a share of
+u/k of each of its GPUs (u in 1..k; u < k only with t = 1) and r >= 1 replicas, costing
+``r t u`` units of 1/k GPU. Minimise the weighted mean predicted latency
+``J = sum_w omega_w L_w / sum_w omega_w`` (``services.core.planning.alp``: per stage the largest
+term
+``L_m(load_m / r) n / p``, summed over stages, plus tool time) subject to
+
+* memory: every instance holds its weights plus a minimum KV cache (the profile lookup raises
+  ``InfeasibleError`` for a configuration that does not fit, or the optional fit check says no);
+* throughput: ``load_m / (r T_m) <= rho`` for every LLM, so every workflow reaches
+  ``T_w >= lambda_w / rho`` (and ``load_m < r T_m``: the latency stays bounded);
+* GPUs: the units of all LLMs fit the cluster (``gpus x k``); t at most the largest NVLink domain;
+* the ``Constraints`` added by placement feedback (``services.core.planning.feedback``).
+
+The problem, the constraints and the per-LLM candidates are defined in
+``services.core.planning.space``; LLMs that no workflow calls get nothing.
+
+**Method, exact.**
+
+1. *Candidates per LLM* (``search_space``): for every allowed (t, u) and replica count r, the
+   cost ``r t u`` and the call latency ``ell = L_m(load_m / r)``. Each LLM may use the budget
+   less the cheapest candidates of the others. ``J`` is non-decreasing in every
+   ``ell_m`` (terms are ``ell n / p`` combined by max and sum with positive weights), so a
+   candidate that costs no less and is no faster than another never helps: each LLM keeps its
+   Pareto frontier of (cost, latency).
+2. *Components.* Stages couple their LLMs through the max; LLMs that share a stage in any
+   workflow are joined into one component (union-find). Each stage lies inside one component, so
+   ``J`` is a constant (tool time) plus a sum over components.
+3. *Component frontiers.* Inside a component the LLMs are combined one at a time. A partial state
+   keeps its cost, the value of the stages whose members are all chosen, and per open stage the
+   largest term so far: a sufficient statistic, since a stage's value is the max of its members'
+   terms. A state no better than another in every coordinate is dropped (exact: any completion of
+   it is no better than the same completion of the other). What remains at the end is the
+   component's (cost, value) frontier; a component of one LLM gives that LLM's weighted frontier.
+4. *Knapsack.* A multiple-choice knapsack DP over the budget in units picks one frontier point
+   per component: ``F_i(b) = min_j F_{i-1}(b - c_j) + v_j`` (numpy over b). Among optimal
+   allocations the one with the fewest units is returned.
+
+Tests compare the result with a brute-force enumeration of every allocation. When no allocation
+meets the constraints, ``AllocationInfeasible`` says why and gives the best throughput these GPUs
+can reach at the target mix (a bisection over the rate scale). The search counts GPU units only;
+``services.core.planning.feedback`` searches again, with added constraints, until the result
+places on the real nodes and domains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.allocation import Allocation
+from services.core.errors import InfeasibleError
+from services.core.perf.profile import Profile
+from services.core.planning.alp import FitCheck, Prediction, ProfileLookup, predict
+from services.core.planning.space import (
+    Candidate,
+    Constraints,
+    Problem,
+    instance_profiles,
+    llm_candidates,
+    min_replicas,
+    pareto,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """The optimal allocation, its ALP prediction and what the search looked at."""
+
+    allocation: dict[str, Allocation]
+    objective: float  # weighted mean predicted latency, s
+    units: int  # units of 1/k GPU used
+    prediction: Prediction
+    candidates: int  # (LLM, configuration, replicas) evaluated
+    frontier: int  # of them kept on the per-LLM frontiers
+    components: int  # groups of LLMs coupled by parallel stages
+    seconds: float  # wall time of the search (profile lookups included)
+
+
+class AllocationInfeasible(InfeasibleError):
+    """Raised when no allocation meets the constraints.
+
+    ``reasons`` say why; ``best_throughput`` is, per workflow, the highest throughput (requests/s,
+    at the target mix) that any allocation within the GPUs and the constraints reaches; the
+    highest target rate that can be planned is ``rho`` times it.
+    """
+
+    def __init__(self, reasons: Sequence[str], best_throughput: Mapping[str, float]) -> None:
+        best = ", ".join(f"{w} {t:.4g} req/s" for w, t in best_throughput.items())
+        super().__init__(
+            f"{'; '.join(reasons)}; best achievable throughput with these GPUs: {best}"
+        )
+        self.reasons = tuple(reasons)
+        self.best_throughput = dict(best_throughput)
+
+
+# ------------------------------------------------------------------------------ components
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One stage of one workflow: its value is ``max over members of coef x latency``, where
+    ``coef = omega_w n / p`` (omega_w the normalised workflow weight)."""
+
+    coefficients: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """LLMs coupled by stages, in the order they are combined, and the stages among them."""
+
+    models: tuple[str, ...]
+    stages: tuple[Stage, ...]
+
+
+def objective_structure(problem: Problem) -> tuple[float, tuple[Component, ...]]:
+    """(constant term, components): ``J = constant + sum of component values``."""
+    total = sum(problem.weight(w.name) for w in problem.workflows)
+    constant = 0.0
+    stages: list[Stage] = []
+    for w in problem.workflows:
+        omega = problem.weight(w.name) / total
+        constant += omega * w.tool_time
+        demand = {d.model: d for d in w.llms}
+        for members in w.stages:
+            stages.append(Stage({m: omega * demand[m].n / demand[m].p for m in members}))
+    return constant, _components(stages)
+
+
+def _components(stages: Sequence[Stage]) -> tuple[Component, ...]:
+    parent: dict[str, str] = {}
+
+    def root(m: str) -> str:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for s in stages:
+        members = list(s.coefficients)
+        for m in members:
+            parent.setdefault(m, m)
+        for m in members[1:]:
+            a, b = root(members[0]), root(m)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    order = list(dict.fromkeys(m for s in stages for m in s.coefficients))
+    groups: dict[str, list[str]] = {}
+    for m in order:
+        groups.setdefault(root(m), []).append(m)
+    return tuple(
+        Component(tuple(g), tuple(s for s in stages if root(next(iter(s.coefficients))) == r))
+        for r, g in groups.items()
+    )
+
+
+# A partial state: (cost, value of closed stages, max term of each open stage, choices).
+_State = tuple[int, float, tuple[float, ...], tuple[Candidate, ...]]
+
+
+def component_frontier(
+    component: Component, frontiers: Mapping[str, Sequence[Candidate]], cap: int
+) -> list[tuple[int, float, tuple[Candidate, ...]]]:
+    """(cost, value, one candidate per model) points of ``component`` within ``cap`` units, by
+    increasing cost with strictly falling value (module docstring, step 3)."""
+    position = {m: i for i, m in enumerate(component.models)}
+    last = [max(position[m] for m in s.coefficients) for s in component.stages]
+    states: list[_State] = [(0, 0.0, (), ())]
+    open_ids: list[int] = []
+    for i, model in enumerate(component.models):
+        touching = [j for j, s in enumerate(component.stages) if model in s.coefficients]
+        next_open = sorted({*open_ids, *touching} - {j for j in touching if last[j] == i})
+        grown: list[_State] = []
+        for cost, closed, partial, picks in states:
+            current = dict(zip(open_ids, partial, strict=True))
+            for cand in frontiers[model]:
+                if cost + cand.cost > cap:
+                    break
+                values = dict(current)
+                for j in touching:
+                    term = component.stages[j].coefficients[model] * cand.latency
+                    values[j] = max(values.get(j, 0.0), term)
+                shut = sum(values[j] for j in touching if last[j] == i)
+                grown.append(
+                    (
+                        cost + cand.cost,
+                        closed + shut,
+                        tuple(values[j] for j in next_open),
+                        (*picks, cand),
+                    )
+                )
+        states, open_ids = _undominated(grown), next_open
+    return [(cost, closed, picks) for cost, closed, _, picks in states]
+
+
+def _undominated(states: list[_State]) -> list[_State]:
+    """States that no other state matches or beats in cost, closed value and every open max."""
+    states.sort(key=lambda s: (s[0], s[1], s[2]))
+    kept: list[_State] = []
+    if states and not states[0][2]:  # no open stage: a plain 2-D frontier
+        for s in states:
+            if not kept or s[1] < kept[-1][1]:
+                kept.append(s)
+        return kept
+    for s in states:
+        if not any(
+            k[1] <= s[1] and all(a <= b for a, b in zip(k[2], s[2], strict=True)) for k in kept
+        ):
+            kept.append(s)
+    return kept
+
+
+# ------------------------------------------------------------------------------ knapsack
+def knapsack(
+    frontiers: Sequence[Sequence[tuple[int, float]]], budget: int
+) -> tuple[float, list[int]] | None:
+    """Pick one (cost, value) point per group minimising the value sum within ``budget``.
+
+    Returns (optimal sum, chosen index per group) with the fewest units among optimal picks, or
+    None when even the cheapest points exceed the budget.
+    """
+    best = np.zeros(budget + 1)  # best[b]: optimum of the groups so far within b units
+    choices: list[np.ndarray] = []
+    for points in frontiers:
+        nxt = np.full(budget + 1, np.inf)
+        pick = np.full(budget + 1, -1, dtype=np.int64)
+        for j, (cost, value) in enumerate(points):
+            if cost > budget:
+                break
+            trial = best[: budget + 1 - cost] + value
+            better = trial < nxt[cost:]
+            nxt[cost:][better] = trial[better]
+            pick[cost:][better] = j
+        best = nxt
+        choices.append(pick)
+    if not math.isfinite(best[budget]):
+        return None
+    optimum = float(best[budget])
+    b = int(np.argmax(best <= optimum * (1 + 1e-12) + 1e-15))  # fewest units reaching it
+    chosen: list[int] = []
+    for pick, points in zip(reversed(choices), reversed(frontiers), strict=True):
+        j = int(pick[b])
+        chosen.append(j)
+        b -= points[j][0]
+    chosen.reverse()
+    return optimum, chosen
+
+
+# ------------------------------------------------------------------------------ search
+def search(
+    problem: Problem,
+    profiles: ProfileLookup,
+    *,
+    fits: FitCheck | None = None,
+    constraints: Constraints | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SearchResult:
+    """The allocation with the lowest weighted predicted latency (module docstring).
+
+    Raises ``AllocationInfeasible`` when none meets memory, rho, the GPUs and ``constraints``.
+    """
+    started = clock()
+    cons = constraints or Constraints()
+    budget = cons.budget(problem.budget)
+    frontiers, evaluated = llm_frontiers(problem, profiles, fits, cons, budget)
+    constant, components = objective_structure(problem)
+    floor = {c.models: sum(frontiers[m][0].cost for m in c.models) for c in components}
+    spare = budget - sum(floor.values())
+    fronts = [component_frontier(c, frontiers, floor[c.models] + spare) for c in components]
+    solved = knapsack([[(cost, value) for cost, value, _ in f] for f in fronts], budget)
+    if solved is None:  # cannot happen: llm_frontiers checked that the cheapest points fit
+        raise InfeasibleError("internal: the cheapest configurations exceed the budget")
+    value, chosen = solved
+    picks = [cand for f, j in zip(fronts, chosen, strict=True) for cand in f[j][2]]
+    allocation = {c.model: c.allocation(problem.fraction_unit) for c in picks}
+    prediction = predict(
+        problem.workflows, profiles, allocation, problem.rates, fits=fits, rho=problem.rho
+    )
+    return SearchResult(
+        allocation=dict(sorted(allocation.items())),
+        objective=constant + value,
+        units=sum(c.cost for c in picks),
+        prediction=prediction,
+        candidates=evaluated,
+        frontier=sum(len(f) for f in frontiers.values()),
+        components=len(components),
+        seconds=clock() - started,
+    )
+
+
+def llm_frontiers(
+    problem: Problem,
+    profiles: ProfileLookup,
+    fits: FitCheck | None,
+    constraints: Constraints,
+    budget: int,
+) -> tuple[dict[str, list[Candidate]], int]:
+    """Per LLM its Pareto frontier (module docstring, step 1) and the number of candidates
+    evaluated. Each LLM may use the budget less the cheapest configurations of the others.
+
+    Raises ``AllocationInfeasible`` when an LLM has no candidate or the cheapest ones together
+    exceed the budget.
+    """
+    loads = problem.loads
+    configs: dict[str, dict[tuple[int, int], Profile]] = {}
+    cheapest: dict[str, int] = {}
+    reasons: list[str] = []
+    for model in sorted(loads):
+        configs[model], misfits = instance_profiles(model, problem, constraints, profiles, fits)
+        costs = [
+            tp * units * fewest
+            for (tp, units), p in configs[model].items()
+            if _within_cap(
+                constraints.replica_cap((model, tp, units)),
+                fewest := min_replicas(loads[model], p.saturation_rate, problem.rho),
+            )
+        ]
+        if costs:
+            cheapest[model] = min(costs)
+        elif configs[model]:
+            reasons.append(f"{model}: every configuration that fits is ruled out by constraints")
+        else:
+            reasons.append(f"{model}: no configuration fits in memory ({'; '.join(misfits)})")
+    spare = budget - sum(cheapest.values())
+    if not reasons and spare < 0:
+        k = problem.fraction_unit
+        need = ", ".join(f"{m} {c / k:g}" for m, c in cheapest.items())
+        reasons.append(
+            f"meeting rho {problem.rho:g} needs at least {(budget - spare) / k:g} GPUs "
+            f"({need}); {budget / k:g} available"
+        )
+    if reasons:
+        raise infeasible(problem, profiles, fits, constraints, reasons)
+    frontiers: dict[str, list[Candidate]] = {}
+    evaluated = 0
+    for model, found in configs.items():
+        own = cheapest[model] + spare
+        cands = llm_candidates(model, loads[model], found, own, problem.rho, constraints)
+        evaluated += len(cands)
+        frontiers[model] = pareto(cands)
+    return frontiers, evaluated
+
+
+def weighted_latency(problem: Problem, prediction: Prediction) -> float:
+    """``J`` of a prediction: the weighted mean of the workflows' predicted latencies."""
+    total = sum(problem.weight(w.name) for w in problem.workflows)
+    return (
+        sum(problem.weight(w.name) * prediction.workflow(w.name).latency for w in problem.workflows)
+        / total
+    )
+
+
+def _within_cap(cap: int | None, replicas: int) -> bool:
+    return cap is None or replicas <= cap
+
+
+# ------------------------------------------------------------------------------ infeasible
+def infeasible(
+    problem: Problem,
+    profiles: ProfileLookup,
+    fits: FitCheck | None,
+    constraints: Constraints,
+    reasons: Sequence[str],
+) -> AllocationInfeasible:
+    """The error for ``reasons``, with the best throughput these GPUs reach."""
+    scale = best_scale(problem, profiles, fits, constraints)
+    best = {w.name: problem.rates[w.name] * scale for w in problem.workflows}
+    return AllocationInfeasible(reasons, best)
+
+
+def best_scale(
+    problem: Problem,
+    profiles: ProfileLookup,
+    fits: FitCheck | None = None,
+    constraints: Constraints | None = None,
+    *,
+    iterations: int = 60,
+) -> float:
+    """The largest s such that some allocation within the GPUs and constraints has capacity
+    ``r T_m >= s load_m`` for every LLM: the throughput at the target mix is s x the target
+    rates. 0 when an LLM fits on no configuration."""
+    cons = constraints or Constraints()
+    budget = cons.budget(problem.budget)
+    loads = problem.loads
+    options: dict[str, list[tuple[int, float, int | None]]] = {}
+    for model in loads:
+        configs, _ = instance_profiles(model, problem, cons, profiles, fits)
+        options[model] = [
+            (tp * units, p.saturation_rate, cons.replica_cap((model, tp, units)))
+            for (tp, units), p in configs.items()
+        ]
+        if not options[model]:
+            return 0.0
+
+    def units_needed(s: float) -> float:
+        total = 0.0
+        for model, opts in options.items():
+            costs = [
+                cost * max(1, math.ceil(s * loads[model] / sat - 1e-12))
+                for cost, sat, cap in opts
+                if cap is None or math.ceil(s * loads[model] / sat - 1e-12) <= cap
+            ]
+            total += min(costs, default=math.inf)
+        return total
+
+    lo, hi = 0.0, 1.0
+    while units_needed(hi) <= budget and hi < 1e12:
+        lo, hi = hi, hi * 2
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if units_needed(mid) <= budget else (lo, mid)
+    return lo

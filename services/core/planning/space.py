@@ -1,0 +1,196 @@
+"""The search space of the allocation search: the problem, added constraints, per-LLM candidates.
+
+A ``Problem`` is what to plan (workflows, target rates and weights, GPUs, k, the largest TP
+degree, rho); ``Constraints`` narrow it (placement feedback adds them). Per LLM the candidates
+are every allowed configuration (TP degree t and u/k of each GPU, u < k only with t = 1) with
+every replica count r from the fewest that meet rho up to the budget, each with its cost
+``r t u`` (units of 1/k GPU) and call latency ``L_m(load_m / r)``. The replica count stops
+growing once the per-replica rate falls to the profile's first point: below it the latency is
+flat, so more replicas only cost more. ``pareto`` keeps the candidates that no other beats on
+both cost and latency; ``services.core.planning.search`` explains why that loses no optimum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from services.core.allocation import TP_DEGREES, Allocation
+from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.profile import Profile
+from services.core.planning.alp import FitCheck, ProfileLookup, call_latency, llm_loads
+from services.core.workload.demand import WorkflowDemand
+
+# (model, tp, units per GPU): one replica's configuration; units == k for whole GPUs.
+Config = tuple[str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """What to plan: workflows with target rates (requests/s) and weights, on ``gpus`` GPUs.
+
+    ``max_tp`` is the largest NVLink domain (TP degrees above it are never tried); ``rho`` the
+    utilisation cap; fractions are multiples of 1/``fraction_unit``. Weights default to 1.
+    """
+
+    workflows: tuple[WorkflowDemand, ...]
+    rates: dict[str, float]
+    gpus: int
+    fraction_unit: int = 4
+    max_tp: int = 8
+    rho: float = 0.9
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.workflows:
+            raise InvalidInputError("workflows: at least one workflow is needed")
+        for w in self.workflows:
+            rate = self.rates.get(w.name)
+            if rate is None or not rate > 0:
+                raise InvalidInputError(f"rates.{w.name}: must be a positive rate, got {rate!r}")
+            if not self.weight(w.name) > 0:
+                raise InvalidInputError(f"weights.{w.name}: must be > 0, got {self.weight(w.name)}")
+        _positive_int(self.gpus, "gpus")
+        _positive_int(self.fraction_unit, "fraction_unit")
+        _positive_int(self.max_tp, "max_tp")
+        if not 0 < self.rho <= 1:
+            raise InvalidInputError(f"rho: must be in (0, 1], got {self.rho}")
+
+    def weight(self, workflow: str) -> float:
+        return self.weights.get(workflow, 1.0)
+
+    @property
+    def budget(self) -> int:
+        """The cluster in units of 1/k GPU."""
+        return self.gpus * self.fraction_unit
+
+    @property
+    def loads(self) -> dict[str, float]:
+        """Calls/s per LLM, summed over workflows."""
+        return llm_loads(self.workflows, self.rates)
+
+    def scaled(self, factor: float) -> Problem:
+        """The same problem with every target rate multiplied by ``factor``."""
+        return replace(self, rates={w: r * factor for w, r in self.rates.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Constraints:
+    """Restrictions on top of a ``Problem``, added by placement feedback (or by a caller).
+
+    ``max_tp`` caps the TP degree, ``max_units`` the total units; ``max_replicas`` caps the
+    replicas of one (model, tp, units) configuration (0 rules it out). ``notes`` say why each
+    restriction was added, in order.
+    """
+
+    max_tp: int | None = None
+    max_units: int | None = None
+    max_replicas: dict[Config, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def replica_cap(self, config: Config) -> int | None:
+        return self.max_replicas.get(config)
+
+    def budget(self, units: int) -> int:
+        """The units the search may use out of a cluster's ``units``."""
+        return units if self.max_units is None else min(units, self.max_units)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One LLM's configuration with its cost and per-call latency."""
+
+    model: str
+    tp: int
+    units: int  # per GPU, 1/k each
+    replicas: int
+    cost: int  # replicas x tp x units
+    latency: float  # s per call at load / replicas
+
+    def allocation(self, k: int) -> Allocation:
+        return Allocation(self.units / k, self.tp, self.replicas)
+
+
+# ------------------------------------------------------------------------------ candidates
+def configurations(problem: Problem, constraints: Constraints) -> tuple[tuple[int, int], ...]:
+    """Allowed (tp, units per GPU) pairs: fractions 1/k .. 1 on one GPU, whole-GPU TP groups."""
+    k = problem.fraction_unit
+    cap = min(problem.max_tp, constraints.max_tp or problem.max_tp)
+    fractions = tuple((1, u) for u in range(1, k + 1))
+    return fractions + tuple((t, k) for t in TP_DEGREES if 1 < t <= cap)
+
+
+def instance_profiles(
+    model: str,
+    problem: Problem,
+    constraints: Constraints,
+    profiles: ProfileLookup,
+    fits: FitCheck | None,
+) -> tuple[dict[tuple[int, int], Profile], list[str]]:
+    """Profiles of the configurations of ``model`` whose instance fits, and why the others don't."""
+    k = problem.fraction_unit
+    found: dict[tuple[int, int], Profile] = {}
+    problems: list[str] = []
+    for tp, units in configurations(problem, constraints):
+        if constraints.replica_cap((model, tp, units)) == 0:
+            continue
+        fraction = units / k
+        problem_text = fits(model, tp, fraction) if fits is not None else None
+        if problem_text is not None:
+            problems.append(f"tp {tp} x {fraction:g}: {problem_text}")
+            continue
+        try:
+            found[(tp, units)] = profiles(model, tp, fraction)
+        except InfeasibleError as exc:
+            problems.append(f"tp {tp} x {fraction:g}: {exc}")
+    return found, problems
+
+
+def min_replicas(load: float, saturation: float, rho: float) -> int:
+    """Fewest replicas with ``load / (r T) <= rho`` and ``load < r T`` (as ``predict`` checks)."""
+    r = max(1, math.ceil(load / (rho * saturation)))
+    while load / (r * saturation) > rho or load >= r * saturation:
+        r += 1
+    return r
+
+
+def llm_candidates(
+    model: str,
+    load: float,
+    configs: Mapping[tuple[int, int], Profile],
+    budget: int,
+    rho: float,
+    constraints: Constraints,
+) -> list[Candidate]:
+    """Every (configuration, replicas) of ``model`` meeting rho within ``budget`` units, up to
+    the replica count where the latency stops falling (module docstring, step 1)."""
+    out: list[Candidate] = []
+    for (tp, units), profile in configs.items():
+        per_replica = tp * units
+        most = budget // per_replica
+        cap = constraints.replica_cap((model, tp, units))
+        if cap is not None:
+            most = min(most, cap)
+        floor_rate = profile.points[0].rate
+        for r in range(min_replicas(load, profile.saturation_rate, rho), most + 1):
+            latency = call_latency(profile, r, load)
+            out.append(Candidate(model, tp, units, r, r * per_replica, latency))
+            if load / r <= floor_rate:
+                break
+    return out
+
+
+def pareto(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other beats on both cost and latency, by increasing cost (ties: the first
+    in (cost, latency, tp, units) order)."""
+    kept: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.cost, c.latency, c.tp, c.units)):
+        if not kept or c.latency < kept[-1].latency:
+            kept.append(c)
+    return kept
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")

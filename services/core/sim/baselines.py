@@ -1,0 +1,215 @@
+"""The systems Scepsy is compared with: how each one allocates GPUs to a workflow's LLMs.
+
+All are pure functions of what that system knows (DESIGN.md section 5):
+
+- ``even_split`` - the user-specified static allocation: the cluster's whole GPUs split evenly
+  over the LLMs, the remainder one each to the largest models; TP 1, or the least TP whose
+  instance fits; replicas = its GPUs // TP.
+- ``independent`` - per-LLM optimisation without a workflow view: each LLM's share of the GPUs is
+  proportional to its own demand, call rate x per-call cost in isolation (GPU-seconds per call at
+  its smallest whole-GPU configuration, ``tp / T_m(tp)``), at least its smallest TP; inside its
+  share each LLM picks the TP (whole GPUs) and replica count with the lowest per-call latency at
+  its own call rate (its profile), ignoring how its calls combine into workflow latency
+  (no n/p weighting, no stages, no GPU fractions).
+- ``HpaAutoscaler`` - a reactive per-LLM autoscaler in the style of the Kubernetes HPA on ongoing
+  requests per replica: desired = ceil(mean outstanding calls / target), within a tolerance;
+  scale-ups at once (bounded by the free GPUs of the shared pool; the simulator adds the engine
+  start delay), scale-downs only to the highest desired count of the stabilisation window, and
+  only once a whole window of recommendations exists.
+- ``oracle_candidates`` - every maximal allocation of a small cluster (for the oracle, which
+  simulates them all).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import product
+
+from services.core.allocation import TP_DEGREES, Allocation
+from services.core.cluster.models import ModelSpec
+from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.profile import Profile
+from services.core.sim.control import ClusterView, ModelView, ScaleAction
+
+# (model, tp, fraction) -> whether one instance fits (weights, minimum KV cache, the longest call)
+Fits = Callable[[str, int, float], bool]
+# (model, tp, fraction) -> the instance's profile; raises InfeasibleError when it does not fit
+Profiles = Callable[[str, int, float], Profile]
+
+
+def least_tp(model: str, fits: Fits, max_tp: int) -> int:
+    """The smallest whole-GPU TP degree (<= ``max_tp``) whose instance of ``model`` fits."""
+    for tp in TP_DEGREES:
+        if tp <= max_tp and fits(model, tp, 1.0):
+            return tp
+    raise InfeasibleError(f"{model}: fits on no TP degree up to {max_tp}")
+
+
+# ------------------------------------------------------------------------------------ static
+def even_split(
+    models: Mapping[str, ModelSpec], gpus: int, fits: Fits, max_tp: int = 8
+) -> dict[str, Allocation]:
+    """The user-specified static allocation (module docstring).
+
+    Raises ``InfeasibleError`` when an LLM's even share is smaller than its least TP.
+    """
+    names = sorted(models)
+    if gpus < len(names):
+        raise InfeasibleError(f"even split: {gpus} GPUs for {len(names)} LLMs")
+    share = dict.fromkeys(names, gpus // len(names))
+    by_size = sorted(names, key=lambda m: (-models[m].param_count, m))
+    for m in by_size[: gpus % len(names)]:
+        share[m] += 1
+    out: dict[str, Allocation] = {}
+    for m in names:
+        tp = least_tp(m, fits, max_tp)
+        if tp > share[m]:
+            raise InfeasibleError(f"even split: {m} needs TP {tp}, its share is {share[m]} GPUs")
+        out[m] = Allocation(1.0, tp, share[m] // tp)
+    return out
+
+
+# ------------------------------------------------------------------------------------ independent
+def proportional_shares(
+    demand: Mapping[str, float], minimum: Mapping[str, int], gpus: int
+) -> dict[str, int]:
+    """Whole GPUs proportional to ``demand``, each at least ``minimum``: start every LLM at its
+    minimum, then give one GPU at a time to the LLM furthest below its proportional target
+    ``gpus x demand_m / sum(demand)`` (ties: by name). Raises ``InfeasibleError`` when the
+    minimums exceed ``gpus``."""
+    if sum(minimum.values()) > gpus:
+        raise InfeasibleError(f"independent: the LLMs need {sum(minimum.values())} GPUs at least")
+    total = sum(demand.values())
+    target = {m: gpus * d / total if total > 0 else 0.0 for m, d in demand.items()}
+    share = dict(minimum)
+    for _ in range(gpus - sum(share.values())):
+        m = min(sorted(share), key=lambda m: share[m] - target[m])
+        share[m] += 1
+    return share
+
+
+def independent(
+    loads: Mapping[str, float], profiles: Profiles, fits: Fits, gpus: int, max_tp: int = 8
+) -> dict[str, Allocation]:
+    """Independent per-LLM sizing (module docstring). ``loads`` are calls/s per LLM."""
+    smallest = {m: least_tp(m, fits, max_tp) for m in loads}
+    cost = {m: tp / profiles(m, tp, 1.0).saturation_rate for m, tp in smallest.items()}
+    shares = proportional_shares({m: loads[m] * cost[m] for m in loads}, smallest, gpus)
+    return {m: _own_best(m, loads[m], shares[m], profiles, fits, max_tp) for m in sorted(loads)}
+
+
+def _own_best(
+    model: str, load: float, gpus: int, profiles: Profiles, fits: Fits, max_tp: int
+) -> Allocation:
+    """The whole-GPU (TP, replicas) within ``gpus`` with the lowest per-call latency at
+    ``load``; when every option saturates, the one with the most capacity (ties: smaller TP)."""
+    options: list[tuple[float, float, int, int]] = []  # (latency, -capacity, tp, replicas)
+    for tp in TP_DEGREES:
+        if tp > min(gpus, max_tp) or not fits(model, tp, 1.0):
+            continue
+        replicas = gpus // tp
+        profile = profiles(model, tp, 1.0)
+        latency = profile.latency_at(load / replicas)
+        options.append((latency, -replicas * profile.saturation_rate, tp, replicas))
+    if all(math.isinf(o[0]) for o in options):
+        options = [(0.0, cap, tp, r) for _, cap, tp, r in options]
+    _, _, tp, replicas = min(options)
+    return Allocation(1.0, tp, replicas)
+
+
+# ------------------------------------------------------------------------------------ autoscaler
+AutoscalerState = Mapping[str, tuple[tuple[float, int], ...]]  # model -> (time, desired) history
+
+
+@dataclass(frozen=True, slots=True)
+class HpaAutoscaler:
+    """HPA-style reactive autoscaler (module docstring); a ``simulator.Controller``.
+
+    ``targets``: outstanding calls per replica, per model (``target`` for models not listed);
+    ``interval``: seconds between decisions (the HPA's sync period); ``tolerance``: no change
+    while |metric / target - 1| <= tolerance;
+    ``scale_down_window``: a scale-down goes only to the highest desired count of this window;
+    a scale-up adds at most ``max(4, live replicas)`` (the HPA's default scale-up policy).
+    """
+
+    target: float = 16.0
+    targets: Mapping[str, float] = field(default_factory=dict)
+    interval: float = 15.0
+    tolerance: float = 0.1
+    scale_down_window: float = 60.0
+
+    def __post_init__(self) -> None:
+        targets = [self.target, *self.targets.values()]
+        if not (min(targets) > 0 and self.interval > 0 and self.scale_down_window >= 0):
+            raise InvalidInputError("autoscaler: target and interval must be > 0, window >= 0")
+
+    def initial_state(self) -> AutoscalerState:
+        return {}
+
+    def desired(self, model: ModelView) -> int:
+        """Replicas this model wants now (at least 1)."""
+        live = len(model.replicas)
+        target = self.targets.get(model.model, self.target)
+        ratio = model.mean_outstanding / (max(live, 1) * target)
+        if abs(ratio - 1) <= self.tolerance:
+            return live
+        return max(1, math.ceil(model.mean_outstanding / target))
+
+    def decide(
+        self, view: ClusterView, state: AutoscalerState
+    ) -> tuple[tuple[ScaleAction, ...], AutoscalerState]:
+        """Scale-downs first (they free GPUs only once drained), then scale-ups, the most
+        overloaded model first."""
+        history: dict[str, tuple[tuple[float, int], ...]] = {}
+        downs: list[ScaleAction] = []
+        ups: list[tuple[float, ScaleAction]] = []
+        for model in view.models:
+            want = self.desired(model)
+            past = state.get(model.model, ())
+            since = view.now - self.scale_down_window
+            # a scale-down needs recommendations over the whole window (none at start-up)
+            covered = bool(past) and past[0][0] <= since + 1e-9
+            kept = tuple((t, d) for t, d in past if t >= since - 1e-9)
+            history[model.model] = (*kept, (view.now, want))
+            live = len(model.replicas)
+            if want > live:
+                step = min(want - live, max(4, live))
+                ups.append((-want / max(live, 1), ScaleAction(model.model, step)))
+                continue
+            floor = max(d for _, d in history[model.model])
+            if covered and floor < live:
+                downs.append(ScaleAction(model.model, floor - live))
+        ups.sort(key=lambda pair: (pair[0], pair[1].model))
+        return (*downs, *(a for _, a in ups)), history
+
+
+# ------------------------------------------------------------------------------------ oracle
+def instance_options(model: str, k: int, max_tp: int, fits: Fits) -> list[tuple[int, int]]:
+    """(tp, units per GPU) of every configuration of ``model`` that fits."""
+    options = [(1, u) for u in range(1, k + 1)] + [(t, k) for t in TP_DEGREES if 1 < t <= max_tp]
+    return [(tp, u) for tp, u in options if fits(model, tp, u / k)]
+
+
+def oracle_candidates(
+    models: list[str], gpus: int, k: int, fits: Fits, max_tp: int = 8
+) -> Iterator[dict[str, Allocation]]:
+    """Every allocation of ``models`` within ``gpus`` (units of 1/k) that is maximal: no LLM
+    could add a replica of its configuration in the units left over."""
+    budget = gpus * k
+    per_model: list[list[tuple[int, int, int]]] = []  # (tp, units, replicas)
+    for m in models:
+        opts = [
+            (tp, u, r)
+            for tp, u in instance_options(m, k, max_tp, fits)
+            for r in range(1, budget // (tp * u) + 1)
+        ]
+        per_model.append(opts)
+    for combo in product(*per_model):
+        used = sum(tp * u * r for tp, u, r in combo)
+        if used > budget:
+            continue
+        if any(budget - used >= tp * u for tp, u, _ in combo):
+            continue  # a replica more would fit
+        yield {m: Allocation(u / k, tp, r) for m, (tp, u, r) in zip(models, combo, strict=True)}

@@ -1,0 +1,114 @@
+"""The plan document: inputs, result, placement, and its content hash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.core.cluster.declared import parse_cluster
+from services.core.errors import InvalidInputError
+from services.core.placement.heuristic import cluster_state, instances_of, validate
+from services.core.planning.plan import (
+    build_plan,
+    content,
+    max_tp_of,
+    plan_dict,
+    plan_id,
+    problem_of,
+    spec_from_text,
+)
+from tests.core.planning.test_search import synthetic
+
+# Deployment names A and B (the synthetic profiles' models) backed by catalogue models.
+SPEC = """
+version: 1
+fraction_unit: 4
+rho: 0.8
+cluster: {{gpu_type: H100-SXM, gpus: 4}}
+models:
+  A: Qwen/Qwen2.5-0.5B
+  B: Qwen/Qwen3-0.6B
+workflows:
+  - name: w
+    rate: {rate}
+    weight: 2
+    stats:
+      tool_time: 0.2
+      stages: [[A, B]]
+      llms:
+        A: {{n: 2, prompt_tokens: 100, completion_tokens: 10}}
+        B: {{n: 1, prompt_tokens: 100, completion_tokens: 10}}
+"""
+
+
+def node(name: str, gpu_type: str, gpus: int, interconnect: str) -> dict[str, object]:
+    return {"name": name, "gpu_type": gpu_type, "gpus": gpus, "interconnect": interconnect}
+
+
+def test_plan_records_inputs_result_and_placement() -> None:
+    text = SPEC.format(rate=1.0)
+    spec = spec_from_text(text)
+    plan = build_plan(text, spec, synthetic, created_at=100.0)
+    assert plan.id == plan_id(plan) and len(plan.id) == 16
+    assert (plan.spec_text, plan.fraction_unit, plan.rho, plan.created_at) == (text, 4, 0.8, 100.0)
+    assert sorted(plan.allocation) == ["A", "B"] and plan.gpus <= 4
+    (w,) = plan.workflows
+    assert (w.workflow, w.target_rps, w.weight) == ("w", 1.0, 2.0)
+    assert w.latency_s == pytest.approx(plan.objective_s)  # one workflow: J is its latency
+    assert w.throughput_rps >= 1.0 / 0.8
+    state = cluster_state(plan.nodes, 4)
+    assert validate(plan.placement, state, instances_of(plan.allocation, 4)) == ()
+    assert plan.rounds == 1 and plan.constraints == ()
+    json.dumps(plan_dict(plan))  # JSON-ready
+
+
+def test_the_id_is_a_content_hash() -> None:
+    text = SPEC.format(rate=1.0)
+    spec = spec_from_text(text)
+    first = build_plan(text, spec, synthetic, created_at=1.0)
+    later = build_plan(text, spec, synthetic, created_at=2.0)
+    # the time of planning and the search time do not change what was decided
+    assert later.id == first.id and later.created_at != first.created_at
+    assert "created_at" not in content(first) and "search_seconds" not in content(first)
+    other_text = SPEC.format(rate=1.5)
+    other = build_plan(other_text, spec_from_text(other_text), synthetic, created_at=1.0)
+    assert other.id != first.id
+    reworded = "# same spec, another comment\n" + text
+    assert build_plan(reworded, spec, synthetic, created_at=1.0).id != first.id
+
+
+def test_spec_on_given_nodes() -> None:
+    text = SPEC.format(rate=1.0).replace("cluster: {gpu_type: H100-SXM, gpus: 4}\n", "")
+    nodes = parse_cluster({"version": 1, "nodes": [node("x", "A100-80GB-PCIe", 4, "pcie")]})
+    spec = spec_from_text(text, nodes)
+    assert (spec.gpu_type, spec.gpu_count, spec.nodes) == ("A100-80GB-PCIe", 4, nodes)
+    assert problem_of(spec).max_tp == 1
+    with pytest.raises(InvalidInputError, match="cluster: missing"):
+        spec_from_text(text)
+    mixed = parse_cluster(
+        {
+            "version": 1,
+            "nodes": [node("x", "H100-SXM", 2, "nvswitch"), node("y", "L40S", 2, "pcie")],
+        }
+    )
+    with pytest.raises(InvalidInputError, match="exactly one type"):
+        spec_from_text(text, mixed)
+    with pytest.raises(InvalidInputError, match="spec: not valid YAML"):
+        spec_from_text("version: [1")
+
+
+@pytest.mark.parametrize(
+    ("gpu_type", "gpus", "interconnect", "expected"),
+    [
+        ("H100-SXM", 8, "nvswitch", 8),
+        ("H100-SXM", 6, "nvswitch", 4),
+        ("A100-80GB-PCIe", 4, "nvlink-pairs", 2),
+        ("L40S", 8, "pcie", 1),
+    ],
+)
+def test_max_tp_is_the_largest_domain(
+    gpu_type: str, gpus: int, interconnect: str, expected: int
+) -> None:
+    nodes = parse_cluster({"version": 1, "nodes": [node("n", gpu_type, gpus, interconnect)]})
+    assert max_tp_of(nodes) == expected

@@ -1,0 +1,83 @@
+"""The systems as planners and a CI-sized evaluation run end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from services.core.sim import baselines
+from services.core.sim.evaluation import run_bench
+from services.core.sim.report import comparisons, peak
+from services.core.sim.results import BenchSettings
+from services.core.sim.systems import SYSTEMS, Context, autoscaler_plan, cluster_nodes, hpa_targets
+from services.core.sim.workflows import RagReranker
+
+GPUS = 4
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Context:
+    return Context.prepare(RagReranker(), "H100-SXM", GPUS, warmup_requests=60)
+
+
+def test_the_warm_up_trace_gives_the_workflow_statistics(ctx: Context) -> None:
+    # RAG: 1 generator call per request; K ~ uniform{8..32} reranker calls all in parallel
+    assert ctx.stats.requests == 60
+    assert ctx.stats.llm("generator").n == 1.0
+    assert 8 <= ctx.stats.llm("reranker").n <= 32
+    assert ctx.stats.stages == (("reranker",), ("generator",))
+    assert ctx.isolated_latency > 0
+
+
+def test_clusters_are_nodes_of_eight_nvswitch_gpus() -> None:
+    assert [len(n.gpus) for n in cluster_nodes("H100-SXM", 20)] == [8, 8, 4]
+    assert all(n.largest_domain == len(n.gpus) for n in cluster_nodes("H100-SXM", 20))
+
+
+def test_static_and_independent_plans_follow_their_definitions(ctx: Context) -> None:
+    static = SYSTEMS["static"](ctx, GPUS, 5.0)
+    assert static.allocation == baselines.even_split(ctx.models, GPUS, ctx.fits)
+    independent = SYSTEMS["independent"](ctx, GPUS, 5.0)
+    loads = {d.model: 5.0 * d.n for d in ctx.demand.llms}
+    assert independent.allocation == baselines.independent(
+        loads, ctx.profiles.profile, ctx.fits, GPUS
+    )
+    assert all(a.fraction == 1.0 for a in independent.allocation.values())
+
+
+def test_scepsy_plans_within_the_gpus_and_falls_back_to_its_capacity(ctx: Context) -> None:
+    low = SYSTEMS["scepsy"](ctx, GPUS, 2.0)
+    assert low.planned_rate is None and low.prediction is not None and low.prediction.feasible
+    assert sum(a.gpus for a in low.allocation.values()) <= GPUS
+    # far above what 4 GPUs can serve: the plan for the highest plannable rate
+    high = SYSTEMS["scepsy"](ctx, GPUS, 1000.0)
+    assert high.planned_rate is not None
+    assert high.planned_rate <= ctx.rho * ctx.capacity(GPUS) * (1 + 1e-9)
+
+
+def test_the_autoscaler_starts_from_the_even_split_with_tuned_targets(ctx: Context) -> None:
+    plan = autoscaler_plan(baselines.HpaAutoscaler())(ctx, GPUS, 5.0)
+    assert plan.allocation == SYSTEMS["static"](ctx, GPUS, 5.0).allocation
+    assert isinstance(plan.controller, baselines.HpaAutoscaler)
+    assert plan.controller.targets == hpa_targets(ctx, plan.allocation)
+
+
+def test_a_quick_evaluation_runs_end_to_end_and_its_ratios_follow_the_curves() -> None:
+    settings = BenchSettings.quick(gpu_counts=(GPUS,), systems=("scepsy", "static"))
+    result = run_bench([RagReranker()], settings)
+    (wf,) = result.workflows
+    (gpu,) = wf.gpus
+    assert [c.system for c in gpu.curves] == ["scepsy", "static"]
+    assert all(len(c.points) >= 1 for c in gpu.curves)
+    (row,) = comparisons(result)
+    assert row.scepsy_peak == peak(gpu.curve("scepsy"))
+    assert row.baseline_peak == peak(gpu.curve("static"))
+    if row.peak_ratio is not None:
+        assert row.peak_ratio == pytest.approx(row.scepsy_peak / row.baseline_peak)
+    assert gpu.alp_throughput is not None and math.isfinite(gpu.alp_throughput.error)
+    assert wf.stability[0].source.startswith("warm-up")
+    assert result.calls > 0
+    # deterministic: the same settings give the same curves
+    again = run_bench([RagReranker()], settings)
+    assert again.workflows[0].gpus == result.workflows[0].gpus
