@@ -34,7 +34,7 @@ from services.core.cluster.declared import parse_cluster  # noqa: E402
 from services.core.cluster.models import model_spec  # noqa: E402
 from services.core.planning.feedback import search_placed  # noqa: E402
 from services.core.planning.plan import placer_for, problem_of  # noqa: E402
-from services.core.planning.profiles import AnalyticProfiles  # noqa: E402
+from services.core.planning.profiles import SpecProfiles  # noqa: E402
 from services.core.planning.search import best_scale, search  # noqa: E402
 from services.core.workload.demand import LlmDemand, WorkflowDemand  # noqa: E402
 from services.core.workload.spec import Spec, WorkflowTarget  # noqa: E402
@@ -106,7 +106,7 @@ def with_rates(spec: Spec, scale: float) -> Spec:
 
 def run_case(llms: int, gpus: int, repeat: int) -> dict[str, Any]:
     base = synthetic_spec(llms, gpus)
-    profiles = AnalyticProfiles(base)  # the mixes do not depend on the rates' common scale
+    profiles = SpecProfiles(base)  # the mixes do not depend on the rates' common scale
     started = time.perf_counter()
     scale = best_scale(problem_of(base), profiles.profile) * LOAD
     spec = with_rates(base, scale)

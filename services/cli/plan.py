@@ -1,13 +1,15 @@
 """``scepsy plan`` and ``scepsy status``: search, place and show a plan; read the current one.
 
-``scepsy plan --spec SPEC [--cluster FILE] [--json] [--store [--redis-url URL]]`` searches the
-spec's allocation (GPU fraction x TP x replicas per LLM, optimal under the ALP), places it on the
-spec's cluster (or the cluster file) and prints the allocation per LLM, the predicted latency and
-throughput per workflow, the search time (and how much of it computing profiles) and the
-placement. Profiles come from the analytic backend, once per (model, TP, fraction). With
-``--store`` the plan is stored in Redis under its content hash and made current, as the planner
-service does. An infeasible spec exits with status 2 and says why, with the best throughput the
-GPUs reach.
+``scepsy plan --spec SPEC [--cluster FILE] [--json] [--offline] [--store [--redis-url URL]]``:
+when a suite is up (``scepsy up``) the spec goes to the Planner service, which gets profiles
+from the Profiler and placements from the Placer, plans around the running placement, stores
+the plan and makes it current. Otherwise (or with ``--offline``) the one plan path runs
+in-process: profiles stored in Redis first when ``--store`` names one, else computed with the
+profiler's backends; placed on the spec's cluster (or the cluster file), around the current
+plan's placement when ``--store`` is given. Either way it prints the allocation per LLM, the
+predicted latency and throughput per workflow, where the profiles came from, the search time
+and the placement. An infeasible spec exits with status 2 and says why, with the best
+throughput the GPUs reach.
 
 ``scepsy status [--json] [--redis-url URL] [--recent N]`` prints the current plan and its
 placement, and the most recent plans.
@@ -20,14 +22,24 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
+
+from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
+from services.cli.cluster import read_state
 from services.cli.store_args import add_store_flags, connect_store
 from services.core.cluster.declared import load_cluster
-from services.core.errors import InvalidInputError
-from services.core.planning.plan import Plan, build_plan, plan_dict, with_nodes
-from services.core.planning.profiles import AnalyticProfiles
+from services.core.errors import InvalidInputError, UnavailableError
+from services.core.perf.profile import Profile, ProfileKey
+from services.core.placement.heuristic import Assignment
+from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict
+from services.core.planning.profiles import SpecProfiles, StoreFirst
 from services.core.workload.spec import load_spec
+from services.profiler.backends import BACKENDS
+from services.runtime.convert import plan_from_pb
+from services.runtime.errors import error_from_rpc
+from services.runtime.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +47,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan.add_argument("--spec", required=True, help="deployment spec (YAML or JSON)")
     plan.add_argument("--cluster", metavar="FILE", help="cluster YAML instead of the spec's")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.add_argument("--store", action="store_true", help="store the plan and make it current")
+    plan.add_argument(
+        "--offline", action="store_true", help="plan in-process even when a suite is up"
+    )
+    plan.add_argument(
+        "--store", action="store_true", help="offline: store the plan and make it current"
+    )
+    plan.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the Planner service"
+    )
     add_store_flags(plan)
     plan.set_defaults(func=run_plan)
 
@@ -48,39 +68,96 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 # ------------------------------------------------------------------------------ plan
 def run_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    if args.cluster:
-        spec = with_nodes(spec, load_cluster(args.cluster))
-    profiles = AnalyticProfiles(spec)
-    plan = build_plan(
-        Path(args.spec).read_text(encoding="utf-8"),
-        spec,
-        profiles.profile,
-        created_at=time.time(),
-        profile_seconds=lambda: profiles.seconds,
-    )
+    address = None if args.offline else planner_address()
     stored = None
-    if args.store:
-        stored = asyncio.run(_put(args, plan))
+    if address is not None:
+        if args.store:
+            raise InvalidInputError("--store: the Planner service stores every plan; drop --store")
+        plan = plan_remote(args, address)
+        stored = True
+    else:
+        plan, stored = plan_offline(args)
     if args.json:
         doc = plan_dict(plan)
         if stored is not None:
             doc["stored"] = {"new": stored, "current": True}
+        doc["planner"] = address or "in-process"
         print(json.dumps(doc))
     else:
         print(format_plan(plan))
+        where = f"the Planner service at {address}" if address else "in-process"
         if stored is not None:
-            state = "stored" if stored else "already stored"
-            print(f"plan {plan.id} {state} and made current")
+            print(f"plan {plan.id} planned by {where}, stored and made current")
     return 0
 
 
-async def _put(args: argparse.Namespace, plan: Plan) -> bool:
-    store = connect_store(args)
+def planner_address() -> str | None:
+    """The Planner of the suite ``scepsy up`` started here, if one is up."""
+    state = read_state()
+    service = (state or {}).get("services", {}).get("planner")
+    return str(service["address"]) if service else None
+
+
+def plan_remote(args: argparse.Namespace, address: str) -> Plan:
+    """The spec planned by the Planner service at ``address``."""
+    spec_text = _read(args.spec, "--spec")
+    cluster_text = _read(args.cluster, "--cluster") if args.cluster else ""
+    request = planner_pb2.PlanRequest(spec_yaml=spec_text, cluster_yaml=cluster_text)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = planner_pb2_grpc.PlannerStub(channel).Plan(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            code = cast(grpc.Call, exc).code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise UnavailableError(
+                    f"planner at {address}: {code.name.lower()} (`scepsy status`; or plan "
+                    "with --offline)"
+                ) from None
+            raise error_from_rpc(exc) from None
+    return plan_from_pb(response.plan)
+
+
+def plan_offline(args: argparse.Namespace) -> tuple[Plan, bool | None]:
+    """The one plan path in-process; with ``--store``, around the current plan, profiles read
+    from and stored in Redis, the plan stored and made current."""
+    spec = load_spec(args.spec)
+    nodes = load_cluster(args.cluster) if args.cluster else spec.nodes
+    spec_text = _read(args.spec, "--spec")
+    if not args.store:
+        inputs = PlanInputs(spec_text, spec, nodes, SpecProfiles(spec, StoreFirst(BACKENDS)))
+        return make_plan(inputs), None
+
+    async def run(store: Store) -> tuple[Plan, bool]:
+        loop = asyncio.get_running_loop()
+        current = await store.get_current_plan()
+        running: tuple[Assignment, ...] = current.placement.assignments if current else ()
+
+        def get(key: ProfileKey) -> Profile | None:
+            return asyncio.run_coroutine_threadsafe(store.get_profile(key), loop).result(30)
+
+        def put(profile: Profile) -> None:
+            asyncio.run_coroutine_threadsafe(store.put_profile(profile), loop).result(30)
+
+        profiles = SpecProfiles(spec, StoreFirst(BACKENDS, get=get, put=put))
+        inputs = PlanInputs(spec_text, spec, nodes, profiles, running)
+        plan = await asyncio.to_thread(make_plan, inputs)
+        return plan, await store.put_plan(plan)
+
+    async def main() -> tuple[Plan, bool]:
+        store = connect_store(args)
+        try:
+            return await run(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def _read(path: str, flag: str) -> str:
     try:
-        return await store.put_plan(plan)
-    finally:
-        await store.close()
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
 
 
 # ------------------------------------------------------------------------------ status
@@ -167,6 +244,13 @@ def format_plan(plan: Plan) -> str:
         f"{plan.rounds} round(s); weighted latency {plan.objective_s:.3f} s"
     )
     lines.extend(f"  constraint {note}" for note in plan.constraints)
+    sources = [
+        f"{m.model}: " + ", ".join(f"{n} {how}" for how, n in m.profile_sources.items())
+        for m in plan.llms
+        if m.profile_sources
+    ]
+    if sources:
+        lines.append("  profiles " + "; ".join(sources))
     lines.extend(_placement_lines(plan))
     return "\n".join(lines)
 

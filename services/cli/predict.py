@@ -27,7 +27,7 @@ from typing import Any
 from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InvalidInputError
 from services.core.planning.alp import Prediction, predict
-from services.core.planning.profiles import AnalyticProfiles
+from services.core.planning.profiles import SpecProfiles
 from services.core.workload.spec import Spec, load_spec
 
 _ALLOCATION_FIELDS = {"fraction", "tp", "replicas"}
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     allocations = read_allocations(args.allocations, spec)
-    source = AnalyticProfiles(spec)
+    source = SpecProfiles(spec)
     demands = [w.demand for w in spec.workflows]
     predictions: list[Prediction] = []
     for number, allocation in allocations:

@@ -24,8 +24,7 @@ from services.core.errors import InvalidInputError
 from services.core.perf.analytic import RequestMix, profile_analytic
 from services.core.perf.profile import Profile
 from services.core.workload.trace import read_trace
-
-BACKENDS = ("analytic",)
+from services.profiler.backends import BACKENDS
 
 
 def trace_mix(path: Path, model: str) -> RequestMix:
@@ -52,7 +51,9 @@ TRACE_MIX_LOADER: TraceMixLoader = trace_mix
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("profile", help="latency-vs-rate profile of one LLM configuration")
-    parser.add_argument("--backend", choices=BACKENDS, default="analytic", help="profiler backend")
+    parser.add_argument(
+        "--backend", choices=sorted(BACKENDS), default="analytic", help="profiler backend"
+    )
     add_engine_args(parser)
     parser.add_argument("--input-len", type=int, help="fixed prompt tokens per call")
     parser.add_argument("--output-len", type=int, help="fixed completion tokens per call")
@@ -83,16 +84,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     gpu = gpu_spec(args.gpu)
     mix = request_mix(args)
-    profile = profile_analytic(
-        model,
-        gpu,
-        args.tp,
-        args.fraction,
-        mix,
-        args.seed,
-        config=scheduler_config(args, model),
-        requests_per_point=args.requests,
-    )
+    if args.backend == "analytic":  # the analytic backend takes the scheduler's knobs too
+        profile = profile_analytic(
+            model,
+            gpu,
+            args.tp,
+            args.fraction,
+            mix,
+            args.seed,
+            config=scheduler_config(args, model),
+            requests_per_point=args.requests,
+        )
+    else:
+        profile = BACKENDS[args.backend].profile(model, gpu, args.tp, args.fraction, mix, args.seed)
     doc = profile.to_dict()
     if args.out is not None:
         try:

@@ -20,8 +20,11 @@ class PlannerConfig(ServiceConfig):
     profiler_address: str = option(
         "", "host:port of the Profiler service (empty: profiles computed in-process, store first)"
     )
-    placer_address: str = option(
-        "", "host:port of the Placer service (empty: placed in-process)"
+    placer_address: str = option("", "host:port of the Placer service (empty: placed in-process)")
+    trace_window_s: float = option(
+        3600.0,
+        "a spec's `trace: router` takes the router's calls of this many last seconds",
+        positive,
     )
     rpc_timeout_s: float = option(
         30.0, "deadline of each call to the Profiler and Placer services", positive

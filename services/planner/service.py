@@ -1,59 +1,84 @@
-"""The planner: serves ``scepsy.v1.Planner`` over the pure search and plan (``services.core``).
+"""The planner: serves ``scepsy.v1.Planner`` over the one plan path (``make_plan``).
 
 ``Plan``: the cluster is the request's cluster YAML when given, else the live nodes the agents
-registered, else the spec's own cluster entry. The spec is searched and placed
-(``build_plan``) in a worker thread, one plan at a time; the plan is stored under its content
+registered, else the spec's own cluster entry. A workflow whose spec says ``trace: router`` takes
+its statistics from the router's recorded trace in Redis (the last ``trace_window_s`` seconds).
+The plan path gets its profiles from the Profiler service when ``profiler_address`` is set (else
+in-process: the profile stored under its key, else computed with the profiler's backend
+registry and stored) and its placements from the Placer service when ``placer_address`` is set
+(else in-process), both around the current plan's placement, so a re-plan keeps what it can
+running. It runs in a worker thread, one plan at a time; the plan is stored under its content
 hash and made current in one Redis transaction, then returned. ``GetPlan``: a stored plan by id,
-the current one when the id is empty. Plans live only in Redis, so a restarted planner (or another
-replica) serves the same plans, and earlier plans stay readable by id.
-
-Profiles come from the analytic backend, computed once per (model, TP, fraction) and kept for the
-``profile_caches`` most recently planned sets of profile inputs (GPU type, models, request mixes),
-so planning the same workloads again costs only the search.
+the current one when the id is empty. Plans live only in Redis, so a restarted planner (or
+another replica) serves the same plans, and earlier plans stay readable by id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import parse_cluster
 from services.core.cluster.inventory import NodeInventory
+from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError, NotFoundError
-from services.core.planning.plan import Plan, build_plan, placer_for, spec_from_text
-from services.core.planning.profiles import AnalyticProfiles
-from services.core.workload.spec import Spec
+from services.core.perf.profile import Profile, ProfileKey
+from services.core.placement.heuristic import Assignment
+from services.core.planning.plan import Plan, PlanInputs, make_plan, spec_from_text
+from services.core.planning.profiles import ProfileProvider, SpecProfiles, StoreFirst
+from services.core.workload.spec import RECORDED_TRACE
+from services.core.workload.stats import WorkflowStats, workflow_stats
+from services.core.workload.trace import Trace, parse_trace_lines
+from services.planner.clients import PlacerClient, ProfilerClient
 from services.planner.config import PlannerConfig
+from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store
 
 log = get_logger(__name__)
+T = TypeVar("T")
+
+TRACE_PAGE = 5_000  # trace entries read per Redis call
+MAX_TRACE_CALLS = 200_000  # at most this many recorded calls make one plan's statistics
 
 
-class ProfileCaches:
-    """``AnalyticProfiles`` per profile inputs; the ``size`` most recently used are kept."""
+class RecordedTrace:
+    """The ``SpecFiles`` of a spec planned by the service: the router's recorded trace only."""
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._caches: OrderedDict[Hashable, AnalyticProfiles] = OrderedDict()
+    def __init__(self, stats: tuple[WorkflowStats, ...], window_s: float) -> None:
+        self._stats = stats
+        self._window_s = window_s
 
-    def for_spec(self, spec: Spec) -> AnalyticProfiles:
-        key = (
-            spec.gpu_type,
-            tuple((m, spec.models[m], spec.token_mix(m)) for m in sorted(spec.models)),
+    def trace_stats(self, path: str) -> tuple[WorkflowStats, ...]:
+        if path != RECORDED_TRACE:
+            raise InvalidInputError(
+                f"the planner service reads no trace files ({path!r}): use "
+                f"`trace: {RECORDED_TRACE}` (the router's recorded trace), inline `stats`, or "
+                "plan offline (`scepsy plan --offline`)"
+            )
+        if not self._stats:
+            raise InvalidInputError(
+                f"the router recorded no calls in the last {self._window_s:g} s"
+            )
+        return self._stats
+
+    def cluster(self, path: str) -> tuple[NodeInventory, ...]:
+        raise InvalidInputError(
+            f"the planner service reads no cluster files ({path!r}): it plans on the live "
+            "nodes, or on the request's cluster_yaml"
         )
-        cache = self._caches.pop(key, None) or AnalyticProfiles(spec)
-        self._caches[key] = cache
-        while len(self._caches) > self._size:
-            self._caches.popitem(last=False)
-        return cache
+
+    def model_config(self, path: str) -> ModelSpec:
+        raise InvalidInputError(
+            f"the planner service reads no model config files ({path!r}): use a catalogue name"
+        )
 
 
 class Planner:
@@ -63,29 +88,54 @@ class Planner:
         self._config = config
         self._store = store
         self._clock = clock
-        self._caches = ProfileCaches(config.profile_caches)
         self._lock = asyncio.Lock()
+        self._profiler = (
+            ProfilerClient(config.profiler_address, config.rpc_timeout_s)
+            if config.profiler_address
+            else None
+        )
 
-    async def plan(self, spec_text: str, cluster_text: str = "") -> Plan:
+    async def plan(self, spec_text: str, cluster_text: str = "", trace_window_s: float = 0) -> Plan:
         """Plan ``spec_text`` (module docstring), store it and make it current."""
         if not spec_text.strip():
             raise InvalidInputError("spec_yaml: must not be empty")
+        if trace_window_s < 0:
+            raise InvalidInputError(f"trace_window_s: must be >= 0, got {trace_window_s:g}")
+        window = trace_window_s or self._config.trace_window_s
         nodes = await self._nodes(cluster_text)
-        spec = spec_from_text(spec_text, nodes, source="spec_yaml")
-        current = await self._store.get_current_plan() if not cluster_text else None
-        running = current.placement.assignments if current is not None else ()
+        files = RecordedTrace(await self._recorded_stats(spec_text, window), window)
+        spec = spec_from_text(spec_text, nodes, source="spec_yaml", files=files)
+        running: tuple[Assignment, ...] = ()
+        if not cluster_text:
+            current = await self._store.get_current_plan()
+            running = current.placement.assignments if current is not None else ()
         async with self._lock:
-            profiles = self._caches.for_spec(spec)
-            plan = await asyncio.to_thread(
-                build_plan,
+            placer = (
+                PlacerClient(
+                    self._config.placer_address,
+                    self._config.rpc_timeout_s,
+                    spec.nodes,
+                    spec.fraction_unit,
+                    running,
+                )
+                if self._config.placer_address
+                else None
+            )
+            inputs = PlanInputs(
                 spec_text,
                 spec,
-                profiles.profile,
-                created_at=self._clock(),
-                placer=placer_for(spec.nodes, spec.fraction_unit, running),
-                profile_seconds=lambda: profiles.seconds,
-                max_rounds=self._config.max_rounds,
+                spec.nodes,
+                SpecProfiles(spec, self._provider(asyncio.get_running_loop())),
+                running,
+                placer.place if placer is not None else None,
+                self._clock,
+                self._config.max_rounds,
             )
+            try:
+                plan = await asyncio.to_thread(make_plan, inputs)
+            finally:
+                if placer is not None:
+                    placer.close()
         new = await self._store.put_plan(plan)
         if not new:  # planned before: the stored document (and its creation time) stands
             plan = await self._store.get_plan(plan.id) or plan
@@ -112,6 +162,48 @@ class Planner:
             raise NotFoundError(f"plan {plan_id!r} not found")
         return found
 
+    def close(self) -> None:
+        if self._profiler is not None:
+            self._profiler.close()
+
+    def _provider(self, loop: asyncio.AbstractEventLoop) -> ProfileProvider:
+        """The Profiler service, else the store-first source on this planner's store (called
+        from the search's worker thread, so the store calls hop onto the event loop)."""
+        if self._profiler is not None:
+            return self._profiler
+        timeout = self._config.rpc_timeout_s
+
+        def blocking(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+            return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout)
+
+        def get(key: ProfileKey) -> Profile | None:
+            return blocking(lambda: self._store.get_profile(key))
+
+        def put(profile: Profile) -> None:
+            blocking(lambda: self._store.put_profile(profile))
+
+        return StoreFirst(BACKENDS, get=get, put=put)
+
+    async def _recorded_stats(self, spec_text: str, window_s: float) -> tuple[WorkflowStats, ...]:
+        """Statistics of the router's calls of the last ``window_s`` seconds, read only when the
+        spec asks for them (a workflow with ``trace: router``)."""
+        if f"trace: {RECORDED_TRACE}" not in spec_text and f'"{RECORDED_TRACE}"' not in spec_text:
+            return ()
+        cutoff = self._clock() - window_s
+        after = f"{max(0, int(cutoff * 1000))}-0"  # entries are appended when calls end
+        lines: list[str] = []
+        while len(lines) < MAX_TRACE_CALLS:
+            page = await self._store.read_trace(after, TRACE_PAGE)
+            if not page:
+                break
+            lines.extend(line for _, line in page)
+            after = page[-1][0]
+        trace = parse_trace_lines(lines[-MAX_TRACE_CALLS:], source="router trace")
+        # a batch written late may hold calls that ended before the window
+        calls = tuple(c for c in trace.calls if c.end >= cutoff)
+        requests = tuple(r for r in trace.requests if r.end >= cutoff)
+        return tuple(workflow_stats(Trace(calls, requests))) if calls else ()
+
     async def _nodes(self, cluster_text: str) -> tuple[NodeInventory, ...] | None:
         """The declared cluster, else the live nodes, else None (the spec's own cluster)."""
         if cluster_text.strip():
@@ -135,7 +227,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
         request: planner_pb2.PlanRequest,
         context: grpc.aio.ServicerContext[planner_pb2.PlanRequest, planner_pb2.PlanResponse],
     ) -> planner_pb2.PlanResponse:
-        plan = await self._planner.plan(request.spec_yaml, request.cluster_yaml)
+        plan = await self._planner.plan(
+            request.spec_yaml, request.cluster_yaml, request.trace_window_s
+        )
         return planner_pb2.PlanResponse(plan=plan_to_pb(plan))
 
     async def GetPlan(

@@ -1,40 +1,12 @@
-"""Profiler backends: plugins that turn (model, GPU, TP, fraction, request mix) into a Profile.
+"""The profiler's backend registry: every ``ProfileBackend`` by the name used in requests.
 
-A backend is a small object with a ``name`` (the value of ``ProfileRequest.backend``), the
-``engine`` string that goes into every ProfileKey it produces (so profiles of different engines
-never mix), and a blocking ``profile`` call. ``BACKENDS`` is the registry keyed by name.
+The protocol and the analytic backend are pure (``services.core.perf.backends``); backends that
+drive real engines join the registry here. The Profiler service, the planner's in-process profile
+source and the CLI all look backends up in ``BACKENDS``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from services.core.perf.backends import AnalyticBackend, ProfileBackend
 
-from services.core.cluster.hardware import GpuSpec
-from services.core.cluster.models import ModelSpec
-from services.core.perf.analytic import ENGINE as ANALYTIC_ENGINE
-from services.core.perf.analytic import RequestMix, profile_analytic
-from services.core.perf.profile import Profile
-
-
-class ProfilerBackend(Protocol):
-    name: str
-    engine: str
-
-    def profile(
-        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
-    ) -> Profile: ...
-
-
-class AnalyticBackend:
-    """Continuous-batching simulation on the analytic performance model (no hardware)."""
-
-    name = "analytic"
-    engine = ANALYTIC_ENGINE
-
-    def profile(
-        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
-    ) -> Profile:
-        return profile_analytic(model, gpu, tp, fraction, mix, seed)
-
-
-BACKENDS: dict[str, ProfilerBackend] = {b.name: b for b in (AnalyticBackend(),)}
+BACKENDS: dict[str, ProfileBackend] = {b.name: b for b in (AnalyticBackend(),)}

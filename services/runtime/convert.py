@@ -10,6 +10,7 @@ from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
 from services.core.allocation import Allocation
 from services.core.cluster.inventory import GpuInfo, Link, NodeInventory, PcieLevel, Source
+from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
 from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
 from services.core.placement.heuristic import Assignment, Fragmentation, Placement
@@ -284,6 +285,60 @@ def assignments_from_pb(msg: pb.Placement, k: int) -> tuple[Assignment, ...]:
     return tuple(assignment_from_pb(a, msg.fraction_unit or k) for a in msg.assignments)
 
 
+# ---------------------------------------------------------------- model
+def model_to_pb(model: ModelSpec) -> pb.Model:
+    return pb.Model(
+        name=model.name,
+        layers=model.layers,
+        hidden_size=model.hidden,
+        attention_heads=model.heads,
+        kv_heads=model.kv_heads,
+        head_dim=model.head_dim,
+        intermediate_size=model.intermediate,
+        vocab_size=model.vocab,
+        experts=model.experts,
+        active_experts=model.active_experts,
+        dtype_bytes=model.dtype_bytes,
+        gated_mlp=model.gated_mlp,
+        tied_embeddings=model.tied_embeddings,
+        max_position=model.max_position,
+    )
+
+
+def model_from_pb(msg: pb.Model) -> ModelSpec:
+    """Inverse of ``model_to_pb``; raises ``InvalidInputError`` naming the first bad field."""
+    for name in (
+        "layers",
+        "hidden_size",
+        "attention_heads",
+        "kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "dtype_bytes",
+    ):
+        if getattr(msg, name) < 1:
+            raise InvalidInputError(f"model_spec.{name}: must be >= 1, got {getattr(msg, name)}")
+    if not msg.name:
+        raise InvalidInputError("model_spec.name: must not be empty")
+    return ModelSpec(
+        name=msg.name,
+        layers=msg.layers,
+        hidden=msg.hidden_size,
+        heads=msg.attention_heads,
+        kv_heads=msg.kv_heads,
+        head_dim=msg.head_dim,
+        intermediate=msg.intermediate_size,
+        vocab=msg.vocab_size,
+        experts=msg.experts or 1,
+        active_experts=msg.active_experts or 1,
+        dtype_bytes=msg.dtype_bytes,
+        gated_mlp=msg.gated_mlp if msg.HasField("gated_mlp") else True,
+        tied_embeddings=msg.tied_embeddings,
+        max_position=msg.max_position or 4096,
+    )
+
+
 # ---------------------------------------------------------------- plan
 def plan_to_pb(plan: Plan) -> planner_pb.Plan:
     return planner_pb.Plan(
@@ -312,6 +367,7 @@ def plan_to_pb(plan: Plan) -> planner_pb.Plan:
                 utilization=m.utilization,
                 call_latency_s=m.call_latency_s,
                 gpus=m.gpus,
+                profile_sources=m.profile_sources,
             )
             for m in plan.llms
         ],
@@ -338,7 +394,14 @@ def plan_from_pb(msg: planner_pb.Plan) -> Plan:
             for w in msg.predictions
         ),
         llms=tuple(
-            LlmForecast(m.model, m.load_cps, m.utilization, m.call_latency_s, m.gpus)
+            LlmForecast(
+                m.model,
+                m.load_cps,
+                m.utilization,
+                m.call_latency_s,
+                m.gpus,
+                dict(sorted(m.profile_sources.items())),
+            )
             for m in msg.llms
         ),
         objective_s=msg.objective_s,

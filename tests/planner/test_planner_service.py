@@ -13,14 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import parse_cluster
 from services.core.placement.heuristic import cluster_state, instances_of, validate
-from services.core.planning.plan import build_plan, spec_from_text
+from services.core.planning.plan import spec_from_text
 from services.planner.config import PlannerConfig
 from services.planner.service import Planner, planner_binding
 from services.runtime.convert import plan_from_pb, plan_to_pb
 from services.runtime.server import Server
 from services.runtime.store import Store
 from tests.core.planning.test_plan import SPEC as TEST_PLAN_SPEC
-from tests.core.planning.test_search import synthetic
+from tests.core.planning.test_plan import build_plan
 
 # Two small models on two L40S (PCIe: TP 1 only), k = 2: 2 configurations per model, so the
 # analytic profiles take a fraction of a second.
@@ -171,7 +171,7 @@ async def test_errors_map_to_status_codes(planner: Running) -> None:
 
 def test_plan_round_trips_through_protobuf() -> None:
     text = TEST_PLAN_SPEC.format(rate=0.3)
-    plan = build_plan(text, spec_from_text(text), synthetic, created_at=5.0)
+    plan = build_plan(text, spec_from_text(text), created_at=5.0)
     plan = dataclasses.replace(plan, rounds=3, constraints=("a reason", "another"))
     assert any(a.units < plan.fraction_unit for a in plan.placement.assignments)
     assert plan_from_pb(plan_to_pb(plan)) == plan

@@ -57,11 +57,32 @@ class LlmPrediction(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProfileSourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     LOAD_CPS_FIELD_NUMBER: _builtins.int
     UTILIZATION_FIELD_NUMBER: _builtins.int
     CALL_LATENCY_S_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    PROFILE_SOURCES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     load_cps: _builtins.float
     """calls/s over all replicas, summed over workflows"""
@@ -71,6 +92,10 @@ class LlmPrediction(_message.Message):
     """predicted mean latency of one call"""
     gpus: _builtins.float
     """replicas x tp x fraction"""
+    @_builtins.property
+    def profile_sources(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """where its profiles came from: "stored analytic-1" / "computed analytic-1" -> how many"""
+
     def __init__(
         self,
         *,
@@ -79,10 +104,11 @@ class LlmPrediction(_message.Message):
         utilization: _builtins.float = ...,
         call_latency_s: _builtins.float = ...,
         gpus: _builtins.float = ...,
+        profile_sources: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_latency_s", b"call_latency_s", "gpus", b"gpus", "load_cps", b"load_cps", "model", b"model", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_latency_s", b"call_latency_s", "gpus", b"gpus", "load_cps", b"load_cps", "model", b"model", "profile_sources", b"profile_sources", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,21 +196,27 @@ class PlanRequest(_message.Message):
 
     SPEC_YAML_FIELD_NUMBER: _builtins.int
     CLUSTER_YAML_FIELD_NUMBER: _builtins.int
+    TRACE_WINDOW_S_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
     """A self-contained deployment spec (inline statistics; its cluster entry is optional when
     cluster_yaml is given or agents are registered).
     """
     cluster_yaml: _builtins.str
     """optional: plan for a declared cluster instead of the live one"""
+    trace_window_s: _builtins.float
+    """a workflow with `trace: router` takes the router's calls of the last trace_window_s seconds
+    (0: the planner's default)
+    """
     def __init__(
         self,
         *,
         spec_yaml: _builtins.str = ...,
         cluster_yaml: _builtins.str = ...,
+        trace_window_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_yaml", b"cluster_yaml", "spec_yaml", b"spec_yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_yaml", b"cluster_yaml", "spec_yaml", b"spec_yaml", "trace_window_s", b"trace_window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.scepsy.v1 import types_pb2 as protos_dot_scepsy_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/scepsy/v1/profiler.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"u\n\x0eRequestMixSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tinput_len\x18\x02 \x01(\r\x12\x12\n\noutput_len\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x03(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x03(\r\"\xa7\x01\n\x0eProfileRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\x10\n\x08\x66raction\x18\x05 \x01(\x01\x12&\n\x03mix\x18\x06 \x01(\x0b\x32\x19.scepsy.v1.RequestMixSpec\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07refresh\x18\x08 \x01(\x08\"7\n\x11GetProfileRequest\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.ProfileKey\"F\n\x0fProfileResponse\x12#\n\x07profile\x18\x01 \x01(\x0b\x32\x12.scepsy.v1.Profile\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x32\x94\x01\n\x08Profiler\x12@\n\x07Profile\x12\x19.scepsy.v1.ProfileRequest\x1a\x1a.scepsy.v1.ProfileResponse\x12\x46\n\nGetProfile\x12\x1c.scepsy.v1.GetProfileRequest\x1a\x1a.scepsy.v1.ProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/scepsy/v1/profiler.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"u\n\x0eRequestMixSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tinput_len\x18\x02 \x01(\r\x12\x12\n\noutput_len\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x03(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x03(\r\"\xcd\x01\n\x0eProfileRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\r\x12\x10\n\x08\x66raction\x18\x05 \x01(\x01\x12&\n\x03mix\x18\x06 \x01(\x0b\x32\x19.scepsy.v1.RequestMixSpec\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07refresh\x18\x08 \x01(\x08\x12$\n\nmodel_spec\x18\t \x01(\x0b\x32\x10.scepsy.v1.Model\"7\n\x11GetProfileRequest\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.scepsy.v1.ProfileKey\"F\n\x0fProfileResponse\x12#\n\x07profile\x18\x01 \x01(\x0b\x32\x12.scepsy.v1.Profile\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x32\x94\x01\n\x08Profiler\x12@\n\x07Profile\x12\x19.scepsy.v1.ProfileRequest\x1a\x1a.scepsy.v1.ProfileResponse\x12\x46\n\nGetProfile\x12\x1c.scepsy.v1.GetProfileRequest\x1a\x1a.scepsy.v1.ProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTMIXSPEC']._serialized_start=76
   _globals['_REQUESTMIXSPEC']._serialized_end=193
   _globals['_PROFILEREQUEST']._serialized_start=196
-  _globals['_PROFILEREQUEST']._serialized_end=363
-  _globals['_GETPROFILEREQUEST']._serialized_start=365
-  _globals['_GETPROFILEREQUEST']._serialized_end=420
-  _globals['_PROFILERESPONSE']._serialized_start=422
-  _globals['_PROFILERESPONSE']._serialized_end=492
-  _globals['_PROFILER']._serialized_start=495
-  _globals['_PROFILER']._serialized_end=643
+  _globals['_PROFILEREQUEST']._serialized_end=401
+  _globals['_GETPROFILEREQUEST']._serialized_start=403
+  _globals['_GETPROFILEREQUEST']._serialized_end=458
+  _globals['_PROFILERESPONSE']._serialized_start=460
+  _globals['_PROFILERESPONSE']._serialized_end=530
+  _globals['_PROFILER']._serialized_start=533
+  _globals['_PROFILER']._serialized_end=681
 # @@protoc_insertion_point(module_scope)

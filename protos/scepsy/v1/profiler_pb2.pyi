@@ -67,6 +67,7 @@ class ProfileRequest(_message.Message):
     MIX_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     REFRESH_FIELD_NUMBER: _builtins.int
+    MODEL_SPEC_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """"analytic" or "vllm" """
     model: _builtins.str
@@ -78,6 +79,10 @@ class ProfileRequest(_message.Message):
     """ignore a stored profile"""
     @_builtins.property
     def mix(self) -> Global___RequestMixSpec: ...
+    @_builtins.property
+    def model_spec(self) -> _types_pb2.Model:
+        """the architecture, when `model` is not a catalogue name"""
+
     def __init__(
         self,
         *,
@@ -89,10 +94,11 @@ class ProfileRequest(_message.Message):
         mix: Global___RequestMixSpec | None = ...,
         seed: _builtins.int = ...,
         refresh: _builtins.bool = ...,
+        model_spec: _types_pb2.Model | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["mix", b"mix"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mix", b"mix", "model_spec", b"model_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "fraction", b"fraction", "gpu_type", b"gpu_type", "mix", b"mix", "model", b"model", "refresh", b"refresh", "seed", b"seed", "tp", b"tp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "fraction", b"fraction", "gpu_type", b"gpu_type", "mix", b"mix", "model", b"model", "model_spec", b"model_spec", "refresh", b"refresh", "seed", b"seed", "tp", b"tp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

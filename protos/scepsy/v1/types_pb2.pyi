@@ -91,7 +91,7 @@ class _EngineStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineSta
     ENGINE_STATE_STOPPED: _EngineState.ValueType  # 4
 
 class EngineState(_EngineState, metaclass=_EngineStateEnumTypeWrapper):
-    """---------------------------------------------------------------- engines and traces"""
+    """---------------------------------------------------------------- engines (the engines issue: node agents run them)"""
 
 ENGINE_STATE_UNSPECIFIED: EngineState.ValueType  # 0
 ENGINE_STATE_STARTING: EngineState.ValueType  # 1
@@ -99,25 +99,6 @@ ENGINE_STATE_READY: EngineState.ValueType  # 2
 ENGINE_STATE_FAILED: EngineState.ValueType  # 3
 ENGINE_STATE_STOPPED: EngineState.ValueType  # 4
 Global___EngineState: _TypeAlias = EngineState  # noqa: Y015
-
-class _CallStatus:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _CallStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallStatus.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    CALL_STATUS_UNSPECIFIED: _CallStatus.ValueType  # 0
-    CALL_STATUS_OK: _CallStatus.ValueType  # 1
-    CALL_STATUS_ERROR: _CallStatus.ValueType  # 2
-    CALL_STATUS_CANCELLED: _CallStatus.ValueType  # 3
-
-class CallStatus(_CallStatus, metaclass=_CallStatusEnumTypeWrapper): ...
-
-CALL_STATUS_UNSPECIFIED: CallStatus.ValueType  # 0
-CALL_STATUS_OK: CallStatus.ValueType  # 1
-CALL_STATUS_ERROR: CallStatus.ValueType  # 2
-CALL_STATUS_CANCELLED: CallStatus.ValueType  # 3
-Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
 
 @_typing.final
 class Gpu(_message.Message):
@@ -331,6 +312,9 @@ class Model(_message.Message):
     EXPERTS_FIELD_NUMBER: _builtins.int
     ACTIVE_EXPERTS_FIELD_NUMBER: _builtins.int
     DTYPE_BYTES_FIELD_NUMBER: _builtins.int
+    GATED_MLP_FIELD_NUMBER: _builtins.int
+    TIED_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MAX_POSITION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     layers: _builtins.int
     hidden_size: _builtins.int
@@ -344,6 +328,11 @@ class Model(_message.Message):
     active_experts: _builtins.int
     """1 for dense models"""
     dtype_bytes: _builtins.int
+    gated_mlp: _builtins.bool
+    """SwiGLU-style MLP (gate, up, down); true when unset"""
+    tied_embeddings: _builtins.bool
+    max_position: _builtins.int
+    """context window"""
     def __init__(
         self,
         *,
@@ -358,12 +347,17 @@ class Model(_message.Message):
         experts: _builtins.int = ...,
         active_experts: _builtins.int = ...,
         dtype_bytes: _builtins.int = ...,
+        gated_mlp: _builtins.bool | None = ...,
+        tied_embeddings: _builtins.bool = ...,
+        max_position: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gated_mlp", b"_gated_mlp", "gated_mlp", b"gated_mlp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_experts", b"active_experts", "attention_heads", b"attention_heads", "dtype_bytes", b"dtype_bytes", "experts", b"experts", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "intermediate_size", b"intermediate_size", "kv_heads", b"kv_heads", "layers", b"layers", "name", b"name", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gated_mlp", b"_gated_mlp", "active_experts", b"active_experts", "attention_heads", b"attention_heads", "dtype_bytes", b"dtype_bytes", "experts", b"experts", "gated_mlp", b"gated_mlp", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "intermediate_size", b"intermediate_size", "kv_heads", b"kv_heads", "layers", b"layers", "max_position", b"max_position", "name", b"name", "tied_embeddings", b"tied_embeddings", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gated_mlp: _TypeAlias = _typing.Literal["gated_mlp"]  # noqa: Y015
+    _WhichOneofArgType__gated_mlp: _TypeAlias = _typing.Literal["_gated_mlp", b"_gated_mlp"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gated_mlp) -> _WhichOneofReturnType__gated_mlp | None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
 
@@ -678,56 +672,3 @@ class Engine(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engine: _TypeAlias = Engine  # noqa: Y015
-
-@_typing.final
-class TraceCall(_message.Message):
-    """One LLM call of a workflow request; the unit of the trace."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    WORKFLOW_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    CALL_ID_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    START_FIELD_NUMBER: _builtins.int
-    END_FIELD_NUMBER: _builtins.int
-    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
-    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
-    TTFT_S_FIELD_NUMBER: _builtins.int
-    STATUS_FIELD_NUMBER: _builtins.int
-    REPLICA_FIELD_NUMBER: _builtins.int
-    workflow: _builtins.str
-    request_id: _builtins.str
-    call_id: _builtins.str
-    model: _builtins.str
-    start: _builtins.float
-    """unix seconds"""
-    end: _builtins.float
-    prompt_tokens: _builtins.int
-    completion_tokens: _builtins.int
-    ttft_s: _builtins.float
-    """0 when not streamed"""
-    status: Global___CallStatus.ValueType
-    replica: _builtins.str
-    def __init__(
-        self,
-        *,
-        workflow: _builtins.str = ...,
-        request_id: _builtins.str = ...,
-        call_id: _builtins.str = ...,
-        model: _builtins.str = ...,
-        start: _builtins.float = ...,
-        end: _builtins.float = ...,
-        prompt_tokens: _builtins.int = ...,
-        completion_tokens: _builtins.int = ...,
-        ttft_s: _builtins.float = ...,
-        status: Global___CallStatus.ValueType = ...,
-        replica: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "completion_tokens", b"completion_tokens", "end", b"end", "model", b"model", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "request_id", b"request_id", "start", b"start", "status", b"status", "ttft_s", b"ttft_s", "workflow", b"workflow"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TraceCall: _TypeAlias = TraceCall  # noqa: Y015

@@ -1,15 +1,20 @@
-"""The plan: a deployment spec searched (``services.core.planning.search``) and placed, as one
-document.
+"""The plan: a deployment spec searched, placed and recorded as one document; the one plan path.
+
+``make_plan(PlanInputs)`` is the only way a plan is made: the planner service, the CLI's offline
+``scepsy plan`` and the simulator's Scepsy system each fill ``PlanInputs`` (the spec, the nodes to
+plan on, the running placement, a profile source, a clock) and call it. It does no I/O: the
+profile source and the placement function are handed in (the planner binds them to the Profiler
+and Placer services; the default places in-process). Re-planning passes the running placement,
+and the default placement is the placer's incremental one (``place_allocation`` with
+``current``), so a new plan keeps every running instance that its allocation still has.
 
 A ``Plan`` records its inputs (the spec text as given, the cluster's nodes, k and rho), the result
-(allocation per LLM, the ALP's predictions per workflow and per LLM, the placement) and how it was
-found (search time, rounds of placement feedback and the constraints they added). Its ``id`` is a
-content hash of inputs and result (``plan_id``): the same spec planned on the same cluster gives
-the same id, so a plan stored under its id never changes. ``created_at`` and the search time are
-left out of the hash (they differ between two runs that decide the same thing).
-
-``build_plan`` is pure: the caller hands in the profiles, the clock reading and, optionally, the
-placement function; the default places with ``services.core.placement.place`` on the spec's nodes.
+(allocation per LLM, the ALP's predictions per workflow and per LLM, the placement), how it was
+found (search time, rounds of placement feedback and the constraints they added) and where each
+LLM's profiles came from. Its ``id`` is a content hash of inputs and result (``plan_id``): the
+same spec planned on the same cluster gives the same id, so a plan stored under its id never
+changes. ``created_at``, the search time and the profile sources are left out of the hash (they
+differ between two runs that decide the same thing).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from services.core.allocation import TP_DEGREES, Allocation
@@ -27,14 +33,12 @@ from services.core.errors import InvalidInputError
 from services.core.placement.heuristic import (
     Assignment,
     Placement,
-    cluster_state,
-    instances_of,
-    place,
+    place_allocation,
 )
-from services.core.planning.alp import FitCheck, ProfileLookup
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
+from services.core.planning.profiles import SpecProfiles
 from services.core.planning.space import Problem
-from services.core.workload.spec import Spec, parse_spec
+from services.core.workload.spec import Spec, SpecFiles, parse_spec
 
 ID_LENGTH = 16  # hex digits of the sha256 kept as the plan id
 
@@ -59,6 +63,8 @@ class LlmForecast:
     utilization: float  # load / capacity
     call_latency_s: float
     gpus: float
+    # where its profiles came from and how many: {"stored analytic-1": 3, "computed analytic-1": 9}
+    profile_sources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +121,18 @@ def with_nodes(spec: Spec, nodes: tuple[NodeInventory, ...]) -> Spec:
 
 
 def spec_from_text(
-    text: str, nodes: tuple[NodeInventory, ...] | None = None, *, source: str = "spec"
+    text: str,
+    nodes: tuple[NodeInventory, ...] | None = None,
+    *,
+    source: str = "spec",
+    files: SpecFiles | None = None,
 ) -> Spec:
-    """A self-contained spec from its YAML (or JSON) text, planned on ``nodes`` when given (its
-    own ``cluster`` entry is then ignored and may be left out).
+    """A spec from its YAML (or JSON) text, planned on ``nodes`` when given (its own ``cluster``
+    entry is then ignored and may be left out).
 
     Raises ``InvalidInputError`` naming ``source`` and the field; a spec that refers to files
-    (traces, a cluster path) is refused, since there is no directory to resolve them against.
+    (traces, a cluster path) needs ``files`` to read them (the planner's reads the router's
+    recorded trace, ``trace: router``).
     """
     import yaml  # only parsing text needs it
 
@@ -130,54 +141,61 @@ def spec_from_text(
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{source}: not valid YAML: {exc}") from None
     if nodes is None:
-        return parse_spec(doc, source=source)
+        return parse_spec(doc, source=source, files=files)
     types = sorted({g.gpu_type for n in nodes for g in n.gpus})
     if len(types) != 1:
         raise InvalidInputError(f"cluster: must have GPUs of exactly one type, got {types}")
     if isinstance(doc, Mapping):
         gpus = sum(len(n.gpus) for n in nodes)
         doc = {**doc, "cluster": {"gpu_type": types[0], "gpus": gpus}}
-    return with_nodes(parse_spec(doc, source=source), nodes)
+    return with_nodes(parse_spec(doc, source=source, files=files), nodes)
 
 
 def placer_for(
-    nodes: tuple[NodeInventory, ...], k: int, current: Sequence[Assignment] = ()
+    nodes: Sequence[NodeInventory], k: int, running: Sequence[Assignment] = ()
 ) -> PlaceFn:
-    """Place allocations with the placer's heuristic on the free capacity of ``nodes``;
-    ``current``: the running placement, whose memory counts as free (it is being replaced)."""
-    state = cluster_state(nodes, k, current=current)
-    return lambda allocation: place(instances_of(allocation, k), state)
+    """Place allocations in-process with the placer's heuristic on ``nodes``, keeping what it
+    can of the ``running`` placement (its memory counts as free: it is being replaced)."""
+    return lambda allocation: place_allocation(allocation, k, nodes, current=running).placement
 
 
-def build_plan(
-    spec_text: str,
-    spec: Spec,
-    profiles: ProfileLookup,
-    *,
-    created_at: float,
-    fits: FitCheck | None = None,
-    placer: PlaceFn | None = None,
-    profile_seconds: Callable[[], float] | None = None,
-    max_rounds: int = DEFAULT_MAX_ROUNDS,
-) -> Plan:
-    """Search and place ``spec`` (``search_placed``) and record the plan.
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    """Everything a plan is made from (module docstring)."""
 
-    ``profile_seconds`` reads the cumulative time the profile source has spent computing
-    (e.g. ``AnalyticProfiles.seconds``); the plan records its growth during the search.
-    Raises ``AllocationInfeasible`` (why, and the best throughput these GPUs reach) or
+    spec_text: str  # the deployment spec as given (recorded in the plan, part of its id)
+    spec: Spec
+    nodes: tuple[NodeInventory, ...]  # the cluster to plan on (replaces the spec's own)
+    profiles: SpecProfiles  # the profile source
+    running: tuple[Assignment, ...] = ()  # the running placement, kept where it can be
+    place: PlaceFn | None = None  # default: ``placer_for(nodes, k, running)``
+    clock: Callable[[], float] = time.time  # reads the plan's creation time
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+
+
+def make_plan(inputs: PlanInputs) -> Plan:
+    """Search and place the spec (``search_placed``) and record the plan.
+
+    Raises ``InvalidInputError`` when the nodes' GPU type differs from the profile source's,
+    ``AllocationInfeasible`` (why, and the best throughput these GPUs reach) or
     ``InfeasibleError`` when no allocation places.
     """
-    spent = profile_seconds or (lambda: 0.0)
-    before = spent()
+    spec = with_nodes(inputs.spec, inputs.nodes)
+    profiles = inputs.profiles
+    if profiles.gpu.name != spec.gpu_type:
+        raise InvalidInputError(
+            f"cluster: profiles are for {profiles.gpu.name}, the nodes have {spec.gpu_type}"
+        )
+    place = inputs.place or placer_for(spec.nodes, spec.fraction_unit, inputs.running)
+    before = profiles.seconds
     problem = problem_of(spec)
-    placed = search_placed(
-        problem,
-        profiles,
-        placer or placer_for(spec.nodes, spec.fraction_unit),
-        fits=fits,
-        max_rounds=max_rounds,
+    placed = search_placed(problem, profiles.profile, place, max_rounds=inputs.max_rounds)
+    plan = assemble(
+        inputs.spec_text, spec, problem, placed, inputs.clock(), profiles.seconds - before
     )
-    return assemble(spec_text, spec, problem, placed, created_at, spent() - before)
+    origins = profiles.origins()
+    llms = tuple(replace(m, profile_sources=origins.get(m.model, {})) for m in plan.llms)
+    return replace(plan, llms=llms)
 
 
 def assemble(
@@ -235,12 +253,19 @@ def content(plan: Plan) -> dict[str, Any]:
         "rho": plan.rho,
         "allocation": {m: asdict(a) for m, a in plan.allocation.items()},
         "workflows": [asdict(w) for w in plan.workflows],
-        "llms": [asdict(m) for m in plan.llms],
+        "llms": [_forecast(m) for m in plan.llms],
         "objective_s": plan.objective_s,
         "placement": [asdict(a) for a in plan.placement.assignments],
         "rounds": plan.rounds,
         "constraints": list(plan.constraints),
     }
+
+
+def _forecast(m: LlmForecast) -> dict[str, Any]:
+    """An LLM's prediction without its profile sources (how profiles were got is no decision)."""
+    doc = asdict(m)
+    doc.pop("profile_sources")
+    return doc
 
 
 def cluster_facts(node: NodeInventory) -> dict[str, Any]:

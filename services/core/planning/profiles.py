@@ -1,68 +1,190 @@
-"""Per-configuration profiles for a deployment spec, computed once and kept for the process.
+"""The one profile source of a plan: per (model, TP, fraction), the stored profile, else a new one.
 
-The planner's search and ``scepsy predict`` ask for the profile of (model, TP, fraction) many
-times; ``AnalyticProfiles`` computes each with the analytic backend on first use and keeps it (and
-keeps the ``InfeasibleError`` of a configuration that does not fit, raising it again). Each model
-is profiled with its request mix from the spec: the token samples of every workflow calling it,
-in proportion to their call rates.
+The search asks for the profile of (model, TP, fraction) many times. ``SpecProfiles`` turns each
+ask into a ``ProfileQuery`` (the model's architecture, the spec's GPU type, the configuration,
+the model's request mix from the spec and the backend), hands it to a ``ProfileProvider`` once,
+and keeps the answer (a configuration that does not fit keeps its ``InfeasibleError`` and raises
+it again). It also counts where each model's profiles came from, which a plan records.
 
-A cache is an ordinary object owned by its caller (no module-level state); its counters say how
-many profiles were computed and how long that took, which the search benchmark reports apart from
-the search itself.
+Providers:
+
+- ``StoreFirst``: the profile stored under the query's key if there is one, else computed with
+  the backend of that name (and stored, when it can store). The planner without a Profiler
+  service, the CLI's offline ``plan``, the simulator and ``predict`` use it;
+- the planner's client of the Profiler service (``services.planner.clients``), which does the
+  same on the profiler's side and reports whether the profile was stored or computed.
+
+Each model is profiled with its request mix from the spec: the token samples of every workflow
+calling it, in proportion to their call rates (``Spec.token_mix``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
-from services.core.cluster.hardware import gpu_spec
-from services.core.errors import InfeasibleError
-from services.core.perf.analytic import RequestMix, profile_analytic
-from services.core.perf.profile import Profile
+from services.core.cluster.hardware import GpuSpec, gpu_spec
+from services.core.cluster.models import ModelSpec
+from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.backends import DEFAULT_BACKEND, AnalyticBackend, ProfileBackend
+from services.core.perf.profile import Profile, ProfileKey
 from services.core.workload.spec import Spec
 
 # The request mix of a model that no workflow calls (it carries no load; only fit and idle
 # latency matter): a moderate chat-sized call.
 FALLBACK_MIX = (512, 128)
+STORED, COMPUTED = "stored", "computed"
 
 
-class AnalyticProfiles:
-    """Profiles from the analytic backend, computed once per (model, tp, fraction).
+@dataclass(frozen=True, slots=True)
+class ProfileQuery:
+    """One profile to find: a model's instance configuration under a request mix."""
 
-    ``profile`` is an ``alp.ProfileLookup``. Infeasible configurations are cached too and raise
-    again. ``computed`` counts profiles computed (infeasible ones included), ``hits`` lookups
-    answered from the cache, ``seconds`` the time spent computing.
+    name: str  # the model's name in the spec (calls and traces use it)
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int
+    fraction: float
+    mix: RequestMix
+    backend: str = DEFAULT_BACKEND
+    seed: int = 0
+
+    def key(self, engine: str) -> ProfileKey:
+        """The storage key of this query's profile as measured by ``engine``."""
+        return ProfileKey(
+            self.model.name, self.gpu.name, self.tp, self.fraction, engine, self.mix.id
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A provider's answer: the profile and how it was got (``STORED`` or ``COMPUTED``)."""
+
+    profile: Profile
+    how: str
+
+    @property
+    def origin(self) -> str:
+        """e.g. ``stored analytic-1``: how, and the engine that measured it."""
+        return f"{self.how} {self.profile.key.engine}"
+
+
+class ProfileProvider(Protocol):
+    def fetch(self, query: ProfileQuery) -> Found:
+        """The query's profile; raises ``InfeasibleError`` when the instance does not fit."""
+        ...
+
+
+class StoreFirst:
+    """A ``ProfileProvider``: the profile stored under the query's key, else the backend's.
+
+    ``get`` reads a stored profile (None when there is none); ``put`` stores a computed one
+    (optional). Both are plain callables, so core stays free of I/O: the caller binds them to
+    its store. ``backends`` is the registry by name (default: the analytic backend only).
     """
 
-    def __init__(self, spec: Spec, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        backends: Mapping[str, ProfileBackend] | None = None,
+        get: Callable[[ProfileKey], Profile | None] | None = None,
+        put: Callable[[Profile], None] | None = None,
+    ) -> None:
+        self._backends = dict(backends or {AnalyticBackend.name: AnalyticBackend()})
+        self._get = get
+        self._put = put
+
+    def backend(self, name: str) -> ProfileBackend:
+        if name not in self._backends:
+            raise InvalidInputError(
+                f"backend: must be one of {', '.join(sorted(self._backends))}, got {name!r}"
+            )
+        return self._backends[name]
+
+    def fetch(self, query: ProfileQuery) -> Found:
+        backend = self.backend(query.backend)
+        if self._get is not None:
+            stored = self._get(query.key(backend.engine))
+            if stored is not None:
+                return Found(stored, STORED)
+        profile = backend.profile(
+            query.model, query.gpu, query.tp, query.fraction, query.mix, query.seed
+        )
+        if self._put is not None:
+            self._put(profile)
+        return Found(profile, COMPUTED)
+
+
+class SpecProfiles:
+    """The profiles of a spec's models, each configuration fetched once from ``provider``.
+
+    ``profile`` is an ``alp.ProfileLookup``. ``origins`` counts, per model, where its profiles
+    came from (``{"generator": {"stored analytic-1": 3, "computed analytic-1": 9}}``);
+    ``computed`` counts fetches (infeasible ones included), ``hits`` lookups answered from
+    memory, ``seconds`` the time spent fetching.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        provider: ProfileProvider | None = None,
+        *,
+        backend: str = DEFAULT_BACKEND,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.spec = spec
         self.gpu = gpu_spec(spec.gpu_type)
+        self.provider = provider or StoreFirst()
+        self.backend = backend
         self._clock = clock
         self._cache: dict[tuple[str, int, float], Profile | InfeasibleError] = {}
+        self._origins: dict[str, Counter[str]] = {}
         self.computed = 0
         self.hits = 0
         self.seconds = 0.0
+
+    def query(self, model: str, tp: int, fraction: float) -> ProfileQuery:
+        """What ``profile(model, tp, fraction)`` asks the provider for."""
+        if model not in self.spec.models:
+            raise InvalidInputError(f"model: {model!r} is not in the spec's models")
+        samples = self.spec.token_mix(model) or (FALLBACK_MIX,)
+        mix = RequestMix.from_samples(samples)
+        spec = self.spec.models[model]
+        return ProfileQuery(model, spec, self.gpu, tp, fraction, mix, self.backend)
 
     def profile(self, model: str, tp: int, fraction: float) -> Profile:
         key = (model, tp, fraction)
         if key in self._cache:
             self.hits += 1
         else:
-            self._cache[key] = self._compute(model, tp, fraction)
+            self._cache[key] = self._fetch(model, tp, fraction)
         found = self._cache[key]
         if isinstance(found, InfeasibleError):
             raise found
         return found
 
-    def _compute(self, model: str, tp: int, fraction: float) -> Profile | InfeasibleError:
-        started = self._clock()
-        samples = self.spec.token_mix(model) or (FALLBACK_MIX,)
-        mix = RequestMix.from_samples(samples)
+    def fits(self, model: str, tp: int, fraction: float) -> bool:
+        """Whether an instance holds the weights, a minimum KV cache and the longest call."""
         try:
-            return profile_analytic(self.spec.models[model], self.gpu, tp, fraction, mix)
+            self.profile(model, tp, fraction)
+        except InfeasibleError:
+            return False
+        return True
+
+    def origins(self) -> dict[str, dict[str, int]]:
+        return {m: dict(sorted(c.items())) for m, c in sorted(self._origins.items())}
+
+    def _fetch(self, model: str, tp: int, fraction: float) -> Profile | InfeasibleError:
+        started = self._clock()
+        try:
+            found = self.provider.fetch(self.query(model, tp, fraction))
         except InfeasibleError as exc:
             return exc
         finally:
             self.computed += 1
             self.seconds += self._clock() - started
+        self._origins.setdefault(model, Counter())[found.origin] += 1
+        return found.profile

@@ -5,12 +5,12 @@ in the simulator (the static even split, requests far enough apart that they rar
 traced, and the trace gives the workflow statistics (``services.core.workload.stats``), the ALP
 demand and
 each LLM's request mix; the profiles of every (model, TP, fraction) are computed from those mixes
-on demand and kept (``services.core.planning.profiles``).
+on demand and kept (``services.core.planning.profiles``, analytic).
 
 Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Plan``:
 
-- ``scepsy`` - the ALP search with placement feedback
-  (``services.core.planning.feedback.search_placed``) for the target rate; above the highest
+- ``scepsy`` - the one plan path (``services.core.planning.plan.make_plan``: the ALP search
+  with placement feedback) for the target rate; above the highest
   rate it can plan (throughput >= rate / rho), the plan for that highest rate (its
   maximum-throughput allocation);
 - ``static`` - ``baselines.even_split``;
@@ -35,9 +35,8 @@ from services.core.cluster.models import ModelSpec, model_spec
 from services.core.errors import InfeasibleError
 from services.core.perf.model import PerfModel
 from services.core.planning.alp import Prediction, predict
-from services.core.planning.feedback import search_placed
-from services.core.planning.plan import max_tp_of, placer_for
-from services.core.planning.profiles import AnalyticProfiles
+from services.core.planning.plan import PlanInputs, make_plan, max_tp_of
+from services.core.planning.profiles import SpecProfiles
 from services.core.planning.search import AllocationInfeasible, best_scale
 from services.core.planning.space import Problem
 from services.core.sim import baselines
@@ -96,7 +95,7 @@ class Context:
     stats: WorkflowStats
     warmup: Trace
     isolated_latency: float  # s, mean latency of a request served alone (warm-up probe)
-    profiles: AnalyticProfiles
+    profiles: SpecProfiles
     fraction_unit: int = 4
     rho: float = 0.9
     options: SimOptions = field(default_factory=SimOptions)
@@ -124,7 +123,7 @@ class Context:
             workflow.name, 1.0, 1.0, demand, {m.model: m.sample for m in stats.llms if m.n > 0}
         )
         spec = Spec((target,), models, cluster_nodes(gpu_type, gpus), fraction_unit, rho)
-        profiles = AnalyticProfiles(spec)
+        profiles = SpecProfiles(spec)
         return cls(workflow, gpu, models, stats, trace, alone, profiles, fraction_unit, rho, opts)
 
     @property
@@ -137,11 +136,7 @@ class Context:
 
     def fits(self, model: str, tp: int, fraction: float) -> bool:
         """Whether an instance holds the weights, a minimum KV cache and the longest call."""
-        try:
-            self.profiles.profile(model, tp, fraction)
-        except InfeasibleError:
-            return False
-        return True
+        return self.profiles.fits(model, tp, fraction)
 
     def problem(self, gpus: int, rate: float) -> Problem:
         return Problem(
@@ -218,18 +213,26 @@ def warmup_trace(
 # ------------------------------------------------------------------------------------ systems
 def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Plan:
     """The ALP-optimal placeable allocation for ``rate`` (module docstring)."""
-    placer = placer_for(cluster_nodes(ctx.gpu.name, gpus), ctx.fraction_unit)
+    base = ctx.profiles.spec
+    nodes = cluster_nodes(ctx.gpu.name, gpus)
     target = rate
     for _ in range(8):
+        workflows = tuple(replace(w, rate=target) for w in base.workflows)
+        inputs = PlanInputs(
+            f"simulated {ctx.workflow.name}",
+            replace(base, workflows=workflows),
+            nodes,
+            ctx.profiles,
+            clock=lambda: 0.0,
+        )
         try:
-            placed = search_placed(ctx.problem(gpus, target), ctx.profiles.profile, placer)
+            allocation = make_plan(inputs).allocation
         except AllocationInfeasible as exc:
             best = exc.best_throughput.get(ctx.workflow.name, 0.0) * ctx.rho
             if not best > 0:
                 raise
             target = min(best * 0.999, target * 0.98)
             continue
-        allocation = placed.result.allocation
         return Plan(
             "scepsy",
             allocation,

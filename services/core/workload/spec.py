@@ -13,7 +13,8 @@ YAML or JSON, version 1::
     workflows:
       - name: rag
         trace: traces/rag.jsonl # statistics from a trace (the workflow of the same name,
-        trace_workflow: rag     #   or of trace_workflow)
+        trace_workflow: rag     #   or of trace_workflow); ``trace: router``: the router's
+                                #   recorded trace (planner service only)
         rate: 4.0               # target requests/s
         weight: 1.0             # weight of its latency in the objective (default 1)
       - name: agent
@@ -51,6 +52,8 @@ DEFAULT_FRACTION_UNIT = 4
 DEFAULT_RHO = 0.9
 
 TokenMix = tuple[tuple[int, int], ...]  # (prompt, completion) token pairs
+# ``trace: router`` names the router's recorded trace (in Redis), which the planner service reads
+RECORDED_TRACE = "router"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,11 @@ class DiskFiles:
         self.base = base
 
     def trace_stats(self, path: str) -> tuple[WorkflowStats, ...]:
+        if path == RECORDED_TRACE:
+            raise InvalidInputError(
+                "the router's recorded trace is read by the planner service: plan through it "
+                "(`scepsy up`, then `scepsy plan`), or export it with `scepsy trace export`"
+            )
         return workflow_stats(read_trace(self.base / path))
 
     def cluster(self, path: str) -> tuple[NodeInventory, ...]:

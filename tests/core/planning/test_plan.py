@@ -1,7 +1,9 @@
-"""The plan document: inputs, result, placement, and its content hash."""
+"""The one plan path (``make_plan``) and the plan document: inputs, result, placement, profile
+sources, re-planning around the running placement, and the content hash."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,15 +12,37 @@ from services.core.cluster.declared import parse_cluster
 from services.core.errors import InvalidInputError
 from services.core.placement.heuristic import cluster_state, instances_of, validate
 from services.core.planning.plan import (
-    build_plan,
+    Plan,
+    PlanInputs,
     content,
+    make_plan,
     max_tp_of,
     plan_dict,
     plan_id,
     problem_of,
     spec_from_text,
 )
+from services.core.planning.profiles import COMPUTED, Found, ProfileQuery, SpecProfiles
+from services.core.workload.spec import Spec
 from tests.core.planning.test_search import synthetic
+
+
+class Synthetic:
+    """A ``ProfileProvider`` of the search tests' synthetic profiles, by the spec's model names."""
+
+    def __init__(self) -> None:
+        self.queries: list[ProfileQuery] = []
+
+    def fetch(self, query: ProfileQuery) -> Found:
+        self.queries.append(query)
+        return Found(synthetic(query.name, query.tp, query.fraction), COMPUTED)
+
+
+def build_plan(text: str, spec: Spec, *, created_at: float, **more: object) -> Plan:
+    profiles = SpecProfiles(spec, Synthetic())
+    inputs = PlanInputs(text, spec, spec.nodes, profiles, clock=lambda: created_at, **more)  # type: ignore[arg-type]
+    return make_plan(inputs)
+
 
 # Deployment names A and B (the synthetic profiles' models) backed by catalogue models.
 SPEC = """
@@ -49,7 +73,7 @@ def node(name: str, gpu_type: str, gpus: int, interconnect: str) -> dict[str, ob
 def test_plan_records_inputs_result_and_placement() -> None:
     text = SPEC.format(rate=1.0)
     spec = spec_from_text(text)
-    plan = build_plan(text, spec, synthetic, created_at=100.0)
+    plan = build_plan(text, spec, created_at=100.0)
     assert plan.id == plan_id(plan) and len(plan.id) == 16
     assert (plan.spec_text, plan.fraction_unit, plan.rho, plan.created_at) == (text, 4, 0.8, 100.0)
     assert sorted(plan.allocation) == ["A", "B"] and plan.gpus <= 4
@@ -66,16 +90,16 @@ def test_plan_records_inputs_result_and_placement() -> None:
 def test_the_id_is_a_content_hash() -> None:
     text = SPEC.format(rate=1.0)
     spec = spec_from_text(text)
-    first = build_plan(text, spec, synthetic, created_at=1.0)
-    later = build_plan(text, spec, synthetic, created_at=2.0)
+    first = build_plan(text, spec, created_at=1.0)
+    later = build_plan(text, spec, created_at=2.0)
     # the time of planning and the search time do not change what was decided
     assert later.id == first.id and later.created_at != first.created_at
     assert "created_at" not in content(first) and "search_seconds" not in content(first)
     other_text = SPEC.format(rate=1.5)
-    other = build_plan(other_text, spec_from_text(other_text), synthetic, created_at=1.0)
+    other = build_plan(other_text, spec_from_text(other_text), created_at=1.0)
     assert other.id != first.id
     reworded = "# same spec, another comment\n" + text
-    assert build_plan(reworded, spec, synthetic, created_at=1.0).id != first.id
+    assert build_plan(reworded, spec, created_at=1.0).id != first.id
 
 
 def test_spec_on_given_nodes() -> None:
@@ -112,3 +136,56 @@ def test_max_tp_is_the_largest_domain(
 ) -> None:
     nodes = parse_cluster({"version": 1, "nodes": [node("n", gpu_type, gpus, interconnect)]})
     assert max_tp_of(nodes) == expected
+
+
+def test_a_plan_records_where_each_llms_profiles_came_from() -> None:
+    text = SPEC.format(rate=1.0)
+    plan = build_plan(text, spec_from_text(text), created_at=1.0)
+    sources = {m.model: m.profile_sources for m in plan.llms}
+    # every configuration the search looked at was fetched once, all computed by the "test" engine
+    assert set(sources) == {"A", "B"}
+    assert all(set(s) == {"computed test"} and s["computed test"] > 1 for s in sources.values())
+    assert "profile_sources" not in json.dumps(
+        content(plan)
+    )  # how profiles were got is no decision
+
+
+def test_the_profile_source_asks_each_configuration_once_with_the_models_mix() -> None:
+    text = SPEC.format(rate=1.0)
+    spec = spec_from_text(text)
+    provider = Synthetic()
+    profiles = SpecProfiles(spec, provider)
+    first = profiles.profile("A", 1, 0.5)
+    assert profiles.profile("A", 1, 0.5) is first and profiles.hits == 1
+    (query,) = provider.queries
+    assert (query.name, query.model.name, query.gpu.name) == ("A", "Qwen/Qwen2.5-0.5B", "H100-SXM")
+    assert query.mix.samples[0] == (100, 10)  # the spec's token counts for A
+    assert query.key("e").redis_field() == f"Qwen/Qwen2.5-0.5B|H100-SXM|tp1|f0.5|e|{query.mix.id}"
+
+
+def test_replanning_keeps_every_instance_the_new_allocation_still_has() -> None:
+    text = SPEC.format(rate=1.0).replace("gpus: 4}", "gpus: 8}")
+    spec = spec_from_text(text)
+    first = build_plan(text, spec, created_at=1.0)
+    assert {m: (a.tp, a.replicas) for m, a in first.allocation.items()} == {
+        "A": (4, 1),
+        "B": (1, 1),
+    }
+    # what runs is where an earlier placement put it, not where a fresh one would: A's TP group
+    # on GPUs 4-7, B's fraction on GPU 0
+    a, b = sorted(first.placement.assignments, key=lambda x: x.model)
+    running = (dataclasses.replace(a, gpus=(4, 5, 6, 7)), dataclasses.replace(b, gpus=(0,)))
+    fresh = build_plan(text, spec, created_at=2.0)
+    again = build_plan(text, spec, created_at=2.0, running=running)
+    assert again.allocation == fresh.allocation == first.allocation
+
+    def where(plan: Plan) -> set[tuple[str, int, str, tuple[int, ...]]]:
+        return {(x.model, x.replica, x.node, x.gpus) for x in plan.placement.assignments}
+
+    assert where(again) == {(x.model, x.replica, x.node, x.gpus) for x in running}
+    assert where(fresh) != where(again)  # without the running placement both would move
+    # a higher rate that keeps A's configuration: A stays where it runs
+    more = SPEC.format(rate=2.5).replace("gpus: 4}", "gpus: 8}")
+    grown = build_plan(more, spec_from_text(more), created_at=3.0, running=running)
+    assert grown.allocation["A"] == first.allocation["A"]
+    assert ("A", 0, a.node, (4, 5, 6, 7)) in where(grown)

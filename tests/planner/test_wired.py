@@ -1,0 +1,164 @@
+"""The planner calling the Profiler and Placer services, as the contracts say: real gRPC over
+loopback (each service its own server on port 0), a real Redis server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
+from services.core.cluster.declared import parse_cluster
+from services.core.perf.backends import AnalyticBackend
+from services.core.planning.plan import spec_from_text
+from services.core.planning.profiles import SpecProfiles
+from services.core.workload.trace import TraceCall, dumps
+from services.placer.config import PlacerConfig
+from services.placer.service import Placer, placer_binding
+from services.planner.config import PlannerConfig
+from services.planner.service import Planner, planner_binding
+from services.profiler.service import profiler_binding
+from services.runtime.config import ServiceConfig
+from services.runtime.convert import plan_from_pb
+from services.runtime.server import Server
+from services.runtime.store import Store
+from tests.planner.test_planner_service import CLUSTER, SPEC
+
+ANALYTIC = AnalyticBackend.engine
+
+
+@dataclass
+class Suite:
+    profiler: Server
+    placer: Server
+    planner: Server
+    channel: grpc.aio.Channel
+    stub: planner_pb2_grpc.PlannerStub
+
+
+async def start_suite(redis_url: str, namespace: str, store: Store, timeout_s: float) -> Suite:
+    common = {"redis_url": redis_url, "namespace": namespace, "drain_s": 0.0, "grace_s": 1.0}
+    profiler = Server(ServiceConfig(**common), [profiler_binding(store)])  # type: ignore[arg-type]
+    await profiler.start()
+    placer_config = PlacerConfig(**common)  # type: ignore[arg-type]
+    placer = Server(placer_config, [placer_binding(Placer(placer_config, store))])
+    await placer.start()
+    config = PlannerConfig(
+        **common,  # type: ignore[arg-type]
+        profiler_address=profiler.address,
+        placer_address=placer.address,
+        rpc_timeout_s=timeout_s,
+    )
+    planner = Server(config, [planner_binding(Planner(config, store))])
+    await planner.start()
+    channel = grpc.aio.insecure_channel(planner.address)
+    return Suite(profiler, placer, planner, channel, planner_pb2_grpc.PlannerStub(channel))
+
+
+@pytest.fixture
+async def suite(redis_url: str, namespace: str, store: Store) -> AsyncIterator[Suite]:
+    s = await start_suite(redis_url, namespace, store, timeout_s=10.0)
+    yield s
+    await s.channel.close()
+    for server in (s.planner, s.placer, s.profiler):
+        await server.stop()
+
+
+async def test_a_plan_uses_the_profiler_the_placer_and_a_stored_profile(
+    suite: Suite, store: Store
+) -> None:
+    text = SPEC.format(rate=2.0)
+    # a profile measured beforehand and stored under its key: the plan must use it as stored
+    spec = spec_from_text(text, parse_cluster(CLUSTER_DOC))
+    query = SpecProfiles(spec).query("small", 1, 1.0)
+    stored = AnalyticBackend().profile(query.model, query.gpu, 1, 1.0, query.mix, seed=0)
+    await store.put_profile(stored)
+
+    response = await suite.stub.Plan(planner_pb2.PlanRequest(spec_yaml=text, cluster_yaml=CLUSTER))
+    plan = plan_from_pb(response.plan)
+    sources = {m.model: m.profile_sources for m in plan.llms}
+    assert sources["small"].get(f"stored {ANALYTIC}") == 1
+    assert sources["small"].get(f"computed {ANALYTIC}", 0) >= 1
+    assert set(sources["tiny"]) == {f"computed {ANALYTIC}"}
+    # the profiles were computed by the Profiler service, which stores what it computes
+    tiny = SpecProfiles(spec).query("tiny", 1, 1.0)
+    assert await store.get_profile(tiny.key(ANALYTIC)) is not None
+    assert sorted(plan.allocation) == ["small", "tiny"]
+
+    # planned again: every profile is now read from the store, through the Profiler
+    again = await suite.stub.Plan(
+        planner_pb2.PlanRequest(spec_yaml=SPEC.format(rate=2.5), cluster_yaml=CLUSTER)
+    )
+    for m in plan_from_pb(again.plan).llms:
+        assert set(m.profile_sources) == {f"stored {ANALYTIC}"}, m
+
+
+async def test_the_placer_stopped_gives_unavailable_within_the_deadline(
+    redis_url: str, namespace: str, store: Store
+) -> None:
+    s = await start_suite(redis_url, namespace, store, timeout_s=3.0)
+    try:
+        placer_address = s.placer.address
+        await s.placer.stop()
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await s.stub.Plan(
+                planner_pb2.PlanRequest(spec_yaml=SPEC.format(rate=2.0), cluster_yaml=CLUSTER),
+                timeout=30,
+            )
+        elapsed = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"placer at {placer_address}" in (caught.value.details() or "")
+        assert elapsed < 3.0 + 5.0  # its own deadline, not the caller's 30 s
+        assert await store.current_plan_id() is None  # nothing half-made was stored
+    finally:
+        await s.channel.close()
+        await s.planner.stop()
+        await s.profiler.stop()
+
+
+async def test_a_workflow_takes_its_statistics_from_the_routers_recorded_trace(
+    suite: Suite, store: Store
+) -> None:
+    now = time.time()
+    lines = []
+    for r in range(40):  # 40 requests: 3 calls to small (2 at once), then 1 to tiny
+        t0 = now - 60 + r
+        calls = [
+            ("small", t0, t0 + 0.4),
+            ("small", t0, t0 + 0.4),
+            ("small", t0 + 0.4, t0 + 0.6),
+            ("tiny", t0 + 0.6, t0 + 0.7),
+        ]
+        for i, (model, s, e) in enumerate(calls):
+            call = TraceCall("chat", f"r{r}", f"c{i}", model, s, e, 300, 40, 0.05, "ok", "x/0")
+            lines.append(dumps(call))
+    await store.append_trace(lines, max_len=10_000)
+    text = """
+version: 1
+fraction_unit: 2
+models: {small: Qwen/Qwen2.5-0.5B, tiny: Qwen/Qwen3-0.6B}
+workflows:
+  - {name: chat, rate: 1.0, trace: router}
+"""
+    response = await suite.stub.Plan(planner_pb2.PlanRequest(spec_yaml=text, cluster_yaml=CLUSTER))
+    plan = plan_from_pb(response.plan)
+    loads = {m.model: m.load_cps for m in plan.llms}
+    # n_small = 3 and n_tiny = 1 calls per request, at 1 request/s
+    assert loads == pytest.approx({"small": 3.0, "tiny": 1.0})
+
+    # a window that ends before the calls: nothing recorded, a clear error naming the window
+    old = planner_pb2.PlanRequest(spec_yaml=text, cluster_yaml=CLUSTER, trace_window_s=1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.stub.Plan(old)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no calls in the last 1 s" in (caught.value.details() or "")
+
+
+CLUSTER_DOC = {
+    "version": 1,
+    "nodes": [{"name": "box", "gpu_type": "L40S", "gpus": 2, "interconnect": "pcie"}],
+}
