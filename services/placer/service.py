@@ -4,8 +4,11 @@
 else the declared cluster file of the config; else the live nodes in Redis) and the running
 placement go to ``services.core.placement.place_allocation``. The placer keeps no state: a plan
 stores its placement (``Plan.placement``) and a later request hands it back as ``current``.
-An allocation that does not place fails with FAILED_PRECONDITION and a message starting with the
-machine-readable reason (``tp_exceeds_domain: ...``, see ``InfeasibleKind``).
+An allocation that does not place fails with FAILED_PRECONDITION; the status details
+(``services.runtime.errors``) carry the ``PlacementInfeasible``: an ErrorInfo whose reason is the
+machine-readable kind (``tp_exceeds_domain``, see ``InfeasibleKind``) and whose metadata hold
+``model``, ``needed`` and ``available``. A caller gets the error back with
+``services.runtime.errors.error_from_rpc``; the message stays for people to read.
 """
 
 from __future__ import annotations

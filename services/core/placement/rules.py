@@ -70,8 +70,10 @@ class InfeasibleKind(enum.StrEnum):
 class PlacementInfeasible(InfeasibleError):
     """Raised when an allocation cannot be placed on the cluster's free capacity.
 
-    ``str(exc)`` starts with the kind (``"fractions_do_not_pack: ..."``), so the reason survives
-    transports that carry only a message (a gRPC status).
+    ``str(exc)`` starts with the kind (``"fractions_do_not_pack: ..."``). The error's fields carry
+    the same facts for a caller across gRPC: ``reason`` is the kind's value, ``field`` is
+    ``allocation``, ``details`` hold ``model`` (text, "" when the allocation as a whole does not
+    fit), ``needed`` and ``available`` (floats); ``from_fields`` rebuilds the error from them.
     """
 
     def __init__(
@@ -83,11 +85,38 @@ class PlacementInfeasible(InfeasibleError):
         needed: float = 0.0,
         available: float = 0.0,
     ) -> None:
-        super().__init__(f"{kind.value}: {message}")
+        super().__init__(
+            f"{kind.value}: {message}",
+            reason=kind.value,
+            field="allocation",
+            details={"model": model, "needed": float(needed), "available": float(available)},
+        )
         self.kind = kind
         self.model = model
         self.needed = needed
         self.available = available
+
+    @classmethod
+    def from_fields(
+        cls,
+        message: str,
+        *,
+        reason: str = "",
+        field: str = "",
+        value: str = "",
+        details: Mapping[str, str | float] | None = None,
+    ) -> PlacementInfeasible:
+        """Raises ``ValueError`` for an unknown kind or a number that is not one, ``KeyError``
+        when ``needed`` or ``available`` is missing."""
+        kind = InfeasibleKind(reason)
+        facts = details or {}
+        return cls(
+            kind,
+            message.removeprefix(f"{kind.value}: "),
+            model=str(facts.get("model", "")),
+            needed=float(facts["needed"]),
+            available=float(facts["available"]),
+        )
 
 
 # ------------------------------------------------------------------------------------ types

@@ -89,15 +89,52 @@ class AllocationInfeasible(InfeasibleError):
     ``reasons`` say why; ``best_throughput`` is, per workflow, the highest throughput (requests/s,
     at the target mix) that any allocation within the GPUs and the constraints reaches; the
     highest target rate that can be planned is ``rho`` times it.
+
+    Fields for a caller across gRPC: ``reason`` ``allocation_infeasible``; ``details`` hold
+    ``best_throughput.<workflow>`` (floats) and ``reasons.<i>`` (text, i from 0 in order);
+    ``from_fields`` rebuilds the error from them.
     """
+
+    default_reason = "allocation_infeasible"
+    _BEST = "best_throughput."
+    _REASON = "reasons."
 
     def __init__(self, reasons: Sequence[str], best_throughput: Mapping[str, float]) -> None:
         best = ", ".join(f"{w} {t:.4g} req/s" for w, t in best_throughput.items())
+        details: dict[str, str | float] = {f"{self._REASON}{i}": r for i, r in enumerate(reasons)}
+        details.update({f"{self._BEST}{w}": float(t) for w, t in best_throughput.items()})
         super().__init__(
-            f"{'; '.join(reasons)}; best achievable throughput with these GPUs: {best}"
+            f"{'; '.join(reasons)}; best achievable throughput with these GPUs: {best}",
+            details=details,
         )
         self.reasons = tuple(reasons)
         self.best_throughput = dict(best_throughput)
+
+    @classmethod
+    def from_fields(
+        cls,
+        message: str,
+        *,
+        reason: str = "",
+        field: str = "",
+        value: str = "",
+        details: Mapping[str, str | float] | None = None,
+    ) -> AllocationInfeasible:
+        """Raises ``ValueError`` when a throughput or a reason index is not a number."""
+        facts = details or {}
+        numbered = {
+            int(k.removeprefix(cls._REASON)): str(v)
+            for k, v in facts.items()
+            if k.startswith(cls._REASON)
+        }
+        best = {
+            k.removeprefix(cls._BEST): float(v) for k, v in facts.items() if k.startswith(cls._BEST)
+        }
+        exc = cls([numbered[i] for i in sorted(numbered)], best)
+        # Details cross the wire unordered, so the workflows of a rebuilt message could come in
+        # another order; keep the sender's text.
+        exc.args = (message,)
+        return exc
 
 
 # ------------------------------------------------------------------------------ components
