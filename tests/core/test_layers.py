@@ -38,6 +38,8 @@ FORBIDDEN = frozenset(
     {
         "grpc",
         "grpc_health",
+        "grpc_status",
+        "google",
         "redis",
         "pynvml",
         "asyncio",
