@@ -74,7 +74,7 @@ class _Channel:
             return UnavailableError(
                 f"{self.service} at {self.address} is unavailable: {call.details()}"
             )
-        return error_from_rpc(exc)
+        return error_from_rpc(exc, target=f"{self.service} at {self.address}")
 
 
 class ProfilerClient:

@@ -12,6 +12,7 @@ import pytest
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import parse_cluster
+from services.core.errors import InvalidInputError
 from services.core.perf.backends import AnalyticBackend
 from services.core.planning.plan import spec_from_text
 from services.core.planning.profiles import SpecProfiles
@@ -23,6 +24,7 @@ from services.planner.service import Planner, planner_binding
 from services.profiler.service import profiler_binding
 from services.runtime.config import ServiceConfig
 from services.runtime.convert import plan_from_pb
+from services.runtime.errors import error_from_rpc
 from services.runtime.server import Server
 from services.runtime.store import Store
 from tests.planner.test_planner_service import CLUSTER, SPEC
@@ -156,6 +158,17 @@ workflows:
         await suite.stub.Plan(old)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no calls in the last 1 s" in (caught.value.details() or "")
+
+
+async def test_a_bad_spec_is_invalid_argument_with_the_field_in_the_details(suite: Suite) -> None:
+    text = SPEC.format(rate=-1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.stub.Plan(planner_pb2.PlanRequest(spec_yaml=text, cluster_yaml=CLUSTER))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = error_from_rpc(caught.value)
+    assert isinstance(error, InvalidInputError)
+    assert error.field == "spec_yaml.workflows[0].rate"
+    assert error.value == "-1"
 
 
 CLUSTER_DOC = {
