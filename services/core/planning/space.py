@@ -21,6 +21,7 @@ from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.profile import Profile
 from services.core.planning.alp import FitCheck, ProfileLookup, call_latency, llm_loads
 from services.core.workload.demand import WorkflowDemand
+from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO
 
 # (model, tp, units per GPU): one replica's configuration; units == k for whole GPUs.
 Config = tuple[str, int, int]
@@ -37,9 +38,9 @@ class Problem:
     workflows: tuple[WorkflowDemand, ...]
     rates: dict[str, float]
     gpus: int
-    fraction_unit: int = 4
+    fraction_unit: int = DEFAULT_FRACTION_UNIT
     max_tp: int = 8
-    rho: float = 0.9
+    rho: float = DEFAULT_RHO
     weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

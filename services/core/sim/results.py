@@ -9,6 +9,7 @@ from services.core.sim import baselines
 from services.core.sim.measure import MeasureConfig, Point
 from services.core.sim.simulator import SimOptions
 from services.core.sim.systems import SYSTEMS
+from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +35,8 @@ class BenchSettings:
     oracle_load: float = 0.7
     oracle_max_candidates: int = 150
     oracle_requests: int = 40  # per candidate in the first selection round
-    fraction_unit: int = 4
-    rho: float = 0.9
+    fraction_unit: int = DEFAULT_FRACTION_UNIT
+    rho: float = DEFAULT_RHO
     seed: int = 0
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     autoscaler: baselines.HpaAutoscaler = field(default_factory=baselines.HpaAutoscaler)

@@ -44,7 +44,7 @@ from services.core.sim.control import Controller
 from services.core.sim.program import Workflow
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.workload.demand import WorkflowDemand
-from services.core.workload.spec import Spec, WorkflowTarget
+from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO, Spec, WorkflowTarget
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace
 
@@ -96,8 +96,8 @@ class Context:
     warmup: Trace
     isolated_latency: float  # s, mean latency of a request served alone (warm-up probe)
     profiles: SpecProfiles
-    fraction_unit: int = 4
-    rho: float = 0.9
+    fraction_unit: int = DEFAULT_FRACTION_UNIT
+    rho: float = DEFAULT_RHO
     options: SimOptions = field(default_factory=SimOptions)
 
     @classmethod
@@ -108,8 +108,8 @@ class Context:
         gpus: int,
         *,
         warmup_requests: int = 200,
-        fraction_unit: int = 4,
-        rho: float = 0.9,
+        fraction_unit: int = DEFAULT_FRACTION_UNIT,
+        rho: float = DEFAULT_RHO,
         options: SimOptions | None = None,
     ) -> Context:
         """Trace a warm-up run on the even split of ``gpus`` GPUs and derive the statistics."""
