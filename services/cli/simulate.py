@@ -29,7 +29,7 @@ from services.core.errors import InvalidInputError
 from services.core.sim.arrivals import load_timestamps, poisson, replay
 from services.core.sim.measure import measure
 from services.core.sim.simulator import SimResult
-from services.core.sim.systems import SYSTEMS, Context, Plan, describe
+from services.core.sim.systems import SYSTEMS, Context, Setup, describe
 from services.core.sim.workflows import WORKFLOWS, workflow
 from services.core.workload.trace import write_trace
 
@@ -63,7 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.system is not None:
         plan = SYSTEMS[args.system](ctx, args.gpus, args.rate)
     else:
-        plan = Plan("given", parse_allocation(args.allocation, ctx))
+        plan = Setup("given", parse_allocation(args.allocation, ctx))
     arrivals = arrival_times(args.arrivals, args.rate, args.requests, args.seed)
     started = time.perf_counter()
     result = ctx.serve(plan, arrivals, record=args.trace_out is not None, gpus=args.gpus)
@@ -106,7 +106,7 @@ def parse_allocation(text: str, ctx: Context) -> dict[str, Allocation]:
     return out
 
 
-def summary(result: SimResult, plan: Plan, rate: float, wall: float) -> dict[str, Any]:
+def summary(result: SimResult, plan: Setup, rate: float, wall: float) -> dict[str, Any]:
     point = measure(result, rate)
     return {
         "workflow": result.workflow,

@@ -1,7 +1,7 @@
 """Continuous batching over a list of requests known in advance, and static batches.
 
 ``simulate`` replays requests (arrival time, prompt tokens, completion tokens) through one
-engine's scheduler (``services.core.perf.scheduler.Replica``: vLLM-style continuous
+engine's scheduler (``services.core.perf.scheduler.BatchEngine``: vLLM-style continuous
 batching, iteration times from ``PerfModel``) and returns each request's first-token and
 finish times. A request is first considered for the first iteration that starts at or after
 its arrival, as in vLLM.
@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.perf.model import FloatArray, PerfModel
-from services.core.perf.scheduler import Replica, SchedulerConfig
+from services.core.perf.scheduler import BatchEngine, SchedulerConfig
 
 __all__ = ["IntArray", "SchedulerConfig", "SimResult", "simulate", "static_batch"]
 
@@ -78,7 +78,7 @@ def simulate(
         raise InvalidInputError("simulate: arrival, prompt and completion differ in length")
     if len(arr) > 1 and np.any(np.diff(arr) < 0):
         raise InvalidInputError("simulate: arrival times must be non-decreasing")
-    engine = Replica(perf, config, kv_capacity)
+    engine = BatchEngine(perf, config, kv_capacity)
     _replay(engine, arr.tolist(), p_len.tolist(), o_len.tolist())
     if engine.outstanding:
         raise InvalidInputError("simulate: requests can never be scheduled (limits too small)")
@@ -92,7 +92,7 @@ def simulate(
 
 
 def _replay(
-    engine: Replica, arrival: list[float], prompt: list[int], completion: list[int]
+    engine: BatchEngine, arrival: list[float], prompt: list[int], completion: list[int]
 ) -> None:
     """Submit the requests at their arrival times and run the engine until it is idle.
 

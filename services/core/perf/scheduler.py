@@ -18,7 +18,7 @@ scheduler mirrors vLLM's:
 
 KV usage is counted in tokens (vLLM's 16-token blocks waste at most a block per sequence).
 
-``Replica`` is driven by events:
+``BatchEngine`` is driven by events:
 
 - ``submit(now, prompt, completion)`` hands a call to the engine at time ``now``;
 - ``wake`` is when the iteration in progress ends (``None`` while idle); ``epoch`` changes whenever
@@ -69,7 +69,7 @@ class SchedulerConfig:
             raise InvalidInputError(f"watermark: must be in [0, 1), got {self.watermark}")
 
 
-class Replica:
+class BatchEngine:
     """Mutable scheduler state of one engine instance (see the module docstring).
 
     Calls are numbered 0, 1, ... in submission order; ``first_token[i]`` and ``finish[i]`` hold

@@ -25,7 +25,7 @@ from services.core.sim.arrivals import poisson
 from services.core.sim.measure import Point
 from services.core.sim.results import AlpCheck, BenchSettings, OracleResult, Stability
 from services.core.sim.runs import Counter, Load, load_at, run_point
-from services.core.sim.systems import SYSTEMS, Context, Plan, describe
+from services.core.sim.systems import SYSTEMS, Context, Setup, describe
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace
 
@@ -76,7 +76,7 @@ def run_oracle(
         return None
     finalists = select(ctx, gpus, rate, covered, settings, counter)
     finals = [
-        run_point(ctx, Plan("oracle", a), loads[rate], gpus, settings, counter) for a in finalists
+        run_point(ctx, Setup("oracle", a), loads[rate], gpus, settings, counter) for a in finalists
     ]
     finals = [f for f in finals if f.sustainable]
     if not finals:
@@ -113,7 +113,7 @@ def select(
         load = Load(rate, requests, settings.seed + SEED_SELECTION + round_)
         scored = []
         for alloc in alive:
-            p = run_point(ctx, Plan("oracle", alloc), load, gpus, once, counter)
+            p = run_point(ctx, Setup("oracle", alloc), load, gpus, once, counter)
             scored.append((not p.sustainable, p.mean_latency, describe(alloc), alloc))
         scored.sort(key=lambda s: (s[0], s[1], s[2]))
         alive = [a for *_, a in scored[: max(keep, len(scored) // 4)]]

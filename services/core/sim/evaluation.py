@@ -39,7 +39,7 @@ from services.core.sim.results import (
     WorkflowResult,
 )
 from services.core.sim.runs import Counter, Load, load_at, run_point
-from services.core.sim.systems import SYSTEMS, Context, Plan, autoscaler_plan
+from services.core.sim.systems import SYSTEMS, Context, Setup, autoscaler_plan
 
 Progress = Callable[[str], None]
 SEED_GRID = 7  # grid rate i uses seed + SEED_GRID * i
@@ -110,7 +110,7 @@ def evaluate_gpus(
     )
 
 
-def planner(name: str, settings: BenchSettings) -> Callable[[Context, int, float], Plan]:
+def planner(name: str, settings: BenchSettings) -> Callable[[Context, int, float], Setup]:
     """The plan function of system ``name`` (the autoscaler with the settings' parameters)."""
     return autoscaler_plan(settings.autoscaler) if name == "autoscaler" else SYSTEMS[name]
 

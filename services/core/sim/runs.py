@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from services.core.sim.arrivals import poisson
 from services.core.sim.measure import Point, measure
 from services.core.sim.results import BenchSettings
-from services.core.sim.systems import Context, Plan, describe
+from services.core.sim.systems import Context, Setup, describe
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ def load_at(ctx: Context, rate: float, seed: int, settings: BenchSettings) -> Lo
 
 def run_point(
     ctx: Context,
-    plan: Plan,
+    plan: Setup,
     load: Load,
     gpus: int,
     settings: BenchSettings,

@@ -3,7 +3,7 @@
 ``simulate(workflow, deployment, arrivals, ...)`` serves one request per arrival time: each runs the
 workflow's program (``services.core.sim.program``); every LLM call is routed by the router's own
 policy code (``services.core.routing``) to a replica of its model, which batches it with the other
-calls on that replica (``services.core.perf.scheduler.Replica``, the analytic performance
+calls on that replica (``services.core.perf.scheduler.BatchEngine``, the analytic performance
 model of its model, GPU type, TP degree and GPU fraction); tool calls take their time and no GPU.
 
 Determinism: request i runs with the random generator ``default_rng([seed, i])`` whatever the
@@ -36,7 +36,7 @@ from services.core.cluster.hardware import GpuSpec
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
 from services.core.perf.model import FloatArray, PerfModel
-from services.core.perf.scheduler import Replica, SchedulerConfig
+from services.core.perf.scheduler import BatchEngine, SchedulerConfig
 from services.core.routing import DEFAULT_POLICY, CallInfo, PolicyOptions, ReplicaLoad, make_policy
 from services.core.sim.control import (
     ClusterView,
@@ -158,7 +158,7 @@ class _Call:
 class _Replica:
     __slots__ = ("allocation", "calls", "engine", "id", "model", "start_pending", "state", "weight")
 
-    def __init__(self, model: str, rid: str, engine: Replica, allocation: Allocation) -> None:
+    def __init__(self, model: str, rid: str, engine: BatchEngine, allocation: Allocation) -> None:
         self.model = model
         self.id = rid
         self.engine = engine
@@ -405,7 +405,7 @@ class _Run:
     def _add_replica(self, model: str, *, ready: bool) -> _Replica:
         pool = self.pools[model]
         alloc = pool.allocation
-        engine = Replica(self._perf(model, alloc), self.opt.scheduler)
+        engine = BatchEngine(self._perf(model, alloc), self.opt.scheduler)
         rep = _Replica(model, str(pool.next_id), engine, alloc)
         pool.next_id += 1
         pool.replicas.append(rep)

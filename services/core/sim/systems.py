@@ -7,7 +7,7 @@ demand and
 each LLM's request mix; the profiles of every (model, TP, fraction) are computed from those mixes
 on demand and kept (``services.core.planning.profiles``, analytic).
 
-Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Plan``:
+Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 - ``scepsy`` - the one plan path (``services.core.planning.plan.make_plan``: the ALP search
   with placement feedback) for the target rate; above the highest
@@ -53,7 +53,7 @@ PROBE_REQUESTS = 5
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class Setup:
     """What a system deploys: an allocation, maybe a controller, maybe the ALP's prediction."""
 
     system: str
@@ -160,7 +160,7 @@ class Context:
 
     def serve(
         self,
-        plan: Plan,
+        plan: Setup,
         arrivals: np.ndarray,
         *,
         record: bool = False,
@@ -211,7 +211,7 @@ def warmup_trace(
 
 
 # ------------------------------------------------------------------------------------ systems
-def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Plan:
+def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
     """The ALP-optimal placeable allocation for ``rate`` (module docstring)."""
     base = ctx.profiles.spec
     nodes = cluster_nodes(ctx.gpu.name, gpus)
@@ -233,7 +233,7 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Plan:
                 raise
             target = min(best * 0.999, target * 0.98)
             continue
-        return Plan(
+        return Setup(
             "scepsy",
             allocation,
             prediction=ctx.predict(allocation, rate),
@@ -242,17 +242,17 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Plan:
     raise InfeasibleError(f"scepsy: no plan for {ctx.workflow.name} on {gpus} GPUs")
 
 
-def plan_static(ctx: Context, gpus: int, rate: float) -> Plan:
+def plan_static(ctx: Context, gpus: int, rate: float) -> Setup:
     allocation = baselines.even_split(ctx.models, gpus, ctx.fits, min(gpus, NODE_GPUS))
-    return Plan("static", allocation)
+    return Setup("static", allocation)
 
 
-def plan_independent(ctx: Context, gpus: int, rate: float) -> Plan:
+def plan_independent(ctx: Context, gpus: int, rate: float) -> Setup:
     loads = {d.model: rate * d.n for d in ctx.demand.llms}
     allocation = baselines.independent(
         loads, ctx.profiles.profile, ctx.fits, gpus, min(gpus, NODE_GPUS)
     )
-    return Plan("independent", allocation)
+    return Setup("independent", allocation)
 
 
 TARGET_UTILIZATION = 0.5
@@ -271,22 +271,22 @@ def hpa_targets(
     return targets
 
 
-def autoscaler_plan(autoscaler: baselines.HpaAutoscaler) -> PlanFn:
+def autoscaler_plan(autoscaler: baselines.HpaAutoscaler) -> SetupFn:
     """The autoscaling system with ``autoscaler``'s settings (module docstring)."""
 
-    def plan(ctx: Context, gpus: int, rate: float) -> Plan:
+    def plan(ctx: Context, gpus: int, rate: float) -> Setup:
         start = baselines.even_split(ctx.models, gpus, ctx.fits, min(gpus, NODE_GPUS))
         controller = autoscaler
         if not autoscaler.targets:
             controller = replace(autoscaler, targets=hpa_targets(ctx, start))
-        return Plan("autoscaler", start, controller=controller)
+        return Setup("autoscaler", start, controller=controller)
 
     return plan
 
 
-PlanFn = Callable[[Context, int, float], Plan]
+SetupFn = Callable[[Context, int, float], Setup]
 
-SYSTEMS: Mapping[str, PlanFn] = {
+SYSTEMS: Mapping[str, SetupFn] = {
     "scepsy": plan_scepsy,
     "static": plan_static,
     "independent": plan_independent,

@@ -10,7 +10,7 @@ from services.core.cluster.models import model_spec
 from services.core.errors import InvalidInputError
 from services.core.perf.batching import SchedulerConfig, simulate, static_batch
 from services.core.perf.model import PerfModel, StepLoad, chunk_pairs, load_params
-from services.core.perf.scheduler import Replica
+from services.core.perf.scheduler import BatchEngine
 
 H100 = gpu_spec("H100-SXM")
 PERF = PerfModel.create(
@@ -20,7 +20,7 @@ V0 = SchedulerConfig(chunked_prefill=False)
 V1 = SchedulerConfig()
 
 
-def drain(engine: Replica) -> None:
+def drain(engine: BatchEngine) -> None:
     """Run the engine until idle, as the event loop does (finish, then start the next)."""
     while engine.wake is not None:
         now = engine.wake
@@ -28,7 +28,9 @@ def drain(engine: Replica) -> None:
         engine.start_iteration(now)
 
 
-def feed(engine: Replica, arrival: np.ndarray, prompt: np.ndarray, completion: np.ndarray) -> None:
+def feed(
+    engine: BatchEngine, arrival: np.ndarray, prompt: np.ndarray, completion: np.ndarray
+) -> None:
     """Submit calls at their arrival times, as the event loop does: iterations ending at or
     before an arrival finish first, and calls arriving together start one iteration together."""
     i, n = 0, len(arrival)
@@ -48,7 +50,7 @@ def feed(engine: Replica, arrival: np.ndarray, prompt: np.ndarray, completion: n
 
 @pytest.mark.parametrize("config", [V0, V1], ids=["v0", "v1"])
 def test_one_call_alone_is_one_prefill_then_decodes(config: SchedulerConfig) -> None:
-    engine = Replica(PERF, config)
+    engine = BatchEngine(PERF, config)
     engine.submit(2.0, 700, 50)
     drain(engine)
     # the prefill of 700 tokens (one step) emits the first token at 2 + prefill; then 49 decode
@@ -72,7 +74,7 @@ def test_saturated_engine_runs_at_the_batch_throughput() -> None:
     batch, waves, length = 16, 4, 512
     config = SchedulerConfig(max_num_seqs=batch, chunked_prefill=False)
     latency, tokens_per_s = static_batch(PERF, batch, length, length, config)
-    engine = Replica(PERF, config)
+    engine = BatchEngine(PERF, config)
     n = batch * waves
     feed(engine, np.zeros(n), np.full(n, length), np.full(n, length))
     makespan = max(engine.finish)
@@ -94,7 +96,7 @@ def test_matches_batching_simulate_on_random_loads(config: SchedulerConfig, seed
     completion = rng.integers(1, 600, n)
     capacity = 20_000 if seed % 2 else None
     reference = simulate(PERF, arrival, prompt, completion, config, capacity)
-    engine = Replica(PERF, config, capacity)
+    engine = BatchEngine(PERF, config, capacity)
     feed(engine, arrival, prompt, completion)
     assert np.array(engine.finish) == pytest.approx(reference.finish, rel=1e-9)
     assert np.array(engine.first_token) == pytest.approx(reference.first_token, rel=1e-9)
@@ -111,7 +113,7 @@ def test_decode_iteration_time_is_affine_in_context() -> None:
 
 
 def test_a_call_submitted_while_idle_starts_at_once_unless_held() -> None:
-    engine = Replica(PERF)
+    engine = BatchEngine(PERF)
     engine.submit(1.0, 100, 1, start=False)
     assert engine.wake is None  # held: the caller starts the iteration
     engine.submit(1.0, 100, 1, start=False)
@@ -124,7 +126,7 @@ def test_a_call_submitted_while_idle_starts_at_once_unless_held() -> None:
 
 
 def test_a_call_that_can_never_fit_is_refused() -> None:
-    engine = Replica(PERF, kv_capacity=1000)
+    engine = BatchEngine(PERF, kv_capacity=1000)
     with pytest.raises(InvalidInputError, match="exceeds the KV cache"):
         engine.submit(0.0, 900, 200)
     with pytest.raises(InvalidInputError, match=">= 1 token"):
