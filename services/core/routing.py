@@ -10,13 +10,14 @@ in-flight limit, not excluded by a retry) and the call's facts, and returns one 
   request the call belongs to).
 
 Policies are frozen dataclasses behind the ``RoutingPolicy`` protocol, made by name from
-``POLICIES`` (the name used in configuration). Every policy ignores the input order of replicas
-(it sorts by id), raises ``InvalidInputError`` on an empty replica list, and always returns an id
-from the list.
+``POLICIES`` (the name used in configuration, hyphenated; ``ALIASES`` keeps the underscore
+spelling of earlier configurations, ``least_outstanding``, working). Every policy ignores the
+input order of replicas (it sorts by id), raises ``InvalidInputError`` on an empty replica list,
+and always returns an id from the list.
 
-* ``least_outstanding`` (default): fewest outstanding calls; ties rotate with ``seq``.
-* ``power_of_two``: two distinct replicas drawn by a seeded hash of ``seq``; the less loaded.
-* ``capacity_weighted``: lowest (outstanding + 1) / weight, the load per unit of capacity a
+* ``least-outstanding`` (default): fewest outstanding calls; ties rotate with ``seq``.
+* ``power-of-two``: two distinct replicas drawn by a seeded hash of ``seq``; the less loaded.
+* ``capacity-weighted``: lowest (outstanding + 1) / weight, the load per unit of capacity a
   replica would have after taking the call; ties rotate with ``seq``.
 * ``affinity``: replicas ranked by rendezvous hash of the affinity key; the first whose load
   stays within ``ceil(load_factor * (total + 1) / n)``; calls without a key: least outstanding.
@@ -32,7 +33,7 @@ from typing import Protocol
 
 from services.core.errors import InvalidInputError
 
-DEFAULT_POLICY = "least_outstanding"
+DEFAULT_POLICY = "least-outstanding"
 DEFAULT_LOAD_FACTOR = 1.25
 _MASK64 = (1 << 64) - 1
 
@@ -185,25 +186,34 @@ class Affinity:
 
 @dataclass(frozen=True, slots=True)
 class PolicyOptions:
-    """Parameters the policies take: the seed of ``power_of_two``, the bound of ``affinity``."""
+    """Parameters the policies take: the seed of ``power-of-two``, the bound of ``affinity``."""
 
     seed: int = 0
     load_factor: float = DEFAULT_LOAD_FACTOR
 
 
 POLICIES: Mapping[str, Callable[[PolicyOptions], RoutingPolicy]] = {
-    "least_outstanding": lambda o: LeastOutstanding(),
-    "power_of_two": lambda o: PowerOfTwo(seed=o.seed),
-    "capacity_weighted": lambda o: CapacityWeighted(),
+    "least-outstanding": lambda o: LeastOutstanding(),
+    "power-of-two": lambda o: PowerOfTwo(seed=o.seed),
+    "capacity-weighted": lambda o: CapacityWeighted(),
     "affinity": lambda o: Affinity(load_factor=o.load_factor),
 }
+# the underscore spelling, once the only one, still names the same policy
+ALIASES: Mapping[str, str] = {name.replace("-", "_"): name for name in POLICIES if "-" in name}
 
 
-def make_policy(name: str, options: PolicyOptions | None = None) -> RoutingPolicy:
-    """The policy registered under ``name``; ``InvalidInputError`` naming the choices if none."""
-    factory = POLICIES.get(name)
-    if factory is None:
+def policy_name(name: str) -> str:
+    """The registered name of policy ``name`` (an alias resolved); ``InvalidInputError`` naming
+    the choices if there is none."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in POLICIES:
         raise InvalidInputError(
             f"routing policy: unknown {name!r} (choose one of {', '.join(sorted(POLICIES))})"
         )
-    return factory(options or PolicyOptions())
+    return canonical
+
+
+def make_policy(name: str, options: PolicyOptions | None = None) -> RoutingPolicy:
+    """The policy registered under ``name`` or its alias; ``InvalidInputError`` naming the
+    choices if none."""
+    return POLICIES[policy_name(name)](options or PolicyOptions())

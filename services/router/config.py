@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.core.errors import ConfigError
-from services.core.routing import DEFAULT_POLICY, POLICIES
-from services.runtime.config import ServiceConfig, in_range, one_of, option, positive
+from services.core.routing import ALIASES, DEFAULT_POLICY, POLICIES
+from services.runtime.config import ServiceConfig, in_range, option, positive
+
+
+def _known_policy(name: str) -> str | None:
+    # The underscore aliases are accepted but not offered: the error lists the registered names.
+    if ALIASES.get(name, name) in POLICIES:
+        return None
+    return f"must be one of {', '.join(sorted(POLICIES))}"
 
 
 def _secret(help: str) -> str:
@@ -26,8 +33,10 @@ class RouterConfig(ServiceConfig):
 
     http_host: str = option("", "address the HTTP server binds (default: host)")
     http_port: int = option(8000, "HTTP port (0 picks a free one)", in_range(0, 65535))
-    policy: str = option(DEFAULT_POLICY, "routing policy", one_of(*sorted(POLICIES)))
-    policy_seed: int = option(0, "seed of the power_of_two policy")
+    policy: str = option(
+        DEFAULT_POLICY, f"routing policy: {', '.join(sorted(POLICIES))}", _known_policy
+    )
+    policy_seed: int = option(0, "seed of the power-of-two policy")
     affinity_load_factor: float = option(
         1.25, "affinity policy: max load of a replica relative to the mean", in_range(1.0, 100.0)
     )

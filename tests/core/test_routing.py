@@ -8,6 +8,7 @@ import pytest
 
 from services.core.errors import InvalidInputError
 from services.core.routing import (
+    DEFAULT_POLICY,
     POLICIES,
     Affinity,
     CallInfo,
@@ -19,6 +20,7 @@ from services.core.routing import (
     ReplicaLoad,
     RoutingPolicy,
     make_policy,
+    policy_name,
     rendezvous_score,
 )
 
@@ -170,11 +172,34 @@ def test_every_policy_returns_a_listed_replica_and_rejects_none(name: str) -> No
         policy.choose([], CallInfo(0))
 
 
-def test_make_policy_names_the_choices() -> None:
-    assert isinstance(make_policy("least_outstanding"), LeastOutstanding)
-    assert make_policy("power_of_two", PolicyOptions(seed=9)) == PowerOfTwo(seed=9)
-    with pytest.raises(InvalidInputError, match="affinity, capacity_weighted"):
-        make_policy("random")
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # the registered, hyphenated names
+        ("least-outstanding", LeastOutstanding()),
+        ("power-of-two", PowerOfTwo(seed=9)),
+        ("capacity-weighted", CapacityWeighted()),
+        ("affinity", Affinity(load_factor=1.5)),
+        # the underscore spelling of earlier configurations names the same policies
+        ("least_outstanding", LeastOutstanding()),
+        ("power_of_two", PowerOfTwo(seed=9)),
+        ("capacity_weighted", CapacityWeighted()),
+    ],
+)
+def test_make_policy_by_name_or_alias(name: str, expected: RoutingPolicy) -> None:
+    assert make_policy(name, PolicyOptions(seed=9, load_factor=1.5)) == expected
+
+
+def test_the_default_policy_is_registered() -> None:
+    assert DEFAULT_POLICY == "least-outstanding" and policy_name(DEFAULT_POLICY) == DEFAULT_POLICY
+    assert policy_name("power_of_two") == "power-of-two"
+
+
+@pytest.mark.parametrize("name", ["random", "", "least outstanding", "Affinity", "power-of_two"])
+def test_an_unknown_policy_names_the_choices(name: str) -> None:
+    choices = "affinity, capacity-weighted, least-outstanding, power-of-two"
+    with pytest.raises(InvalidInputError, match=f"routing policy: unknown .*{choices}"):
+        make_policy(name)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,9 @@
-"""The router in front of real vLLM CPU engines: two tiny models (different weights) x two
-replicas, shared by the whole module (each engine takes 20-45 s to start, the four together
-about 100 s on two cores).
+"""The router in front of real vLLM CPU engines: one engine of each of two tiny models
+(different weights), shared by the whole module (each engine takes 20-45 s to start on two
+cores). A test that needs two replicas of a model registers one engine under two replica ids:
+a policy chooses among replicas, whatever engine serves them. The engine-kill test starts a
+replica of its own and kills that, so the shared engines stay whole and tests run in any order;
+at most three engines run at once.
 
 The engine venv (``make engine-venv``) is needed: without it these tests skip locally and fail
 under CI (env ``CI`` set). Greedy decoding makes answers comparable: a call through the router
@@ -9,7 +12,7 @@ must return exactly what the engine returns when called directly.
 Conditions that need a call to last (backpressure, deadlines, a client going away, calls in
 flight at shutdown) use ``LONG``. Whether an engine aborted a call is read from the engine's own
 Prometheus metrics: it has answered the call and runs nothing, having generated only part of
-the tokens the call asked for. The engine-kill test stops a replica and so runs last.
+the tokens the call asked for.
 """
 
 from __future__ import annotations
@@ -88,37 +91,52 @@ def vllm() -> Path:
 
 
 @pytest.fixture(scope="module")
+def model_dirs(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The weights of each tiny model, written once."""
+    root = tmp_path_factory.mktemp("router-models")
+    for name, seed in MODELS.items():
+        run_engine_module(
+            "services.profiler.tiny_model", ["--out", str(root / name), "--seed", str(seed)]
+        )
+    return {name: root / name for name in MODELS}
+
+
+@pytest.fixture(scope="module")
 def engines(
-    vllm: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, list[LocalEngine]]]:
-    """Two replicas of each model, all four started at once."""
+    vllm: Path, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, LocalEngine]]:
+    """One engine of each model, both started at once."""
     root = tmp_path_factory.mktemp("router-engines")
-    started: dict[str, list[LocalEngine]] = {}
+    started = {
+        name: LocalEngine(EngineSpec.cpu(model_dirs[name], name), root / f"{name}.log", vllm=vllm)
+        for name in MODELS
+    }
     try:
-        for name, seed in MODELS.items():
-            model_dir = root / f"model-{seed}"
-            run_engine_module(
-                "services.profiler.tiny_model", ["--out", str(model_dir), "--seed", str(seed)]
-            )
-            spec = EngineSpec.cpu(model_dir, name)
-            started[name] = [
-                LocalEngine(spec, root / f"{name}-{i}.log", vllm=vllm) for i in range(2)
-            ]
-        every = [e for replicas in started.values() for e in replicas]
-        for engine in every:
+        for engine in started.values():
             engine.start()
         deadline = time.monotonic() + 300
-        for engine in every:
+        for engine in started.values():
             engine.wait_ready(deadline)
         yield started
     finally:
-        stop_engines([e for replicas in started.values() for e in replicas])
+        stop_engines(list(started.values()))
+
+
+@pytest.fixture
+def own_engine(vllm: Path, model_dirs: dict[str, Path], tmp_path: Path) -> Iterator[LocalEngine]:
+    """An engine of tiny-a for one test alone (one that kills it), stopped after the test."""
+    with LocalEngine(
+        EngineSpec.cpu(model_dirs["tiny-a"], "tiny-a"), tmp_path / "own.log", vllm=vllm
+    ) as engine:
+        engine.start()
+        engine.wait_ready(time.monotonic() + 300)
+        yield engine
 
 
 @pytest.fixture
 def start_router(start_router: StartRouter) -> StartRouter:
     """Routers over these engines: a health check may take up to 5 s to answer. On two cores
-    shared by four engines, an idle engine's ``/health`` can take over a second while another
+    shared by several engines, an idle engine's ``/health`` can take over a second while another
     generates, which must not eject it."""
 
     async def start(**overrides: Any) -> RunningRouter:
@@ -129,12 +147,11 @@ def start_router(start_router: StartRouter) -> StartRouter:
 
 @pytest.fixture
 async def routed(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> RunningRouter:
-    for name, replicas in engines.items():
-        for i, engine in enumerate(replicas):
-            if engine.running():
-                await store.put_endpoint(Endpoint(name, f"{name}-{i}", engine.base_url))
+    """A router over both engines, registered as replicas ``tiny-a-0`` and ``tiny-b-0``."""
+    for name, engine in engines.items():
+        await register(store, name, engine.base_url)
     return await start_router(health_interval_s=0.2, upstream_timeout_s=60)
 
 
@@ -253,9 +270,9 @@ async def _workflow(client: openai.AsyncOpenAI, question: str) -> list[str]:
 
 
 async def test_openai_workflow_through_the_router_equals_the_engines(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    routed: RunningRouter, engines: dict[str, LocalEngine]
 ) -> None:
-    direct_a, direct_b = engines["tiny-a"][0].base_url, engines["tiny-b"][1].base_url
+    direct_a, direct_b = engines["tiny-a"].base_url, engines["tiny-b"].base_url
     async with (
         _openai(routed.http_url) as via_router,
         _openai(direct_a) as a,
@@ -290,9 +307,9 @@ async def test_openai_workflow_through_the_router_equals_the_engines(
 
 
 async def test_openai_answers_streamed_or_not_equal_the_engines(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    routed: RunningRouter, engines: dict[str, LocalEngine]
 ) -> None:
-    async with _openai(routed.http_url) as via_router, _openai(engines["tiny-a"][0].base_url) as a:
+    async with _openai(routed.http_url) as via_router, _openai(engines["tiny-a"].base_url) as a:
         for limit in ({"max_tokens": 3}, {}):  # {}: the engine's own default length
             got = await via_router.chat.completions.create(
                 model="tiny-a", messages=CHAT, temperature=0, **limit
@@ -375,10 +392,10 @@ async def test_tagged_clients_tag_the_calls_of_the_current_request_only(
 
 
 async def test_grpc_client_equals_the_engine(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    routed: RunningRouter, engines: dict[str, LocalEngine]
 ) -> None:
     prompt = "The planner splits the GPUs"
-    async with _openai(engines["tiny-b"][0].base_url) as direct:
+    async with _openai(engines["tiny-b"].base_url) as direct:
         want = (await direct.completions.create(model="tiny-b", prompt=prompt, **GREEDY)).choices[0]
         want_chat = await direct.chat.completions.create(model="tiny-b", messages=CHAT, **GREEDY)
     async with RouterClient(routed.grpc_target) as client:
@@ -408,7 +425,7 @@ async def test_grpc_client_equals_the_engine(
 
 
 async def test_grpc_request_fields_reach_the_engine(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    routed: RunningRouter, engines: dict[str, LocalEngine]
 ) -> None:
     # Seeded sampling repeats itself: the same fields sent to the engine directly give the same
     # answer, and one field lost on the way (seed, top_k, ignore_eos, ...) would change it.
@@ -419,7 +436,7 @@ async def test_grpc_request_fields_reach_the_engine(
     request.seed = 7
     async with RouterClient(routed.grpc_target) as client:
         got = await client.generate(request)
-    async with _openai(engines["tiny-a"][0].base_url) as direct:
+    async with _openai(engines["tiny-a"].base_url) as direct:
         want = await direct.completions.create(
             model="tiny-a", prompt="x", max_tokens=12, temperature=1.0, stop=["\n"], seed=7,
             extra_body={"top_k": 3, "ignore_eos": True},
@@ -429,9 +446,7 @@ async def test_grpc_request_fields_reach_the_engine(
     assert got.usage.completion_tokens == want.usage.completion_tokens
 
 
-async def test_sync_grpc_client(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
-) -> None:
+async def test_sync_grpc_client(routed: RunningRouter, engines: dict[str, LocalEngine]) -> None:
     def drive() -> tuple[str, str, list[str]]:
         with SyncRouterClient(routed.grpc_target) as client, workflow_request("sync", "s-1"):
             request = generate_request("tiny-a", prompt="x", max_tokens=8)
@@ -440,7 +455,7 @@ async def test_sync_grpc_client(
             return unary, streamed, client.list_models()
 
     unary, streamed, models = await asyncio.to_thread(drive)
-    async with _openai(engines["tiny-a"][1].base_url) as direct:
+    async with _openai(engines["tiny-a"].base_url) as direct:
         want = (await direct.completions.create(model="tiny-a", prompt="x", **GREEDY)).choices[0]
     assert unary == streamed == want.text
     assert models == ["tiny-a", "tiny-b"]
@@ -450,9 +465,9 @@ async def test_sync_grpc_client(
 
 # ------------------------------------------------------------------------------- errors, keys
 async def test_bad_input_gets_clear_errors_and_the_router_keeps_serving(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    replicas = engines["tiny-a"]
+    replicas = [engines["tiny-a"]]
     await register(store, "tiny-a", *(e.base_url for e in replicas))
     handle = await start_router(max_body_bytes=4096)
     url = handle.http_url
@@ -502,9 +517,9 @@ async def test_bad_input_gets_clear_errors_and_the_router_keeps_serving(
 
 
 async def test_engine_errors_are_forwarded_over_http_and_mapped_over_grpc(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    engine = engines["tiny-a"][0]
+    engine = engines["tiny-a"]
     await register(store, "tiny-a", engine.base_url)
     await register(store, "alias", engine.base_url)  # a name the engine does not serve
     handle = await start_router()
@@ -528,9 +543,9 @@ async def test_engine_errors_are_forwarded_over_http_and_mapped_over_grpc(
 
 
 async def test_api_keys_are_required_on_both_front_ends_and_never_logged(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    await register(store, "tiny-a", engines["tiny-a"][0].base_url)
+    await register(store, "tiny-a", engines["tiny-a"].base_url)
     secret = "sk-test-0123456789"
     with capture_logs() as logs:
         handle = await start_router(api_keys=f"{secret}, other-key")
@@ -567,9 +582,9 @@ async def test_api_keys_are_required_on_both_front_ends_and_never_logged(
 
 
 async def test_metrics_expose_requests_latency_ttft_and_in_flight(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    await register(store, "tiny-b", engines["tiny-b"][0].base_url)
+    await register(store, "tiny-b", engines["tiny-b"].base_url)
     handle = await start_router()
     async with _openai(handle.http_url) as client:
         await client.completions.create(model="tiny-b", prompt="x", **GREEDY)
@@ -590,12 +605,12 @@ async def test_metrics_expose_requests_latency_ttft_and_in_flight(
 
 # ------------------------------------------------------------------ replicas and routing
 async def test_endpoints_update_live_without_restart(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
     handle = await start_router(refresh_s=30.0)  # only the pub/sub event can bring the change
     async with aiohttp.ClientSession() as session:
         assert (await complete(session, handle, "tiny-b", **GREEDY))[0] == 404
-        await store.put_endpoint(Endpoint("tiny-b", "r0", engines["tiny-b"][1].base_url))
+        await store.put_endpoint(Endpoint("tiny-b", "r0", engines["tiny-b"].base_url))
         await wait_until(lambda: handle.router.registry.models() == ["tiny-b"])
         status, headers, answer = await complete(session, handle, "tiny-b", **GREEDY)
         assert (status, headers["x-scepsy-replica"]) == (200, "r0")
@@ -606,9 +621,10 @@ async def test_endpoints_update_live_without_restart(
 
 
 async def test_affinity_policy_keeps_a_workflow_request_on_one_replica(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    await register(store, "tiny-b", *(e.base_url for e in engines["tiny-b"]))
+    url = engines["tiny-b"].base_url
+    await register(store, "tiny-b", url, url)  # replicas tiny-b-0 and tiny-b-1, one engine
     handle = await start_router(policy="affinity")
     homes = set()
     async with aiohttp.ClientSession() as session:
@@ -622,12 +638,12 @@ async def test_affinity_policy_keeps_a_workflow_request_on_one_replica(
 
 
 async def test_capacity_weighted_policy_prefers_the_larger_replica(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
-    small, large = engines["tiny-b"]
-    await store.put_endpoint(Endpoint("tiny-b", "small", small.base_url, 0.25))
-    await store.put_endpoint(Endpoint("tiny-b", "large", large.base_url, 1.0))
-    handle = await start_router(policy="capacity_weighted")
+    url = engines["tiny-b"].base_url
+    await store.put_endpoint(Endpoint("tiny-b", "small", url, 0.25))
+    await store.put_endpoint(Endpoint("tiny-b", "large", url, 1.0))
+    handle = await start_router(policy="capacity-weighted")
     async with aiohttp.ClientSession() as session:
         served = [
             (await complete(session, handle, "tiny-b", max_tokens=2))[1]["x-scepsy-replica"]
@@ -638,12 +654,12 @@ async def test_capacity_weighted_policy_prefers_the_larger_replica(
 
 # ------------------------------------------------------- backpressure, deadlines, cancellation
 async def test_beyond_in_flight_limit_and_queue_calls_are_turned_away_with_a_retry_hint(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
     # One replica taking one call at a time, one call may wait, for at most 0.5 s: a long
     # generation holds the slot, a short call waits, further calls are turned away at once,
     # and the waiting call gives up long before the long one would end.
-    engine = engines["tiny-a"][0]
+    engine = engines["tiny-a"]
     await register(store, "tiny-a", engine.base_url)
     handle = await start_router(
         max_in_flight=1, queue_size=1, queue_timeout_s=0.5, retry_after_s=2.0
@@ -678,12 +694,12 @@ async def test_beyond_in_flight_limit_and_queue_calls_are_turned_away_with_a_ret
 
 
 async def test_queue_hands_freed_slots_to_waiting_calls(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
     # Eight calls, two at a time: the rest wait in the queue and each takes a freed slot. The
     # limit is watched at the router (in-process, every few ms): the engine's own metrics
     # endpoint answers too late to see calls this short.
-    await register(store, "tiny-b", engines["tiny-b"][0].base_url)
+    await register(store, "tiny-b", engines["tiny-b"].base_url)
     handle = await start_router(max_in_flight=2, queue_size=100)
     in_flight = 'scepsy_router_in_flight{model="tiny-b",replica="tiny-b-0"}'
     queued = 'scepsy_router_queue_length{model="tiny-b"}'
@@ -706,11 +722,11 @@ async def test_queue_hands_freed_slots_to_waiting_calls(
 
 
 async def test_deadlines_end_the_call_and_abort_the_generation(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter, store: Store
+    engines: dict[str, LocalEngine], start_router: StartRouter, store: Store
 ) -> None:
     # The router's own upstream deadline: 504 over HTTP, DEADLINE_EXCEEDED over gRPC; and a
     # gRPC client's shorter deadline bounds the engine call of a patient router.
-    engine = engines["tiny-a"][0]
+    engine = engines["tiny-a"]
     await register(store, "tiny-a", engine.base_url)
     hasty = await start_router(upstream_timeout_s=0.5, connect_timeout_s=0.5)
     patient = await start_router()
@@ -740,13 +756,13 @@ async def test_deadlines_end_the_call_and_abort_the_generation(
 
 @pytest.mark.parametrize(("front", "stream"), [("http", False), ("http", True), ("grpc", True)])
 async def test_a_client_going_away_aborts_the_generation(
-    engines: dict[str, list[LocalEngine]],
+    engines: dict[str, LocalEngine],
     start_router: StartRouter,
     store: Store,
     front: str,
     stream: bool,
 ) -> None:
-    engine = engines["tiny-a"][0]
+    engine = engines["tiny-a"]
     await register(store, "tiny-a", engine.base_url)
     handle = await start_router()
     url, body = handle.http_url + "/v1/completions", {"model": "tiny-a", "stream": stream, **LONG}
@@ -776,10 +792,10 @@ async def test_a_client_going_away_aborts_the_generation(
 
 # -------------------------------------------------------------------------------- tracing
 async def test_known_structure_gives_n_and_p(routed: RunningRouter, tmp_path: Path) -> None:
-    # Each request: 1 call to tiny-a, then 4 parallel equal-length calls to tiny-b (two
-    # replicas). So n_a = 1 and n_b = 4 exactly; p_a = 1 (one call at a time); the four tiny-b
-    # calls are in flight together (their intervals share an instant), so 1 < p_b <= 4; on 2
-    # shared CPU cores some calls take much longer than others, so p_b is not close to 4 here.
+    # Each request: 1 call to tiny-a, then 4 parallel equal-length calls to tiny-b (one engine
+    # batches them). So n_a = 1 and n_b = 4 exactly; p_a = 1 (one call at a time); the four
+    # tiny-b calls are in flight together (their intervals share an instant), so 1 < p_b <= 4;
+    # how close to 4 depends on how the shared CPU cores start and end them.
     # tiny-a runs before tiny-b: stages [a] then [b]. One more untagged call is its own request.
     # 200 tokens each (~0.4 s): long enough that the four fan-out calls always overlap
     fixed = {"temperature": 0, "max_tokens": 200, "extra_body": {"ignore_eos": True}}
@@ -826,7 +842,7 @@ class _State(TypedDict):
 
 
 async def test_langgraph_graph_calls_two_models_through_the_router(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    routed: RunningRouter, engines: dict[str, LocalEngine]
 ) -> None:
     async with tagged_async_http_client() as http:
 
@@ -858,7 +874,7 @@ async def test_langgraph_graph_calls_two_models_through_the_router(
                 {"question": "How many GPUs does the plan use?", "draft": "", "review": ""}
             )
 
-    async with _openai(engines["tiny-b"][0].base_url) as direct:
+    async with _openai(engines["tiny-b"].base_url) as direct:
         want = await direct.chat.completions.create(
             model="tiny-b", messages=[{"role": "user", "content": "Review: " + result["draft"]}],
             **GREEDY,
@@ -871,12 +887,12 @@ async def test_langgraph_graph_calls_two_models_through_the_router(
 
 
 async def test_redis_outage_keeps_serving_counts_drops_and_resumes(
-    engines: dict[str, list[LocalEngine]], start_router: StartRouter
+    engines: dict[str, LocalEngine], start_router: StartRouter
 ) -> None:
     # One replica: calls alternating between engines can take ~1 s each on two shared cores
     # (an engine's workers keep polling for a second after each call), which would hide
     # whether calls waited on Redis.
-    url = engines["tiny-a"][0].base_url
+    url = engines["tiny-a"].base_url
     redis = RedisServer().start()
     store = Store.connect(redis.url, timeout_s=1.0, namespace="outage")
     try:
@@ -915,11 +931,11 @@ async def test_redis_outage_keeps_serving_counts_drops_and_resumes(
 
 # ------------------------------------------------------------------------ shutdown, failure
 async def test_sigterm_stops_accepting_finishes_in_flight_calls_and_exits(
-    engines: dict[str, list[LocalEngine]], store: Store, redis_url: str, namespace: str
+    engines: dict[str, LocalEngine], store: Store, redis_url: str, namespace: str
 ) -> None:
     # The in-flight call (``LONG``, ~5 s here) outlasts the 0.2 s drain and fits in the 30 s
     # grace. It is streamed, so its first chunk tells that the engine generates.
-    engine = engines["tiny-b"][0]
+    engine = engines["tiny-b"]
     await register(store, "tiny-b", engine.base_url)
     port = free_port()
     process = await asyncio.create_subprocess_exec(
@@ -989,12 +1005,18 @@ async def _wait_refused(url: str, timeout_s: float = 5.0) -> None:
 
 
 async def test_engine_killed_mid_run_later_calls_go_to_the_survivor(
-    routed: RunningRouter, engines: dict[str, list[LocalEngine]]
+    engines: dict[str, LocalEngine],
+    own_engine: LocalEngine,
+    start_router: StartRouter,
+    store: Store,
 ) -> None:
-    # Runs last: it kills a replica of tiny-a for good (SIGKILL to its process group), once its
-    # first answer has begun to stream. Four streamed calls, two per replica: the victim's end
-    # at once with an error event, the survivor's complete; none waits for the 60 s deadline.
-    victim = engines["tiny-a"][1]
+    # Two replicas of tiny-a: the module's engine and this test's own, which is killed for good
+    # (SIGKILL to its process group) once its first answer has begun to stream. Four streamed
+    # calls, two per replica: the victim's end at once with an error event, the survivor's
+    # complete; none waits for the 60 s deadline.
+    victim = own_engine
+    await register(store, "tiny-a", engines["tiny-a"].base_url, victim.base_url)
+    routed = await start_router(health_interval_s=0.2, upstream_timeout_s=60)
     assert victim.pid is not None
     call = {"model": "tiny-a", **LONG, "n": 64, "stream": True}  # ~2.5 s: outlives the kill
     url = routed.http_url + "/v1/completions"

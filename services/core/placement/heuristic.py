@@ -1,4 +1,4 @@
-"""Placement: an allocation onto nodes and GPUs (DESIGN.md section 3, Placement).
+"""Placement: an allocation onto nodes and GPUs (``docs/design.md``, Placement).
 
 Units, free capacity, enforcement (MPS share, memory cap), the hard rules, fragmentation and the
 infeasibility reasons are defined in ``services.core.placement.rules`` and re-exported here.

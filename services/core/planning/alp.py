@@ -1,6 +1,6 @@
 """The Aggregate LLM Pipeline (ALP): predicted workflow latency and throughput of an allocation.
 
-DESIGN.md section 3. For workflow w at target rate lambda_w:
+``docs/design.md``, The ALP. For workflow w at target rate lambda_w:
 
 * LLM m carries the summed load of every workflow calling it: ``load_m = sum_w lambda_w n_{w,m}``
   calls/s, split evenly over its r_m replicas (the router balances them);

@@ -1,6 +1,6 @@
 """The allocation search: GPU fraction x TP degree x replicas per LLM, optimal under the ALP.
 
-**Problem** (DESIGN.md section 3). Every LLM m gets a configuration: TP degree t, a share of
+**Problem** (``docs/design.md``, Search). Every LLM m gets a configuration: TP degree t, a share of
 u/k of each of its GPUs (u in 1..k; u < k only with t = 1) and r >= 1 replicas, costing
 ``r t u`` units of 1/k GPU. Minimise the weighted mean predicted latency
 ``J = sum_w omega_w L_w / sum_w omega_w`` (``services.core.planning.alp``: per stage the largest

@@ -1,6 +1,6 @@
 """The systems Scepsy is compared with: how each one allocates GPUs to a workflow's LLMs.
 
-All are pure functions of what that system knows (DESIGN.md section 5):
+All are pure functions of what that system knows (``docs/design.md``, Evaluation):
 
 - ``even_split`` - the user-specified static allocation: the cluster's whole GPUs split evenly
   over the LLMs, the remainder one each to the largest models; TP 1, or the least TP whose

@@ -1,4 +1,5 @@
-"""Workflow statistics from a trace: the aggregate view the ALP is built from (DESIGN.md section 3).
+"""Workflow statistics from a trace: the aggregate view the ALP is built from (``docs/design.md``,
+Definitions).
 
 Per workflow and per LLM m:
 
