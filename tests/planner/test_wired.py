@@ -3,6 +3,7 @@ loopback (each service its own server on port 0), a real Redis server."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import parse_cluster
 from services.core.errors import InvalidInputError
 from services.core.perf.backends import AnalyticBackend
-from services.core.planning.plan import spec_from_text
+from services.core.planning.feedback import search_placed
+from services.core.planning.plan import placer_for, spec_from_text
 from services.core.planning.profiles import SpecProfiles
+from services.core.planning.space import Problem
 from services.core.workload.trace import TraceCall, dumps
 from services.placer.config import PlacerConfig
 from services.placer.service import Placer, placer_binding
+from services.planner.clients import PlacerClient
 from services.planner.config import PlannerConfig
 from services.planner.service import Planner, planner_binding
 from services.profiler.service import profiler_binding
@@ -27,6 +31,7 @@ from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
 from services.runtime.server import Server
 from services.runtime.store import Store
+from tests.core.planning.test_search import serial, synthetic
 from tests.planner.test_planner_service import CLUSTER, SPEC
 
 ANALYTIC = AnalyticBackend.engine
@@ -169,6 +174,32 @@ async def test_a_bad_spec_is_invalid_argument_with_the_field_in_the_details(suit
     assert isinstance(error, InvalidInputError)
     assert error.field == "spec_yaml.workflows[0].rate"
     assert error.value == "-1"
+
+
+async def test_placement_feedback_reads_the_placers_refusals_across_the_wire(
+    suite: Suite, store: Store
+) -> None:
+    # the search's optimum (A 3/4, B 3/4, D 1/2 on 2 GPUs) does not pack; the placer says why,
+    # the planner's client rebuilds the refusal and feedback finds the same plan as in-process
+    problem = Problem(
+        (serial("w", ("B", 1, 1), ("D", 2, 1), ("A", 0.5, 1)),), {"w": 0.75}, gpus=2, max_tp=1
+    )
+    nodes = parse_cluster(
+        {
+            "version": 1,
+            "nodes": [{"name": "n", "gpu_type": "L40S", "gpus": 2, "interconnect": "pcie"}],
+        }
+    )
+    client = PlacerClient(suite.placer.address, 10.0, nodes, 4)
+    try:
+        remote = await asyncio.to_thread(search_placed, problem, synthetic, client.place)
+    finally:
+        client.close()
+    local = search_placed(problem, synthetic, placer_for(nodes, 4))
+    assert remote.rounds == local.rounds > 1 and client.calls > 1  # refused, then placed
+    assert remote.result.allocation == local.result.allocation
+    assert remote.constraints.notes == local.constraints.notes
+    assert remote.constraints.notes[0].startswith("fractions_do_not_pack: D")
 
 
 CLUSTER_DOC = {
