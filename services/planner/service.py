@@ -36,6 +36,7 @@ from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace, parse_trace_lines
 from services.planner.clients import PlacerClient, ProfilerClient
 from services.planner.config import PlannerConfig
+from services.planner.metrics import METRICS, PlannerMetrics, record_plan
 from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger
@@ -83,9 +84,14 @@ class RecordedTrace:
 
 class Planner:
     def __init__(
-        self, config: PlannerConfig, store: Store, clock: Callable[[], float] = time.time
+        self,
+        config: PlannerConfig,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        metrics: PlannerMetrics = METRICS,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._store = store
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -137,6 +143,7 @@ class Planner:
                 if placer is not None:
                     placer.close()
         new = await self._store.put_plan(plan)
+        record_plan(plan, new, plan.search_seconds, self._metrics)
         if not new:  # planned before: the stored document (and its creation time) stands
             plan = await self._store.get_plan(plan.id) or plan
         log.info(
