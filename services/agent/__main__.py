@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from services.agent.config import AgentConfig
@@ -14,11 +15,12 @@ from services.runtime.store import Store
 
 async def build(config: AgentConfig, store: Store) -> Sequence[ServiceBinding]:
     source = open_source(config.cluster, config.resolved_node_name)
-    return [agent_binding(Agent(config, source, store))]
+    binding = agent_binding(Agent(config, source, store))
+    return [dataclasses.replace(binding, announce=lambda: {"node": config.resolved_node_name})]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(AgentConfig, build, argv, prog="python -m services.agent")
+    return run_service(AgentConfig, build, argv, prog="python -m services.agent", name="agent")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ async def build(config: PlacerConfig, store: Store) -> Sequence[ServiceBinding]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(PlacerConfig, build, argv, prog="python -m services.placer")
+    return run_service(PlacerConfig, build, argv, prog="python -m services.placer", name="placer")
 
 
 if __name__ == "__main__":

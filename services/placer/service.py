@@ -23,6 +23,7 @@ from protos.scepsy.v1 import placer_pb2, placer_pb2_grpc
 from services.core.cluster.inventory import NodeInventory
 from services.core.placement.heuristic import Replacement, place_allocation
 from services.placer.config import PlacerConfig
+from services.placer.metrics import PlacerMetrics
 from services.runtime.convert import (
     allocation_from_pb,
     assignments_from_pb,
@@ -38,17 +39,19 @@ log = get_logger(__name__)
 
 class Placer:
     """``declared``: the nodes of the config's cluster file (``services.core.cluster.declared``),
-    if any."""
+    if any. ``metrics``: where placements are counted (a fresh set by default)."""
 
     def __init__(
         self,
         config: PlacerConfig,
         store: Store,
         declared: Sequence[NodeInventory] | None = None,
+        metrics: PlacerMetrics | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._declared = declared
+        self.metrics = metrics or PlacerMetrics()
 
     async def nodes(self) -> list[NodeInventory]:
         """The cluster a request without nodes is placed on."""
@@ -70,6 +73,8 @@ class Placer:
             memory_margin=self._config.memory_margin,
             spread_window=self._config.spread_window,
         )
+        seconds = time.perf_counter() - started
+        self.metrics.record(result, seconds)
         frag = result.placement.fragmentation
         log.info(
             "placed",
@@ -80,7 +85,7 @@ class Placer:
             stopped=len(result.stopped),
             moved=len(result.moved),
             stranded_gpus=frag.stranded_fraction,
-            seconds=round(time.perf_counter() - started, 4),
+            seconds=round(seconds, 4),
         )
         return placer_pb2.PlaceResponse(
             placement=placement_to_pb(result.placement),
@@ -107,4 +112,5 @@ def placer_binding(placer: Placer) -> ServiceBinding:
     return ServiceBinding(
         name=placer_pb2.DESCRIPTOR.services_by_name["Placer"].full_name,
         add_to_server=lambda server: placer_pb2_grpc.add_PlacerServicer_to_server(servicer, server),
+        metrics=(placer.metrics.registry,),
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from services.planner.config import PlannerConfig
+from services.planner.metrics import METRICS
 from services.planner.service import Planner, planner_binding
 from services.runtime.entry import run_service
 from services.runtime.server import ServiceBinding
@@ -12,11 +14,14 @@ from services.runtime.store import Store
 
 
 async def build(config: PlannerConfig, store: Store) -> Sequence[ServiceBinding]:
-    return [planner_binding(Planner(config, store))]
+    binding = planner_binding(Planner(config, store))
+    return [dataclasses.replace(binding, metrics=(*binding.metrics, METRICS.registry))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(PlannerConfig, build, argv, prog="python -m services.planner")
+    return run_service(
+        PlannerConfig, build, argv, prog="python -m services.planner", name="planner"
+    )
 
 
 if __name__ == "__main__":

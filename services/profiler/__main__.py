@@ -16,7 +16,9 @@ async def build(config: ServiceConfig, store: Store) -> Sequence[ServiceBinding]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(ServiceConfig, build, argv, prog="python -m services.profiler")
+    return run_service(
+        ServiceConfig, build, argv, prog="python -m services.profiler", name="profiler"
+    )
 
 
 if __name__ == "__main__":

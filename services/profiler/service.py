@@ -8,6 +8,7 @@ a worker thread (a profile is CPU-bound) and stores the result. Validation error
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -16,9 +17,11 @@ from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import resolve_model
 from services.core.errors import InvalidInputError, NotFoundError
 from services.core.perf.analytic import RequestMix
+from services.core.perf.backends import ProfileBackend
 from services.core.perf.profile import Profile, ProfileKey
-from services.profiler.backends import BACKENDS, ProfilerBackend
-from services.runtime.convert import profile_key_from_pb, profile_to_pb
+from services.profiler.backends import BACKENDS
+from services.profiler.metrics import ProfilerMetrics
+from services.runtime.convert import model_from_pb, profile_key_from_pb, profile_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store
@@ -46,8 +49,9 @@ def request_mix(spec: profiler_pb2.RequestMixSpec) -> RequestMix:
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: ProfilerMetrics) -> None:
         self._store = store
+        self._metrics = metrics
 
     async def Profile(
         self,
@@ -57,7 +61,10 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         ],
     ) -> profiler_pb2.ProfileResponse:
         backend = _backend(request.backend or "analytic")
-        model = resolve_model(request.model)
+        if request.HasField("model_spec"):
+            model = model_from_pb(request.model_spec)
+        else:
+            model = resolve_model(request.model)
         gpu = gpu_spec(request.gpu_type)
         tp, fraction = _shape(request.tp or 1, request.fraction or 1.0)
         mix = request_mix(request.mix)
@@ -65,10 +72,13 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         if not request.refresh:
             stored = await self._store.get_profile(key)
             if stored is not None:
+                self._metrics.stored()
                 return profiler_pb2.ProfileResponse(profile=profile_to_pb(stored), cached=True)
+        started = time.perf_counter()
         profile: Profile = await asyncio.to_thread(
             backend.profile, model, gpu, tp, fraction, mix, request.seed
         )
+        self._metrics.computed(backend.engine, time.perf_counter() - started)
         await self._store.put_profile(profile)
         log.info(
             "profiled",
@@ -92,10 +102,11 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         stored = await self._store.get_profile(key)
         if stored is None:
             raise NotFoundError(f"no stored profile for {key.redis_field()}")
+        self._metrics.stored()
         return profiler_pb2.ProfileResponse(profile=profile_to_pb(stored), cached=True)
 
 
-def _backend(name: str) -> ProfilerBackend:
+def _backend(name: str) -> ProfileBackend:
     if name not in BACKENDS:
         raise InvalidInputError(f"backend: must be one of {', '.join(BACKENDS)}, got {name!r}")
     return BACKENDS[name]
@@ -111,11 +122,14 @@ def _shape(tp: int, fraction: float) -> tuple[int, float]:
     return tp, fraction
 
 
-def profiler_binding(store: Store) -> ServiceBinding:
-    servicer = ProfilerServicer(store)
+def profiler_binding(store: Store, metrics: ProfilerMetrics | None = None) -> ServiceBinding:
+    """``metrics``: where profiles are counted (a fresh set by default)."""
+    metrics = metrics or ProfilerMetrics()
+    servicer = ProfilerServicer(store, metrics)
     return ServiceBinding(
         name=profiler_pb2.DESCRIPTOR.services_by_name["Profiler"].full_name,
         add_to_server=lambda server: profiler_pb2_grpc.add_ProfilerServicer_to_server(
             servicer, server
         ),
+        metrics=(metrics.registry,),
     )

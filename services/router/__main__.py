@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from services.router.config import RouterConfig
@@ -12,11 +13,16 @@ from services.runtime.store import Store
 
 
 async def build(config: RouterConfig, store: Store) -> Sequence[ServiceBinding]:
-    return [router_binding(Router(config, store))]
+    router = Router(config, store)
+
+    def http_address() -> dict[str, str]:  # read once started: the HTTP port (0 picks one) is bound
+        return {"http_address": f"{config.resolved_http_host}:{router.http_port}"}
+
+    return [dataclasses.replace(router_binding(router), announce=http_address)]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m services.router") -> int:
-    return run_service(RouterConfig, build, argv, prog=prog)
+    return run_service(RouterConfig, build, argv, prog=prog, name="router")
 
 
 if __name__ == "__main__":

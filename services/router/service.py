@@ -111,4 +111,5 @@ def router_binding(router: Router) -> ServiceBinding:
         ),
         on_start=(router.start,),
         on_stop=(router.stop,),
+        metrics=(router.metrics.registry,),
     )

@@ -45,6 +45,9 @@ class ServiceConfig:
 
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(0, "gRPC port (0 picks a free one)", in_range(0, 65535))
+    metrics_port: int = option(
+        0, "port of GET /metrics, Prometheus text, on host (0 picks a free one)", in_range(0, 65535)
+    )
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL for shared state")
     namespace: str = option(
         "scepsy", "prefix of every Redis key (several deployments can share one Redis)"
@@ -56,6 +59,12 @@ class ServiceConfig:
         0.5, "time health reports NOT_SERVING before the server stops", in_range(0, 60)
     )
     grace_s: float = option(5.0, "time in-flight RPCs get to finish at shutdown", in_range(0, 600))
+    service_ttl_s: float = option(
+        10.0,
+        "the service's record in Redis (address, PID) expires this long after its last refresh; "
+        "it is refreshed every third of it",
+        in_range(0.3, 3600),
+    )
 
     def validate(self) -> None:
         """Cross-field rules; subclasses extend and call super()."""

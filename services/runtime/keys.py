@@ -13,6 +13,8 @@ the schema version, so several deployments (or test runs) can share one Redis.
 | {ns}:v1:plan:current | string | id of the current plan, swapped atomically |
 | {ns}:v1:endpoints:{model} | hash | replica id -> JSON {"url": engine base URL, "weight": w} |
 | {ns}:v1:endpoint-models | set | models that have an ``endpoints:{model}`` hash |
+| {ns}:v1:service:{id} | string, TTL | a running service process: JSON ``ServiceRecord`` |
+| {ns}:v1:services | set | ids of registered service processes (pruned of expired ones on read) |
 """
 
 from __future__ import annotations
@@ -65,3 +67,10 @@ class Keys:
     @property
     def endpoint_models(self) -> str:
         return f"{self._root}:endpoint-models"
+
+    def service(self, service_id: str) -> str:
+        return f"{self._root}:service:{service_id}"
+
+    @property
+    def services(self) -> str:
+        return f"{self._root}:services"

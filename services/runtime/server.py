@@ -1,28 +1,43 @@
-"""One ``serve()`` for every service: grpc.aio server, health, reflection, graceful stop.
+"""One ``serve()`` for every service: grpc.aio server, health, reflection, metrics, graceful
+stop.
 
 Lifecycle of a ``Server``:
-1. ``start()``: bind (port 0 picks a free port), start the server, run each service's
-   ``on_start`` hook (it can read the bound address), then report SERVING for every service and
-   for the whole server ("").
+1. ``start()``: bind (port 0 picks a free port), start the server and its ``GET /metrics``
+   endpoint (``metrics_port``), run each service's ``on_start`` hook (it can read the bound
+   address), then report SERVING for every service and for the whole server ("").
 2. ``stop()``: report NOT_SERVING (load balancers and clients watching health see it), wait
-   ``drain_s``, run ``on_stop`` hooks, stop accepting and give in-flight RPCs ``grace_s``.
-``serve()`` runs start, waits for SIGTERM or SIGINT, then stop.
+   ``drain_s``, run ``on_stop`` hooks, stop accepting and give in-flight RPCs ``grace_s``, close
+   the metrics endpoint.
+``serve()`` runs start, announces the process in Redis (``Registration``, when given), waits for
+SIGTERM or SIGINT, withdraws the announcement, then stop.
+
+Every RPC is counted and timed (``services.runtime.metrics``, outermost interceptor) and then has
+its domain errors mapped to status codes (``services.runtime.errors``). The server's registry
+holds those RPC metrics and every binding's ``metrics`` collectors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
+from services.core.errors import UnavailableError
 from services.runtime.config import ServiceConfig
 from services.runtime.errors import ErrorMappingInterceptor
 from services.runtime.logging import get_logger
+from services.runtime.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
+
+if TYPE_CHECKING:
+    from services.runtime.registration import Registration
 
 log = get_logger(__name__)
 
@@ -37,20 +52,47 @@ class ServiceBinding:
     add_to_server: Callable[[grpc.aio.Server], None]
     on_start: Sequence[Hook] = field(default=())
     on_stop: Sequence[Hook] = field(default=())
+    # The service's own figures, added to the server's registry (served on GET /metrics).
+    metrics: Sequence[Collector] = field(default=())
+    # Fields the process announces besides its addresses, read after on_start (e.g. the
+    # router's {"http_address": ...}); see ``services.runtime.registration``.
+    announce: Callable[[], Mapping[str, str]] | None = None
 
 
 class Server:
     def __init__(self, config: ServiceConfig, services: Sequence[ServiceBinding]) -> None:
         self._config = config
         self._services = services
-        self._server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        self.registry = CollectorRegistry()
+        self.rpc_metrics = RpcMetrics(self.registry)
+        for service in services:
+            for collector in service.metrics:
+                self.registry.register(collector)
+        self._server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.rpc_metrics), ErrorMappingInterceptor()],
+            # A taken port is an error, never silently shared with another server.
+            options=[("grpc.so_reuseport", 0)],
+        )
         self._health = health.aio.HealthServicer()
-        self._stopping: asyncio.Event | None = None
+        self._metrics_endpoint = MetricsEndpoint(self.registry, config.host, config.metrics_port)
         self.port = 0
 
     @property
     def address(self) -> str:
         return f"{self._config.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of GET /metrics (port 0 until started)."""
+        return self._metrics_endpoint.address
+
+    def announced(self) -> dict[str, str]:
+        """The fields the services announce besides the addresses (``ServiceBinding.announce``)."""
+        fields: dict[str, str] = {}
+        for service in self._services:
+            if service.announce is not None:
+                fields.update(service.announce())
+        return fields
 
     async def start(self) -> int:
         for service in self._services:
@@ -65,19 +107,36 @@ class Server:
             ],
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{self._config.host}:{self._config.port}")
+        address = f"{self._config.host}:{self._config.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+            raise UnavailableError(f"port: cannot listen on {address}: {exc}") from None
         await self._server.start()
         try:
+            await self._start_metrics()
             for service in self._services:
                 for hook in service.on_start:
                     await hook(self)
         except BaseException:
             await self._server.stop(0)
+            await self._metrics_endpoint.stop()
             raise
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server_started", address=self.address, services=names)
+        log.info(
+            "server_started", address=self.address, metrics=self.metrics_address, services=names
+        )
         return self.port
+
+    async def _start_metrics(self) -> None:
+        try:
+            await self._metrics_endpoint.start()
+        except OSError as exc:
+            raise UnavailableError(
+                f"metrics_port: cannot listen on {self._config.host}:"
+                f"{self._config.metrics_port}: {exc.strerror or exc}"
+            ) from None
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
@@ -90,6 +149,7 @@ class Server:
                 except Exception:
                     log.exception("stop_hook_failed", service=service.name)
         await self._server.stop(self._config.grace_s)
+        await self._metrics_endpoint.stop()
         log.info("server_stopped", address=self.address)
 
     async def wait_for_termination(self) -> None:
@@ -100,16 +160,24 @@ async def serve(
     config: ServiceConfig,
     services: Sequence[ServiceBinding],
     ready: Callable[[Server], None] | None = None,
+    registration: Registration | None = None,
 ) -> None:
-    """Run the services until SIGTERM or SIGINT, then stop gracefully."""
+    """Run the services until SIGTERM or SIGINT, then stop gracefully. With ``registration``,
+    the process is announced once serving and withdrawn before draining."""
     server = Server(config, services)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    if ready is not None:
-        ready(server)
-    await stop.wait()
-    log.info("signal_received")
-    await server.stop()
+    try:
+        if registration is not None:
+            await registration.start(server)
+        if ready is not None:
+            ready(server)
+        await stop.wait()
+        log.info("signal_received")
+    finally:
+        if registration is not None:
+            await registration.stop()
+        await server.stop()

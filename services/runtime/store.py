@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -33,6 +34,47 @@ from services.runtime.convert import (
 from services.runtime.keys import Keys
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """A running service process as it announces itself (``services.runtime.registration``).
+
+    ``extra`` holds what one kind of service adds, e.g. the router's ``http_address`` or an
+    agent's ``node``.
+    """
+
+    name: str  # the kind of service: "planner", "router", "agent", ...
+    address: str  # gRPC host:port
+    metrics_address: str  # host:port of GET /metrics
+    pid: int
+    host: str  # the host name of the machine it runs on
+    started_at: float  # unix seconds
+    heartbeat_at: float  # unix seconds of the last refresh
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """Unique among live processes: one process registers once."""
+        return f"{self.name}@{self.host}:{self.pid}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> ServiceRecord:
+        """Raises ``ValueError`` (or ``KeyError``/``TypeError``) when ``raw`` is not a record."""
+        doc = json.loads(raw)
+        return cls(
+            name=str(doc["name"]),
+            address=str(doc["address"]),
+            metrics_address=str(doc["metrics_address"]),
+            pid=int(doc["pid"]),
+            host=str(doc["host"]),
+            started_at=float(doc["started_at"]),
+            heartbeat_at=float(doc["heartbeat_at"]),
+            extra={str(k): str(v) for k, v in dict(doc.get("extra") or {}).items()},
+        )
 
 
 class Store:
@@ -236,6 +278,52 @@ class Store:
             lambda: self._r.zrevrange(self.keys.plans, 0, limit - 1, withscores=True)
         )
         return [(_text(plan_id), float(score)) for plan_id, score in entries]
+
+    # --------------------------------------------------------------- services
+    async def put_service(self, record: ServiceRecord, ttl_s: float) -> None:
+        """Register or refresh a service process; its record expires ``ttl_s`` after the last
+        put."""
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.service(record.id), record.to_json(), px=int(ttl_s * 1000))
+                pipe.sadd(self.keys.services, record.id)
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def list_services(self) -> list[ServiceRecord]:
+        """Live service processes sorted by (name, id); ids whose record expired are pruned from
+        the index, and records that do not parse are left out."""
+
+        async def read() -> list[ServiceRecord]:
+            ids = sorted(_text(i) for i in await self._r.smembers(self.keys.services))
+            if not ids:
+                return []
+            blobs = await self._r.mget([self.keys.service(i) for i in ids])
+            records, gone = [], []
+            for service_id, blob in zip(ids, blobs, strict=True):
+                if blob is None:
+                    gone.append(service_id)
+                    continue
+                try:
+                    records.append(ServiceRecord.from_json(_text(blob)))
+                except (ValueError, KeyError, TypeError):
+                    continue
+            if gone:
+                await self._r.srem(self.keys.services, *gone)
+            return sorted(records, key=lambda r: (r.name, r.id))
+
+        return await self._call(read)
+
+    async def remove_service(self, service_id: str) -> None:
+        async def remove() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.service(service_id))
+                pipe.srem(self.keys.services, service_id)
+                await pipe.execute()
+
+        await self._call(remove)
 
     # ------------------------------------------------------------------ events
     @asynccontextmanager
