@@ -1,9 +1,28 @@
-"""``scepsy up``, ``scepsy down``, ``scepsy nodes``: one host's cluster and its inventory.
+"""``scepsy up``, ``scepsy down``, ``scepsy nodes``: one host's suite and its inventory.
 
-``up`` starts an embedded Redis (unless ``--redis-url``/``REDIS_URL`` names one) and node agents:
-one NVML agent for this host, or one agent per node of a declared cluster file. What it started
-is recorded in ``<state dir>/state.json`` (``$SCEPSY_HOME``, default ``./.scepsy``) so that
-``down`` can stop exactly that and ``nodes`` can find Redis.
+``up`` starts an embedded Redis (unless ``--redis-url``/``REDIS_URL`` names one), then the whole
+suite, each service its own process (``services.cli.suite``): the node agents (one NVML agent
+for this host, or one per node of a declared cluster file), the profiler, the placer and the
+router, and once the profiler and placer serve, the planner, pointed at them
+(``--profiler-address``, ``--placer-address``). Every service binds free ports and announces
+its addresses in Redis; ``up`` waits until each one answers gRPC health SERVING (``--timeout``
+in all). When one exits or does not get there, ``up`` stops everything it started, prints that
+service's log tail and exits 2.
+
+What ``up`` started is recorded in ``<state dir>/state.json`` (``$SCEPSY_HOME``, default
+``./.scepsy``), read with ``read_state()``::
+
+    {"redis": {"url": "redis://127.0.0.1:6379/0", "embedded": true, "namespace": "scepsy"},
+     "processes": [{"role": "redis", "pid": 1, "log": "..."},
+                   {"role": "agent", "node": "h100-0", "pid": 2, "log": "..."}, ...],
+     "services": {"planner": {"address": "127.0.0.1:40001", "metrics_address": "...",
+                              "pid": 5, "log": "..."},
+                  "router": {..., "http_address": "127.0.0.1:40007"},
+                  "agent/h100-0": {..., "node": "h100-0"}, ...}}
+
+``processes`` is everything to stop, in start order; ``services`` has one entry per service
+process once it serves (the profiler, placer, planner, router, and ``agent/<node>``). ``down``
+stops the services (SIGTERM, a bounded wait, SIGKILL), then Redis, and removes the file.
 """
 
 from __future__ import annotations
@@ -12,32 +31,46 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from services.cli.store_args import add_store_flags, with_store
+from services.cli.suite import Launched, alive, launch, stop_pids, wait_ready
 from services.core.cluster.declared import load_cluster
 from services.core.cluster.hardware import GIB
 from services.core.cluster.inventory import NodeInventory
-from services.core.errors import InvalidInputError, ScepsyError, UnavailableError
+from services.core.errors import InvalidInputError, UnavailableError
 from services.runtime.redis_server import RedisServer
 from services.runtime.store import Store
 
+__all__ = ["alive", "read_state", "resolve_redis_url", "state_dir"]
+
+HOST = "127.0.0.1"
+
 
 def register(sub: Any) -> None:
-    up = sub.add_parser("up", help="start Redis and the node agents of this host")
+    up = sub.add_parser("up", help="start Redis and the whole suite on this host")
     up.add_argument("--cluster", help="declared cluster YAML: one agent per node (GPU-less hosts)")
     up.add_argument("--redis-url", help="use this Redis instead of an embedded one (env REDIS_URL)")
-    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agents")
+    up.add_argument(
+        "--namespace",
+        default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
+        help="Redis key namespace of the suite (env SCEPSY_NAMESPACE; default scepsy)",
+    )
+    up.add_argument("--http-port", type=int, default=0, help="router HTTP port (0: a free one)")
+    up.add_argument("--router-port", type=int, default=0, help="router gRPC port (0: a free one)")
+    up.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds for every service to serve"
+    )
     up.add_argument("--json", action="store_true", help="print what was started as JSON")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop what `scepsy up` started")
+    down.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds a process gets before SIGKILL"
+    )
     down.set_defaults(func=cmd_down)
 
     nodes = sub.add_parser("nodes", help="list the cluster's nodes, GPUs and NVLink domains")
@@ -55,7 +88,8 @@ def _state_path() -> Path:
     return state_dir() / "state.json"
 
 
-def _read_state() -> dict[str, Any] | None:
+def read_state() -> dict[str, Any] | None:
+    """What ``scepsy up`` started here (module docstring), or None when nothing is up."""
     path = _state_path()
     if not path.exists():
         return None
@@ -63,38 +97,17 @@ def _read_state() -> dict[str, Any] | None:
     return state
 
 
-def alive(pid: int) -> bool:
-    """True while the process runs (a zombie, left when nobody reaps it, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
-def _stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(pid):
-        os.kill(pid, signal.SIGKILL)
+def _write_state(state: dict[str, Any]) -> None:
+    tmp = _state_path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(_state_path())  # readers never see half a file
 
 
 def resolve_redis_url(flag: str | None) -> str:
     url = flag or os.environ.get("REDIS_URL")
     if url:
         return url
-    state = _read_state()
+    state = read_state()
     if state is None:
         raise UnavailableError(
             "no cluster is up here: run `scepsy up` first, or pass --redis-url / set REDIS_URL"
@@ -104,116 +117,170 @@ def resolve_redis_url(flag: str | None) -> str:
 
 # ---------------------------------------------------------------------------------------- up
 def cmd_up(args: argparse.Namespace) -> int:
-    state = _read_state()
+    state = read_state()
     if state is not None and any(alive(p["pid"]) for p in state["processes"]):
         raise InvalidInputError(f"already up (state in {_state_path()}); run `scepsy down` first")
     t0 = time.monotonic()
     # validate everything before starting anything
+    for flag, value in (("--http-port", args.http_port), ("--router-port", args.router_port)):
+        if not 0 <= value <= 65535:
+            raise InvalidInputError(f"{flag}: must be in 0..65535, got {value}")
+    if args.timeout <= 0:
+        raise InvalidInputError(f"--timeout: must be > 0, got {args.timeout}")
     if args.cluster:
         names = [n.name for n in load_cluster(args.cluster)]
-        cluster_args = ["--cluster", str(Path(args.cluster).resolve())]
+        cluster_flags = ["--cluster", str(Path(args.cluster).resolve())]
     else:
         names = [socket.gethostname()]
-        cluster_args = []
+        cluster_flags = []
     home = state_dir()
     home.mkdir(parents=True, exist_ok=True)
-    processes: list[dict[str, Any]] = []
     given: str | None = args.redis_url or os.environ.get("REDIS_URL")
-    embedded = given is None
-    url = given or ""
-    if embedded:
+    redis_state = {"url": given or "", "embedded": given is None, "namespace": args.namespace}
+    processes: list[dict[str, Any]] = []
+    if given is None:
         redis = RedisServer(workdir=home).start()
         assert redis.process is not None
-        url = redis.url
+        redis_state["url"] = redis.url
         processes.append(
             {"role": "redis", "pid": redis.process.pid, "log": str(home / "redis.log")}
         )
-
+    suite = _Suite(home, str(redis_state["url"]), args.namespace, redis_state, processes)
     try:
-        for name in names:
-            log_path = home / f"agent-{name}.log"
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.agent",
-                        *cluster_args,
-                        "--node-name",
-                        name,
-                        "--redis-url",
-                        url,
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            processes.append({"role": "agent", "node": name, "pid": proc.pid, "log": str(log_path)})
-        _state_path().write_text(
-            json.dumps(
-                {"redis": {"url": url, "embedded": embedded}, "processes": processes}, indent=1
-            )
-        )
-        _wait_for_nodes(url, names, processes, args.timeout)
-    except ScepsyError:
-        for p in reversed(processes):
-            _stop_pid(p["pid"])
+        suite.start(args, names, cluster_flags, deadline=t0 + args.timeout)
+    except BaseException:
+        stop_pids(p["pid"] for p in processes if p["role"] != "redis")
+        stop_pids(p["pid"] for p in processes if p["role"] == "redis")
         _state_path().unlink(missing_ok=True)
         raise
     elapsed = time.monotonic() - t0
+    services = suite.services()
     if args.json:
-        print(
-            json.dumps(
-                {"redis_url": url, "nodes": names, "processes": processes, "seconds": elapsed}
-            )
-        )
+        doc = {
+            "redis_url": redis_state["url"],
+            "redis": redis_state,
+            "nodes": names,
+            "processes": processes,
+            "services": services,
+            "seconds": elapsed,
+        }
+        print(json.dumps(doc))
     else:
-        print(f"redis   {url}{' (embedded)' if embedded else ''}")
-        print(f"agents  {len(names)} ({', '.join(names)}) registered in {elapsed:.2f}s")
-        print(f"state   {_state_path()}")
+        embedded = " (embedded)" if redis_state["embedded"] else ""
+        width = max(len(name) for name in services)
+        print(f"{'redis':<{width}}  {redis_state['url']}{embedded}")
+        for name, s in services.items():
+            http = f"  http {s['http_address']}" if "http_address" in s else ""
+            print(
+                f"{name:<{width}}  grpc {s['address']}{http}  metrics {s['metrics_address']}  "
+                f"pid {s['pid']}"
+            )
+        print(f"router: http://{services['router']['http_address']}/v1 (OpenAI-compatible)")
+        print(f"all {len(services)} services serving in {elapsed:.2f}s; state in {_state_path()}")
     return 0
 
 
-def _wait_for_nodes(
-    url: str, names: list[str], processes: list[dict[str, Any]], timeout: float
-) -> None:
-    async def wait() -> None:
-        store = Store.connect(url)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                for p in processes:
-                    if p["role"] == "agent" and not alive(p["pid"]):
-                        tail = _log_tail(p["log"])
-                        raise UnavailableError(f"agent for node {p['node']!r} exited:\n{tail}")
-                registered = {n.name for n in await store.list_nodes()}
-                if set(names) <= registered:
-                    return
-                if time.monotonic() > deadline:
-                    missing = sorted(set(names) - registered)
-                    raise UnavailableError(f"nodes not registered after {timeout}s: {missing}")
-                await asyncio.sleep(0.05)
-        finally:
-            await store.close()
+class _Suite:
+    """The service processes of one ``up``, recorded in the state file as they start."""
 
-    asyncio.run(wait())
+    def __init__(
+        self,
+        home: Path,
+        url: str,
+        namespace: str,
+        redis_state: dict[str, Any],
+        processes: list[dict[str, Any]],
+    ) -> None:
+        self._home = home
+        self._url = url
+        self._namespace = namespace
+        self._redis_state = redis_state
+        self._processes = processes
+        self._launched: list[Launched] = []
 
+    def start(
+        self, args: argparse.Namespace, names: list[str], cluster_flags: list[str], deadline: float
+    ) -> None:
+        agents = [
+            self._launch(f"agent/{n}", "agent", [*cluster_flags, "--node-name", n], node=n)
+            for n in names
+        ]
+        profiler = self._launch("profiler", "profiler", [])
+        placer = self._launch("placer", "placer", [])
+        router = self._launch(
+            "router",
+            "router",
+            ["--port", str(args.router_port), "--http-port", str(args.http_port)],
+        )
 
-def _log_tail(path: str) -> str:
-    return Path(path).read_text(errors="replace")[-800:]
+        async def wait() -> None:
+            store = Store.connect(self._url, namespace=self._namespace)
+            try:
+                await wait_ready(store, [profiler, placer], deadline)
+                self._save()
+                assert profiler.record is not None and placer.record is not None
+                planner = self._launch(
+                    "planner",
+                    "planner",
+                    [
+                        "--profiler-address",
+                        profiler.record.address,
+                        "--placer-address",
+                        placer.record.address,
+                    ],
+                )
+                await wait_ready(store, [*agents, router, planner], deadline, nodes=names)
+            finally:
+                self._save()
+                await store.close()
+
+        asyncio.run(wait())
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        """The ``services`` object of the state file: every process that serves, by name."""
+        out: dict[str, dict[str, Any]] = {}
+        for p in self._launched:
+            if p.record is not None:
+                out[p.name] = {
+                    "address": p.record.address,
+                    "metrics_address": p.record.metrics_address,
+                    "pid": p.pid,
+                    "log": str(p.log),
+                    **p.record.extra,
+                }
+        return out
+
+    def _launch(self, name: str, role: str, flags: list[str], **extra: str) -> Launched:
+        common = [
+            "--host", HOST, "--port", "0", "--metrics-port", "0",
+            "--redis-url", self._url, "--namespace", self._namespace,
+        ]  # fmt: skip
+        # later flags win: a service's own (the router's --port) over the common ones
+        started = launch(self._home, name, role, [*common, *flags], **extra)
+        self._launched.append(started)
+        self._processes.append({"role": role, **extra, "pid": started.pid, "log": str(started.log)})
+        self._save()
+        return started
+
+    def _save(self) -> None:
+        _write_state(
+            {"redis": self._redis_state, "processes": self._processes, "services": self.services()}
+        )
 
 
 # ---------------------------------------------------------------------------------------- down
 def cmd_down(args: argparse.Namespace) -> int:
-    state = _read_state()
+    state = read_state()
     if state is None:
         print("nothing is up")
         return 0
-    # agents first, so they deregister while Redis still runs
-    for p in sorted(state["processes"], key=lambda p: p["role"] == "redis"):
-        _stop_pid(p["pid"])
+    t0 = time.monotonic()
+    processes = state["processes"]
+    # services first, so they deregister while Redis still runs
+    stop_pids((p["pid"] for p in processes if p["role"] != "redis"), args.timeout)
+    stop_pids((p["pid"] for p in processes if p["role"] == "redis"), args.timeout)
     _state_path().unlink()
-    print(f"stopped {len(state['processes'])} processes")
+    print(f"stopped {len(processes)} processes in {time.monotonic() - t0:.2f}s")
     return 0
 
 
