@@ -216,7 +216,7 @@ class _Suite:
         async def wait() -> None:
             store = Store.connect(self._url, namespace=self._namespace)
             try:
-                await wait_ready(store, [profiler, placer], deadline)
+                await wait_ready(store, [profiler, placer], deadline, watch=self._launched)
                 self._save()
                 assert profiler.record is not None and placer.record is not None
                 planner = self._launch(

@@ -90,16 +90,18 @@ async def wait_ready(
     launched: Sequence[Launched],
     deadline: float,
     nodes: Iterable[str] = (),
+    watch: Sequence[Launched] = (),
     check_timeout_s: float = 1.0,
 ) -> None:
     """Until each of ``launched`` is announced and SERVING (``record`` set) and every node of
     ``nodes`` is registered, by ``deadline`` (``time.monotonic``). Raises ``UnavailableError``
-    naming the first process that exited, or that is not ready in time, with its log tail."""
+    naming the first process (of ``launched`` and ``watch``) that exited, or that is not ready in
+    time, with its log tail."""
     pending = [p for p in launched if p.record is None]
     missing_nodes = set(nodes)
     host = socket.gethostname()
     while True:
-        for p in pending:
+        for p in [*pending, *watch]:
             code = p.process.poll()
             if code is not None:
                 raise p.failure(f"exited with status {code}")
