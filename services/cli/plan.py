@@ -33,7 +33,7 @@ from services.core.cluster.declared import load_cluster
 from services.core.errors import InvalidInputError, UnavailableError
 from services.core.perf.profile import Profile, ProfileKey
 from services.core.placement.heuristic import Assignment
-from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict
+from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict, with_nodes
 from services.core.planning.profiles import SpecProfiles, StoreFirst
 from services.core.workload.spec import load_spec
 from services.profiler.backends import BACKENDS
@@ -121,7 +121,9 @@ def plan_offline(args: argparse.Namespace) -> tuple[Plan, bool | None]:
     """The one plan path in-process; with ``--store``, around the current plan, profiles read
     from and stored in Redis, the plan stored and made current."""
     spec = load_spec(args.spec)
-    nodes = load_cluster(args.cluster) if args.cluster else spec.nodes
+    if args.cluster:
+        spec = with_nodes(spec, load_cluster(args.cluster))
+    nodes = spec.nodes
     spec_text = _read(args.spec, "--spec")
     if not args.store:
         inputs = PlanInputs(spec_text, spec, nodes, SpecProfiles(spec, StoreFirst(BACKENDS)))

@@ -33,6 +33,12 @@ nodes:
 """
 
 
+@pytest.fixture(autouse=True)
+def no_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `scepsy up` state here: plans are made in-process (offline)."""
+    monkeypatch.setenv("SCEPSY_HOME", str(tmp_path / "home"))
+
+
 def scepsy(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="scepsy")
     plan_cli.register(parser.add_subparsers(dest="command", required=True))
@@ -101,3 +107,39 @@ def test_store_then_status(
     assert scepsy("status", *redis) == 0
     text = capsys.readouterr().out
     assert f"plan {planned['id']}" in text and "recent plans:" in text
+
+
+def test_offline_plans_read_stored_profiles_and_keep_what_runs(
+    spec: Path, redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis = ("--redis-url", redis_url, "--namespace", namespace)
+    assert scepsy("plan", "--spec", str(spec), "--json", "--store", *redis) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["planner"] == "in-process"
+    computed = {m["model"]: m["profile_sources"] for m in first["llms"]}
+    assert all(set(s) == {"computed analytic-1"} for s in computed.values()), computed
+
+    # the profiles computed for the first plan were stored: the second reads them
+    spec.write_text(SPEC.format(rate=2.5))
+    assert scepsy("plan", "--spec", str(spec), "--json", "--store", *redis) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["id"] != first["id"]
+    stored = {m["model"]: m["profile_sources"] for m in second["llms"]}
+    assert all(set(s) == {"stored analytic-1"} for s in stored.values()), stored
+
+    def where(doc: dict[str, object]) -> set[tuple[object, ...]]:
+        placement = doc["placement"]
+        assert isinstance(placement, dict)
+        return {
+            (a["model"], a["replica"], a["node"], tuple(a["gpus"]))
+            for a in placement["assignments"]
+        }
+
+    kept = {
+        a
+        for a in where(first)
+        if first["allocation"][a[0]]["tp"] == second["allocation"][a[0]]["tp"]
+        and first["allocation"][a[0]]["fraction"] == second["allocation"][a[0]]["fraction"]
+        and a[1] < second["allocation"][a[0]]["replicas"]
+    }
+    assert kept <= where(second)
