@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import parse_cluster
@@ -65,6 +67,25 @@ async def start_suite(redis_url: str, namespace: str, store: Store, timeout_s: f
     return Suite(profiler, placer, planner, channel, planner_pb2_grpc.PlannerStub(channel))
 
 
+async def rpc_count(server: Server, service: str, method: str) -> float:
+    """The server's ``scepsy_rpc_handled_total`` of one method with status OK, from GET /metrics."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        http.get(f"http://{server.metrics_address}/metrics") as response,
+    ):
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "scepsy_rpc_handled_total" and (
+                labels.get("service"),
+                labels.get("method"),
+                labels.get("code"),
+            ) == (service, method, "OK"):
+                return sample.value
+    return 0.0
+
+
 @pytest.fixture
 async def suite(redis_url: str, namespace: str, store: Store) -> AsyncIterator[Suite]:
     s = await start_suite(redis_url, namespace, store, timeout_s=10.0)
@@ -94,6 +115,10 @@ async def test_a_plan_uses_the_profiler_the_placer_and_a_stored_profile(
     tiny = SpecProfiles(spec).query("tiny", 1, 1.0)
     assert await store.get_profile(tiny.key(ANALYTIC)) is not None
     assert sorted(plan.allocation) == ["small", "tiny"]
+    # the planner called both services: their own RPC counters say so
+    placed = await rpc_count(suite.placer, "scepsy.v1.Placer", "Place")
+    profiled = await rpc_count(suite.profiler, "scepsy.v1.Profiler", "Profile")
+    assert placed >= 1 and profiled == sum(sum(s.values()) for s in sources.values())
 
     # planned again: every profile is now read from the store, through the Profiler
     again = await suite.stub.Plan(
