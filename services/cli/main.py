@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "profile",
     "predict",
     "plan",
+    "status",
     "place",
     "router",
     "simulate",

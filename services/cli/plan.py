@@ -1,4 +1,4 @@
-"""``scepsy plan`` and ``scepsy status``: search, place and show a plan; read the current one.
+"""``scepsy plan``: search, place and show a plan (``scepsy status`` shows the current one).
 
 ``scepsy plan --spec SPEC [--cluster FILE] [--json] [--offline] [--store [--redis-url URL]]``:
 when a suite is up (``scepsy up``) the spec goes to the Planner service, which gets profiles
@@ -10,9 +10,6 @@ plan's placement when ``--store`` is given. Either way it prints the allocation 
 predicted latency and throughput per workflow, where the profiles came from, the search time
 and the placement. An infeasible spec exits with status 2 and says why, with the best
 throughput the GPUs reach.
-
-``scepsy status [--json] [--redis-url URL] [--recent N]`` prints the current plan and its
-placement, and the most recent plans.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import grpc
 
@@ -59,12 +56,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_store_flags(plan)
     plan.set_defaults(func=run_plan)
 
-    status = sub.add_parser("status", help="the current plan, its placement and recent plans")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--recent", type=int, default=5, help="recent plans to list (default 5)")
-    add_store_flags(status)
-    status.set_defaults(func=run_status)
-
 
 # ------------------------------------------------------------------------------ plan
 def run_plan(args: argparse.Namespace) -> int:
@@ -92,7 +83,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def planner_address() -> str | None:
-    """The Planner of the suite ``scepsy up`` started here, if one is up."""
+    """The Planner of the suite ``scepsy up`` started here, if one is up (by the state file)."""
     state = read_state()
     service = (state or {}).get("services", {}).get("planner")
     return str(service["address"]) if service else None
@@ -160,58 +151,6 @@ def _read(path: str, flag: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInputError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
-
-
-# ------------------------------------------------------------------------------ status
-def run_status(args: argparse.Namespace) -> int:
-    if args.recent < 0:
-        raise InvalidInputError(f"--recent: must be >= 0, got {args.recent}")
-    current, recent = asyncio.run(_read_status(args))
-    if args.json:
-        doc = {
-            "current": plan_dict(current) if current is not None else None,
-            "plans": [_summary(p) for p in recent],
-        }
-        print(json.dumps(doc))
-        return 0
-    if current is None:
-        print("no current plan (run `scepsy plan --spec SPEC --store` or the planner service)")
-    else:
-        print(format_plan(current))
-    if recent:
-        print("recent plans:")
-        for p in recent:
-            mark = "*" if current is not None and p.id == current.id else " "
-            print(
-                f" {mark} {p.id}  {_when(p.created_at)}  {p.gpus:g} GPUs  "
-                f"latency {p.objective_s:.3f} s  "
-                + ", ".join(f"{w.workflow} {w.target_rps:g} req/s" for w in p.workflows)
-            )
-    return 0
-
-
-async def _read_status(args: argparse.Namespace) -> tuple[Plan | None, list[Plan]]:
-    store = connect_store(args)
-    try:
-        current = await store.get_current_plan()
-        recent = []
-        for plan_id, _ in await store.list_plans(args.recent) if args.recent else []:
-            plan = await store.get_plan(plan_id)
-            if plan is not None:
-                recent.append(plan)
-        return current, recent
-    finally:
-        await store.close()
-
-
-def _summary(plan: Plan) -> dict[str, Any]:
-    return {
-        "id": plan.id,
-        "created_at": plan.created_at,
-        "gpus": plan.gpus,
-        "objective_s": plan.objective_s,
-        "workflows": {w.workflow: w.target_rps for w in plan.workflows},
-    }
 
 
 # ------------------------------------------------------------------------------ text

@@ -5,9 +5,10 @@ The services are those announced in Redis (``Store.list_services``; every servic
 announces itself, see ``services.runtime.registration``) together with those ``scepsy up``
 recorded in the state file (so one that died is listed too, as not running). Each is checked
 with a gRPC health check with a deadline (``--timeout``). The nodes are the agents' node records;
-the plan is the current one (``Store.get_current_plan``). Redis is the one from ``--redis-url``,
-``REDIS_URL`` or the state file; when it cannot be reached, the services of the state file are
-still listed and checked.
+the plan is the current one, asked of the Planner service (``GetPlan``) when the suite has one,
+else (or when it does not answer) read from Redis, with the ``--recent`` most recent plans. Redis
+is the one from ``--redis-url``, ``REDIS_URL`` or the state file; when it cannot be reached, the
+services of the state file are still listed and checked.
 
 ``--json`` prints one object::
 
@@ -15,7 +16,9 @@ still listed and checked.
      "services": [{"name", "role", "address", "metrics_address", "pid", "host", "health",
                    "healthy", "registered", "running", "log", "http_address"?, "node"?}],
      "nodes": [{"name", "gpus", "gpu_type", "agent_address", "heartbeat_age_s"}],
-     "plan": {"id", "created_at", "gpus", "objective_s"} | null}
+     "plan": the current plan (as ``scepsy plan --json`` prints it) | null,
+     "plan_from": "planner at HOST:PORT" | "redis",
+     "plans": [{"id", "created_at", "gpus", "objective_s", "workflows"}]}
 
 ``running`` is whether the PID runs (None for a process on another host); ``registered``
 whether its announcement is in Redis.
@@ -30,11 +33,17 @@ import socket
 import time
 from typing import Any
 
+import grpc
+
+from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.cli.cluster import read_state, resolve_redis_url
+from services.cli.plan import format_plan
 from services.cli.suite import alive, health
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, UnavailableError
-from services.core.planning.plan import Plan
+from services.core.planning.plan import Plan, plan_dict
+from services.runtime.convert import plan_from_pb
+from services.runtime.errors import error_from_rpc
 from services.runtime.store import ServiceRecord, Store
 
 
@@ -48,38 +57,56 @@ def register(sub: Any) -> None:
     status.add_argument(
         "--timeout", type=float, default=1.0, help="deadline of each health check (seconds)"
     )
+    status.add_argument("--recent", type=int, default=5, help="recent plans to list (default 5)")
     status.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise InvalidInputError(f"--timeout: must be > 0, got {args.timeout}")
+    if args.recent < 0:
+        raise InvalidInputError(f"--recent: must be >= 0, got {args.recent}")
     state = read_state() or {}
     url = resolve_redis_url(args.redis_url)
     namespace = args.namespace or state.get("redis", {}).get("namespace") or "scepsy"
-    doc = asyncio.run(gather(url, namespace, state, args.timeout))
+    doc, current = asyncio.run(gather(url, namespace, state, args.timeout, args.recent))
     if not args.redis_url and "redis" in state and url == state["redis"]["url"]:
         doc["redis"]["embedded"] = bool(state["redis"].get("embedded"))
     if args.json:
         print(json.dumps(doc))
     else:
-        print(format_status(doc))
+        print(format_status(doc, current))
     return 0
 
 
 async def gather(
-    url: str, namespace: str, state: dict[str, Any], timeout_s: float
-) -> dict[str, Any]:
-    """The status document (module docstring) of the suite in ``state`` and Redis at ``url``."""
+    url: str, namespace: str, state: dict[str, Any], timeout_s: float, recent: int = 5
+) -> tuple[dict[str, Any], Plan | None]:
+    """The status document (module docstring) of the suite in ``state`` and Redis at ``url``,
+    and the current plan."""
     redis: dict[str, Any] = {"url": url, "namespace": namespace, "embedded": None}
     records: list[ServiceRecord] = []
     nodes: list[NodeInventory] = []
     plan: Plan | None = None
+    plans: list[Plan] = []
+    planner = state.get("services", {}).get("planner", {}).get("address")
+    plan_from = f"planner at {planner}" if planner else "redis"
     store = Store.connect(url, timeout_s=timeout_s, namespace=namespace)
     try:
         records = await store.list_services()
         nodes = await store.list_nodes()
-        plan = await store.get_current_plan()
+        if planner:
+            try:
+                plan = await current_plan(planner, timeout_s)
+            except UnavailableError as exc:
+                plan_from = f"redis ({exc})"
+                planner = None
+        if not planner:
+            plan = await store.get_current_plan()
+        for plan_id, _ in await store.list_plans(recent) if recent else []:
+            found = await store.get_plan(plan_id)
+            if found is not None:
+                plans.append(found)
         redis["reachable"] = True
     except UnavailableError as exc:
         redis["reachable"] = False
@@ -96,8 +123,25 @@ async def gather(
         "redis": redis,
         "services": services,
         "nodes": [_node(n, now) for n in nodes],
-        "plan": None if plan is None else _plan(plan),
-    }
+        "plan": None if plan is None else plan_dict(plan),
+        "plan_from": plan_from,
+        "plans": [_summary(p) for p in plans],
+    }, plan
+
+
+async def current_plan(address: str, timeout_s: float) -> Plan | None:
+    """The current plan, asked of the Planner service at ``address`` (None when there is none).
+
+    Raises ``UnavailableError`` naming the planner when it does not answer in ``timeout_s``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = planner_pb2_grpc.PlannerStub(channel)
+        try:
+            response = await stub.GetPlan(planner_pb2.GetPlanRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_rpc(exc, target=f"planner at {address}") from None
+    return plan_from_pb(response.plan)
 
 
 def _services(records: list[ServiceRecord], recorded: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,16 +187,17 @@ def _node(node: NodeInventory, now: float) -> dict[str, Any]:
     }
 
 
-def _plan(plan: Plan) -> dict[str, Any]:
+def _summary(plan: Plan) -> dict[str, Any]:
     return {
         "id": plan.id,
         "created_at": plan.created_at,
         "gpus": plan.gpus,
         "objective_s": plan.objective_s,
+        "workflows": {w.workflow: w.target_rps for w in plan.workflows},
     }
 
 
-def format_status(doc: dict[str, Any]) -> str:
+def format_status(doc: dict[str, Any], current: Plan | None) -> str:
     redis = doc["redis"]
     where = " (embedded)" if redis.get("embedded") else ""
     reach = "" if redis["reachable"] else f"  UNREACHABLE: {redis['error']}"
@@ -184,14 +229,25 @@ def format_status(doc: dict[str, Any]) -> str:
         )
     lines += _table(rows)
     lines.append("")
-    plan = doc["plan"]
-    if plan is None:
+    if current is None:
         lines.append("plan  none (run `scepsy plan --spec SPEC`)")
     else:
-        lines.append(
-            f"plan  {plan['id']}  {plan['gpus']:g} GPUs  latency {plan['objective_s']:.3f} s"
-        )
+        lines.append(f"current plan (from the {doc['plan_from']}):")
+        lines.append(format_plan(current))
+    if doc["plans"]:
+        lines.append("recent plans:")
+        for p in doc["plans"]:
+            mark = "*" if current is not None and p["id"] == current.id else " "
+            rates = ", ".join(f"{w} {r:g} req/s" for w, r in p["workflows"].items())
+            lines.append(
+                f" {mark} {p['id']}  {_when(p['created_at'])}  {p['gpus']:g} GPUs  "
+                f"latency {p['objective_s']:.3f} s  {rates}"
+            )
     return "\n".join(lines)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -134,8 +134,12 @@ def test_up_status_metrics_down(home: Path, capsys: pytest.CaptureFixture[str]) 
     # a plan through the suite: the planner calls the profiler and the placer
     planned = scepsy(home, "plan", "--spec", str(SPEC), "--json")
     assert planned.returncode == 0, planned.stderr
-    plan_id = json.loads(planned.stdout)["id"]
-    assert status(home, capsys)["plan"]["id"] == plan_id
+    planned_doc = json.loads(planned.stdout)
+    assert planned_doc["planner"] == services["planner"]["address"]
+    plan_id = planned_doc["id"]
+    current = status(home, capsys)
+    assert current["plan"]["id"] == plan_id
+    assert current["plan_from"] == f"planner at {services['planner']['address']}"
 
     # a call that fails, counted by its code
     async def missing_plan() -> grpc.StatusCode:
@@ -159,9 +163,10 @@ def test_up_status_metrics_down(home: Path, capsys: pytest.CaptureFixture[str]) 
     assert 'scepsy_rpc_handled_total{code="OK",method="Plan",service="scepsy.v1.Planner"} 1.0' in (
         planner
     )
+    # the first status asked for the current plan before there was one; then the unknown id
     assert (
         'scepsy_rpc_errors_total{code="NOT_FOUND",method="GetPlan",service="scepsy.v1.Planner"} '
-        "1.0" in planner
+        "2.0" in planner
     )
     assert 'scepsy_planner_plans_total{stored="new"} 1.0' in planner
     profiler = metrics(services["profiler"]["metrics_address"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import plan as plan_cli
+from services.cli import status as status_cli
 from services.core.errors import InfeasibleError
 
 SPEC = """
@@ -41,7 +42,9 @@ def no_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def scepsy(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="scepsy")
-    plan_cli.register(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_cli.register(sub)
+    status_cli.register(sub)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
@@ -92,7 +95,8 @@ def test_store_then_status(
 ) -> None:
     redis = ("--redis-url", redis_url, "--namespace", namespace)
     assert scepsy("status", "--json", *redis) == 0
-    assert json.loads(capsys.readouterr().out) == {"current": None, "plans": []}
+    empty = json.loads(capsys.readouterr().out)
+    assert (empty["plan"], empty["plans"], empty["plan_from"]) == (None, [], "redis")
 
     assert scepsy("plan", "--spec", str(spec), "--json", "--store", *redis) == 0
     planned = json.loads(capsys.readouterr().out)
@@ -100,13 +104,14 @@ def test_store_then_status(
 
     assert scepsy("status", "--json", *redis) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["current"]["id"] == planned["id"]
-    assert status["current"]["placement"] == planned["placement"]
+    assert status["plan"]["id"] == planned["id"]
+    assert status["plan"]["placement"] == planned["placement"]
     assert [p["id"] for p in status["plans"]] == [planned["id"]]
 
     assert scepsy("status", *redis) == 0
     text = capsys.readouterr().out
     assert f"plan {planned['id']}" in text and "recent plans:" in text
+    assert f" * {planned['id']}" in text
 
 
 def test_offline_plans_read_stored_profiles_and_keep_what_runs(
