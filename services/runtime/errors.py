@@ -40,6 +40,7 @@ exceeded: <details>"``, ``target`` being what the caller names the peer (e.g. ``
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -208,6 +209,14 @@ def _wrap_unary(behaviour: Any, method: str) -> Any:
 
 
 def _wrap_stream(behaviour: Any, method: str) -> Any:
+    if not inspect.isasyncgenfunction(behaviour):
+        # a handler that writes its messages (``context.write``), such as Health/Watch
+        async def writes(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            async with _mapped(context, method):
+                await behaviour(request, context)
+
+        return writes
+
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
 from services.agent.config import AgentConfig
@@ -78,3 +79,21 @@ async def _start_without_agent(server: Server) -> int:
 def test_status_of_uses_the_most_specific_class() -> None:
     assert status_of(errors.ConfigError("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_of(errors.ScepsyError("x")) == grpc.StatusCode.UNKNOWN
+
+
+async def test_health_watch_streams_through_the_error_mapping(redis_url: str, store: Store) -> None:
+    """Health/Watch writes its answers (``context.write``) instead of yielding them: the error
+    mapping must pass such handlers through, not fail them as INTERNAL."""
+    config = AgentConfig(redis_url=redis_url, node_name="n", drain_s=0, grace_s=0.5)
+    server = Server(config, [agent_binding(Agent(config, FailingSource(RuntimeError()), store))])
+    await _start_without_agent(server)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="scepsy.v1.NodeAgent"), timeout=5
+            )
+            first = await stream.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            stream.cancel()
+    finally:
+        await server.stop()
