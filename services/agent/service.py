@@ -22,6 +22,7 @@ from services.core.cluster.inventory import NodeInventory
 from services.core.errors import UnavailableError
 from services.runtime.convert import node_to_pb, topology_to_pb
 from services.runtime.logging import get_logger
+from services.runtime.periodic import Periodic
 from services.runtime.server import Server, ServiceBinding
 from services.runtime.store import Store
 
@@ -42,7 +43,7 @@ class Agent:
         self._clock = clock
         self._address = ""
         self._started_at = clock()
-        self._task: asyncio.Task[None] | None = None
+        self._beats = Periodic(self.heartbeat, config.heartbeat_s, "agent-heartbeat")
         self.beats = 0  # successful heartbeats, for tests and metrics
         self.failed_beats = 0
 
@@ -60,7 +61,7 @@ class Agent:
         host = self._config.advertise_host or self._config.host
         self._address = f"{host}:{server.port}"
         await self.heartbeat()
-        self._task = asyncio.create_task(self._beat_forever(), name="agent-heartbeat")
+        self._beats.start()
 
     async def stop(self, server: Server | None = None) -> None:
         """Stop heartbeating and deregister (a crash instead lets the TTL remove the node)."""
@@ -70,11 +71,7 @@ class Agent:
         self._source.close()
 
     async def stop_heartbeat(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._beats.stop()
 
     async def heartbeat(self) -> None:
         """One beat: read the inventory, refresh the record. A failed beat (Redis down, an NVML
@@ -95,11 +92,6 @@ class Agent:
                 domains=[list(d) for d in node.domains],
                 address=node.agent_address,
             )
-
-    async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.heartbeat_s)
-            await self.heartbeat()
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):

@@ -14,7 +14,6 @@ one; serving goes on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -25,6 +24,7 @@ from dataclasses import replace
 from services.core.errors import UnavailableError
 from services.runtime.config import ServiceConfig
 from services.runtime.logging import get_logger
+from services.runtime.periodic import Periodic
 from services.runtime.server import Server
 from services.runtime.store import ServiceRecord, Store
 
@@ -44,7 +44,7 @@ class Registration:
         self._config = config
         self._clock = clock
         self._record: ServiceRecord | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._refreshing = Periodic(self._refresh, config.service_ttl_s / 3, "service-registration")
 
     @property
     def record(self) -> ServiceRecord | None:
@@ -64,15 +64,11 @@ class Registration:
             extra=server.announced(),
         )
         await self._refresh()
-        self._task = asyncio.create_task(self._refresh_forever(), name="service-registration")
+        self._refreshing.start()
         return self._record
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._refreshing.stop()
         if self._record is not None:
             with contextlib.suppress(UnavailableError):
                 await self._store.remove_service(self._record.id)
@@ -84,8 +80,3 @@ class Registration:
             await self._store.put_service(record, self._config.service_ttl_s)
         except UnavailableError as exc:
             log.warning("registration_failed", service=record.id, error=str(exc))
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.service_ttl_s / 3)
-            await self._refresh()
