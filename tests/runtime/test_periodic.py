@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+from services.runtime.periodic import Periodic
+
 
 async def test_runs_every_interval_and_stops_between_runs() -> None:
-    from services.runtime.periodic import Periodic
-
     runs: list[float] = []
     loop = asyncio.get_running_loop()
 
@@ -26,8 +26,6 @@ async def test_runs_every_interval_and_stops_between_runs() -> None:
 
 
 async def test_stop_waits_for_the_run_in_progress() -> None:
-    from services.runtime.periodic import Periodic
-
     started, release = asyncio.Event(), asyncio.Event()
     finished: list[bool] = []
 
