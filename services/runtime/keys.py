@@ -5,7 +5,8 @@ the schema version, so several deployments (or test runs) can share one Redis.
 |---|---|---|
 | {ns}:v1:node:{name} | string, TTL | a ``scepsy.v1.Node`` (protobuf bytes), expiring |
 | {ns}:v1:nodes | set | names of registered nodes (pruned of expired ones on read) |
-| {ns}:v1:events | pub/sub channel | JSON change announcements: {"event": ..., ...} |
+| {ns}:v1:events | pub/sub channel | JSON announcements: ``endpoints_changed`` (model; the router
+  refreshes its replicas), ``plan_changed`` (plan id; node agents will reconcile their engines) |
 | {ns}:v1:trace | stream, capped | router trace calls (field ``call``: one JSON line) |
 | {ns}:v1:profile:{field} | string | a ``scepsy.v1.Profile``; field = ProfileKey.redis_field() |
 | {ns}:v1:plan:{id} | string, immutable | a ``scepsy.v1.Plan`` |

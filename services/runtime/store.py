@@ -112,8 +112,6 @@ class Store:
                 pipe.set(self.keys.node(node.name), data, px=int(ttl_s * 1000))
                 pipe.sadd(self.keys.nodes, node.name)
                 _, added = await pipe.execute()
-            if added:
-                await self._publish({"event": "node_joined", "node": node.name})
             return bool(added)
 
         return await self._call(put)
@@ -135,8 +133,6 @@ class Store:
                     nodes.append(node_from_pb(pb.Node.FromString(_bytes(blob))))
             if gone:
                 await self._r.srem(self.keys.nodes, *gone)
-                for name in gone:
-                    await self._publish({"event": "node_left", "node": name})
             return nodes
 
         return await self._call(read)
@@ -151,7 +147,6 @@ class Store:
                 pipe.delete(self.keys.node(name))
                 pipe.srem(self.keys.nodes, name)
                 await pipe.execute()
-            await self._publish({"event": "node_left", "node": name})
 
         await self._call(remove)
 
