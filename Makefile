@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml
 engine-venv:
 	ENGINE_VENV=$(abspath $(ENGINE_VENV)) deploy/engine/install.sh
 
-## demo: start an embedded Redis and the agents of a declared two-node H100 cluster, show it, stop
+## demo: the suite on one host (embedded Redis, the agents of a declared two-node H100 cluster, the
+## profiler, placer, planner and router), a plan of the example RAG spec through the Planner
+## service, the suite's status, then stop (the whole loop on real CPU engines: the demo issue)
 demo: venv
 	@export SCEPSY_HOME=$$(mktemp -d); trap '$(VENV)/bin/scepsy down >/dev/null' EXIT; \
 	$(VENV)/bin/scepsy up --cluster deploy/examples/cluster-2xh100.yaml && \
-	$(VENV)/bin/scepsy nodes
+	$(VENV)/bin/scepsy plan --spec deploy/examples/spec-rag.yaml && \
+	$(VENV)/bin/scepsy status
 
 ## test: what CI runs: the static checks, the whole suite (real vLLM CPU engines included), then
 ## the performance model's accuracy table on the validation split (printed, not gated)
@@ -64,6 +67,7 @@ bench: venv
 	$(PY) scripts/bench_search.py
 	$(PY) scripts/bench_placement.py --seeds 3 --time-limit 20 --repeat 1
 	$(PY) scripts/bench_sim.py
+	$(PY) scripts/bench_planner.py --repeat 6
 	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) $(PY) scripts/bench_router.py --calls 200 \
 		--seconds 2 --engine-calls 40 --engine-concurrency 8
 
