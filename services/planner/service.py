@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
-from services.core.cluster.declared import parse_cluster
+from services.core.cluster.declared import cluster_from_text
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError, NotFoundError
@@ -214,13 +214,7 @@ class Planner:
     async def _nodes(self, cluster_text: str) -> tuple[NodeInventory, ...] | None:
         """The declared cluster, else the live nodes, else None (the spec's own cluster)."""
         if cluster_text.strip():
-            import yaml
-
-            try:
-                doc = yaml.safe_load(cluster_text)
-            except yaml.YAMLError as exc:
-                raise InvalidInputError(f"cluster_yaml: not valid YAML: {exc}") from None
-            return parse_cluster(doc, source="cluster_yaml")
+            return cluster_from_text(cluster_text, source="cluster_yaml")
         live = await self._store.list_nodes()
         return tuple(live) if live else None
 

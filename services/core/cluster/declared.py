@@ -60,18 +60,25 @@ _NODE_FIELDS = {
 
 def load_cluster(path: str | Path) -> tuple[NodeInventory, ...]:
     """Read and validate a cluster YAML file."""
-    import yaml  # only the file loader needs it
-
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InventoryError(f"{p}: cannot read cluster file: {exc.strerror}") from exc
+    return cluster_from_text(text, source=p.name, where=str(p))
+
+
+def cluster_from_text(
+    text: str, *, source: str = "cluster", where: str | None = None
+) -> tuple[NodeInventory, ...]:
+    """Parse and validate cluster YAML text; errors name ``source`` (``where`` for bad YAML)."""
+    import yaml  # only parsing text needs it
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InventoryError(f"{p}: not valid YAML: {exc}") from exc
-    return parse_cluster(doc, source=p.name)
+        raise InventoryError(f"{where or source}: not valid YAML: {exc}") from exc
+    return parse_cluster(doc, source=source)
 
 
 def parse_cluster(doc: Any, *, source: str = "cluster") -> tuple[NodeInventory, ...]:

@@ -114,10 +114,16 @@ def with_nodes(spec: Spec, nodes: tuple[NodeInventory, ...]) -> Spec:
 
     Raises ``InvalidInputError`` when the nodes have no GPU or several GPU types.
     """
+    gpu_type_of(nodes)
+    return replace(spec, nodes=nodes)
+
+
+def gpu_type_of(nodes: tuple[NodeInventory, ...]) -> str:
+    """The one GPU type of ``nodes``; ``InvalidInputError`` when there are none or several."""
     types = sorted({g.gpu_type for n in nodes for g in n.gpus})
     if len(types) != 1:
         raise InvalidInputError(f"cluster: must have GPUs of exactly one type, got {types}")
-    return replace(spec, nodes=nodes)
+    return types[0]
 
 
 def spec_from_text(
@@ -142,12 +148,10 @@ def spec_from_text(
         raise InvalidInputError(f"{source}: not valid YAML: {exc}") from None
     if nodes is None:
         return parse_spec(doc, source=source, files=files)
-    types = sorted({g.gpu_type for n in nodes for g in n.gpus})
-    if len(types) != 1:
-        raise InvalidInputError(f"cluster: must have GPUs of exactly one type, got {types}")
+    gpu_type = gpu_type_of(nodes)
     if isinstance(doc, Mapping):
         gpus = sum(len(n.gpus) for n in nodes)
-        doc = {**doc, "cluster": {"gpu_type": types[0], "gpus": gpus}}
+        doc = {**doc, "cluster": {"gpu_type": gpu_type, "gpus": gpus}}
     return with_nodes(parse_spec(doc, source=source, files=files), nodes)
 
 
