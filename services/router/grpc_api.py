@@ -29,6 +29,7 @@ from services.router.schema import (
     WORKFLOW_HEADER,
     InvalidFieldError,
     identity_of,
+    parse_json,
     validate_body,
     with_usage,
 )
@@ -64,10 +65,7 @@ def request_body(request: router_pb2.GenerateRequest) -> tuple[str, dict[str, An
 
 
 def _extra(text: str) -> dict[str, Any]:
-    try:
-        extra = json.loads(text)
-    except ValueError as exc:
-        raise InvalidFieldError("extra_json", f"'extra_json' is not valid JSON: {exc}") from None
+    extra = parse_json(text, "'extra_json'", "extra_json")
     if not isinstance(extra, dict):
         raise InvalidFieldError("extra_json", "'extra_json' must be a JSON object")
     clash = sorted(_RESERVED & set(extra))

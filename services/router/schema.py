@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from services.core.workload.trace import UNTAGGED_WORKFLOW
 WORKFLOW_HEADER = "x-scepsy-workflow"
 REQUEST_ID_HEADER = "x-scepsy-request-id"
 MAX_TAG_LENGTH = 256
+MAX_JSON_DEPTH = 64
 
 Kind = Literal["chat", "completions"]
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -47,12 +49,47 @@ class InvalidFieldError(InvalidInputError):
         self.param = param
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """How deep arrays and objects nest in ``raw`` (brackets inside strings skipped), counted up
+    to ``limit + 1``. Checked before ``json.loads``, whose recursion would fail deep input with
+    a ``RecursionError`` (a 500) instead of a clear 400; malformed input is left to the parser.
+    Each round removes the innermost empty pairs at C speed, so no Python loop runs per byte."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    run = re.compile(rb"[\[{]{%d}" % (limit + 1))
+    depth = 0
+    while brackets and depth <= limit:
+        if run.search(brackets):
+            # That many opening brackets in a row (the common deep input, found at once, and
+            # what unbalanced input leaves over).
+            return limit + 1
+        # Mark both kinds of innermost pair before deleting, so one round is one level.
+        inner = brackets.replace(b"[]", b"\0\0").replace(b"{}", b"\0\0").replace(b"\0", b"")
+        if inner == brackets:
+            break  # unbalanced: the parser names the error
+        brackets = inner
+        depth += 1
+    return min(depth, limit + 1)
+
+
+def parse_json(raw: bytes | str, what: str, param: str | None) -> Any:
+    """``raw`` parsed as JSON, nested at most ``MAX_JSON_DEPTH`` levels; ``InvalidFieldError``
+    naming ``what`` (e.g. "request body") otherwise."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise InvalidFieldError(param, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidFieldError(param, f"{what} is not valid JSON: {exc}") from None
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or ``InvalidFieldError``."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidFieldError(None, f"request body is not valid JSON: {exc}") from None
+    body = parse_json(raw, "request body", None)
     if not isinstance(body, dict):
         raise InvalidFieldError(
             None, f"request body must be a JSON object, got {type(body).__name__}"

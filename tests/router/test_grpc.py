@@ -52,6 +52,11 @@ async def _expect(
             "may not set stream",
         ),
         (generate_request("", prompt="x"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (
+            generate_request("m", prompt="x", extra_json='{"a": ' + "[" * 1000 + "]" * 1000 + "}"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'extra_json' is nested more than 64 levels deep",
+        ),
     ],
 )
 async def test_bad_requests_map_to_status_codes_before_any_engine_call(

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tests.router.conftest import StartRouter
 
@@ -93,3 +94,21 @@ async def test_health_endpoint(start_router: StartRouter) -> None:
         session.get(handle.http_url + "/health") as reply,
     ):
         assert reply.status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_deeply_nested_json_is_400_without_a_traceback(
+    start_router: StartRouter, path: str
+) -> None:
+    # 1,000 levels made json.loads raise RecursionError: a 500 and a logged traceback per call.
+    deep = b"[" * 1000 + b"]" * 1000
+    handle = await start_router()
+    async with aiohttp.ClientSession() as session:
+        with capture_logs() as logs:
+            status, answer = await _post(
+                session, handle.http_url + path, b'{"model": "m", "prompt": ' + deep + b"}"
+            )
+    assert status == 400
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert "nested more than 64 levels" in answer["error"]["message"]
+    assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
