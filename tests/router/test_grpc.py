@@ -80,3 +80,20 @@ async def test_an_unreachable_replica_is_unavailable(
     async with RouterClient(handle.grpc_target) as client:
         request = generate_request("m", prompt="x")
         await _expect(client, request, grpc.StatusCode.UNAVAILABLE, "model m")
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "ListModels"])
+async def test_bytes_that_are_not_the_request_message_are_invalid_argument(
+    start_router: StartRouter, method: str
+) -> None:
+    # A deserializer that raises makes grpc answer UNKNOWN; the router names the bad request.
+    handle = await start_router()
+    async with grpc.aio.insecure_channel(handle.grpc_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if method == "GenerateStream":
+                call = channel.unary_stream(f"/scepsy.v1.Router/{method}")
+                _ = [chunk async for chunk in call(b"\xff\xff\xff\xff")]
+            else:
+                await channel.unary_unary(f"/scepsy.v1.Router/{method}")(b"\xff\xff\xff\xff")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid scepsy.v1." in (caught.value.details() or "")
