@@ -1,6 +1,7 @@
 """``scepsy up``, ``scepsy down``, ``scepsy nodes``: one host's suite and its inventory.
 
-``up`` starts an embedded Redis (unless ``--redis-url``/``REDIS_URL`` names one), then the whole
+``up`` starts an embedded Redis (unless ``--redis-url``, ``SCEPSY_REDIS_URL`` or ``REDIS_URL`` names
+one, see ``given_redis_url``), then the whole
 suite, each service its own process (``services.cli.suite``): the node agents (one NVML agent
 for this host, or one per node of a declared cluster file), the profiler, the placer and the
 router, and once the profiler and placer serve, the planner, pointed at them
@@ -10,7 +11,7 @@ in all). When one exits or does not get there, ``up`` stops everything it starte
 service's log tail and exits 2.
 
 What ``up`` started is recorded in ``<state dir>/state.json`` (``$SCEPSY_HOME``, default
-``./.scepsy``), read with ``read_state()``::
+``./.scepsy``; mode 0600: it holds the Redis URL, password included), read with ``read_state()``::
 
     {"redis": {"url": "redis://127.0.0.1:6379/0", "embedded": true, "namespace": "scepsy"},
      "processes": [{"role": "redis", "pid": 1, "log": "..."},
@@ -20,6 +21,7 @@ What ``up`` started is recorded in ``<state dir>/state.json`` (``$SCEPSY_HOME``,
                   "router": {..., "http_address": "127.0.0.1:40007"},
                   "agent/h100-0": {..., "node": "h100-0"}, ...}}
 
+What ``up`` prints shows the Redis URL without its password (``services.runtime.redis_url``).
 ``processes`` is everything to stop, in start order; ``services`` has one entry per service
 process once it serves (the profiler, placer, planner, router, and ``agent/<node>``). ``down``
 stops the services (SIGTERM, a bounded wait, SIGKILL), then Redis, and removes the file.
@@ -43,9 +45,10 @@ from services.core.cluster.hardware import GIB
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, UnavailableError
 from services.runtime.redis_server import RedisServer
+from services.runtime.redis_url import checked, redact
 from services.runtime.store import Store
 
-__all__ = ["alive", "read_state", "resolve_redis_url", "state_dir"]
+__all__ = ["alive", "given_redis_url", "read_state", "resolve_redis_url", "state_dir"]
 
 HOST = "127.0.0.1"
 
@@ -53,7 +56,10 @@ HOST = "127.0.0.1"
 def register(sub: Any) -> None:
     up = sub.add_parser("up", help="start Redis and the whole suite on this host")
     up.add_argument("--cluster", help="declared cluster YAML: one agent per node (GPU-less hosts)")
-    up.add_argument("--redis-url", help="use this Redis instead of an embedded one (env REDIS_URL)")
+    up.add_argument(
+        "--redis-url",
+        help="use this Redis instead of an embedded one (env SCEPSY_REDIS_URL, else REDIS_URL)",
+    )
     up.add_argument(
         "--namespace",
         default=os.environ.get("SCEPSY_NAMESPACE", "scepsy"),
@@ -99,18 +105,31 @@ def read_state() -> dict[str, Any] | None:
 
 def _write_state(state: dict[str, Any]) -> None:
     tmp = _state_path().with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
+    tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a file that exists
+    # 0600: the Redis URL in it may hold a password
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(json.dumps(state, indent=1))
     tmp.replace(_state_path())  # readers never see half a file
 
 
+def given_redis_url(flag: str | None) -> str | None:
+    """The Redis URL the user gave: ``--redis-url``, else ``SCEPSY_REDIS_URL``, else
+    ``REDIS_URL``; None when none is set. ``ConfigError`` when it cannot be a Redis URL."""
+    url = flag or os.environ.get("SCEPSY_REDIS_URL") or os.environ.get("REDIS_URL")
+    return checked(url) if url else None
+
+
 def resolve_redis_url(flag: str | None) -> str:
-    url = flag or os.environ.get("REDIS_URL")
+    """The one rule of every command: the URL the user gave (``given_redis_url``), else the Redis
+    of the suite ``scepsy up`` started here; never a default that may be someone else's Redis."""
+    url = given_redis_url(flag)
     if url:
         return url
     state = read_state()
     if state is None:
         raise UnavailableError(
-            "no cluster is up here: run `scepsy up` first, or pass --redis-url / set REDIS_URL"
+            "no Redis given and no cluster is up here: pass --redis-url, set SCEPSY_REDIS_URL "
+            "or REDIS_URL, or run `scepsy up` first"
         )
     return str(state["redis"]["url"])
 
@@ -135,7 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster_flags = []
     home = state_dir()
     home.mkdir(parents=True, exist_ok=True)
-    given: str | None = args.redis_url or os.environ.get("REDIS_URL")
+    given = given_redis_url(args.redis_url)
     redis_state = {"url": given or "", "embedded": given is None, "namespace": args.namespace}
     processes: list[dict[str, Any]] = []
     if given is None:
@@ -157,8 +176,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     services = suite.services()
     if args.json:
         doc = {
-            "redis_url": redis_state["url"],
-            "redis": redis_state,
+            "redis_url": redact(redis_state["url"]),
+            "redis": {**redis_state, "url": redact(redis_state["url"])},
             "nodes": names,
             "processes": processes,
             "services": services,
@@ -168,7 +187,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         embedded = " (embedded)" if redis_state["embedded"] else ""
         width = max(len(name) for name in services)
-        print(f"{'redis':<{width}}  {redis_state['url']}{embedded}")
+        print(f"{'redis':<{width}}  {redact(redis_state['url'])}{embedded}")
         for name, s in services.items():
             http = f"  http {s['http_address']}" if "http_address" in s else ""
             print(
@@ -252,11 +271,12 @@ class _Suite:
 
     def _launch(self, name: str, role: str, flags: list[str], **extra: str) -> Launched:
         common = [
-            "--host", HOST, "--port", "0", "--metrics-port", "0",
-            "--redis-url", self._url, "--namespace", self._namespace,
+            "--host", HOST, "--port", "0", "--metrics-port", "0", "--namespace", self._namespace,
         ]  # fmt: skip
-        # later flags win: a service's own (the router's --port) over the common ones
-        started = launch(self._home, name, role, [*common, *flags], **extra)
+        # later flags win: a service's own (the router's --port) over the common ones; the Redis
+        # URL goes in the environment, where `ps` does not show its password
+        env = {"SCEPSY_REDIS_URL": self._url}
+        started = launch(self._home, name, role, [*common, *flags], env=env, **extra)
         self._launched.append(started)
         self._processes.append({"role": role, **extra, "pid": started.pid, "log": str(started.log)})
         self._save()
@@ -289,7 +309,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     url = resolve_redis_url(args.redis_url)
     nodes = with_store(args, Store.list_nodes)
     if args.json:
-        print(json.dumps({"redis_url": url, "nodes": [node_json(n) for n in nodes]}, indent=1))
+        print(
+            json.dumps({"redis_url": redact(url), "nodes": [node_json(n) for n in nodes]}, indent=1)
+        )
     else:
         print(nodes_table(nodes, now=time.time()))
     return 0

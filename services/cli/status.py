@@ -7,7 +7,8 @@ recorded in the state file (so one that died is listed too, as not running). Eac
 with a gRPC health check with a deadline (``--timeout``). The nodes are the agents' node records;
 the plan is the current one, asked of the Planner service (``GetPlan``) when the suite has one,
 else (or when it does not answer) read from Redis, with the ``--recent`` most recent plans. Redis
-is the one from ``--redis-url``, ``REDIS_URL`` or the state file; when it cannot be reached, the
+is the one from ``--redis-url``, ``SCEPSY_REDIS_URL``, ``REDIS_URL`` or the state file (its
+password shown as ``***``); when it cannot be reached, the
 services of the state file are still listed and checked.
 
 ``--json`` prints one object::
@@ -44,13 +45,17 @@ from services.core.errors import InvalidInputError, UnavailableError
 from services.core.planning.plan import Plan, plan_dict
 from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
+from services.runtime.redis_url import redact
 from services.runtime.store import ServiceRecord, Store
 
 
 def register(sub: Any) -> None:
     status = sub.add_parser("status", help="the suite's services and their health, nodes, plan")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--redis-url", help="Redis (default: the one `scepsy up` started)")
+    status.add_argument(
+        "--redis-url",
+        help="Redis (env SCEPSY_REDIS_URL, else REDIS_URL; default: the one `scepsy up` started)",
+    )
     status.add_argument(
         "--namespace", help="Redis key namespace (default: the suite's, else scepsy)"
     )
@@ -84,7 +89,7 @@ async def gather(
 ) -> tuple[dict[str, Any], Plan | None]:
     """The status document (module docstring) of the suite in ``state`` and Redis at ``url``,
     and the current plan."""
-    redis: dict[str, Any] = {"url": url, "namespace": namespace, "embedded": None}
+    redis: dict[str, Any] = {"url": redact(url), "namespace": namespace, "embedded": None}
     records: list[ServiceRecord] = []
     nodes: list[NodeInventory] = []
     plan: Plan | None = None

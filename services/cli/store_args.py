@@ -1,6 +1,7 @@
 """The Redis flags every command that reads or writes shared state takes, and the store they name.
 
-``--redis-url`` (else ``REDIS_URL``, else the Redis that ``scepsy up`` started) and
+``--redis-url`` (else ``SCEPSY_REDIS_URL``, else ``REDIS_URL``, else the Redis that ``scepsy up``
+started: ``services.cli.cluster.resolve_redis_url``) and
 ``--namespace`` (else ``SCEPSY_NAMESPACE``, else ``scepsy``).
 """
 
@@ -19,7 +20,8 @@ T = TypeVar("T")
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--redis-url", help="Redis (default: the one `scepsy up` started; env REDIS_URL)"
+        "--redis-url",
+        help="Redis (env SCEPSY_REDIS_URL, else REDIS_URL; default: the one `scepsy up` started)",
     )
     parser.add_argument(
         "--namespace",

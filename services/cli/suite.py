@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,15 @@ class Launched:
         return UnavailableError(f"{self.name} {why}; last lines of {self.log}:\n{tail}")
 
 
-def launch(home: Path, name: str, role: str, flags: Sequence[str], **extra: str) -> Launched:
+def launch(
+    home: Path,
+    name: str,
+    role: str,
+    flags: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    **extra: str,
+) -> Launched:
+    """Start ``python -m services.<role> flags`` with ``env`` added to this environment."""
     log_path = home / f"{name.replace('/', '-')}.log"
     with open(log_path, "wb") as log:  # this run's output only: its tail explains a failure
         process = subprocess.Popen(
@@ -60,6 +68,7 @@ def launch(home: Path, name: str, role: str, flags: Sequence[str], **extra: str)
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
     return Launched(name, role, process, log_path, dict(extra))
 

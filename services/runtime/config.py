@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from services.core.errors import ConfigError
+from services.runtime import redis_url
 
 Check = Callable[[Any], str | None]
 
@@ -68,10 +69,7 @@ class ServiceConfig:
 
     def validate(self) -> None:
         """Cross-field rules; subclasses extend and call super()."""
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"redis_url: must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
-            )
+        redis_url.checked(self.redis_url)
 
     @classmethod
     def load(

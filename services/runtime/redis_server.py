@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from services.core.errors import UnavailableError
 
@@ -45,16 +46,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """A Redis server child process on 127.0.0.1 and a free port (or the one given)."""
+    """A Redis server child process on 127.0.0.1 and a free port (or the one given); with
+    ``password``, clients must authenticate (``requirepass``) and ``url`` carries it."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, password: str | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.password = password
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="scepsy-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - the child owns it
@@ -73,6 +79,7 @@ class RedisServer:
                 str(self.workdir),
                 "--protected-mode",
                 "no",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -83,7 +90,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UnavailableError(f"redis server exited at start: {self._log_tail()}")
-            if _answers_ping(self.port):
+            if _answers_ping(self.port, self.password):
                 return self
             time.sleep(0.02)
         self.stop()
@@ -104,9 +111,14 @@ class RedisServer:
         return path.read_text(errors="replace")[-500:] if path.exists() else ""
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            if password:
+                secret = password.encode()
+                sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:

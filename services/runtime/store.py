@@ -32,6 +32,7 @@ from services.runtime.convert import (
     profile_to_pb,
 )
 from services.runtime.keys import Keys
+from services.runtime.redis_url import checked, redact
 
 T = TypeVar("T")
 
@@ -80,13 +81,13 @@ class ServiceRecord:
 class Store:
     def __init__(self, client: aioredis.Redis, url: str, keys: Keys | None = None) -> None:
         self._r = client
-        self.url = url
+        self.url = redact(url)  # as shown in errors: without the password
         self.keys = keys or Keys()
 
     @classmethod
     def connect(cls, url: str, timeout_s: float = 2.0, namespace: str = "scepsy") -> Store:
         client = aioredis.Redis.from_url(
-            url,
+            checked(url),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
