@@ -1,13 +1,15 @@
 """The gRPC front end: ``scepsy.v1.Router`` over the same dispatcher as the HTTP one.
 
 A ``GenerateRequest`` with ``messages`` becomes a chat completion, one with ``prompt`` a text
-completion; ``extra_json`` adds further OpenAI fields. The workflow identity and the API key come
-from metadata (``x-scepsy-workflow``, ``x-scepsy-request-id``, ``authorization: Bearer <key>``);
-the client's deadline bounds the engine call. Errors: unknown model NOT_FOUND, bad input
-INVALID_ARGUMENT, key UNAUTHENTICATED, overload RESOURCE_EXHAUSTED with trailing metadata
-``retry-after-ms``, deadline DEADLINE_EXCEEDED, engine unreachable UNAVAILABLE; an engine's error
-answer maps from its HTTP status. Bytes that do not decode as the request message are
-INVALID_ARGUMENT (``add_router_to_server``; grpc itself answers UNKNOWN when decoding fails).
+completion; ``extra_json`` adds further OpenAI fields. With ``n`` > 1 every sequence is a
+separate ``Choice``, and a stream's chunks carry their choice's ``index``. The workflow identity
+and the API key come from metadata (``x-scepsy-workflow``, ``x-scepsy-request-id``,
+``authorization: Bearer <key>``); the client's deadline bounds the engine call. Errors: unknown
+model NOT_FOUND, bad input INVALID_ARGUMENT, key UNAUTHENTICATED, overload RESOURCE_EXHAUSTED
+with trailing metadata ``retry-after-ms``, deadline DEADLINE_EXCEEDED, engine unreachable
+UNAVAILABLE; an engine's error answer maps from its HTTP status. Bytes that do not decode as the
+request message are INVALID_ARGUMENT (``add_router_to_server``; grpc itself answers UNKNOWN when
+decoding fails).
 """
 
 from __future__ import annotations
@@ -84,11 +86,16 @@ def _text_of(choice: dict[str, Any]) -> str:
     return str(choice.get("text") or "")
 
 
-def _first_choice(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+def _choices(payload: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The choices of an engine answer or stream event (each with an int ``index``)."""
     choices = (payload or {}).get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        return choices[0]
-    return None
+    if not isinstance(choices, list):
+        return []
+    return [c for c in choices if isinstance(c, dict) and _is_index(c.get("index", 0))]
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _upstream_failure(status: int, answer: bytes) -> UpstreamStatusError:
@@ -114,16 +121,28 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 answer = await upstream.read()
             if not upstream.ok:
                 raise _upstream_failure(upstream.status, answer)
-            choice = _first_choice(json.loads(answer)) or {}
+            choices = sorted(
+                (
+                    router_pb2.Choice(
+                        index=c.get("index", 0),
+                        text=_text_of(c),
+                        finish_reason=str(c.get("finish_reason") or ""),
+                    )
+                    for c in _choices(json.loads(answer))
+                ),
+                key=lambda c: c.index,
+            )
+            first = choices[0] if choices else router_pb2.Choice()
             return router_pb2.GenerateResponse(
                 id=upstream.call_id,
                 model=request.model,
-                text=_text_of(choice),
-                finish_reason=str(choice.get("finish_reason") or ""),
+                text=first.text,
+                finish_reason=first.finish_reason,
                 usage=router_pb2.Usage(
                     prompt_tokens=upstream.prompt_tokens,
                     completion_tokens=upstream.completion_tokens,
                 ),
+                choices=choices,
             )
         except ScepsyError as exc:
             await _abort(context, exc)
@@ -133,23 +152,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         try:
             spec = self._spec(request, context, stream=True)
-            finish_reason = ""
+            finish_reasons: dict[int, str] = {0: ""}  # choice index -> its finish reason
             async with self._dispatcher.call(spec) as upstream:
                 if not upstream.ok:
                     raise _upstream_failure(upstream.status, await upstream.read())
                 async for event in upstream.events():
-                    choice = _first_choice(event.payload)
-                    if choice is None:
-                        continue
-                    finish_reason = str(choice.get("finish_reason") or finish_reason)
-                    text = _text_of(choice)
-                    if text:
-                        yield router_pb2.GenerateChunk(text=text)
+                    for choice in _choices(event.payload):
+                        index = choice.get("index", 0)
+                        reason = str(choice.get("finish_reason") or "")
+                        finish_reasons[index] = reason or finish_reasons.get(index, "")
+                        text = _text_of(choice)
+                        if text:
+                            yield router_pb2.GenerateChunk(text=text, index=index)
                 usage = router_pb2.Usage(
                     prompt_tokens=upstream.prompt_tokens,
                     completion_tokens=upstream.completion_tokens,
                 )
-            yield router_pb2.GenerateChunk(finish_reason=finish_reason, usage=usage)
+            # One closing chunk per choice, in index order; the last also carries the usage.
+            *others, last = sorted(finish_reasons)
+            for index in others:
+                yield router_pb2.GenerateChunk(finish_reason=finish_reasons[index], index=index)
+            yield router_pb2.GenerateChunk(
+                finish_reason=finish_reasons[last], usage=usage, index=last
+            )
         except ScepsyError as exc:
             await _abort(context, exc)
 

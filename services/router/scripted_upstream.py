@@ -7,10 +7,12 @@ before its first byte, a stream that breaks off mid-way, a replica that comes ba
 port; everything else is tested on real engines (``tests/router/test_engines.py``).
 
 It serves ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``,
-streamed or not. The answer is ``max_tokens`` words ``w0 w1 ...`` (``tokens`` when unset);
-``prompt_tokens`` counts the prompt's words. Timing: ``first_token_delay_s`` before the first
-token, ``token_delay_s`` between tokens. It counts the calls it got; ``healthy = False`` makes
-``/health`` answer 503 and ``fail_status`` makes every call answer that HTTP status.
+streamed or not. The answer is ``max_tokens`` words ``w0 w1 ...`` (``tokens`` when unset); with
+``n`` > 1, choice ``i`` > 0 says ``s{i}w0 s{i}w1 ...`` and a stream interleaves the choices token
+by token, as vLLM does. ``prompt_tokens`` counts the prompt's words. Timing:
+``first_token_delay_s`` before the first token, ``token_delay_s`` between tokens. It counts the
+calls it got; ``healthy = False`` makes ``/health`` answer 503 and ``fail_status`` makes every
+call answer that HTTP status.
 
 ``python -m services.router.scripted_upstream --model M [--port P]`` runs one and prints
 ``{"url": ...}``.
@@ -108,23 +110,30 @@ class ScriptedUpstream:
                 status=self.fail_status,
             )  # fmt: skip
         await _sleep(self.first_token_delay_s)
-        words = [f"w{i}" for i in range(int(body.get("max_tokens") or self.tokens))]
+        length = int(body.get("max_tokens") or self.tokens)
+        words = [
+            [f"w{j}" if i == 0 else f"s{i}w{j}" for j in range(length)]
+            for i in range(int(body.get("n") or 1))
+        ]
         usage = {
             "prompt_tokens": _prompt_words(body, chat),
-            "completion_tokens": len(words),
-            "total_tokens": _prompt_words(body, chat) + len(words),
+            "completion_tokens": length * len(words),
+            "total_tokens": _prompt_words(body, chat) + length * len(words),
         }
         if body.get("stream"):
             return await self._stream(request, body, chat, words, usage)
-        text = " ".join(words)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        choices: list[dict[str, Any]] = []
+        for i, sequence in enumerate(words):
+            text = " ".join(sequence)
+            choice: dict[str, Any] = {"index": i, "finish_reason": "length"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
         return web.json_response(
             {"id": _id(), "object": "chat.completion" if chat else "text_completion",
-             "created": int(time.time()), "model": self.model, "choices": [choice],
+             "created": int(time.time()), "model": self.model, "choices": choices,
              "usage": usage}
         )  # fmt: skip
 
@@ -133,7 +142,7 @@ class ScriptedUpstream:
         request: web.Request,
         body: dict[str, Any],
         chat: bool,
-        words: list[str],
+        words: list[list[str]],
         usage: dict[str, int],
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -147,15 +156,17 @@ class ScriptedUpstream:
             await response.write(b"data: " + data + b"\n\n")
 
         if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
-        for i, word in enumerate(words):
-            if i:
+            for i in range(len(words)):
+                await send([{"index": i, "delta": {"role": "assistant", "content": ""}}])
+        for j in range(len(words[0])):
+            if j:
                 await _sleep(self.token_delay_s)
-            piece = word if i == 0 else " " + word
-            last = i == len(words) - 1
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
-            choice.update({"delta": {"content": piece}} if chat else {"text": piece})
-            await send([choice])
+            for i, sequence in enumerate(words):
+                piece = sequence[j] if j == 0 else " " + sequence[j]
+                last = j == len(sequence) - 1
+                choice: dict[str, Any] = {"index": i, "finish_reason": "length" if last else None}
+                choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+                await send([choice])
         if (body.get("stream_options") or {}).get("include_usage"):
             await send([], {"usage": usage})
         await response.write(b"data: [DONE]\n\n")

@@ -12,7 +12,7 @@ import pytest
 from protos.scepsy.v1 import router_pb2
 from services.router.client import RouterClient, generate_request
 from services.runtime.store import Store
-from tests.router.conftest import StartRouter, nothing_at, register
+from tests.router.conftest import StartRouter, StartUpstream, nothing_at, register
 
 CHAT = [{"role": "user", "content": "plan the GPUs"}]
 
@@ -97,3 +97,32 @@ async def test_bytes_that_are_not_the_request_message_are_invalid_argument(
                 await channel.unary_unary(f"/scepsy.v1.Router/{method}")(b"\xff\xff\xff\xff")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid scepsy.v1." in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_n_sequences_come_back_as_separate_choices(
+    start_router: StartRouter, start_upstream: StartUpstream, store: Store, chat: bool
+) -> None:
+    # The scripted engine interleaves the three sequences token by token, as vLLM does; they
+    # were run together into one text, and Generate returned only the first.
+    await register(store, "m", await start_upstream("m"))
+    handle = await start_router()
+    fields = {"messages": CHAT} if chat else {"prompt": "x"}
+    request = generate_request("m", max_tokens=3, extra_json='{"n": 3}', **fields)  # type: ignore[arg-type]
+    want = ["w0 w1 w2", "s1w0 s1w1 s1w2", "s2w0 s2w1 s2w2"]
+    async with RouterClient(handle.grpc_target) as client:
+        unary = await client.generate(request)
+        chunks = [c async for c in client.generate_stream(request)]
+    assert [(c.index, c.text, c.finish_reason) for c in unary.choices] == [
+        (i, text, "length") for i, text in enumerate(want)
+    ]
+    assert (unary.text, unary.finish_reason) == (want[0], "length")
+    assert unary.usage.completion_tokens == 9
+    texts = ["", "", ""]
+    for chunk in chunks:
+        texts[chunk.index] += chunk.text
+    assert texts == want
+    ends = [(c.index, c.finish_reason) for c in chunks if c.finish_reason]
+    assert ends == [(0, "length"), (1, "length"), (2, "length")]
+    assert chunks[-1].usage.completion_tokens == 9
+    assert not any(c.HasField("usage") for c in chunks[:-1])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/scepsy/v1/router.proto\x12\tscepsy.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.scepsy.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\r\n\x05top_p\x18\x06 \x01(\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x12\n\nextra_json\x18\t \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"s\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.scepsy.v1.Usage\"U\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.scepsy.v1.Usage\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t2\xe2\x01\n\x06Router\x12\x43\n\x08Generate\x12\x1a.scepsy.v1.GenerateRequest\x1a\x1b.scepsy.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.scepsy.v1.GenerateRequest\x1a\x18.scepsy.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.scepsy.v1.ListModelsRequest\x1a\x1d.scepsy.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/scepsy/v1/router.proto\x12\tscepsy.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.scepsy.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\r\n\x05top_p\x18\x06 \x01(\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x12\n\nextra_json\x18\t \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"<\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x97\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.scepsy.v1.Usage\x12\"\n\x07\x63hoices\x18\x06 \x03(\x0b\x32\x11.scepsy.v1.Choice\"d\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.scepsy.v1.Usage\x12\r\n\x05index\x18\x04 \x01(\r\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t2\xe2\x01\n\x06Router\x12\x43\n\x08Generate\x12\x1a.scepsy.v1.GenerateRequest\x1a\x1b.scepsy.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.scepsy.v1.GenerateRequest\x1a\x18.scepsy.v1.GenerateChunk0\x01\x12I\n\nListModels\x12\x1c.scepsy.v1.ListModelsRequest\x1a\x1d.scepsy.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=285
   _globals['_USAGE']._serialized_start=287
   _globals['_USAGE']._serialized_end=344
-  _globals['_GENERATERESPONSE']._serialized_start=346
-  _globals['_GENERATERESPONSE']._serialized_end=461
-  _globals['_GENERATECHUNK']._serialized_start=463
-  _globals['_GENERATECHUNK']._serialized_end=548
-  _globals['_LISTMODELSREQUEST']._serialized_start=550
-  _globals['_LISTMODELSREQUEST']._serialized_end=569
-  _globals['_LISTMODELSRESPONSE']._serialized_start=571
-  _globals['_LISTMODELSRESPONSE']._serialized_end=607
-  _globals['_ROUTER']._serialized_start=610
-  _globals['_ROUTER']._serialized_end=836
+  _globals['_CHOICE']._serialized_start=346
+  _globals['_CHOICE']._serialized_end=406
+  _globals['_GENERATERESPONSE']._serialized_start=409
+  _globals['_GENERATERESPONSE']._serialized_end=560
+  _globals['_GENERATECHUNK']._serialized_start=562
+  _globals['_GENERATECHUNK']._serialized_end=662
+  _globals['_LISTMODELSREQUEST']._serialized_start=664
+  _globals['_LISTMODELSREQUEST']._serialized_end=683
+  _globals['_LISTMODELSRESPONSE']._serialized_start=685
+  _globals['_LISTMODELSRESPONSE']._serialized_end=721
+  _globals['_ROUTER']._serialized_start=724
+  _globals['_ROUTER']._serialized_end=950
 # @@protoc_insertion_point(module_scope)
