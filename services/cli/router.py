@@ -1,25 +1,25 @@
 """``scepsy router`` and ``scepsy endpoints``: run the router, register the engines it routes to.
 
 ``router [FLAGS]`` runs the router in the foreground (flags as ``python -m services.router
---help``; Redis defaults to the one ``scepsy up`` started). ``endpoints add MODEL URL`` registers
-an engine replica (its id defaults to the URL's host:port, so adding the same URL twice replaces
-it), ``endpoints remove MODEL TARGET`` removes the replicas whose URL or id is TARGET, and
-``endpoints list`` shows them all. Running routers pick changes up without a restart.
+--help``; Redis by the CLI's one rule, ``services.cli.cluster.resolve_redis_url``: the flag,
+``SCEPSY_REDIS_URL``, ``REDIS_URL``, the one ``scepsy up`` started, else an error).
+``endpoints add MODEL URL`` registers an engine replica (its id defaults to the URL's host:port, so
+adding the same URL twice replaces it), ``endpoints remove MODEL TARGET`` removes the replicas
+whose URL or id is TARGET, and ``endpoints list`` shows them all. Running routers pick changes up
+without a restart.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from services.cli.cluster import resolve_redis_url
 from services.cli.store_args import add_store_flags, with_store
-from services.core.errors import InvalidInputError, NotFoundError, UnavailableError
+from services.core.errors import InvalidInputError, NotFoundError
 from services.core.routing import Endpoint
 from services.router.config import RouterConfig
 from services.runtime.config import env_name
@@ -78,9 +78,8 @@ def cmd_router(args: argparse.Namespace) -> int:
         for name, value in vars(args).items()
         if name.startswith(_ROUTER_FLAG) and value is not None
     }
-    if "redis_url" not in given and env_name("redis_url") not in os.environ:
-        with contextlib.suppress(UnavailableError):  # else the router's own default applies
-            given["redis_url"] = resolve_redis_url(None)
+    # never the router's own default: it may be somebody else's Redis
+    given["redis_url"] = resolve_redis_url(given.get("redis_url"))
     flags = [item for name, value in given.items() for item in (_flag(name), value)]
     return router_main(flags, prog="scepsy router")
 

@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "deploy/examples/cluster-2xh100.yaml"
 SPEC = REPO / "deploy/examples/spec-rag.yaml"
 SECRET = "s3cret-Pw"
+NO_REDIS = (
+    "error: no Redis given and no cluster is up here: pass --redis-url, set SCEPSY_REDIS_URL "
+    "or REDIS_URL, or run `scepsy up` first\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
 
 
 def scepsy(
-    home: Path, *args: str, env: dict[str, str] | None = None
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("SCEPSY_")}
     return subprocess.run(
@@ -41,7 +45,7 @@ def scepsy(
         capture_output=True,
         check=False,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
 
 
@@ -90,6 +94,7 @@ def test_errors_hide_the_password(tmp_path: Path, password_redis: RedisServer) -
         ["status", "--json"],
         ["endpoints", "list"],
         ["plan", "--spec", str(SPEC), "--offline", "--store"],
+        ["router"],
     ],
 )
 def test_a_bad_scheme_is_a_named_error_not_a_traceback(tmp_path: Path, args: list[str]) -> None:
@@ -125,10 +130,13 @@ def test_the_url_is_found_by_one_rule(tmp_path: Path, redis_url: str) -> None:
     # nothing given and nothing up: an error naming every way to give one, no default Redis
     done = scepsy(tmp_path, "nodes")
     assert done.returncode == 2
-    assert done.stderr == (
-        "error: no Redis given and no cluster is up here: pass --redis-url, set SCEPSY_REDIS_URL "
-        "or REDIS_URL, or run `scepsy up` first\n"
-    )
+    assert done.stderr == NO_REDIS
+
+
+def test_router_without_a_redis_is_an_error_not_a_default(tmp_path: Path) -> None:
+    # it used to serve against redis://127.0.0.1:6379/0, which may be somebody else's Redis
+    done = scepsy(tmp_path, "router", "--http-port", "0", timeout_s=20)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", NO_REDIS)
 
 
 @pytest.mark.slow
