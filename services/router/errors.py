@@ -1,8 +1,9 @@
 """The router's errors and how each front end reports them.
 
 Every class derives from the domain tree (``services.core.errors``) and says when it is raised.
-``http_error`` gives the HTTP status and OpenAI error ``type``/``code``; ``grpc_status`` the gRPC
-code, falling back to the runtime's table for the other domain errors.
+``http_error`` gives the HTTP status and OpenAI error ``type`` (the error's ``code`` is the HTTP
+status, as in vLLM's answers, so router-made and engine errors have one shape); ``grpc_status``
+the gRPC code, falling back to the runtime's table for the other domain errors.
 """
 
 from __future__ import annotations
@@ -61,20 +62,19 @@ class UpstreamStatusError(errors.ScepsyError):
 class HttpError:
     status: int
     type: str
-    code: str | None
 
 
 _HTTP: tuple[tuple[type[errors.ScepsyError], HttpError], ...] = (
-    (ModelNotFoundError, HttpError(404, "invalid_request_error", "model_not_found")),
-    (AuthenticationError, HttpError(401, "invalid_request_error", "invalid_api_key")),
-    (OverloadedError, HttpError(429, "rate_limit_error", "overloaded")),
-    (UpstreamTimeoutError, HttpError(504, "timeout_error", "upstream_timeout")),
-    (UpstreamError, HttpError(502, "upstream_error", "upstream_failed")),
-    (NoHealthyReplicaError, HttpError(503, "service_unavailable", "no_healthy_replica")),
-    (DrainingError, HttpError(503, "service_unavailable", "draining")),
-    (errors.InvalidInputError, HttpError(400, "invalid_request_error", None)),
-    (errors.NotFoundError, HttpError(404, "invalid_request_error", "not_found")),
-    (errors.UnavailableError, HttpError(503, "service_unavailable", None)),
+    (ModelNotFoundError, HttpError(404, "invalid_request_error")),
+    (AuthenticationError, HttpError(401, "invalid_request_error")),
+    (OverloadedError, HttpError(429, "rate_limit_error")),
+    (UpstreamTimeoutError, HttpError(504, "timeout_error")),
+    (UpstreamError, HttpError(502, "upstream_error")),
+    (NoHealthyReplicaError, HttpError(503, "service_unavailable")),
+    (DrainingError, HttpError(503, "service_unavailable")),
+    (errors.InvalidInputError, HttpError(400, "invalid_request_error")),
+    (errors.NotFoundError, HttpError(404, "invalid_request_error")),
+    (errors.UnavailableError, HttpError(503, "service_unavailable")),
 )
 
 _GRPC: tuple[tuple[type[errors.ScepsyError], grpc.StatusCode], ...] = (
@@ -101,7 +101,7 @@ def http_error(exc: errors.ScepsyError) -> HttpError:
     for cls, mapped in _HTTP:
         if isinstance(exc, cls):
             return mapped
-    return HttpError(500, "server_error", None)
+    return HttpError(500, "server_error")
 
 
 def grpc_status(exc: errors.ScepsyError) -> grpc.StatusCode:

@@ -7,9 +7,10 @@
 | ``GET /metrics`` | Prometheus text (no key needed) |
 | ``GET /health`` | 200 while serving, 503 while draining |
 
-Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``, for the
-router's own failures (bad input, unknown model, 401, 413, 429 with ``Retry-After``, 502, 503,
-504); an engine's error answer is forwarded as it is. An error after a stream has begun is sent
+Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
+status as ``code`` (as vLLM answers), for the router's own failures (bad input, JSON nested too
+deep, unknown model, 401, 413, 429 with ``Retry-After``, 502, 503, 504); an engine's error answer
+is forwarded as it is. An error after a stream has begun is sent
 as a last ``data: {"error": ...}`` event. A client that disconnects cancels its handler, and with
 it the engine call.
 """
@@ -53,7 +54,7 @@ _STATUS_TYPES = {
 }
 
 
-def error_body(message: str, type_: str, param: str | None, code: str | int | None) -> bytes:
+def error_body(message: str, type_: str, param: str | None, code: int) -> bytes:
     return json.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     ).encode()
@@ -69,7 +70,7 @@ def _error_response(exc: ScepsyError) -> web.Response:
         param = "model"
     return web.Response(
         status=mapped.status,
-        body=error_body(str(exc), mapped.type, param, mapped.code),
+        body=error_body(str(exc), mapped.type, param, mapped.status),
         content_type="application/json",
         headers=headers,
     )
@@ -85,11 +86,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = "request_too_large" if exc.status == 413 else None
         return web.Response(
             status=exc.status,
             body=error_body(
-                exc.text or exc.reason, _STATUS_TYPES.get(exc.status, "error"), None, code
+                exc.text or exc.reason, _STATUS_TYPES.get(exc.status, "error"), None, exc.status
             ),
             content_type="application/json",
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
@@ -98,7 +98,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("http_handler_failed", path=request.path)
         return web.Response(
             status=500,
-            body=error_body("internal error in the router", "server_error", None, None),
+            body=error_body("internal error in the router", "server_error", None, 500),
             content_type="application/json",
         )
 
@@ -220,7 +220,7 @@ class HttpFrontEnd:
             if response is None:
                 raise
             mapped = http_error(exc)
-            payload = error_body(str(exc), mapped.type, None, mapped.code)
+            payload = error_body(str(exc), mapped.type, None, mapped.status)
             await response.write(b"data: " + payload + b"\n\n")
         except ConnectionResetError:
             if response is None:

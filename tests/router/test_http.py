@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.router.conftest import StartRouter
+from tests.router.conftest import StartRouter, complete
 
 
 async def _post(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, Any]:
@@ -70,7 +70,8 @@ async def test_bad_input_gets_an_openai_error_before_any_engine_call(
         got_status, answer = await _post(session, handle.http_url + path, body)
     assert got_status == status
     error = answer["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    # vLLM's shape: the code is the HTTP status, so router and engine errors read alike.
+    assert (set(error), error["code"]) == ({"message", "type", "param", "code"}, status)
     assert error["param"] == param
     assert needle in error["message"]
 
@@ -81,10 +82,10 @@ async def test_oversized_body_is_413_and_method_mismatch_405(start_router: Start
     async with aiohttp.ClientSession() as session:
         status, answer = await _post(session, handle.http_url + "/v1/completions", big)
         assert status == 413
-        assert answer["error"]["code"] == "request_too_large"
+        assert answer["error"]["code"] == 413
         async with session.get(handle.http_url + "/v1/completions") as reply:
             assert reply.status == 405
-            assert "error" in await reply.json()
+            assert (await reply.json())["error"]["code"] == 405
 
 
 async def test_health_endpoint(start_router: StartRouter) -> None:
@@ -108,7 +109,17 @@ async def test_deeply_nested_json_is_400_without_a_traceback(
             status, answer = await _post(
                 session, handle.http_url + path, b'{"model": "m", "prompt": ' + deep + b"}"
             )
-    assert status == 400
+    assert (status, answer["error"]["code"]) == (400, 400)
     assert answer["error"]["type"] == "invalid_request_error"
     assert "nested more than 64 levels" in answer["error"]["message"]
     assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+
+
+async def test_a_missing_api_key_is_401_with_the_status_as_code(
+    start_router: StartRouter,
+) -> None:
+    # Made by the router, shaped like vLLM's errors (502 and 503 in ``test_dispatch``).
+    handle = await start_router(api_keys="k")
+    async with aiohttp.ClientSession() as session:
+        status, _, answer = await complete(session, handle)
+    assert (status, answer["error"]["code"]) == (401, 401)
