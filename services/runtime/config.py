@@ -2,8 +2,10 @@
 
 A service's config is a frozen dataclass deriving from ``ServiceConfig``. Every field can be set by
 a flag (``--redis-url``) or an environment variable (``SCEPSY_REDIS_URL``); flags win over the
-environment, which wins over the default. Per-field checks and the class's ``validate`` (cross-field
-rules) raise ``ConfigError`` naming the field, where it came from and the value.
+environment, which wins over the default; a field in ``required`` has no default (a service
+process's ``redis_url``: the default Redis may be somebody else's). Per-field checks and the
+class's ``validate`` (cross-field rules) raise ``ConfigError`` naming the field, where it came from
+and the value.
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ class ServiceConfig:
         argv: Sequence[str] | None = None,
         environ: Mapping[str, str] | None = None,
         prog: str | None = None,
+        required: Sequence[str] = (),
     ) -> Self:
-        """Build from flags and environment; raise ConfigError on the first bad field."""
+        """Build from flags and environment; raise ConfigError on the first bad field, or on a
+        field of ``required`` given by neither."""
         environ = os.environ if environ is None else environ
         hints = typing.get_type_hints(cls)
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
@@ -93,6 +97,8 @@ class ServiceConfig:
             raw, origin = getattr(args, f.name), "--" + f.name.replace("_", "-")
             if raw is None and env_name(f.name) in environ:
                 raw, origin = environ[env_name(f.name)], env_name(f.name)
+            if raw is None and f.name in required:
+                raise ConfigError(f"{f.name}: not given: pass {origin} or set {env_name(f.name)}")
             if raw is None:
                 values[f.name] = f.default
                 continue

@@ -9,7 +9,9 @@ A service's ``__main__`` is then a few lines::
             AgentConfig, build_agent, argv, prog="python -m services.agent", name="agent"
         )
 
-Configuration and domain errors (a bad flag value, a missing cluster file) print
+The Redis URL must be given (``--redis-url`` or ``SCEPSY_REDIS_URL``; ``scepsy up`` gives each
+service the Redis it started). Configuration and domain errors (a bad flag value, no Redis URL, a
+missing cluster file) print
 ``error: <message>`` and return 2 before anything starts.
 """
 
@@ -42,7 +44,9 @@ def run_service(
     defaults to ``python -m services.<name>``."""
     try:
         config = config_cls.load(
-            argv, prog=prog or (f"python -m services.{name}" if name else None)
+            argv,
+            prog=prog or (f"python -m services.{name}" if name else None),
+            required=("redis_url",),  # never a default Redis that may be somebody else's
         )
         configure_logging(config.log_format, config.log_level)
         asyncio.run(_run(config, build, name))

@@ -58,12 +58,19 @@ def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
     server.stop()
 
 
-def run_placer(url: str, seconds: float) -> tuple[int, str]:
-    """``python -m services.placer --redis-url url`` for ``seconds`` (or until it exits), then
-    SIGINT; its exit code and everything it wrote."""
+def run_placer(url: str | None, seconds: float) -> tuple[int, str]:
+    """``python -m services.placer --redis-url url`` (no flag when None) for ``seconds`` (or until
+    it exits), then SIGINT; its exit code and everything it wrote."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCEPSY_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.placer", "--redis-url", url, "--service-ttl-s", "0.3"],
+        [
+            sys.executable,
+            "-m",
+            "services.placer",
+            "--service-ttl-s",
+            "0.3",
+            *(["--redis-url", url] if url else []),
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -107,3 +114,10 @@ def test_service_with_a_bad_scheme_exits_2_naming_the_field() -> None:
     assert out.strip() == (
         "error: redis_url: must start with redis://, rediss:// or unix://, got 'http://user:***@x'"
     )
+
+
+def test_service_without_a_redis_url_exits_2_instead_of_using_a_default() -> None:
+    # it used to serve against redis://127.0.0.1:6379/0, which may be somebody else's Redis
+    code, out = run_placer(None, 10.0)
+    assert code == 2
+    assert out.strip() == ("error: redis_url: not given: pass --redis-url or set SCEPSY_REDIS_URL")
