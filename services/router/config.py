@@ -52,6 +52,9 @@ class RouterConfig(ServiceConfig):
     connect_timeout_s: float = option(2.0, "deadline of connecting to a replica", positive)
     health_interval_s: float = option(1.0, "seconds between replica health checks", positive)
     health_timeout_s: float = option(1.0, "deadline of one health check", positive)
+    eject_after: int = option(
+        3, "consecutive failed health checks that eject a replica", in_range(1, 1000)
+    )
     refresh_s: float = option(2.0, "seconds between re-reads of the replicas from Redis", positive)
     max_body_bytes: int = option(
         16 * 1024 * 1024, "largest request body accepted (413 beyond)", in_range(1024, 1 << 31)

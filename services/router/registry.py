@@ -7,7 +7,8 @@ last known replicas keep serving.
 
 Health: a replica starts admitted. A call that cannot connect to it ejects it at once (passive
 check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
-a failed probe ejects and a passing one re-admits. ``on_change`` is called whenever a replica
+``eject_after`` failed probes in a row eject (one slow answer from a busy engine is not a dead
+replica) and a passing one re-admits. ``on_change`` is called whenever a replica
 becomes usable (added or re-admitted), so that queued calls can take it.
 """
 
@@ -36,12 +37,13 @@ ENDPOINTS_EVENT = "endpoints_changed"
 class Replica:
     """Runtime state of one registered endpoint; mutated only on the event loop."""
 
-    __slots__ = ("endpoint", "healthy", "in_flight")
+    __slots__ = ("endpoint", "failed_checks", "healthy", "in_flight")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.in_flight = 0
         self.healthy = True
+        self.failed_checks = 0  # consecutive failed health checks
 
     @property
     def id(self) -> str:
@@ -65,6 +67,7 @@ class ReplicaRegistry:
         refresh_s: float,
         health_interval_s: float,
         health_timeout_s: float,
+        eject_after: int,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -73,6 +76,7 @@ class ReplicaRegistry:
         self._read_timeout_s = min(refresh_s, 0.5)
         self._health_interval_s = health_interval_s
         self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
+        self._eject_after = eject_after
         self._models: dict[str, dict[str, Replica]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -203,7 +207,8 @@ class ReplicaRegistry:
         return self._stopping.is_set()
 
     async def probe(self, replica: Replica) -> bool:
-        """One ``GET {url}/health``: eject on failure, re-admit on success; True when healthy."""
+        """One ``GET {url}/health``: re-admit on success, eject on the ``eject_after``-th failure
+        in a row; True when this check passed."""
         assert self._session is not None, "registry not started"
         try:
             async with self._session.get(
@@ -212,10 +217,17 @@ class ReplicaRegistry:
                 healthy = reply.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             healthy = False
-        if not healthy and replica.healthy:
+        if healthy:
+            replica.failed_checks = 0
+            self._set_health(replica, True, "health check passed")
+            return True
+        replica.failed_checks += 1
+        if replica.healthy and replica.failed_checks >= self._eject_after:
             self._metrics.replica_failures.labels(replica.model, replica.id).inc()
-        self._set_health(replica, healthy, "health check failed")
-        return healthy
+            self._set_health(
+                replica, False, f"{replica.failed_checks} health checks failed in a row"
+            )
+        return False
 
 
 def _is_endpoints_event(data: object) -> bool:

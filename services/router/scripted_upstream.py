@@ -11,8 +11,9 @@ streamed or not. The answer is ``max_tokens`` words ``w0 w1 ...`` (``tokens`` wh
 ``n`` > 1, choice ``i`` > 0 says ``s{i}w0 s{i}w1 ...`` and a stream interleaves the choices token
 by token, as vLLM does. ``prompt_tokens`` counts the prompt's words. Timing:
 ``first_token_delay_s`` before the first token, ``token_delay_s`` between tokens. It counts the
-calls it got; ``healthy = False`` makes ``/health`` answer 503 and ``fail_status`` makes every
-call answer that HTTP status.
+calls it got; ``healthy = False`` makes ``/health`` answer 503, ``health_delays`` holds the
+delays of the next ``/health`` answers (one popped per check: a busy engine answering slowly) and
+``fail_status`` makes every call answer that HTTP status.
 
 ``python -m services.router.scripted_upstream --model M [--port P]`` runs one and prints
 ``{"url": ...}``.
@@ -50,6 +51,7 @@ class ScriptedUpstream:
         self.first_token_delay_s = first_token_delay_s
         self.token_delay_s = token_delay_s
         self.healthy = True
+        self.health_delays: list[float] = []  # the next /health answers wait this long, in turn
         self.fail_status: int | None = None  # answer every call with this HTTP status
         self.calls = 0
         self._runner: web.AppRunner | None = None
@@ -83,6 +85,8 @@ class ScriptedUpstream:
             await runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.health_delays:
+            await _sleep(self.health_delays.pop(0))
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:

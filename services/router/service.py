@@ -39,6 +39,7 @@ class Router:
             refresh_s=config.refresh_s,
             health_interval_s=config.health_interval_s,
             health_timeout_s=config.health_timeout_s,
+            eject_after=config.eject_after,
         )
         self.recorder = TraceRecorder(
             store,

@@ -153,3 +153,28 @@ async def test_endpoints_are_refreshed_periodically_too(
     finally:
         await client.aclose()
     await wait_until(lambda: handle.router.registry.models() == ["quiet"])
+
+
+async def test_ejection_needs_eject_after_failed_health_checks_in_a_row(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    """Scripted: a real engine's ``/health`` cannot be made slow or failing on demand. Checks are
+    run by hand (the periodic ones are 30 s apart), so the count is exact."""
+    upstream = await start_upstream("m")
+    await register(store, "m", upstream)
+    handle = await start_router(health_interval_s=30.0, health_timeout_s=0.2, eject_after=3)
+    registry = handle.router.registry
+    replica = registry.replicas("m")[0]
+    upstream.health_delays = [1.0, 1.0]  # a busy engine: two checks time out, then it answers
+    assert [await registry.probe(replica) for _ in range(3)] == [False, False, True]
+    assert replica.healthy
+    upstream.healthy = False
+    assert not await registry.probe(replica)
+    assert not await registry.probe(replica)
+    assert replica.healthy  # two failures in a row: still admitted
+    assert not await registry.probe(replica)
+    assert not replica.healthy  # the third ejects
+    assert handle.metric('scepsy_router_replica_healthy{model="m",replica="m-0"}') == 0
+    upstream.healthy = True
+    assert await registry.probe(replica)
+    assert replica.healthy  # one passing check re-admits, as before
