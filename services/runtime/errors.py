@@ -18,6 +18,11 @@ When the message and the status would be too large for the default gRPC metadata
 alone, as a plain abort would. Anything else a handler raises is logged and becomes INTERNAL, a
 plain status without the exception text.
 
+A request whose bytes do not decode as the method's request message is INVALID_ARGUMENT
+(``"request is not a valid <full message name>: <why>"``, reason ``invalid_input``, field
+``request``), with the same rich status: the interceptor wraps the request deserializer so that
+it never raises (grpc would answer UNKNOWN) and the handler aborts before calling the servicer.
+
 **Client.** ``error_from_rpc`` turns a failed call (sync or aio) into the domain error:
 
 1. with a ``scepsy.v1`` ErrorInfo, the class it names when it is one of ``REBUILT`` and the code is
@@ -173,16 +178,52 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """What a wrapped request deserializer gives for bytes it cannot decode: grpc answers
+    UNKNOWN (and logs a traceback) when a deserializer raises, so it must not."""
+
+    error: errors.InvalidInputError
+
+
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:  # raw bytes: nothing can fail
+        return None
+    # A generated handler's deserializer is the message class's bound ``FromString``.
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Malformed(
+                errors.InvalidInputError(
+                    f"request is not a valid {name}: {exc}", field="request", value=""
+                )
+            )
+
+    return deserialize
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort_with_status(rich_status(request.error))
 
 
 @contextlib.asynccontextmanager
@@ -201,6 +242,7 @@ async def _mapped(context: grpc.aio.ServicerContext[Any, Any], method: str) -> A
 
 def _wrap_unary(behaviour: Any, method: str) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _refuse_malformed(request, context)
         async with _mapped(context, method):
             return await behaviour(request, context)
         raise AssertionError("unreachable: _mapped aborts or re-raises")
@@ -212,6 +254,7 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
     if not inspect.isasyncgenfunction(behaviour):
         # a handler that writes its messages (``context.write``), such as Health/Watch
         async def writes(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await _refuse_malformed(request, context)
             async with _mapped(context, method):
                 await behaviour(request, context)
 
@@ -220,6 +263,7 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
         async with _mapped(context, method):
             async for item in behaviour(request, context):
                 yield item
