@@ -87,10 +87,14 @@ class ServiceConfig:
         hints = typing.get_type_hints(cls)
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         for f in dataclasses.fields(cls):
-            hint = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {f.default!r})"
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=hint
+            flag = "--" + f.name.replace("_", "-")
+            given = (
+                f"required: {flag} or env {env_name(f.name)}"
+                if f.name in required
+                else f"env {env_name(f.name)}; default {f.default!r}"
             )
+            hint = f"{f.metadata.get('help', '')} ({given})"
+            parser.add_argument(flag, dest=f.name, default=None, help=hint)
         args = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

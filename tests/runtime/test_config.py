@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from services.agent.config import AgentConfig
@@ -50,3 +53,24 @@ def test_agent_cross_field_rule() -> None:
 def test_agent_bool_and_float_parsing() -> None:
     config = AgentConfig.load([], environ={"SCEPSY_HEARTBEAT_S": "0.5", "SCEPSY_NODE_TTL_S": "1.5"})
     assert config.heartbeat_s == 0.5 and config.node_ttl_s == 1.5
+
+
+@pytest.mark.parametrize("service", ["agent", "profiler", "planner", "placer"])
+def test_service_help_says_the_redis_url_is_required(service: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{service}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    text = " ".join(done.stdout.split())  # argparse wraps lines at the terminal's width
+    assert "Redis URL for shared state (required: --redis-url or env SCEPSY_REDIS_URL)" in text
+    assert "redis://127.0.0.1:6379/0" not in text
+
+
+def test_help_of_an_in_process_config_shows_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ServiceConfig.load(["--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(env SCEPSY_REDIS_URL; default 'redis://127.0.0.1:6379/0')" in text
