@@ -128,7 +128,7 @@ class Dispatcher:
     async def call(self, spec: CallSpec) -> AsyncIterator[Upstream]:
         """Admit, route and open one upstream call; record it on exit (see the module doc)."""
         if self.draining:
-            raise DrainingError("router is shutting down")
+            raise DrainingError("router is shutting down", self._config.retry_after_s)
         self.check_model(spec.model)
         call_id = uuid.uuid4().hex[:20]
         info = CallInfo(next(self._seq), spec.identity.affinity)

@@ -38,7 +38,12 @@ class NoHealthyReplicaError(errors.UnavailableError):
 
 
 class DrainingError(errors.UnavailableError):
-    """Raised for calls arriving after the router began shutting down."""
+    """Raised for calls arriving after the router began shutting down; another router instance
+    (or this one restarted) may take the call after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamError(errors.UnavailableError):

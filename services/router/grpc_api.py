@@ -7,9 +7,9 @@ and the API key come from metadata (``x-scepsy-workflow``, ``x-scepsy-request-id
 ``authorization: Bearer <key>``); the client's deadline bounds the engine call. Errors: unknown
 model NOT_FOUND, bad input INVALID_ARGUMENT, key UNAUTHENTICATED, overload RESOURCE_EXHAUSTED
 with trailing metadata ``retry-after-ms``, deadline DEADLINE_EXCEEDED, engine unreachable
-UNAVAILABLE; an engine's error answer maps from its HTTP status. Bytes that do not decode as the
-request message are INVALID_ARGUMENT (``add_router_to_server``; grpc itself answers UNKNOWN when
-decoding fails).
+UNAVAILABLE, a draining router UNAVAILABLE with ``retry-after-ms``; an engine's error answer
+maps from its HTTP status. Bytes that do not decode as the request message are INVALID_ARGUMENT
+(``add_router_to_server``; grpc itself answers UNKNOWN when decoding fails).
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from protos.scepsy.v1 import router_pb2, router_pb2_grpc
 from services.core.errors import ScepsyError
 from services.router.auth import ApiKeys
 from services.router.dispatch import CallSpec, Dispatcher
-from services.router.errors import OverloadedError, UpstreamStatusError, grpc_status
+from services.router.errors import (
+    DrainingError,
+    OverloadedError,
+    UpstreamStatusError,
+    grpc_status,
+)
 from services.router.registry import ReplicaRegistry
 from services.router.schema import (
     PATHS,
@@ -211,7 +216,7 @@ def _metadata(context: Context) -> dict[str, str]:
 
 async def _abort(context: Context, exc: ScepsyError) -> NoReturn:
     trailing: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, OverloadedError):
+    if isinstance(exc, (OverloadedError, DrainingError)):
         trailing = (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
     await context.abort(grpc_status(exc), str(exc), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")

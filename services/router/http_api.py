@@ -9,7 +9,8 @@
 
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
 status as ``code`` (as vLLM answers), for the router's own failures (bad input, JSON nested too
-deep, unknown model, 401, 413, 429 with ``Retry-After``, 502, 503, 504); an engine's error answer
+deep, unknown model, 401, 413, 429 with ``Retry-After``, 502, 503 (with ``Retry-After`` while
+draining), 504); an engine's error answer
 is forwarded as it is. An error after a stream has begun is sent
 as a last ``data: {"error": ...}`` event. A client that disconnects cancels its handler, and with
 it the engine call.
@@ -27,7 +28,12 @@ from services.core.errors import ScepsyError
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.dispatch import CallSpec, Dispatcher
-from services.router.errors import ModelNotFoundError, OverloadedError, http_error
+from services.router.errors import (
+    DrainingError,
+    ModelNotFoundError,
+    OverloadedError,
+    http_error,
+)
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 from services.router.registry import ReplicaRegistry
 from services.router.schema import (
@@ -63,7 +69,7 @@ def error_body(message: str, type_: str, param: str | None, code: int) -> bytes:
 def _error_response(exc: ScepsyError) -> web.Response:
     mapped = http_error(exc)
     headers = {}
-    if isinstance(exc, OverloadedError):
+    if isinstance(exc, (OverloadedError, DrainingError)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     param = exc.param if isinstance(exc, InvalidFieldError) else None
     if isinstance(exc, ModelNotFoundError):
@@ -172,7 +178,10 @@ class HttpFrontEnd:
 
     async def _health(self, request: web.Request) -> web.Response:
         if self._dispatcher.draining:
-            return web.json_response({"status": "draining"}, status=503)
+            retry_after = str(max(1, math.ceil(self._config.retry_after_s)))
+            return web.json_response(
+                {"status": "draining"}, status=503, headers={"Retry-After": retry_after}
+            )
         return web.json_response({"status": "serving"})
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:

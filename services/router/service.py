@@ -3,9 +3,10 @@ recorder, started and stopped with the gRPC server (``router_binding``).
 
 Start: open the connection pool (one ``aiohttp.ClientSession`` for every engine call and health
 check), read the replicas, start the trace writer, then the HTTP server. Stop (after the
-server's health went NOT_SERVING and ``drain_s`` passed): refuse new calls, stop accepting HTTP
-connections, give in-flight calls of both front ends ``grace_s`` to finish, then stop watching
-Redis, write the last trace records and close the pool.
+server's health went NOT_SERVING and ``drain_s`` passed): refuse new calls (HTTP 503 with
+``Retry-After``, ``/health`` 503; gRPC UNAVAILABLE with ``retry-after-ms``), give in-flight calls
+of both front ends ``grace_s`` to finish, stop the HTTP server, then stop watching Redis, write
+the last trace records and close the pool.
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ class Router:
         )
 
     async def stop(self, server: Server | None = None) -> None:
+        # The HTTP port stays open while in-flight calls finish, so that new calls and health
+        # checks get a 503 with a retry hint rather than a refused connection.
         self.dispatcher.draining = True
-        await self.http.stop()
         if not await self.dispatcher.wait_idle(self.config.grace_s):
             log.warning("router_stop_with_calls_in_flight", calls=self.dispatcher.active)
+        await self.http.stop()
         await self.registry.stop()
         await self.recorder.stop(timeout_s=self.config.redis_timeout_s)
         if self._session is not None:

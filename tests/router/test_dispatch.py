@@ -10,18 +10,24 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import grpc
 import openai
 import pytest
 import redis.asyncio as aioredis
 
+from services.router.client import RouterClient, generate_request
 from services.router.scripted_upstream import ScriptedUpstream
+from services.router.service import Router, router_binding
+from services.runtime.server import Server
 from services.runtime.store import Store
 from tests.router.conftest import (
+    RunningRouter,
     StartRouter,
     StartUpstream,
     complete,
     nothing_at,
     register,
+    router_config,
     wait_until,
 )
 
@@ -178,3 +184,41 @@ async def test_ejection_needs_eject_after_failed_health_checks_in_a_row(
     upstream.healthy = True
     assert await registry.probe(replica)
     assert replica.healthy  # one passing check re-admits, as before
+
+
+async def test_a_draining_router_answers_503_with_retry_after_until_in_flight_calls_end(
+    start_upstream: StartUpstream, redis_url: str, namespace: str, store: Store
+) -> None:
+    """Scripted: the in-flight call must last a known time. The router is built here, not by
+    ``start_router``, because the test stops it itself."""
+    upstream = await start_upstream("m", first_token_delay_s=1.5)
+    await register(store, "m", upstream)
+    config = router_config(redis_url, namespace, grace_s=10.0, retry_after_s=2.0)
+    router_store = Store.connect(config.redis_url, config.redis_timeout_s, config.namespace)
+    router = Router(config, router_store)
+    server = Server(config, [router_binding(router)])
+    await server.start()
+    handle = RunningRouter(router, server, router_store)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.create_task(complete(session, handle))
+            await wait_until(lambda: upstream.calls == 1)
+            stopping = asyncio.create_task(server.stop())
+            await wait_until(lambda: router.dispatcher.draining)
+            async with aiohttp.ClientSession() as fresh:  # a new connection, not a pooled one
+                async with fresh.get(handle.http_url + "/health") as reply:
+                    assert reply.status == 503
+                status, headers, answer = await complete(fresh, handle)
+            assert (status, headers["Retry-After"]) == (503, "2")
+            assert answer["error"]["code"] == 503
+            assert answer["error"]["type"] == "service_unavailable"
+            async with RouterClient(handle.grpc_target) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.generate(generate_request("m", prompt="p"))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("retry-after-ms", "2000") in tuple(caught.value.trailing_metadata() or ())
+            assert (await slow)[0] == 200  # the call in flight when the drain began finished
+            await stopping
+        assert upstream.calls == 1
+    finally:
+        await router_store.close()

@@ -930,7 +930,7 @@ async def test_redis_outage_keeps_serving_counts_drops_and_resumes(
 
 
 # ------------------------------------------------------------------------ shutdown, failure
-async def test_sigterm_stops_accepting_finishes_in_flight_calls_and_exits(
+async def test_sigterm_refuses_new_calls_finishes_in_flight_calls_and_exits(
     engines: dict[str, LocalEngine], store: Store, redis_url: str, namespace: str
 ) -> None:
     # The in-flight call (``LONG``, ~5 s here) outlasts the 0.2 s drain and fits in the 30 s
@@ -955,7 +955,7 @@ async def test_sigterm_stops_accepting_finishes_in_flight_calls_and_exits(
             in_flight = asyncio.create_task(_read(streamed, begun))
             await asyncio.wait_for(begun.wait(), timeout=30)
             process.send_signal(signal.SIGTERM)
-            await _wait_refused(url)  # past drain_s: no longer accepting...
+            await _wait_draining(url)  # past drain_s: new calls get 503...
             assert not in_flight.done()  # ...while the call still runs
             events = b"".join(await in_flight).decode().split("\n\n")
             assert events[-2:] == ["data: [DONE]", ""]
@@ -987,21 +987,21 @@ async def _wait_serving(url: str, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _wait_refused(url: str, timeout_s: float = 5.0) -> None:
-    """Wait until new connections to the router are refused. A connection made just as the
-    router stops listening may get no answer at all: it counts as not refused yet."""
+async def _wait_draining(url: str, timeout_s: float = 5.0) -> None:
+    """Wait until the router's ``/health`` answers 503 (it drains), then check that a new call
+    gets a 503 with ``Retry-After`` rather than a refused connection."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as fresh:
-            try:
-                async with fresh.get(url + "/health"):
-                    pass
-            except aiohttp.ClientConnectionError:
-                return
-            except TimeoutError:
-                pass
-        assert time.monotonic() < deadline, "router still accepts connections"
-        await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as fresh:
+        while True:
+            async with fresh.get(url + "/health") as reply:
+                if reply.status == 503:
+                    break
+            assert time.monotonic() < deadline, "router still reports serving"
+            await asyncio.sleep(0.05)
+        body = {"model": "tiny-b", "prompt": "p", "max_tokens": 1}
+        async with fresh.post(url + "/v1/completions", json=body) as reply:
+            assert (reply.status, reply.headers["Retry-After"]) == (503, "1")
+            assert (await reply.json())["error"]["code"] == 503
 
 
 async def test_engine_killed_mid_run_later_calls_go_to_the_survivor(
