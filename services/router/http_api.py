@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.core.errors import ScepsyError
+from services.core.errors import ScepsyError, UnavailableError
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.dispatch import CallSpec, Dispatcher
@@ -145,10 +145,15 @@ class HttpFrontEnd:
             access_log=None,
         )
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, self._config.resolved_http_host, self._config.http_port
-        )
-        await self._site.start()
+        host, port = self._config.resolved_http_host, self._config.http_port
+        self._site = web.TCPSite(self._runner, host, port)
+        try:
+            await self._site.start()
+        except OSError as exc:
+            await self.stop()
+            raise UnavailableError(
+                f"http_port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self.port = int(self._runner.addresses[0][1])  # the bound port, when 0 was asked for
         return self.port
 

@@ -78,7 +78,11 @@ class Router:
         self.dispatcher.start(self._session)
         await self.registry.start(self._session)
         await self.recorder.start()
-        await self.http.start()
+        try:
+            await self.http.start()
+        except BaseException:
+            await self._stop_background()
+            raise
         log.info(
             "router_started",
             http=self.http_url,
@@ -95,16 +99,20 @@ class Router:
         if not await self.dispatcher.wait_idle(self.config.grace_s):
             log.warning("router_stop_with_calls_in_flight", calls=self.dispatcher.active)
         await self.http.stop()
-        await self.registry.stop()
-        await self.recorder.stop(timeout_s=self.config.redis_timeout_s)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._stop_background()
         log.info(
             "router_stopped",
             trace_recorded=self.recorder.recorded,
             trace_dropped=self.recorder.dropped,
         )
+
+    async def _stop_background(self) -> None:
+        """Stop watching Redis, write the last trace records, close the pool."""
+        await self.registry.stop()
+        await self.recorder.stop(timeout_s=self.config.redis_timeout_s)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def router_binding(router: Router) -> ServiceBinding:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,8 @@ from services.cli import trace as trace_cli
 from services.core.errors import NotFoundError
 from services.core.workload.trace import TraceCall, dumps, read_trace
 from services.runtime.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -81,3 +87,20 @@ def test_router_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> None
     text = capsys.readouterr().out
     for flag in ("--http-port", "--policy", "--max-in-flight", "--api-keys", "--trace-max-len"):
         assert flag in text
+
+
+def test_a_taken_http_port_is_a_clear_error(redis_url: str, namespace: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "services.router", "--redis-url", redis_url,
+             "--namespace", namespace, "--host", "127.0.0.1", "--http-port", str(port),
+             "--metrics-port", "0"],
+            check=False, cwd=REPO, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: http_port: cannot listen on 127.0.0.1:{port}: ")
+    assert "Traceback" not in done.stderr
