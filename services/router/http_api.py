@@ -126,6 +126,8 @@ class HttpFrontEnd:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = 0
+        # False from the start of a drain: /health answers 503 while calls are still served
+        self.serving = True
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_body_bytes, middlewares=[_errors])
@@ -182,7 +184,7 @@ class HttpFrontEnd:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _health(self, request: web.Request) -> web.Response:
-        if self._dispatcher.draining:
+        if self._dispatcher.draining or not self.serving:
             retry_after = str(max(1, math.ceil(self._config.retry_after_s)))
             return web.json_response(
                 {"status": "draining"}, status=503, headers={"Retry-After": retry_after}

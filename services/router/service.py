@@ -92,6 +92,11 @@ class Router:
             auth=self.keys.enabled,
         )
 
+    async def drain(self, server: Server | None = None) -> None:
+        """The drain began: /health says 503 so that load balancers stop sending; calls are still
+        served until ``stop``."""
+        self.http.serving = False
+
     async def stop(self, server: Server | None = None) -> None:
         # The HTTP port stays open while in-flight calls finish, so that new calls and health
         # checks get a 503 with a retry hint rather than a refused connection.
@@ -120,6 +125,7 @@ def router_binding(router: Router) -> ServiceBinding:
         name=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
         add_to_server=lambda server: add_router_to_server(router.servicer, server),
         on_start=(router.start,),
+        on_drain=(router.drain,),
         on_stop=(router.stop,),
         metrics=(router.metrics.registry,),
     )

@@ -5,9 +5,9 @@ Lifecycle of a ``Server``:
 1. ``start()``: bind (port 0 picks a free port), start the server and its ``GET /metrics``
    endpoint (``metrics_port``), run each service's ``on_start`` hook (it can read the bound
    address), then report SERVING for every service and for the whole server ("").
-2. ``stop()``: report NOT_SERVING (load balancers and clients watching health see it), wait
-   ``drain_s``, run ``on_stop`` hooks, stop accepting and give in-flight RPCs ``grace_s``, close
-   the metrics endpoint.
+2. ``stop()``: report NOT_SERVING (load balancers and clients watching health see it), run
+   ``on_drain`` hooks, wait ``drain_s``, run ``on_stop`` hooks, stop accepting and give
+   in-flight RPCs ``grace_s``, close the metrics endpoint.
 ``serve()`` runs start, announces the process in Redis (``Registration``, when given), waits for
 SIGTERM or SIGINT, withdraws the announcement, then stop.
 
@@ -52,6 +52,9 @@ class ServiceBinding:
     add_to_server: Callable[[grpc.aio.Server], None]
     on_start: Sequence[Hook] = field(default=())
     on_stop: Sequence[Hook] = field(default=())
+    # Run when the drain begins (gRPC health just went NOT_SERVING, calls still served), so a
+    # service can say so on its other health endpoints (the router's HTTP /health).
+    on_drain: Sequence[Hook] = field(default=())
     # The service's own figures, added to the server's registry (served on GET /metrics).
     metrics: Sequence[Collector] = field(default=())
     # Fields the process announces besides its addresses, read after on_start (e.g. the
@@ -141,16 +144,21 @@ class Server:
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         log.info("server_draining", address=self.address, drain_s=self._config.drain_s)
+        await self._run_hooks("on_drain")
         await asyncio.sleep(self._config.drain_s)
-        for service in self._services:
-            for hook in service.on_stop:
-                try:
-                    await hook(self)
-                except Exception:
-                    log.exception("stop_hook_failed", service=service.name)
+        await self._run_hooks("on_stop")
         await self._server.stop(self._config.grace_s)
         await self._metrics_endpoint.stop()
         log.info("server_stopped", address=self.address)
+
+    async def _run_hooks(self, kind: str) -> None:
+        """Every service's ``on_drain`` or ``on_stop`` hooks; one failing does not stop the rest."""
+        for service in self._services:
+            for hook in getattr(service, kind):
+                try:
+                    await hook(self)
+                except Exception:
+                    log.exception("stop_hook_failed", service=service.name, hook=kind)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -222,3 +222,32 @@ async def test_a_draining_router_answers_503_with_retry_after_until_in_flight_ca
         assert upstream.calls == 1
     finally:
         await router_store.close()
+
+
+async def test_health_says_503_from_the_start_of_the_drain_while_calls_are_still_served(
+    start_upstream: StartUpstream, redis_url: str, namespace: str, store: Store
+) -> None:
+    """The drain window (``drain_s``) is for load balancers to notice: gRPC health goes
+    NOT_SERVING and HTTP /health must say 503 at once, while calls are still served."""
+    upstream = await start_upstream("m")
+    await register(store, "m", upstream)
+    config = router_config(redis_url, namespace, drain_s=2.0)
+    router_store = Store.connect(config.redis_url, config.redis_timeout_s, config.namespace)
+    router = Router(config, router_store)
+    server = Server(config, [router_binding(router)])
+    await server.start()
+    handle = RunningRouter(router, server, router_store)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(handle.http_url + "/health") as reply:
+                assert reply.status == 200
+            stopping = asyncio.create_task(server.stop())
+            await wait_until(lambda: not router.http.serving)
+            assert not router.dispatcher.draining  # still inside the drain window
+            async with session.get(handle.http_url + "/health") as reply:
+                assert reply.status == 503
+            status, _, _ = await complete(session, handle)
+            assert status == 200  # calls are still served during the window
+            await stopping
+    finally:
+        await router_store.close()
