@@ -955,7 +955,7 @@ async def test_sigterm_refuses_new_calls_finishes_in_flight_calls_and_exits(
             in_flight = asyncio.create_task(_read(streamed, begun))
             await asyncio.wait_for(begun.wait(), timeout=30)
             process.send_signal(signal.SIGTERM)
-            await _wait_draining(url)  # past drain_s: new calls get 503...
+            await _wait_draining(url, drain_s=0.2)  # past drain_s: new calls get 503...
             assert not in_flight.done()  # ...while the call still runs
             events = b"".join(await in_flight).decode().split("\n\n")
             assert events[-2:] == ["data: [DONE]", ""]
@@ -987,9 +987,11 @@ async def _wait_serving(url: str, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _wait_draining(url: str, timeout_s: float = 5.0) -> None:
-    """Wait until the router's ``/health`` answers 503 (it drains), then check that a new call
-    gets a 503 with ``Retry-After`` rather than a refused connection."""
+async def _wait_draining(url: str, drain_s: float, timeout_s: float = 5.0) -> None:
+    """Wait until the router's ``/health`` answers 503 (the drain began; calls are still served
+    for ``drain_s``), let ``drain_s`` pass, then check that a new call gets a 503 with
+    ``Retry-After`` (the call in flight, ~5 s, is still running) rather than a refused
+    connection. A call inside the window would queue behind the busy engine, hence the wait."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as fresh:
         while True:
@@ -998,6 +1000,7 @@ async def _wait_draining(url: str, timeout_s: float = 5.0) -> None:
                     break
             assert time.monotonic() < deadline, "router still reports serving"
             await asyncio.sleep(0.05)
+        await asyncio.sleep(drain_s + 0.3)
         body = {"model": "tiny-b", "prompt": "p", "max_tokens": 1}
         async with fresh.post(url + "/v1/completions", json=body) as reply:
             assert (reply.status, reply.headers["Retry-After"]) == (503, "1")
