@@ -9,18 +9,16 @@ model NOT_FOUND, bad input INVALID_ARGUMENT, key UNAUTHENTICATED, overload RESOU
 with trailing metadata ``retry-after-ms``, deadline DEADLINE_EXCEEDED, engine unreachable
 UNAVAILABLE, a draining router UNAVAILABLE with ``retry-after-ms``; an engine's error answer
 maps from its HTTP status. Bytes that do not decode as the request message are INVALID_ARGUMENT
-(``add_router_to_server``; grpc itself answers UNKNOWN when decoding fails).
+(the shared error mapping, ``services.runtime.errors``, as in every service).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from protos.scepsy.v1 import router_pb2, router_pb2_grpc
 from services.core.errors import ScepsyError
@@ -220,70 +218,3 @@ async def _abort(context: Context, exc: ScepsyError) -> NoReturn:
         trailing = (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
     await context.abort(grpc_status(exc), str(exc), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")
-
-
-@dataclass(frozen=True, slots=True)
-class _Malformed:
-    """What the request deserializer gives for bytes that are not the request message: grpc
-    answers UNKNOWN (and logs a traceback) when a deserializer raises, so it must not."""
-
-    message: str
-
-
-def _parser(cls: type[Message]) -> Callable[[bytes], Message | _Malformed]:
-    def parse(data: bytes) -> Message | _Malformed:
-        try:
-            return cls.FromString(data)
-        except DecodeError as exc:
-            return _Malformed(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
-
-    return parse
-
-
-def _unary(
-    method: Callable[[Any, Context], Awaitable[Message]],
-) -> Callable[[Any, Context], Awaitable[Message]]:
-    async def handle(request: Any, context: Context) -> Message:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await method(request, context)
-
-    return handle
-
-
-def _streamed(
-    method: Callable[[Any, Context], AsyncIterator[Message]],
-) -> Callable[[Any, Context], AsyncIterator[Message]]:
-    async def handle(request: Any, context: Context) -> AsyncIterator[Message]:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for message in method(request, context):
-            yield message
-
-    return handle
-
-
-def add_router_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> None:
-    """The generated ``add_RouterServicer_to_server``, except that a request that does not
-    decode is INVALID_ARGUMENT naming the message type."""
-    pb = router_pb2
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.Generate),
-            request_deserializer=_parser(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString,
-        ),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            _streamed(servicer.GenerateStream),
-            request_deserializer=_parser(pb.GenerateRequest),
-            response_serializer=pb.GenerateChunk.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.ListModels),
-            request_deserializer=_parser(pb.ListModelsRequest),
-            response_serializer=pb.ListModelsResponse.SerializeToString,
-        ),
-    }
-    name = pb.DESCRIPTOR.services_by_name["Router"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import aiohttp
 
-from protos.scepsy.v1 import router_pb2
+from protos.scepsy.v1 import router_pb2, router_pb2_grpc
 from services.core.routing import PolicyOptions, make_policy
 from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.dispatch import Dispatcher
-from services.router.grpc_api import RouterServicer, add_router_to_server
+from services.router.grpc_api import RouterServicer
 from services.router.http_api import HttpFrontEnd
 from services.router.metrics import RouterMetrics
 from services.router.registry import ReplicaRegistry
@@ -123,7 +123,9 @@ class Router:
 def router_binding(router: Router) -> ServiceBinding:
     return ServiceBinding(
         name=router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-        add_to_server=lambda server: add_router_to_server(router.servicer, server),
+        add_to_server=lambda server: router_pb2_grpc.add_RouterServicer_to_server(
+            router.servicer, server
+        ),
         on_start=(router.start,),
         on_drain=(router.drain,),
         on_stop=(router.stop,),
