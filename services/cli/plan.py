@@ -28,7 +28,6 @@ from services.cli.cluster import read_state
 from services.cli.store_args import add_store_flags, connect_store
 from services.core.cluster.declared import load_cluster
 from services.core.errors import InvalidInputError, UnavailableError
-from services.core.perf.profile import Profile, ProfileKey
 from services.core.placement.heuristic import Assignment
 from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict, with_nodes
 from services.core.planning.profiles import SpecProfiles, StoreFirst
@@ -36,7 +35,7 @@ from services.core.workload.spec import load_spec
 from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
-from services.runtime.store import Store
+from services.runtime.store import Store, profiles_from_thread
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,12 +124,7 @@ def plan_offline(args: argparse.Namespace) -> tuple[Plan, bool | None]:
         current = await store.get_current_plan()
         running: tuple[Assignment, ...] = current.placement.assignments if current else ()
 
-        def get(key: ProfileKey) -> Profile | None:
-            return asyncio.run_coroutine_threadsafe(store.get_profile(key), loop).result(30)
-
-        def put(profile: Profile) -> None:
-            asyncio.run_coroutine_threadsafe(store.put_profile(profile), loop).result(30)
-
+        get, put = profiles_from_thread(store, loop, timeout_s=30)
         profiles = SpecProfiles(spec, StoreFirst(BACKENDS, get=get, put=put))
         inputs = PlanInputs(spec_text, spec, nodes, profiles, running)
         plan = await asyncio.to_thread(make_plan, inputs)

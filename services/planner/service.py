@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -27,7 +27,6 @@ from services.core.cluster.declared import cluster_from_text
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError, NotFoundError
-from services.core.perf.profile import Profile, ProfileKey
 from services.core.placement.heuristic import Assignment
 from services.core.planning.plan import Plan, PlanInputs, make_plan, spec_from_text
 from services.core.planning.profiles import ProfileProvider, SpecProfiles, StoreFirst
@@ -41,7 +40,7 @@ from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.server import ServiceBinding
-from services.runtime.store import Store
+from services.runtime.store import Store, profiles_from_thread
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -80,6 +79,21 @@ class RecordedTrace:
         raise InvalidInputError(
             f"the planner service reads no model config files ({path!r}): use a catalogue name"
         )
+
+
+def _wants_recorded_trace(spec_text: str) -> bool:
+    """Whether a workflow of the spec says ``trace: router`` (however it is quoted or spaced);
+    a spec that does not parse is left to ``spec_from_text`` to report."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(spec_text)
+    except yaml.YAMLError:
+        return False
+    workflows = doc.get("workflows") if isinstance(doc, dict) else None
+    return isinstance(workflows, list) and any(
+        isinstance(w, dict) and w.get("trace") == RECORDED_TRACE for w in workflows
+    )
 
 
 class Planner:
@@ -178,23 +192,13 @@ class Planner:
         from the search's worker thread, so the store calls hop onto the event loop)."""
         if self._profiler is not None:
             return self._profiler
-        timeout = self._config.rpc_timeout_s
-
-        def blocking(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
-            return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout)
-
-        def get(key: ProfileKey) -> Profile | None:
-            return blocking(lambda: self._store.get_profile(key))
-
-        def put(profile: Profile) -> None:
-            blocking(lambda: self._store.put_profile(profile))
-
+        get, put = profiles_from_thread(self._store, loop, self._config.rpc_timeout_s)
         return StoreFirst(BACKENDS, get=get, put=put)
 
     async def _recorded_stats(self, spec_text: str, window_s: float) -> tuple[WorkflowStats, ...]:
         """Statistics of the router's calls of the last ``window_s`` seconds, read only when the
         spec asks for them (a workflow with ``trace: router``)."""
-        if f"trace: {RECORDED_TRACE}" not in spec_text and f'"{RECORDED_TRACE}"' not in spec_text:
+        if not _wants_recorded_trace(spec_text):
             return ()
         cutoff = self._clock() - window_s
         after = f"{max(0, int(cutoff * 1000))}-0"  # entries are appended when calls end

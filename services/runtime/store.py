@@ -6,6 +6,7 @@ as ``UnavailableError`` naming the Redis URL, so callers can keep serving and re
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -355,3 +356,18 @@ def _text(value: bytes | str) -> str:
 
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+def profiles_from_thread(
+    store: Store, loop: asyncio.AbstractEventLoop, timeout_s: float
+) -> tuple[Callable[[ProfileKey], Profile | None], Callable[[Profile], None]]:
+    """Blocking ``get`` and ``put`` of profiles for code running in a worker thread (the plan
+    path's ``StoreFirst``): each call hops onto ``loop``, where ``store`` lives, with a deadline."""
+
+    def get(key: ProfileKey) -> Profile | None:
+        return asyncio.run_coroutine_threadsafe(store.get_profile(key), loop).result(timeout_s)
+
+    def put(profile: Profile) -> None:
+        asyncio.run_coroutine_threadsafe(store.put_profile(profile), loop).result(timeout_s)
+
+    return get, put
