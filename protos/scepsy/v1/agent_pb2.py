@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.scepsy.v1 import types_pb2 as protos_dot_scepsy_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/scepsy/v1/agent.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"\x15\n\x13GetInventoryRequest\"5\n\x14GetInventoryResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Node\"\x14\n\x12GetTopologyRequest\"<\n\x13GetTopologyResponse\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.scepsy.v1.Topology2\xaa\x01\n\tNodeAgent\x12O\n\x0cGetInventory\x12\x1e.scepsy.v1.GetInventoryRequest\x1a\x1f.scepsy.v1.GetInventoryResponse\x12L\n\x0bGetTopology\x12\x1d.scepsy.v1.GetTopologyRequest\x1a\x1e.scepsy.v1.GetTopologyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/scepsy/v1/agent.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"\x15\n\x13GetInventoryRequest\"5\n\x14GetInventoryResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Node\"\x14\n\x12GetTopologyRequest\"<\n\x13GetTopologyResponse\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.scepsy.v1.Topology\"\x14\n\x12ListEnginesRequest\"X\n\x13ListEnginesResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\"\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x11.scepsy.v1.Engine2\xf8\x01\n\tNodeAgent\x12O\n\x0cGetInventory\x12\x1e.scepsy.v1.GetInventoryRequest\x1a\x1f.scepsy.v1.GetInventoryResponse\x12L\n\x0bGetTopology\x12\x1d.scepsy.v1.GetTopologyRequest\x1a\x1e.scepsy.v1.GetTopologyResponse\x12L\n\x0bListEngines\x12\x1d.scepsy.v1.ListEnginesRequest\x1a\x1e.scepsy.v1.ListEnginesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTOPOLOGYREQUEST']._serialized_end=171
   _globals['_GETTOPOLOGYRESPONSE']._serialized_start=173
   _globals['_GETTOPOLOGYRESPONSE']._serialized_end=233
-  _globals['_NODEAGENT']._serialized_start=236
-  _globals['_NODEAGENT']._serialized_end=406
+  _globals['_LISTENGINESREQUEST']._serialized_start=235
+  _globals['_LISTENGINESREQUEST']._serialized_end=255
+  _globals['_LISTENGINESRESPONSE']._serialized_start=257
+  _globals['_LISTENGINESRESPONSE']._serialized_end=345
+  _globals['_NODEAGENT']._serialized_start=348
+  _globals['_NODEAGENT']._serialized_end=596
 # @@protoc_insertion_point(module_scope)

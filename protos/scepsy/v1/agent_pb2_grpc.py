@@ -44,6 +44,11 @@ class NodeAgentStub:
                 request_serializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyRequest.SerializeToString,
                 response_deserializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyResponse.FromString,
                 _registered_method=True)
+        self.ListEngines = channel.unary_unary(
+                '/scepsy.v1.NodeAgent/ListEngines',
+                request_serializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesRequest.SerializeToString,
+                response_deserializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -63,6 +68,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEngines(self, request, context):
+        """The engines this agent runs (or ran: failed and recently stopped ones too), and the plan it
+        reconciles them to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.GetTopology,
                     request_deserializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyRequest.FromString,
                     response_serializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyResponse.SerializeToString,
+            ),
+            'ListEngines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEngines,
+                    request_deserializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesRequest.FromString,
+                    response_serializer=protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class NodeAgent:
             '/scepsy.v1.NodeAgent/GetTopology',
             protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyRequest.SerializeToString,
             protos_dot_scepsy_dot_v1_dot_agent__pb2.GetTopologyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEngines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scepsy.v1.NodeAgent/ListEngines',
+            protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesRequest.SerializeToString,
+            protos_dot_scepsy_dot_v1_dot_agent__pb2.ListEnginesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,6 +132,7 @@ class Plan(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
     PROFILE_SECONDS_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """content hash of inputs and result"""
     created_at: _builtins.float
@@ -164,6 +165,10 @@ class Plan(_message.Message):
     def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """constraints placement feedback added, each with its reason"""
 
+    @_builtins.property
+    def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelServing]:
+        """what each model's engines serve, from the spec"""
+
     def __init__(
         self,
         *,
@@ -181,14 +186,55 @@ class Plan(_message.Message):
         rounds: _builtins.int = ...,
         constraints: _abc.Iterable[_builtins.str] | None = ...,
         profile_seconds: _builtins.float = ...,
+        serving: _abc.Iterable[Global___ModelServing] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "constraints", b"constraints", "created_at", b"created_at", "id", b"id", "llms", b"llms", "nodes", b"nodes", "objective_s", b"objective_s", "placement", b"placement", "predictions", b"predictions", "profile_seconds", b"profile_seconds", "rho", b"rho", "rounds", b"rounds", "search_seconds", b"search_seconds", "spec_yaml", b"spec_yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "constraints", b"constraints", "created_at", b"created_at", "id", b"id", "llms", b"llms", "nodes", b"nodes", "objective_s", b"objective_s", "placement", b"placement", "predictions", b"predictions", "profile_seconds", b"profile_seconds", "rho", b"rho", "rounds", b"rounds", "search_seconds", b"search_seconds", "serving", b"serving", "spec_yaml", b"spec_yaml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class ModelServing(_message.Message):
+    """How one model's engines are launched (the spec's models entry)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    SERVED_NAME_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    ENGINE_ARGS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """deployment name"""
+    weights: _builtins.str
+    """Hugging Face id or absolute local path"""
+    served_name: _builtins.str
+    """the name clients call"""
+    max_model_len: _builtins.int
+    """0: the engine's default"""
+    @_builtins.property
+    def engine_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """extra `vllm serve` arguments"""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        weights: _builtins.str = ...,
+        served_name: _builtins.str = ...,
+        max_model_len: _builtins.int = ...,
+        engine_args: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_args", b"engine_args", "max_model_len", b"max_model_len", "model", b"model", "served_name", b"served_name", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelServing: _TypeAlias = ModelServing  # noqa: Y015
 
 @_typing.final
 class PlanRequest(_message.Message):
@@ -197,6 +243,7 @@ class PlanRequest(_message.Message):
     SPEC_YAML_FIELD_NUMBER: _builtins.int
     CLUSTER_YAML_FIELD_NUMBER: _builtins.int
     TRACE_WINDOW_S_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
     """A self-contained deployment spec (inline statistics; its cluster entry is optional when
     cluster_yaml is given or agents are registered).
@@ -207,20 +254,42 @@ class PlanRequest(_message.Message):
     """a workflow with `trace: router` takes the router's calls of the last trace_window_s seconds
     (0: the planner's default)
     """
+    dry_run: _builtins.bool
+    """plan and store, but leave the current plan as it is"""
     def __init__(
         self,
         *,
         spec_yaml: _builtins.str = ...,
         cluster_yaml: _builtins.str = ...,
         trace_window_s: _builtins.float = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_yaml", b"cluster_yaml", "spec_yaml", b"spec_yaml", "trace_window_s", b"trace_window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_yaml", b"cluster_yaml", "dry_run", b"dry_run", "spec_yaml", b"spec_yaml", "trace_window_s", b"trace_window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class SetCurrentPlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCurrentPlanRequest: _TypeAlias = SetCurrentPlanRequest  # noqa: Y015
 
 @_typing.final
 class GetPlanRequest(_message.Message):

@@ -89,15 +89,23 @@ class _EngineStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineSta
     ENGINE_STATE_READY: _EngineState.ValueType  # 2
     ENGINE_STATE_FAILED: _EngineState.ValueType  # 3
     ENGINE_STATE_STOPPED: _EngineState.ValueType  # 4
+    ENGINE_STATE_DRAINING: _EngineState.ValueType  # 5
 
 class EngineState(_EngineState, metaclass=_EngineStateEnumTypeWrapper):
-    """---------------------------------------------------------------- engines (the engines issue: node agents run them)"""
+    """---------------------------------------------------------------- engines (node agents run them)
+
+    An engine's lifecycle: STARTING (launched, or restarting after a crash) -> READY (its /health
+    answers and it is registered as a router endpoint) -> DRAINING (deregistered; in-flight calls
+    finish, bounded) -> STOPPED. FAILED: it could not start (bad weights, out of memory), see
+    last_error; not retried until the plan changes.
+    """
 
 ENGINE_STATE_UNSPECIFIED: EngineState.ValueType  # 0
 ENGINE_STATE_STARTING: EngineState.ValueType  # 1
 ENGINE_STATE_READY: EngineState.ValueType  # 2
 ENGINE_STATE_FAILED: EngineState.ValueType  # 3
 ENGINE_STATE_STOPPED: EngineState.ValueType  # 4
+ENGINE_STATE_DRAINING: EngineState.ValueType  # 5
 Global___EngineState: _TypeAlias = EngineState  # noqa: Y015
 
 @_typing.final
@@ -647,14 +655,47 @@ class Engine(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    SERVED_NAME_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """<model>-<replica>-<hash of how it runs>: a changed engine is a new id"""
     model: _builtins.str
+    """deployment name in the plan"""
     node: _builtins.str
     endpoint: _builtins.str
     """base URL of its OpenAI-compatible server"""
     state: Global___EngineState.ValueType
+    served_name: _builtins.str
+    """the model name clients call (router endpoint model)"""
+    pid: _builtins.int
+    restarts: _builtins.int
+    """crashes after it had been READY, each followed by a restart"""
+    last_error: _builtins.str
+    """why it failed or last crashed, with the tail of its log"""
+    log_path: _builtins.str
+    """on the node"""
+    started_at: _builtins.float
+    """unix seconds, last launch"""
+    updated_at: _builtins.float
+    """unix seconds, last state change"""
+    weight: _builtins.float
+    """router capacity weight (GPUs it holds: tp x units / k)"""
+    plan_id: _builtins.str
+    """the plan that asked for it"""
     @_builtins.property
     def assignment(self) -> Global___Assignment: ...
+    @_builtins.property
+    def cpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """CPU cores it is bound to (cpu device only)"""
+
     def __init__(
         self,
         *,
@@ -664,10 +705,20 @@ class Engine(_message.Message):
         endpoint: _builtins.str = ...,
         state: Global___EngineState.ValueType = ...,
         assignment: Global___Assignment | None = ...,
+        served_name: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        log_path: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        updated_at: _builtins.float = ...,
+        weight: _builtins.float = ...,
+        plan_id: _builtins.str = ...,
+        cpus: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "endpoint", b"endpoint", "id", b"id", "model", b"model", "node", b"node", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cpus", b"cpus", "endpoint", b"endpoint", "id", b"id", "last_error", b"last_error", "log_path", b"log_path", "model", b"model", "node", b"node", "pid", b"pid", "plan_id", b"plan_id", "restarts", b"restarts", "served_name", b"served_name", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
