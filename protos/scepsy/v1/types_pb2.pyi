@@ -415,6 +415,9 @@ class ProfilePoint(_message.Message):
     P99_LATENCY_S_FIELD_NUMBER: _builtins.int
     TTFT_S_FIELD_NUMBER: _builtins.int
     TPOT_S_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_RPS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     rate: _builtins.float
     """calls/s to one instance"""
     mean_latency_s: _builtins.float
@@ -422,6 +425,12 @@ class ProfilePoint(_message.Message):
     p99_latency_s: _builtins.float
     ttft_s: _builtins.float
     tpot_s: _builtins.float
+    throughput_rps: _builtins.float
+    """Measured profiles only (0 for analytic ones): completed calls/s in the steady window, calls
+    sent in it, and how many of those failed (a failed call is a result, not a lost point).
+    """
+    calls: _builtins.int
+    errors: _builtins.int
     def __init__(
         self,
         *,
@@ -431,10 +440,13 @@ class ProfilePoint(_message.Message):
         p99_latency_s: _builtins.float = ...,
         ttft_s: _builtins.float = ...,
         tpot_s: _builtins.float = ...,
+        throughput_rps: _builtins.float = ...,
+        calls: _builtins.int = ...,
+        errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_latency_s", b"mean_latency_s", "p50_latency_s", b"p50_latency_s", "p99_latency_s", b"p99_latency_s", "rate", b"rate", "tpot_s", b"tpot_s", "ttft_s", b"ttft_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "errors", b"errors", "mean_latency_s", b"mean_latency_s", "p50_latency_s", b"p50_latency_s", "p99_latency_s", b"p99_latency_s", "rate", b"rate", "throughput_rps", b"throughput_rps", "tpot_s", b"tpot_s", "ttft_s", b"ttft_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,7 +459,12 @@ class Profile(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     SATURATION_RATE_FIELD_NUMBER: _builtins.int
+    METHOD_JSON_FIELD_NUMBER: _builtins.int
     saturation_rate: _builtins.float
+    method_json: _builtins.str
+    """Measured profiles only: how it was measured, one JSON object (backend, engine version,
+    endpoint, mode, windows, rates tried with their errors, why the sweep stopped, seconds).
+    """
     @_builtins.property
     def key(self) -> Global___ProfileKey: ...
     @_builtins.property
@@ -458,10 +475,11 @@ class Profile(_message.Message):
         key: Global___ProfileKey | None = ...,
         points: _abc.Iterable[Global___ProfilePoint] | None = ...,
         saturation_rate: _builtins.float = ...,
+        method_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "points", b"points", "saturation_rate", b"saturation_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "method_json", b"method_json", "points", b"points", "saturation_rate", b"saturation_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
