@@ -77,8 +77,19 @@ class RecordedTrace:
 
     def model_config(self, path: str) -> ModelSpec:
         raise InvalidInputError(
-            f"the planner service reads no model config files ({path!r}): use a catalogue name"
+            f"the planner service reads no model config files ({path!r}): use a catalogue name "
+            "or the config inline (`scepsy apply` and `scepsy plan` inline it)"
         )
+
+    def weights(self, path: str) -> str:
+        """Weights live on the nodes: an absolute path is taken as it is (the node's agent
+        reports a missing one); a relative one cannot be resolved here."""
+        if not path.startswith("/"):
+            raise InvalidInputError(
+                f"relative path {path!r}: the planner service cannot resolve it; use an absolute "
+                "path (`scepsy apply` and `scepsy plan` make paths absolute)"
+            )
+        return path
 
 
 def _wants_recorded_trace(spec_text: str) -> bool:

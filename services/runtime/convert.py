@@ -15,6 +15,7 @@ from services.core.errors import InvalidInputError
 from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
 from services.core.placement.heuristic import Assignment, Fragmentation, Placement
 from services.core.planning.plan import LlmForecast, Plan, WorkflowForecast
+from services.core.workload.spec import ModelServing
 
 _SOURCE_TO_PB = {
     Source.NVML: pb.INVENTORY_SOURCE_NVML,
@@ -375,6 +376,16 @@ def plan_to_pb(plan: Plan) -> planner_pb.Plan:
         rounds=plan.rounds,
         constraints=list(plan.constraints),
         profile_seconds=plan.profile_seconds,
+        serving=[
+            planner_pb.ModelServing(
+                model=m.model,
+                weights=m.weights,
+                served_name=m.served_name,
+                max_model_len=m.max_model_len or 0,
+                engine_args=list(m.engine_args),
+            )
+            for m in plan.serving
+        ],
     )
 
 
@@ -410,4 +421,10 @@ def plan_from_pb(msg: planner_pb.Plan) -> Plan:
         profile_seconds=msg.profile_seconds,
         rounds=msg.rounds,
         constraints=tuple(msg.constraints),
+        serving=tuple(
+            ModelServing(
+                m.model, m.weights, m.served_name, m.max_model_len or None, tuple(m.engine_args)
+            )
+            for m in msg.serving
+        ),
     )

@@ -38,7 +38,7 @@ from services.core.placement.heuristic import (
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
 from services.core.planning.profiles import SpecProfiles
 from services.core.planning.space import Problem
-from services.core.workload.spec import Spec, SpecFiles, parse_spec
+from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
 
 ID_LENGTH = 16  # hex digits of the sha256 kept as the plan id
 
@@ -84,6 +84,7 @@ class Plan:
     profile_seconds: float  # of search_seconds, computing profiles (0 when all were cached)
     rounds: int  # searches run (placement feedback)
     constraints: tuple[str, ...]  # the constraints placement feedback added, why each
+    serving: tuple[ModelServing, ...] = ()  # what the engines serve, by model (from the spec)
 
     @property
     def gpus(self) -> float:
@@ -235,6 +236,7 @@ def assemble(
         profile_seconds=profile_seconds,
         rounds=placed.rounds,
         constraints=placed.constraints.notes,
+        serving=tuple(spec.serving[m] for m in sorted(spec.serving)),
     )
     return replace(plan, id=plan_id(plan))
 

@@ -10,6 +10,13 @@ YAML or JSON, version 1::
     models:                     # deployment name (the "model" in calls and traces) ->
       llama-8b: meta-llama/Llama-3.1-8B     # a catalogue name or a path ending in .json
       prm: {config: models/prm}             # or {config: PATH}: a config.json or its directory
+      small:                                # the long form says what the engines serve too
+        model: Qwen/Qwen3-0.6B              # a catalogue name, or config: PATH | {config.json}
+        weights: ./models/qwen3-0.6b        # Hugging Face id or local path (default: the
+                                            #   catalogue name, or the config's directory)
+        served_name: small                  # the name clients call (default: the key)
+        max_model_len: 8192                 # optional
+        engine_args: [--enable-prefix-caching]   # extra `vllm serve` arguments
     workflows:
       - name: rag
         trace: traces/rag.jsonl # statistics from a trace (the workflow of the same name,
@@ -26,8 +33,11 @@ YAML or JSON, version 1::
             llama-8b: {n: 3, p: 1.0, prompt_tokens: 900, completion_tokens: 150}
             prm: {n: 3, prompt_tokens: 1100, completion_tokens: 1}   # p defaults to 1
 
-Relative paths are relative to the spec file. ``parse_spec`` is pure: files a spec refers to
-are read through a ``SpecFiles`` the caller hands in (``load_spec`` passes one reading from disk).
+Relative paths are relative to the spec file. A ``weights`` value is a local path when it starts
+with ``/``, ``./``, ``../`` or ``~``; anything else is a Hugging Face id. A local path must exist
+where the spec is read from disk, and becomes absolute. ``parse_spec`` is pure: files a spec
+refers to are read through a ``SpecFiles`` the caller hands in (``load_spec`` passes one reading
+from disk).
 Every error names the source and the field path, e.g. ``spec.yaml: workflows[1].rate: must be a
 positive number, got -1``.
 """
@@ -41,8 +51,13 @@ from typing import Any, Protocol
 
 from services.core.cluster.declared import load_cluster, parse_cluster
 from services.core.cluster.inventory import NodeInventory
-from services.core.cluster.models import ModelSpec, load_hf_config, model_spec
-from services.core.errors import InvalidInputError, ScepsyError
+from services.core.cluster.models import (
+    ModelSpec,
+    load_hf_config,
+    model_spec,
+    spec_from_hf_config,
+)
+from services.core.errors import InvalidInputError, NotFoundError, ScepsyError
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import read_trace
@@ -69,12 +84,45 @@ class WorkflowTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelServing:
+    """What one model's engines serve and how they are launched."""
+
+    model: str  # deployment name
+    weights: str  # Hugging Face id, or an absolute local path
+    served_name: str  # the name clients call
+    max_model_len: int | None = None  # None: the engine's default
+    engine_args: tuple[str, ...] = ()  # extra ``vllm serve`` arguments
+
+    @property
+    def local(self) -> bool:
+        return is_local_path(self.weights)
+
+
+def is_local_path(weights: str) -> bool:
+    return weights.startswith(("/", "./", "../", "~"))
+
+
+# ``vllm serve`` arguments Scepsy sets from the plan: a spec may not set them in engine_args
+RESERVED_ENGINE_ARGS = (
+    "--host",
+    "--port",
+    "--model",
+    "--served-model-name",
+    "--tensor-parallel-size",
+    "-tp",
+    "--gpu-memory-utilization",
+    "--max-model-len",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     workflows: tuple[WorkflowTarget, ...]
     models: dict[str, ModelSpec]  # deployment name -> architecture
     nodes: tuple[NodeInventory, ...]
     fraction_unit: int = DEFAULT_FRACTION_UNIT
     rho: float = DEFAULT_RHO
+    serving: dict[str, ModelServing] = field(default_factory=dict)  # deployment name -> serving
 
     @property
     def gpu_type(self) -> str:
@@ -118,6 +166,10 @@ class SpecFiles(Protocol):
 
     def model_config(self, path: str) -> ModelSpec: ...
 
+    def weights(self, path: str) -> str:
+        """A local weights path made absolute; raises ``NotFoundError`` when it does not exist."""
+        ...
+
 
 class DiskFiles:
     """``SpecFiles`` reading from disk, relative paths resolved against ``base``."""
@@ -138,6 +190,12 @@ class DiskFiles:
 
     def model_config(self, path: str) -> ModelSpec:
         return load_hf_config(self.base / path)
+
+    def weights(self, path: str) -> str:
+        resolved = (self.base / Path(path).expanduser()).resolve()
+        if not resolved.exists():
+            raise NotFoundError(f"weights path {resolved} does not exist")
+        return str(resolved)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -172,7 +230,7 @@ def parse_spec(doc: Any, *, source: str = "spec", files: SpecFiles | None = None
     if "cluster" not in top:
         raise r.fail("cluster", "missing")
     nodes = r.cluster(top["cluster"])
-    models = r.models(top.get("models"))
+    models, serving = r.models(top.get("models"))
     raw_workflows = top.get("workflows")
     if not isinstance(raw_workflows, list) or not raw_workflows:
         raise r.fail("workflows", f"must be a non-empty list, got {raw_workflows!r}")
@@ -182,12 +240,20 @@ def parse_spec(doc: Any, *, source: str = "spec", files: SpecFiles | None = None
         if any(w.name == target.name for w in workflows):
             raise r.fail(f"workflows[{i}].name", f"duplicate workflow {target.name!r}")
         workflows.append(target)
-    return Spec(tuple(workflows), models, nodes, k, rho)
+    return Spec(tuple(workflows), models, nodes, k, rho, serving)
 
 
+_MODEL_FIELDS = {"model", "config", "weights", "served_name", "max_model_len", "engine_args"}
 _WORKFLOW_FIELDS = {"name", "rate", "weight", "trace", "trace_workflow", "stats"}
 _STATS_FIELDS = {"tool_time", "stages", "llms"}
 _LLM_FIELDS = {"n", "p", "prompt_tokens", "completion_tokens"}
+
+
+def _config_dir(path: str) -> str:
+    """The directory of a model's config (a Hugging Face layout keeps the weights there), as a
+    local path."""
+    directory = (path.rsplit("/", 1)[0] if "/" in path else ".") if path.endswith(".json") else path
+    return directory if is_local_path(directory) else f"./{directory}"
 
 
 class _Reader:
@@ -253,28 +319,82 @@ class _Reader:
             raise self.fail("cluster", f"must have one GPU type, got {types}")
         return nodes
 
-    def models(self, value: Any) -> dict[str, ModelSpec]:
+    def models(self, value: Any) -> tuple[dict[str, ModelSpec], dict[str, ModelServing]]:
         if not isinstance(value, Mapping) or not value:
             raise self.fail("models", f"must be a non-empty mapping, got {value!r}")
         models: dict[str, ModelSpec] = {}
+        serving: dict[str, ModelServing] = {}
         for name, ref in value.items():
             where = f"models.{name}"
             self.text(name, "models")
+            entry: Mapping[str, Any] = {}
             try:
                 if isinstance(ref, str) and not ref.endswith(".json"):
                     models[name] = model_spec(ref)
-                    continue
-                if isinstance(ref, str):
-                    path = ref
+                    weights: str | None = ref
+                elif isinstance(ref, str):
+                    models[name] = self.need_files(where).model_config(ref)
+                    weights = _config_dir(ref)
                 else:
-                    entry = self.mapping(ref, where, {"config"})
-                    path = self.text(entry.get("config"), f"{where}.config")
-                models[name] = self.need_files(where).model_config(path)
+                    entry = self.mapping(ref, where, _MODEL_FIELDS)
+                    models[name], weights = self.architecture(entry, where)
             except ScepsyError as exc:
                 if str(exc).startswith(self.source):
                     raise
                 raise self.fail(where, str(exc)) from None
-        return models
+            serving[name] = self.serving(name, entry, weights, where)
+        return models, serving
+
+    def architecture(self, entry: Mapping[str, Any], where: str) -> tuple[ModelSpec, str | None]:
+        """The architecture of a long-form models entry and its default weights."""
+        if ("model" in entry) == ("config" in entry):
+            raise self.fail(where, "needs exactly one of 'model' (a catalogue name) and 'config'")
+        if "model" in entry:
+            name = self.text(entry["model"], f"{where}.model")
+            return model_spec(name), name
+        config = entry["config"]
+        if isinstance(config, Mapping):
+            return spec_from_hf_config(
+                dict(config), where.split(".", 1)[1], f"{where}.config"
+            ), None
+        path = self.text(config, f"{where}.config")
+        return self.need_files(f"{where}.config").model_config(path), _config_dir(path)
+
+    def serving(
+        self, name: str, entry: Mapping[str, Any], weights: str | None, where: str
+    ) -> ModelServing:
+        if "weights" in entry:
+            weights = self.text(entry["weights"], f"{where}.weights")
+        if weights is None:
+            raise self.fail(f"{where}.weights", "missing (an inline config has no default)")
+        if is_local_path(weights) and self.files is not None:
+            try:
+                weights = self.files.weights(weights)
+            except ScepsyError as exc:
+                raise self.fail(f"{where}.weights", f"model {name!r}: {exc}") from None
+        elif is_local_path(weights) and not weights.startswith("/"):
+            raise self.fail(
+                f"{where}.weights",
+                f"model {name!r}: relative path {weights!r} needs the spec file to resolve it",
+            )
+        served = self.text(entry.get("served_name", name), f"{where}.served_name")
+        max_len = entry.get("max_model_len")
+        if max_len is not None and (type(max_len) is not int or max_len < 1):
+            raise self.fail(
+                f"{where}.max_model_len", f"must be a positive integer, got {max_len!r}"
+            )
+        raw_args = entry.get("engine_args", [])
+        if not isinstance(raw_args, list) or not all(isinstance(a, str) for a in raw_args):
+            raise self.fail(f"{where}.engine_args", f"must be a list of strings, got {raw_args!r}")
+        for arg in raw_args:
+            flag = arg.split("=", 1)[0]
+            if flag in RESERVED_ENGINE_ARGS:
+                raise self.fail(
+                    f"{where}.engine_args",
+                    f"{arg!r} is set by Scepsy from the plan (reserved: "
+                    f"{', '.join(RESERVED_ENGINE_ARGS)}); use max_model_len for the context length",
+                )
+        return ModelServing(name, weights, served, max_len, tuple(raw_args))
 
     def workflow(self, raw: Any, where: str, models: Mapping[str, ModelSpec]) -> WorkflowTarget:
         w = self.mapping(raw, where, _WORKFLOW_FIELDS)

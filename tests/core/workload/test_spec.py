@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from services.core.cluster.declared import parse_cluster
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec, model_spec
-from services.core.errors import InvalidInputError
+from services.core.errors import InvalidInputError, NotFoundError
 from services.core.workload.demand import LlmDemand
 from services.core.workload.spec import load_spec, parse_spec
 from services.core.workload.stats import WorkflowStats, workflow_stats
@@ -69,6 +70,11 @@ class FakeFiles:
 
     def model_config(self, path: str) -> ModelSpec:
         return model_spec("Qwen/Qwen3-0.6B")
+
+    def weights(self, path: str) -> str:
+        if "missing" in path:
+            raise NotFoundError(f"weights path /base/{path} does not exist")
+        return path if path.startswith("/") else f"/base/{path.removeprefix('./')}"
 
 
 def test_inline_spec_and_defaults() -> None:
@@ -257,3 +263,86 @@ def test_trace_model_must_be_declared() -> None:
         InvalidInputError, match=r"workflows\[0\]\.trace: model 'prm' is not declared"
     ):
         parse_spec(doc, files=FakeFiles())
+
+
+SERVED = """
+version: 1
+cluster: {gpu_type: cpu, gpus: 2}
+models:
+  gen: Qwen/Qwen3-0.6B
+  tiny:
+    config: ./models/tiny
+    max_model_len: 256
+    engine_args: [--max-num-seqs, "8"]
+  named: {model: Qwen/Qwen3-0.6B, weights: /w/qwen, served_name: qwen}
+workflows:
+  - name: w
+    rate: 1
+    stats: {llms: {gen: {n: 1, prompt_tokens: 10, completion_tokens: 2}}}
+"""
+
+
+def test_serving_defaults_and_long_form() -> None:
+    spec = parse_spec(yaml.safe_load(SERVED), files=FakeFiles())
+    gen, tiny, named = (spec.serving[m] for m in ("gen", "tiny", "named"))
+    # a catalogue name is also the Hugging Face id of the weights; the key is the served name
+    assert (gen.weights, gen.served_name, gen.max_model_len, gen.local) == (
+        "Qwen/Qwen3-0.6B",
+        "gen",
+        None,
+        False,
+    )
+    # a local config's directory holds the weights; it becomes absolute through SpecFiles
+    assert (tiny.weights, tiny.max_model_len, tiny.engine_args) == (
+        "/base/models/tiny",
+        256,
+        ("--max-num-seqs", "8"),
+    )
+    assert (named.weights, named.served_name, named.local) == ("/w/qwen", "qwen", True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "problem"),
+    [
+        ({"model": "Qwen/Qwen3-0.6B", "weights": "./missing"}, "models.m.weights", "missing"),
+        ({"model": "Qwen/Qwen3-0.6B", "weights": ""}, "models.m.weights", "non-empty"),
+        ({"model": "Qwen/Qwen3-0.6B", "max_model_len": 0}, "models.m.max_model_len", "positive"),
+        ({"model": "Qwen/Qwen3-0.6B", "engine_args": "--x"}, "models.m.engine_args", "list"),
+        (
+            {"model": "Qwen/Qwen3-0.6B", "engine_args": ["--port=9"]},
+            "models.m.engine_args",
+            "set by Scepsy",
+        ),
+        ({"weights": "/w"}, "models.m", "exactly one of 'model'"),
+        ({"model": "Qwen/Qwen3-0.6B", "gpus": 2}, "models.m.gpus", "unknown field"),
+        ({"config": {"hidden_size": 8}}, "models.m", "missing field"),
+    ],
+)
+def test_serving_errors_name_the_field(entry: dict[str, object], field: str, problem: str) -> None:
+    doc = yaml.safe_load(SERVED)
+    doc["models"] = {"m": entry}
+    doc["workflows"][0]["stats"]["llms"] = {
+        "m": {"n": 1, "prompt_tokens": 1, "completion_tokens": 1}
+    }
+    with pytest.raises(InvalidInputError) as caught:
+        parse_spec(doc, files=FakeFiles())
+    assert str(caught.value).startswith(f"spec: {field}: "), str(caught.value)
+    assert problem in str(caught.value)
+
+
+def test_missing_local_weights_name_the_model_and_path(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(
+        SERVED.replace("config: ./models/tiny", "model: Qwen/Qwen3-0.6B\n    weights: ./nope")
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        load_spec(tmp_path / "spec.yaml")
+    message = str(caught.value)
+    assert "models.tiny.weights" in message and "'tiny'" in message
+    assert str(tmp_path / "nope") in message
+
+
+def test_relative_weights_without_a_spec_file_are_refused() -> None:
+    doc = yaml.safe_load(SERVED)
+    doc["models"] = {"gen": {"model": "Qwen/Qwen3-0.6B", "weights": "./w"}}
+    with pytest.raises(InvalidInputError, match="models.gen.weights: .*needs the spec file"):
+        parse_spec(doc)
