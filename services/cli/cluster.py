@@ -44,7 +44,8 @@ from services.core.cluster.declared import load_cluster
 from services.core.cluster.hardware import GIB
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, UnavailableError
-from services.runtime.redis_server import RedisServer
+from services.runtime.config import read_password_file
+from services.runtime.redis_server import PASSWORD_FILE, RedisServer, with_password
 from services.runtime.redis_url import checked, redact
 from services.runtime.store import Store
 
@@ -131,7 +132,12 @@ def resolve_redis_url(flag: str | None) -> str:
             "no Redis given and no cluster is up here: pass --redis-url, set SCEPSY_REDIS_URL "
             "or REDIS_URL, or run `scepsy up` first"
         )
-    return str(state["redis"]["url"])
+    url = str(state["redis"]["url"])
+    if state["redis"].get("embedded"):
+        password = read_password_file(str(state_dir() / PASSWORD_FILE))
+        if password:
+            url = with_password(url, password)
+    return url
 
 
 # ---------------------------------------------------------------------------------------- up
@@ -158,13 +164,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     redis_state = {"url": given or "", "embedded": given is None, "namespace": args.namespace}
     processes: list[dict[str, Any]] = []
     if given is None:
-        redis = RedisServer(workdir=home).start()
+        # persistent (append-only file in home) and locked (ACL user, password file 0600)
+        redis = RedisServer.embedded(home).start()
         assert redis.process is not None
-        redis_state["url"] = redis.url
+        # the state file holds the URL without the password: commands read that from the
+        # password file (resolve_redis_url)
+        redis_state["url"] = redis.public_url
         processes.append(
             {"role": "redis", "pid": redis.process.pid, "log": str(home / "redis.log")}
         )
-    suite = _Suite(home, str(redis_state["url"]), args.namespace, redis_state, processes)
+    url = redis.url if given is None else str(redis_state["url"])
+    suite = _Suite(home, url, args.namespace, redis_state, processes)
     try:
         suite.start(args, names, cluster_flags, deadline=t0 + args.timeout)
     except BaseException:
@@ -274,8 +284,14 @@ class _Suite:
             "--host", HOST, "--port", "0", "--metrics-port", "0", "--namespace", self._namespace,
         ]  # fmt: skip
         # later flags win: a service's own (the router's --port) over the common ones; the Redis
-        # URL goes in the environment, where `ps` does not show its password
+        # URL goes in the environment, and the embedded Redis's password stays in its 0600 file:
+        # neither `ps` nor the environment shows it
         env = {"SCEPSY_REDIS_URL": self._url}
+        if self._redis_state.get("embedded"):
+            env = {
+                "SCEPSY_REDIS_URL": str(self._redis_state["url"]),
+                "SCEPSY_REDIS_PASSWORD_FILE": str(self._home / PASSWORD_FILE),
+            }
         started = launch(self._home, name, role, [*common, *flags], env=env, **extra)
         self._launched.append(started)
         self._processes.append({"role": role, **extra, "pid": started.pid, "log": str(started.log)})

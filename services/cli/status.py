@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
-from services.cli.cluster import read_state, resolve_redis_url
+from services.cli.cluster import given_redis_url, read_state, resolve_redis_url
 from services.cli.plan import format_plan
 from services.cli.suite import alive, health
 from services.core.cluster.inventory import NodeInventory
@@ -75,7 +75,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     url = resolve_redis_url(args.redis_url)
     namespace = args.namespace or state.get("redis", {}).get("namespace") or "scepsy"
     doc, current = asyncio.run(gather(url, namespace, state, args.timeout, args.recent))
-    if not args.redis_url and "redis" in state and url == state["redis"]["url"]:
+    if given_redis_url(args.redis_url) is None and "redis" in state:
         doc["redis"]["embedded"] = bool(state["redis"].get("embedded"))
     if args.json:
         print(json.dumps(doc))

@@ -52,6 +52,18 @@ class ServiceConfig:
         0, "port of GET /metrics, Prometheus text, on host (0 picks a free one)", in_range(0, 65535)
     )
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis URL for shared state")
+    redis_password_file: str = option(
+        "",
+        "file holding the Redis password (used when the URL carries none; keeps it off the "
+        "command line)",
+    )
+    tls_cert: str = option("", "TLS certificate file (PEM) of the gRPC server; with tls_key")
+    tls_key: str = option("", "TLS private key file (PEM) of the gRPC server; with tls_cert")
+    tls_ca: str = option(
+        "",
+        "CA file (PEM): clients verify servers with it; a server given it requires client "
+        "certificates signed by it (mutual TLS)",
+    )
     namespace: str = option(
         "scepsy", "prefix of every Redis key (several deployments can share one Redis)"
     )
@@ -72,6 +84,19 @@ class ServiceConfig:
     def validate(self) -> None:
         """Cross-field rules; subclasses extend and call super()."""
         redis_url.checked(self.redis_url)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert, tls_key: give both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca: a server requiring client certificates needs tls_cert")
+        for name in ("tls_cert", "tls_key", "tls_ca", "redis_password_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file, got {path!r}")
+
+    def redis_password(self) -> str | None:
+        """The password of ``redis_password_file`` (None without one); ``ConfigError`` when the
+        file cannot be read or is readable by others."""
+        return read_password_file(self.redis_password_file)
 
     @classmethod
     def load(
@@ -119,6 +144,22 @@ class ServiceConfig:
                 raise ConfigError(f"{f.name}: {problem}, got {value!r}")
         config.validate()
         return config
+
+
+def read_password_file(path: str) -> str | None:
+    """The first line of the password file ``path`` (None when ``path`` is empty)."""
+    if not path:
+        return None
+    try:
+        if os.stat(path).st_mode & 0o077:
+            raise ConfigError(f"redis_password_file: {path} is readable by others; chmod 600 it")
+        with open(path) as f:
+            password = f.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"redis_password_file: cannot read {path!r}: {exc.strerror}") from None
+    if not password:
+        raise ConfigError(f"redis_password_file: {path!r} is empty")
+    return password
 
 
 def env_name(field_name: str) -> str:

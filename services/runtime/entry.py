@@ -57,7 +57,9 @@ def run_service(
 
 
 async def _run(config: C, build: Build[C], name: str) -> None:
-    store = Store.connect(config.redis_url, config.redis_timeout_s, config.namespace)
+    store = Store.connect(
+        config.redis_url, config.redis_timeout_s, config.namespace, config.redis_password()
+    )
     try:
         registration = Registration(store, name, config) if name else None
         await serve(config, await build(config, store), registration=registration)

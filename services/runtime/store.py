@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -86,12 +88,25 @@ class Store:
         self.keys = keys or Keys()
 
     @classmethod
-    def connect(cls, url: str, timeout_s: float = 2.0, namespace: str = "scepsy") -> Store:
+    def connect(
+        cls,
+        url: str,
+        timeout_s: float = 2.0,
+        namespace: str = "scepsy",
+        password: str | None = None,
+    ) -> Store:
+        """A store on ``url``; ``password`` (e.g. from a password file) is used when the URL
+        carries none. A call that finds its pooled connection closed (Redis restarted) is tried
+        once more on a new one, so the first call after a restart succeeds."""
+        extra: dict[str, Any] = {"password": password} if password else {}
         client = aioredis.Redis.from_url(
             checked(url),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+            **extra,
         )
         return cls(client, url, Keys(namespace))
 
