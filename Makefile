@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ENGINE_VENV ?= .venv-engine
 
-.PHONY: venv engine-venv demo test test-fast check lint typecheck proto proto-check bench clean
+.PHONY: venv engine-venv demo test test-fast check deploy-check lint typecheck proto proto-check bench clean
 
 venv: $(STAMP)
 
@@ -40,8 +40,13 @@ test: check engine-venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not engine"
 
-## check: lint, format, strict types, proto drift
-check: lint typecheck proto-check
+## check: lint, format, strict types, proto drift, the deploy files
+check: lint typecheck proto-check deploy-check
+
+## deploy-check: compose spec, helm lint --strict and kubernetes-validate --strict on the chart's
+## renders, hadolint on the Dockerfiles; no Docker daemon or cluster needed (~6 s)
+deploy-check: venv
+	$(PY) scripts/check_deploy.py
 
 lint: venv
 	$(VENV)/bin/ruff check services tests scripts
