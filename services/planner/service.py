@@ -26,7 +26,7 @@ from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import cluster_from_text
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec
-from services.core.errors import InvalidInputError, NotFoundError
+from services.core.errors import InvalidInputError, NotFoundError, UnavailableError
 from services.core.placement.heuristic import Assignment
 from services.core.planning.plan import Plan, PlanInputs, make_plan, spec_from_text
 from services.core.planning.profiles import ProfileProvider, SpecProfiles, StoreFirst
@@ -39,6 +39,7 @@ from services.planner.metrics import METRICS, PlannerMetrics, record_plan
 from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger
+from services.runtime.periodic import Periodic
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store, profiles_from_thread
 
@@ -47,6 +48,7 @@ T = TypeVar("T")
 
 TRACE_PAGE = 5_000  # trace entries read per Redis call
 MAX_TRACE_CALLS = 200_000  # at most this many recorded calls make one plan's statistics
+REPUBLISH_S = 2.0  # how often the planner checks that the store still has the current plan
 
 
 class RecordedTrace:
@@ -120,6 +122,9 @@ class Planner:
         self._store = store
         self._clock = clock
         self._lock = asyncio.Lock()
+        # The current plan as last seen; written back when Redis comes back without it.
+        self._current: Plan | None = None
+        self._keeping = Periodic(self.keep_current, REPUBLISH_S, "planner-keep-current")
         self._profiler = (
             ProfilerClient(config.profiler_address, config.rpc_timeout_s)
             if config.profiler_address
@@ -171,6 +176,7 @@ class Planner:
         record_plan(plan, new, plan.search_seconds, self._metrics)
         if not new:  # planned before: the stored document (and its creation time) stands
             plan = await self._store.get_plan(plan.id) or plan
+        self._current = plan
         log.info(
             "plan_current",
             plan=plan.id,
@@ -197,6 +203,29 @@ class Planner:
     def close(self) -> None:
         if self._profiler is not None:
             self._profiler.close()
+
+    async def keep_current(self) -> None:
+        """Follow the current plan, and publish it again when the store has none any more
+        (Redis restarted without its data): agents and readers find the plan they ran. A plan
+        made current by someone else becomes the one followed. Redis down: try next time."""
+        try:
+            current_id = await self._store.current_plan_id()
+            if current_id is None and self._current is not None:
+                await self._store.put_plan(self._current)
+                log.warning("plan_republished", plan=self._current.id)
+            elif current_id is not None and (
+                self._current is None or self._current.id != current_id
+            ):
+                self._current = await self._store.get_plan(current_id)
+        except UnavailableError as exc:
+            log.warning("plan_check_failed", error=str(exc))
+
+    async def start_keeping(self, server: object = None) -> None:
+        await self.keep_current()
+        self._keeping.start()
+
+    async def stop_keeping(self, server: object = None) -> None:
+        await self._keeping.stop()
 
     def _provider(self, loop: asyncio.AbstractEventLoop) -> ProfileProvider:
         """The Profiler service, else the store-first source on this planner's store (called
@@ -263,4 +292,6 @@ def planner_binding(planner: Planner) -> ServiceBinding:
         add_to_server=lambda server: planner_pb2_grpc.add_PlannerServicer_to_server(
             servicer, server
         ),
+        on_start=(planner.start_keeping,),
+        on_stop=(planner.stop_keeping,),
     )

@@ -79,6 +79,24 @@ class RouterMetrics:
             "Trace records that could not be written (Redis down or buffer full)",
             registry=r,
         )
+        self.trace_lost = Counter(
+            "scepsy_router_trace_lost",
+            "Trace records that were written but vanished from Redis (restarted without its data)",
+            registry=r,
+        )
+        self.endpoint_restores = Counter(
+            "scepsy_router_endpoint_restores",
+            "Times the store had lost the endpoint table and this router wrote back the replicas "
+            "it knew",
+            registry=r,
+        )
+        self.aborted = Counter(
+            "scepsy_router_aborted",
+            "In-flight calls ended by the router, by model and reason (replica ejected, idle "
+            "stream)",
+            ["model", "reason"],
+            registry=r,
+        )
         self.unauthenticated = Counter(
             "scepsy_router_unauthenticated", "Calls refused for a missing or wrong API key",
             registry=r,

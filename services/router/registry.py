@@ -3,7 +3,8 @@
 The registry mirrors the ``endpoints`` records of the store. It re-reads them when an
 ``endpoints_changed`` event arrives on the events channel and every ``refresh_s`` anyway (an event
 lost while Redis restarts is caught by the next periodic read). While Redis is unreachable the
-last known replicas keep serving.
+last known replicas keep serving, and when it comes back without them (restarted empty) they are
+written back: see ``refresh``.
 
 Health: a replica starts admitted. A call that cannot connect to it ejects it at once (passive
 check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
@@ -78,6 +79,7 @@ class ReplicaRegistry:
         self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
         self._eject_after = eject_after
         self._models: dict[str, dict[str, Replica]] = {}
+        self._epoch: str | None = None  # of the endpoint table last applied
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -127,8 +129,29 @@ class ReplicaRegistry:
                 self.on_change(model)
 
     async def refresh(self) -> None:
-        """Re-read the endpoints from Redis; ``UnavailableError`` when it is unreachable."""
-        self.apply(await self._store.list_endpoints())
+        """Re-read the endpoints from Redis; ``UnavailableError`` when it is unreachable.
+
+        The store's table carries an epoch that never changes while the table exists. A table
+        without an epoch, or with another one than last read, means the store lost its data
+        (a Redis restarted empty, perhaps re-filled in part since): then the replicas this
+        router knew are written back where their ids have no record (``restore_endpoints``; a
+        newer registration wins) before the table is applied. So only an explicit removal
+        (``remove_endpoint``) takes a replica away, never a key that is merely absent."""
+        table = await self._store.read_endpoints()
+        lost = table.epoch is None or (self._epoch is not None and table.epoch != self._epoch)
+        known = [r.endpoint for replicas in self._models.values() for r in replicas.values()]
+        if lost and known:
+            log.warning(
+                "endpoint_table_lost",
+                epoch_was=self._epoch,
+                epoch_now=table.epoch,
+                restoring=len(known),
+            )
+            self._metrics.endpoint_restores.inc()
+            await self._store.restore_endpoints(known)
+            table = await self._store.read_endpoints()
+        self._epoch = table.epoch
+        self.apply(table.endpoints)
 
     def report_failure(self, replica: Replica, reason: str) -> None:
         """A call could not reach ``replica``: eject it until a health check passes."""

@@ -6,7 +6,9 @@ background task writes the buffer in batches of up to ``batch`` records, at leas
 a record arriving while the buffer holds ``buffer`` records; writing resumes by itself when Redis
 answers again. A failed write is tried once more at once, because every pooled connection fails
 once after a Redis restart; so a record may be stored twice (``scepsy trace export`` keeps one).
-``stop`` writes what is left (within its deadline).
+``stop`` writes what is left (within its deadline). Records already written that vanish with
+Redis (restarted without its data) are counted as lost (``scepsy_router_trace_lost``), from the
+stream's length after each write.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ class TraceRecorder:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._store_down = False
+        self._last_length: int | None = None  # of the stream after the last write
         self.recorded = 0
         self.dropped = 0
+        self.lost = 0
 
     @property
     def pending(self) -> int:
@@ -100,10 +104,10 @@ class TraceRecorder:
         lines = [dumps(c) for c in batch]
         try:
             try:
-                await self._store.append_trace(lines, self._max_len)
+                length = await self._store.append_trace(lines, self._max_len)
             except (UnavailableError, RedisError, OSError):
                 # Once more at once: after a Redis restart each pooled connection fails once.
-                await self._store.append_trace(lines, self._max_len)
+                length = await self._store.append_trace(lines, self._max_len)
         except (UnavailableError, RedisError, OSError) as exc:
             self._drop(len(batch))
             if not self._store_down:
@@ -113,9 +117,23 @@ class TraceRecorder:
         if self._store_down:
             self._store_down = False
             log.info("trace_store_up", dropped_total=self.dropped)
+        self._note_length(length, len(batch))
         self.recorded += len(batch)
         self._metrics.trace_recorded.inc(len(batch))
         return True
+
+    def _note_length(self, length: int, added: int) -> None:
+        """Count records that vanished: the stream only grows (other routers write too) until
+        its cap, which approximate trimming never undercuts, so a stream shorter than the
+        length last seen plus this batch (up to the cap) lost records since."""
+        if self._last_length is not None:
+            expected = min(self._last_length + added, self._max_len)
+            if length < expected:
+                lost = expected - length
+                self.lost += lost
+                self._metrics.trace_lost.inc(lost)
+                log.warning("trace_records_lost", lost=lost, stream_length=length)
+        self._last_length = length
 
     def _drop(self, count: int) -> None:
         self.dropped += count

@@ -14,6 +14,8 @@ the schema version, so several deployments (or test runs) can share one Redis.
 | {ns}:v1:plan:current | string | id of the current plan, swapped atomically |
 | {ns}:v1:endpoints:{model} | hash | replica id -> JSON {"url": engine base URL, "weight": w} |
 | {ns}:v1:endpoint-models | set | models that have an ``endpoints:{model}`` hash |
+| {ns}:v1:endpoints-epoch | string | id of the endpoint table, set by its first write and never
+  changed while the table exists: a Redis that lost its data has none (or, re-filled, another) |
 | {ns}:v1:service:{id} | string, TTL | a running service process: JSON ``ServiceRecord`` |
 | {ns}:v1:services | set | ids of registered service processes (pruned of expired ones on read) |
 """
@@ -68,6 +70,10 @@ class Keys:
     @property
     def endpoint_models(self) -> str:
         return f"{self._root}:endpoint-models"
+
+    @property
+    def endpoints_epoch(self) -> str:
+        return f"{self._root}:endpoints-epoch"
 
     def service(self, service_id: str) -> str:
         return f"{self._root}:service:{service_id}"

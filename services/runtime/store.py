@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -179,13 +182,15 @@ class Store:
 
     # -------------------------------------------------------------- endpoints
     async def put_endpoint(self, endpoint: Endpoint) -> None:
-        """Register (or replace) one engine replica of a model; announces ``endpoints_changed``."""
+        """Register (or replace) one engine replica of a model; announces ``endpoints_changed``.
+        The first write to an empty store also gives the endpoint table its epoch."""
         value = json.dumps({"url": endpoint.url, "weight": endpoint.weight})
 
         async def put() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hset(self.keys.endpoints(endpoint.model), endpoint.replica, value)
                 pipe.sadd(self.keys.endpoint_models, endpoint.model)
+                pipe.set(self.keys.endpoints_epoch, _new_epoch(), nx=True)
                 await pipe.execute()
             await self._publish({"event": "endpoints_changed", "model": endpoint.model})
 
@@ -196,6 +201,8 @@ class Store:
         its last replica."""
 
         async def remove() -> bool:
+            # the table keeps its epoch when it becomes empty: an explicit "no replicas"
+            await self._r.set(self.keys.endpoints_epoch, _new_epoch(), nx=True)
             removed = await self._r.hdel(self.keys.endpoints(model), replica)
             if not await self._r.exists(self.keys.endpoints(model)):
                 await self._r.srem(self.keys.endpoint_models, model)
@@ -204,6 +211,34 @@ class Store:
             return bool(removed)
 
         return await self._call(remove)
+
+    async def read_endpoints(self) -> EndpointTable:
+        """The endpoint table with its epoch (None: the store has no table, e.g. a Redis that
+        came back without its data). The epoch is read first: a table read after it is at least
+        as new."""
+        epoch = await self._call(lambda: self._r.get(self.keys.endpoints_epoch))
+        endpoints = await self.list_endpoints()
+        return EndpointTable(None if epoch is None else _text(epoch), tuple(endpoints))
+
+    async def restore_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Write back replicas a reader knew after the store lost them: each one only where its
+        replica id has no record (a newer registration wins), then announce
+        ``endpoints_changed``. The table gets an epoch if it has none."""
+        if not endpoints:
+            return
+
+        async def restore() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                for e in endpoints:
+                    value = json.dumps({"url": e.url, "weight": e.weight})
+                    pipe.hsetnx(self.keys.endpoints(e.model), e.replica, value)
+                    pipe.sadd(self.keys.endpoint_models, e.model)
+                pipe.set(self.keys.endpoints_epoch, _new_epoch(), nx=True)
+                await pipe.execute()
+            for model in sorted({e.model for e in endpoints}):
+                await self._publish({"event": "endpoints_changed", "model": model})
+
+        await self._call(restore)
 
     async def list_endpoints(self) -> list[Endpoint]:
         """Every registered replica, sorted by (model, replica). Entries that do not parse are
@@ -223,16 +258,19 @@ class Store:
         return await self._call(read)
 
     # ------------------------------------------------------------------ trace
-    async def append_trace(self, lines: Sequence[str], max_len: int) -> None:
-        """Append trace JSON lines to the capped trace stream (one round trip, approximate cap)."""
+    async def append_trace(self, lines: Sequence[str], max_len: int) -> int:
+        """Append trace JSON lines to the capped trace stream (one round trip, approximate cap);
+        returns the stream's length after (a writer can tell that records vanished)."""
 
-        async def append() -> None:
+        async def append() -> int:
             async with self._r.pipeline(transaction=False) as pipe:
                 for line in lines:
                     pipe.xadd(self.keys.trace, {"call": line}, maxlen=max_len, approximate=True)
-                await pipe.execute()
+                pipe.xlen(self.keys.trace)
+                replies = await pipe.execute()
+            return int(replies[-1])
 
-        await self._call(append)
+        return await self._call(append)
 
     async def read_trace(self, after: str = "", count: int = 1000) -> list[tuple[str, str]]:
         """Up to ``count`` (entry id, JSON line) pairs of the trace stream, oldest first, after
@@ -355,6 +393,18 @@ class Store:
             return await fn()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointTable:
+    """The registered replicas and the table's epoch (``Store.read_endpoints``)."""
+
+    epoch: str | None
+    endpoints: tuple[Endpoint, ...]
+
+
+def _new_epoch() -> str:
+    return uuid.uuid4().hex
 
 
 def _endpoint(model: str, replica: str, raw: str) -> Endpoint | None:
