@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from services.agent.config import AgentConfig
+from services.agent.engines import engine_manager
 from services.agent.service import Agent, agent_binding
 from services.agent.sources import open_source
 from services.runtime.entry import run_service
@@ -15,7 +16,8 @@ from services.runtime.store import Store
 
 async def build(config: AgentConfig, store: Store) -> Sequence[ServiceBinding]:
     source = open_source(config.cluster, config.resolved_node_name)
-    binding = agent_binding(Agent(config, source, store))
+    engines = engine_manager(config, source.read(), store)
+    binding = agent_binding(Agent(config, source, store, engines=engines))
     return [dataclasses.replace(binding, announce=lambda: {"node": config.resolved_node_name})]
 
 

@@ -131,8 +131,16 @@ class Planner:
             else None
         )
 
-    async def plan(self, spec_text: str, cluster_text: str = "", trace_window_s: float = 0) -> Plan:
-        """Plan ``spec_text`` (module docstring), store it and make it current."""
+    async def plan(
+        self,
+        spec_text: str,
+        cluster_text: str = "",
+        trace_window_s: float = 0,
+        *,
+        dry_run: bool = False,
+    ) -> Plan:
+        """Plan ``spec_text`` (module docstring), store it and make it current (``dry_run``:
+        store it only; ``set_current`` makes it current later)."""
         if not spec_text.strip():
             raise InvalidInputError("spec_yaml: must not be empty")
         if trace_window_s < 0:
@@ -172,10 +180,13 @@ class Planner:
             finally:
                 if placer is not None:
                     placer.close()
-        new = await self._store.put_plan(plan)
+        new = await self._store.put_plan(plan, current=not dry_run)
         record_plan(plan, new, plan.search_seconds, self._metrics)
         if not new:  # planned before: the stored document (and its creation time) stands
             plan = await self._store.get_plan(plan.id) or plan
+        if dry_run:
+            log.info("plan_stored", plan=plan.id, new=new, gpus=plan.gpus)
+            return plan
         self._current = plan
         log.info(
             "plan_current",
@@ -186,6 +197,17 @@ class Planner:
             rounds=plan.rounds,
             search_seconds=round(plan.search_seconds, 4),
         )
+        return plan
+
+    async def set_current(self, plan_id: str) -> Plan:
+        """Make the stored plan ``plan_id`` current; ``NotFoundError`` when there is none."""
+        if not plan_id:
+            raise InvalidInputError("id: must name a stored plan")
+        if not await self._store.set_current_plan(plan_id):
+            raise NotFoundError(f"plan {plan_id!r} not found")
+        plan = await self.get(plan_id)
+        self._current = plan
+        log.info("plan_current", plan=plan.id, new=False, gpus=plan.gpus)
         return plan
 
     async def get(self, plan_id: str) -> Plan:
@@ -273,9 +295,20 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
         context: grpc.aio.ServicerContext[planner_pb2.PlanRequest, planner_pb2.PlanResponse],
     ) -> planner_pb2.PlanResponse:
         plan = await self._planner.plan(
-            request.spec_yaml, request.cluster_yaml, request.trace_window_s
+            request.spec_yaml, request.cluster_yaml, request.trace_window_s, dry_run=request.dry_run
         )
         return planner_pb2.PlanResponse(plan=plan_to_pb(plan))
+
+    async def SetCurrentPlan(
+        self,
+        request: planner_pb2.SetCurrentPlanRequest,
+        context: grpc.aio.ServicerContext[
+            planner_pb2.SetCurrentPlanRequest, planner_pb2.PlanResponse
+        ],
+    ) -> planner_pb2.PlanResponse:
+        return planner_pb2.PlanResponse(
+            plan=plan_to_pb(await self._planner.set_current(request.id))
+        )
 
     async def GetPlan(
         self,

@@ -265,7 +265,7 @@ def _wait_group_gone(pgid: int, deadline: float) -> None:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _log_tail(path: Path, max_lines: int = 40) -> str:
+def log_tail(path: Path, max_lines: int = 40) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -309,6 +309,10 @@ class LocalEngine:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def exit_code(self) -> int | None:
+        """The exit code once the process has ended, else None."""
+        return None if self._process is None else self._process.poll()
+
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError("engine already started")
@@ -350,7 +354,7 @@ class LocalEngine:
                 raise UnavailableError(
                     f"engine {self._spec.served_model_name} on port {self._spec.port} exited "
                     f"with code {code} before becoming healthy; log {self._log_path}:\n"
-                    f"{_log_tail(self._log_path)}"
+                    f"{log_tail(self._log_path)}"
                 )
             if self.healthy():
                 return
@@ -358,7 +362,7 @@ class LocalEngine:
                 self.stop()
                 raise UnavailableError(
                     f"engine {self._spec.served_model_name} on port {self._spec.port} not "
-                    f"healthy in time; log {self._log_path}:\n{_log_tail(self._log_path)}"
+                    f"healthy in time; log {self._log_path}:\n{log_tail(self._log_path)}"
                 )
             time.sleep(0.5)
 

@@ -16,6 +16,9 @@ the schema version, so several deployments (or test runs) can share one Redis.
 | {ns}:v1:endpoint-models | set | models that have an ``endpoints:{model}`` hash |
 | {ns}:v1:endpoints-epoch | string | id of the endpoint table, set by its first write and never
   changed while the table exists: a Redis that lost its data has none (or, re-filled, another) |
+| {ns}:v1:engines:{node} | hash, TTL | engine id -> a ``scepsy.v1.Engine`` (protobuf bytes): the
+  engines the node's agent runs, replaced whole by the agent, expiring with its heartbeats |
+| {ns}:v1:engine-nodes | set | nodes that have an ``engines:{node}`` hash (pruned on read) |
 | {ns}:v1:service:{id} | string, TTL | a running service process: JSON ``ServiceRecord`` |
 | {ns}:v1:services | set | ids of registered service processes (pruned of expired ones on read) |
 """
@@ -74,6 +77,13 @@ class Keys:
     @property
     def endpoints_epoch(self) -> str:
         return f"{self._root}:endpoints-epoch"
+
+    def engines(self, node: str) -> str:
+        return f"{self._root}:engines:{node}"
+
+    @property
+    def engine_nodes(self) -> str:
+        return f"{self._root}:engine-nodes"
 
     def service(self, service_id: str) -> str:
         return f"{self._root}:service:{service_id}"

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from google.protobuf.message import DecodeError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -180,6 +179,46 @@ class Store:
         blob = await self._call(lambda: self._r.get(self.keys.profile(key.redis_field())))
         return None if blob is None else profile_from_pb(pb.Profile.FromString(_bytes(blob)))
 
+    async def put_measured_profile(
+        self,
+        profile: Profile,
+        measured: Sequence[tuple[float, int, int]],
+        method: Mapping[str, Any],
+    ) -> None:
+        """Store a measured profile: as ``put_profile``, with each point's (throughput calls/s,
+        calls, errors) and how it was measured (a JSON object, ``method_json``)."""
+        if len(measured) != len(profile.points):
+            raise InvalidInputError(
+                f"measured: {len(measured)} entries for {len(profile.points)} profile points"
+            )
+        msg = profile_to_pb(profile)
+        for point, (throughput, calls, errors) in zip(msg.points, measured, strict=True):
+            point.throughput_rps, point.calls, point.errors = throughput, calls, errors
+        msg.method_json = json.dumps(dict(method), sort_keys=True)
+        data = msg.SerializeToString()
+        await self._call(lambda: self._r.set(self.keys.profile(profile.key.redis_field()), data))
+
+    async def get_profile_measurement(self, key: ProfileKey) -> dict[str, Any] | None:
+        """How the profile under ``key`` was measured: ``{"method": {...}, "points": [{"rate",
+        "throughput_rps", "calls", "errors"}, ...]}`` (``method`` is empty for a computed
+        profile); None when no profile is stored under ``key``."""
+        blob = await self._call(lambda: self._r.get(self.keys.profile(key.redis_field())))
+        if blob is None:
+            return None
+        msg = pb.Profile.FromString(_bytes(blob))
+        return {
+            "method": json.loads(msg.method_json) if msg.method_json else {},
+            "points": [
+                {
+                    "rate": p.rate,
+                    "throughput_rps": p.throughput_rps,
+                    "calls": p.calls,
+                    "errors": p.errors,
+                }
+                for p in msg.points
+            ],
+        }
+
     # -------------------------------------------------------------- endpoints
     async def put_endpoint(self, endpoint: Endpoint) -> None:
         """Register (or replace) one engine replica of a model; announces ``endpoints_changed``.
@@ -289,12 +328,13 @@ class Store:
         return int(await self._call(lambda: self._r.xlen(self.keys.trace)))
 
     # ------------------------------------------------------------------ plans
-    async def put_plan(self, plan: Plan) -> bool:
-        """Store ``plan`` under its id and make it current, in one MULTI/EXEC transaction.
+    async def put_plan(self, plan: Plan, *, current: bool = True) -> bool:
+        """Store ``plan`` under its id and (unless ``current`` is False) make it current, in one
+        MULTI/EXEC transaction.
 
         A plan is immutable: when its id (a content hash) is already stored, the stored document
-        and its creation time stay, and only the current pointer moves to it. Announces
-        ``plan_changed``. Returns True when the plan was new.
+        and its creation time stay, and only the current pointer moves to it. Making it current
+        announces ``plan_changed``. Returns True when the plan was new.
         """
         data = plan_to_pb(plan).SerializeToString()
 
@@ -302,12 +342,28 @@ class Store:
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.set(self.keys.plan(plan.id), data, nx=True)
                 pipe.zadd(self.keys.plans, {plan.id: plan.created_at}, nx=True)
-                pipe.set(self.keys.current_plan, plan.id)
-                added, _, _ = await pipe.execute()
-            await self._publish({"event": "plan_changed", "plan": plan.id})
+                if current:
+                    pipe.set(self.keys.current_plan, plan.id)
+                added = (await pipe.execute())[0]
+            if current:
+                await self._publish({"event": "plan_changed", "plan": plan.id})
             return bool(added)
 
         return await self._call(put)
+
+    async def set_current_plan(self, plan_id: str) -> bool:
+        """Make the stored plan ``plan_id`` current (announcing ``plan_changed``); False when no
+        such plan is stored (nothing changes then)."""
+
+        async def swap() -> bool:
+            exists = await self._r.exists(self.keys.plan(plan_id))
+            if not exists:
+                return False
+            await self._r.set(self.keys.current_plan, plan_id)
+            await self._publish({"event": "plan_changed", "plan": plan_id})
+            return True
+
+        return await self._call(swap)
 
     async def get_plan(self, plan_id: str) -> Plan | None:
         blob = await self._call(lambda: self._r.get(self.keys.plan(plan_id)))
@@ -328,6 +384,55 @@ class Store:
             lambda: self._r.zrevrange(self.keys.plans, 0, limit - 1, withscores=True)
         )
         return [(_text(plan_id), float(score)) for plan_id, score in entries]
+
+    # ---------------------------------------------------------------- engines
+    async def put_engines(self, node: str, engines: Sequence[pb.Engine], ttl_s: float) -> None:
+        """Replace the engine records of ``node`` (its agent's view), expiring ``ttl_s`` after
+        the last put (a dead agent's engines vanish with its node)."""
+        key = self.keys.engines(node)
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if engines:
+                    pipe.hset(key, mapping={e.id: e.SerializeToString() for e in engines})
+                    pipe.pexpire(key, int(ttl_s * 1000))
+                pipe.sadd(self.keys.engine_nodes, node)
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def remove_engines(self, node: str) -> None:
+        async def remove() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.engines(node))
+                pipe.srem(self.keys.engine_nodes, node)
+                await pipe.execute()
+
+        await self._call(remove)
+
+    async def list_engines(self, node: str | None = None) -> list[pb.Engine]:
+        """The engine records of every node (or of ``node``), sorted by (node, id). Records
+        that do not parse are left out."""
+
+        async def read() -> list[pb.Engine]:
+            if node is not None:
+                nodes = [node]
+            else:
+                nodes = sorted(_text(n) for n in await self._r.smembers(self.keys.engine_nodes))
+            out: list[pb.Engine] = []
+            for name in nodes:
+                entries = await self._r.hgetall(self.keys.engines(name))
+                if not entries and node is None:
+                    await self._r.srem(self.keys.engine_nodes, name)
+                for _, blob in sorted(entries.items()):
+                    try:
+                        out.append(pb.Engine.FromString(_bytes(blob)))
+                    except DecodeError:
+                        continue
+            return out
+
+        return await self._call(read)
 
     # --------------------------------------------------------------- services
     async def put_service(self, record: ServiceRecord, ttl_s: float) -> None:

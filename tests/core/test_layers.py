@@ -1,8 +1,8 @@
 """services/core keeps its layers and its purity, for every file, however deep.
 
 Layers follow the pipeline: errors <- allocation, routing, cluster <- workload, perf <- placement
-<- planning <- sim. A layer imports only the layers listed for it (and itself). No file in core
-imports a service, the runtime, the generated protos or an I/O library, at module level or inside
+<- planning <- sim, serving, control. A layer imports only the layers listed for it (and itself).
+No file in core imports a service, the runtime, the generated protos or an I/O library, at module level or inside
 a function. ``layer_violations`` reads the import statements (ast), so it needs no import of the
 checked code; the last test also imports every module in a fresh interpreter to catch what a
 third-party import pulls in.
@@ -31,6 +31,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "planning": frozenset({"errors", "allocation", "cluster", "workload", "perf", "placement"}),
     "sim": frozenset(
         {"errors", "allocation", "routing", "cluster", "workload", "perf", "placement", "planning"}
+    ),
+    # the engines a plan asks for (node agents, `scepsy apply`)
+    "serving": frozenset(
+        {"errors", "allocation", "cluster", "workload", "perf", "placement", "planning"}
+    ),
+    # the control loop's decisions (re-plan on drift)
+    "control": frozenset(
+        {"errors", "allocation", "cluster", "workload", "perf", "placement", "planning"}
     ),
 }
 # top-level modules that mean I/O or plumbing; core must not import them anywhere
