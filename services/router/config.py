@@ -50,6 +50,15 @@ class RouterConfig(ServiceConfig):
     retry_after_s: float = option(1.0, "retry hint sent with a 429 / RESOURCE_EXHAUSTED", positive)
     upstream_timeout_s: float = option(300.0, "deadline of every upstream call", positive)
     connect_timeout_s: float = option(2.0, "deadline of connecting to a replica", positive)
+    stream_idle_timeout_s: float = option(
+        60.0,
+        "a streamed answer that sends nothing for this long is ended with an error (an engine "
+        "that stopped generating but keeps the connection open)",
+        positive,
+    )
+    metrics_auth: bool = option(
+        False, "GET /metrics on the HTTP port needs an API key too (when keys are set)"
+    )
     health_interval_s: float = option(1.0, "seconds between replica health checks", positive)
     health_timeout_s: float = option(1.0, "deadline of one health check", positive)
     eject_after: int = option(

@@ -14,6 +14,13 @@
    caller's shorter deadline): ``UpstreamTimeoutError``.
 4. **Cancellation.** When the caller goes away, the task running the call is cancelled; leaving
    the context closes the engine connection, which aborts the generation there.
+4b. **Nothing hangs.** The router ends a call itself when its replica is ejected (the
+   registry's ``on_eject``: failed health checks, refused connections), and a stream that
+   sends nothing for ``stream_idle_timeout_s`` (a watchdog task checks every stream's
+   progress). A call still waiting for the engine's answer goes to another replica; one
+   whose answer was being read gets ``UpstreamAbortedError`` naming the reason (``fetch``,
+   for non-streamed calls, which have sent the client nothing yet, tries another replica
+   once first).
 5. **Trace.** On exit the call becomes one ``TraceCall`` (ok, error or cancelled) handed to the
    recorder, which never blocks; metrics are updated.
 """
@@ -21,6 +28,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from services.core.routing import CallInfo, ReplicaLoad, RoutingPolicy
 from services.core.workload.trace import UNTAGGED_WORKFLOW, Status, TraceCall
@@ -41,6 +50,7 @@ from services.router.errors import (
     ModelNotFoundError,
     NoHealthyReplicaError,
     OverloadedError,
+    UpstreamAbortedError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -52,6 +62,8 @@ from services.router.upstream import Upstream
 from services.runtime.logging import get_logger
 
 log = get_logger(__name__)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,22 @@ class CallSpec:
     identity: Identity
     api: str  # front end, a metrics label: "http" or "grpc"
     timeout_s: float | None = None  # the caller's own deadline, if shorter
+
+
+class _Flight:
+    """One call on one replica, from taking the replica to releasing it: what the router needs
+    to end it from outside."""
+
+    __slots__ = ("reason", "replica", "seen", "seen_at", "stream", "task", "upstream")
+
+    def __init__(self, replica: Replica, task: asyncio.Task[Any] | None, stream: bool) -> None:
+        self.replica = replica
+        self.task = task
+        self.stream = stream
+        self.upstream: Upstream | None = None
+        self.reason: str | None = None
+        self.seen = 0  # the upstream's progress at the last watchdog look
+        self.seen_at = 0.0
 
 
 @dataclass(slots=True)
@@ -99,10 +127,69 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self._flights: dict[Replica, set[_Flight]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
         registry.on_change = self._wake_all
+        registry.on_eject = self.abort_replica
 
     def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
+        self._watchdog = asyncio.create_task(self._watch_streams(), name="router-idle-streams")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+
+    # ------------------------------------------------------------- ending calls
+    def abort_replica(self, replica: Replica, reason: str) -> None:
+        """End every call in flight on ``replica`` (ejected) now."""
+        for flight in list(self._flights.get(replica, ())):
+            self._abort(flight, f"replica ejected ({reason})", "ejected")
+
+    def _abort(self, flight: _Flight, reason: str, kind: str) -> None:
+        if flight.reason is not None:
+            return
+        flight.reason = reason
+        self._metrics.aborted.labels(flight.replica.model, kind).inc()
+        log.warning(
+            "call_aborted", model=flight.replica.model, replica=flight.replica.id, reason=reason
+        )
+        if flight.upstream is not None:
+            flight.upstream.abort(reason)
+        elif flight.task is not None:
+            flight.task.cancel()  # waiting for the engine's answer: _open takes another replica
+
+    async def _watch_streams(self) -> None:
+        """End streams that sent nothing for ``stream_idle_timeout_s``."""
+        idle = self._config.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            now = loop.time()
+            for flights in list(self._flights.values()):
+                for flight in list(flights):
+                    upstream = flight.upstream
+                    if upstream is None or not flight.stream or flight.reason is not None:
+                        continue
+                    if upstream.progress != flight.seen:
+                        flight.seen, flight.seen_at = upstream.progress, now
+                    elif now - flight.seen_at >= idle and flight.seen_at:
+                        self._abort(flight, f"stream sent nothing for {idle:g} s", "idle")
+
+    def _board(self, replica: Replica, stream: bool) -> _Flight:
+        flight = _Flight(replica, asyncio.current_task(), stream)
+        self._flights.setdefault(replica, set()).add(flight)
+        return flight
+
+    def _land(self, flight: _Flight) -> None:
+        flights = self._flights.get(flight.replica)
+        if flights is not None:
+            flights.discard(flight)
+            if not flights:
+                del self._flights[flight.replica]
 
     @property
     def active(self) -> int:
@@ -141,11 +228,12 @@ class Dispatcher:
             timeout = min(spec.timeout_s, limit) if spec.timeout_s is not None else limit
             try:
                 async with asyncio.timeout(timeout):
-                    upstream = await self._open(spec, info, started, call_id)
+                    upstream, flight = await self._open(spec, info, started, call_id)
                     try:
                         yield upstream
                     finally:
                         upstream.release()
+                        self._land(flight)
                         self._release(upstream.replica)
             except TimeoutError as exc:
                 outcome.kind = "timeout"
@@ -170,16 +258,51 @@ class Dispatcher:
             self._leave()
             self._finish(spec, call_id, started_wall, started, upstream, outcome)
 
-    async def _open(self, spec: CallSpec, info: CallInfo, started: float, call_id: str) -> Upstream:
+    async def fetch(self, spec: CallSpec) -> tuple[Upstream, bytes]:
+        """A non-streamed call read whole. Its client has been sent nothing yet, so a call
+        ended by the router (``UpstreamAbortedError``: replica ejected) is made once more."""
+        for attempt in (1, 2):
+            try:
+                async with self.call(spec) as upstream:
+                    return upstream, await upstream.read()
+            except UpstreamAbortedError:
+                if attempt == 2 or not self._has_candidate(spec.model, set()):
+                    raise
+                self._metrics.retries.labels(spec.model).inc()
+        raise AssertionError("unreachable")
+
+    async def _open(
+        self, spec: CallSpec, info: CallInfo, started: float, call_id: str
+    ) -> tuple[Upstream, _Flight]:
         assert self._session is not None, "dispatcher not started"
         excluded: set[str] = set()
+        body = orjson.dumps(spec.body)
         while True:
             replica = await self._acquire(spec.model, info, excluded)
+            flight = self._board(replica, spec.stream)
             try:
                 response = await self._session.post(
-                    replica.url + spec.path, json=spec.body, timeout=self._connect_timeout
+                    replica.url + spec.path,
+                    data=body,
+                    headers=_JSON_HEADERS,
+                    timeout=self._connect_timeout,
                 )
+            except asyncio.CancelledError:
+                self._land(flight)
+                self._release(replica)
+                task = asyncio.current_task()
+                if flight.reason is None or task is None or task.uncancel() > 0:
+                    raise  # the caller went away (or its deadline passed)
+                # ended by the router (replica ejected) before any answer: another replica
+                excluded.add(replica.id)
+                if self._has_candidate(spec.model, excluded):
+                    self._metrics.retries.labels(spec.model).inc()
+                    continue
+                raise UpstreamAbortedError(
+                    f"model {spec.model}: replica {replica.id}: {flight.reason}"
+                ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError) as exc:
+                self._land(flight)
                 self._release(replica)
                 self._note_connect_failure(replica, exc)
                 excluded.add(replica.id)
@@ -191,6 +314,7 @@ class Dispatcher:
                     f"{type(exc).__name__}"
                 ) from exc
             except BaseException:
+                self._land(flight)
                 self._release(replica)
                 raise
             retry = len(excluded) == 0 and self._has_candidate(spec.model, {replica.id})
@@ -200,13 +324,19 @@ class Dispatcher:
                 # replica is not ejected here, since a request can cause its own 500; the
                 # health check decides.
                 response.close()
+                self._land(flight)
                 self._release(replica)
                 self._metrics.errors.labels(replica.model, "server_error").inc()
                 self._metrics.replica_failures.labels(replica.model, replica.id).inc()
                 self._metrics.retries.labels(spec.model).inc()
                 excluded.add(replica.id)
                 continue
-            return Upstream(replica, response, started, call_id)
+            upstream = Upstream(replica, response, started, call_id)
+            flight.upstream = upstream
+            flight.seen_at = asyncio.get_running_loop().time()
+            if flight.reason is not None:  # ejected while the headers came in
+                upstream.abort(flight.reason)
+            return upstream, flight
 
     def _note_connect_failure(self, replica: Replica, exc: Exception) -> None:
         self._metrics.errors.labels(replica.model, "connect").inc()

@@ -50,6 +50,12 @@ class UpstreamError(errors.UnavailableError):
     """Raised when the engine could not be reached, or its response broke off mid-way."""
 
 
+class UpstreamAbortedError(UpstreamError):
+    """Raised when the router ended a call itself: its replica was ejected (failed health
+    checks, refused connections) or its stream sent nothing for ``stream_idle_timeout_s``. A
+    call that had sent the client nothing yet is retried once on another replica first."""
+
+
 class UpstreamTimeoutError(errors.UnavailableError):
     """Raised when an upstream call exceeds its deadline."""
 

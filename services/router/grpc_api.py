@@ -120,8 +120,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.GenerateResponse:
         try:
             spec = self._spec(request, context, stream=False)
-            async with self._dispatcher.call(spec) as upstream:
-                answer = await upstream.read()
+            upstream, answer = await self._dispatcher.fetch(spec)
             if not upstream.ok:
                 raise _upstream_failure(upstream.status, answer)
             choices = sorted(

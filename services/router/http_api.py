@@ -4,7 +4,7 @@
 |---|---|
 | ``POST /v1/chat/completions``, ``/v1/completions`` | streamed (SSE) or not, to a replica |
 | ``GET /v1/models`` | models with a registered replica |
-| ``GET /metrics`` | Prometheus text (no key needed) |
+| ``GET /metrics`` | Prometheus text (an API key only with ``metrics_auth``) |
 | ``GET /health`` | 200 while serving, 503 while draining |
 
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
@@ -181,6 +181,8 @@ class HttpFrontEnd:
         return web.json_response({"object": "list", "data": data})
 
     async def _render_metrics(self, request: web.Request) -> web.Response:
+        if self._config.metrics_auth:
+            self._keys.check(request.headers.get("Authorization"))
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -205,8 +207,7 @@ class HttpFrontEnd:
         spec = CallSpec(body["model"], PATHS[kind], body, stream, identity, "http")
         if stream:
             return await self._stream(request, spec, client_wants_usage)
-        async with self._dispatcher.call(spec) as upstream:
-            answer = await upstream.read()
+        upstream, answer = await self._dispatcher.fetch(spec)
         return web.Response(body=answer, status=upstream.status, headers=_headers(upstream))
 
     async def _stream(
@@ -228,10 +229,14 @@ class HttpFrontEnd:
                     }
                 )
                 await response.prepare(request)
-                async for event in upstream.events():
-                    if not client_wants_usage and _usage_only(event.payload):
+                # the events of each network read are forwarded together, as they arrive
+                async for batch in upstream.batches():
+                    if client_wants_usage:
+                        await response.write(b"".join([e.raw for e in batch]))
                         continue
-                    await response.write(event.raw)
+                    kept = [e.raw for e in batch if not (e.has_usage and _usage_only(e.payload))]
+                    if kept:
+                        await response.write(b"".join(kept))
         except ScepsyError as exc:
             if response is None:
                 raise

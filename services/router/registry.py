@@ -10,7 +10,8 @@ Health: a replica starts admitted. A call that cannot connect to it ejects it at
 check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
 ``eject_after`` failed probes in a row eject (one slow answer from a busy engine is not a dead
 replica) and a passing one re-admits. ``on_change`` is called whenever a replica
-becomes usable (added or re-admitted), so that queued calls can take it.
+becomes usable (added or re-admitted), so that queued calls can take it; ``on_eject`` when one
+is ejected, so that the calls in flight on it end at once (the dispatcher's).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class ReplicaRegistry:
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self.on_change: Callable[[str], None] = lambda model: None
+        # called when a replica is ejected, so that the calls in flight on it end at once
+        self.on_eject: Callable[[Replica, str], None] = lambda replica, reason: None
 
     # ------------------------------------------------------------------ queries
     def models(self) -> list[str]:
@@ -170,6 +173,7 @@ class ReplicaRegistry:
             self.on_change(replica.model)
         else:
             log.warning("replica_ejected", model=replica.model, replica=replica.id, reason=reason)
+            self.on_eject(replica, reason)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self, session: aiohttp.ClientSession) -> None:

@@ -114,6 +114,7 @@ class Router:
     async def _stop_background(self) -> None:
         """Stop watching Redis, write the last trace records, close the pool."""
         await self.registry.stop()
+        await self.dispatcher.stop()
         await self.recorder.stop(timeout_s=self.config.redis_timeout_s)
         if self._session is not None:
             await self._session.close()

@@ -123,3 +123,19 @@ async def test_a_missing_api_key_is_401_with_the_status_as_code(
     async with aiohttp.ClientSession() as session:
         status, _, answer = await complete(session, handle)
     assert (status, answer["error"]["code"]) == (401, 401)
+
+
+async def test_metrics_can_be_put_behind_the_api_key(start_router: StartRouter) -> None:
+    open_ = await start_router(api_keys="k1")
+    locked = await start_router(api_keys="k1", metrics_auth=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(open_.http_url + "/metrics") as reply:
+            assert reply.status == 200
+        async with session.get(locked.http_url + "/metrics") as reply:
+            assert reply.status == 401
+            assert (await reply.json())["error"]["code"] == 401
+        auth = {"Authorization": "Bearer k1"}
+        async with session.get(locked.http_url + "/metrics", headers=auth) as reply:
+            assert reply.status == 200
+            text = await reply.text()
+    assert "scepsy_router_requests" in text and "k1" not in text

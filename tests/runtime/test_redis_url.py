@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,10 +59,12 @@ def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
     server.stop()
 
 
-def run_placer(url: str | None, seconds: float) -> tuple[int, str]:
+def run_placer(url: str | None, seconds: float, until: str = "") -> tuple[int, str]:
     """``python -m services.placer --redis-url url`` (no flag when None) for ``seconds`` (or until
-    it exits), then SIGINT; its exit code and everything it wrote."""
+    it exits, or wrote ``until``: on a loaded machine the start alone can take seconds), then
+    SIGINT; its exit code and everything it wrote."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCEPSY_")}
+    out_file = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below, read while it runs
     process = subprocess.Popen(
         [
             sys.executable,
@@ -73,22 +76,30 @@ def run_placer(url: str | None, seconds: float) -> tuple[int, str]:
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=out_file,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + (seconds if not until else 30.0)
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+        if until:
+            out_file.seek(0)
+            if until in out_file.read():
+                time.sleep(seconds)
+                break
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=20)
+    process.wait(timeout=20)
+    out_file.seek(0)
+    out = out_file.read()
+    out_file.close()
     return process.returncode, out
 
 
 def test_service_logs_hide_the_password_of_an_unreachable_redis() -> None:
     url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
-    _, out = run_placer(url, 2.0)
+    _, out = run_placer(url, 0.5, until="registration_failed")
     assert "registration_failed" in out
     assert SECRET not in out
     assert f"redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in out
@@ -96,14 +107,14 @@ def test_service_logs_hide_the_password_of_an_unreachable_redis() -> None:
 
 def test_service_logs_hide_a_wrong_password(password_redis: RedisServer) -> None:
     url = password_redis.url.replace(SECRET, "wrong-Pw")
-    _, out = run_placer(url, 2.0)
+    _, out = run_placer(url, 0.5, until="registration_failed")
     assert "registration_failed" in out
     assert "wrong-Pw" not in out and SECRET not in out
     assert f"redis://:***@127.0.0.1:{password_redis.port}/0" in out
 
 
 def test_service_with_the_right_password_logs_no_password(password_redis: RedisServer) -> None:
-    _, out = run_placer(password_redis.url, 2.0)
+    _, out = run_placer(password_redis.url, 1.0, until="server_started")
     assert "server_started" in out and "registration_failed" not in out
     assert SECRET not in out
 

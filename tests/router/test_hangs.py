@@ -1,0 +1,94 @@
+"""Nothing hangs: a stream that sends nothing for ``stream_idle_timeout_s`` ends with an error,
+and the calls in flight on a replica that is ejected end at once (a call that has sent its
+client nothing goes to another replica). Scripted upstreams: an engine that stops generating
+but keeps its connections open cannot be made on demand (the chaos tests do it with SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from services.core.routing import Endpoint
+from services.runtime.store import Store
+from tests.router.conftest import StartRouter, StartUpstream, register, wait_until
+
+
+async def _stream_events(url: str, body: dict[str, Any]) -> tuple[list[Any], float]:
+    """Every SSE payload of a streamed completion, and the seconds it took."""
+    started = time.monotonic()
+    events: list[Any] = []
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(url + "/v1/completions", json=body) as reply,
+    ):
+        assert reply.status == 200
+        async for line in reply.content:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events, time.monotonic() - started
+
+
+async def test_a_stream_that_goes_quiet_ends_with_an_error(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    upstream = await start_upstream("m", tokens=5, token_delay_s=60.0)
+    await register(store, "m", upstream)
+    handle = await start_router(stream_idle_timeout_s=0.5)
+    body = {"model": "m", "prompt": "p", "stream": True}
+    events, took = await _stream_events(handle.http_url, body)
+    assert events[0]["choices"][0]["text"] == "w0"
+    error = events[-1]["error"]
+    assert "sent nothing for 0.5 s" in error["message"] and error["code"] == 502
+    assert took < 3.0
+    assert handle.metric('scepsy_router_aborted_total{model="m",reason="idle"}') == 1
+    assert (await handle.trace(1))[0]["status"] == "error"
+
+
+async def test_streams_on_an_ejected_replica_end_at_once(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    upstream = await start_upstream("m", tokens=5, token_delay_s=60.0)
+    await register(store, "m", upstream)
+    handle = await start_router(eject_after=1, health_interval_s=0.1)
+    body = {"model": "m", "prompt": "p", "stream": True}
+    reading = asyncio.create_task(_stream_events(handle.http_url, body))
+    await wait_until(lambda: upstream.calls == 1)
+    await asyncio.sleep(0.2)  # the first chunk is out
+    upstream.healthy = False
+    events, took = await asyncio.wait_for(reading, 10)
+    assert events[0]["choices"][0]["text"] == "w0"
+    assert "replica ejected" in events[-1]["error"]["message"]
+    assert took < 3.0
+    assert handle.metric('scepsy_router_aborted_total{model="m",reason="ejected"}') == 1
+
+
+async def test_a_call_waiting_on_an_ejected_replica_goes_to_another(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    slow = await start_upstream("m", first_token_delay_s=60.0)
+    fast = await start_upstream("m")
+    await store.put_endpoint(Endpoint("m", "m-slow", slow.url))
+    handle = await start_router(eject_after=1, health_interval_s=0.1)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+
+        async def call() -> tuple[int, Any]:
+            body = {"model": "m", "prompt": "p"}
+            async with session.post(handle.http_url + "/v1/completions", json=body) as reply:
+                return reply.status, await reply.json()
+
+        calling = asyncio.create_task(call())
+        await wait_until(lambda: slow.calls == 1)
+        await store.put_endpoint(Endpoint("m", "m-fast", fast.url))
+        await wait_until(lambda: len(handle.router.registry.replicas("m")) == 2)
+        slow.healthy = False
+        status, answer = await asyncio.wait_for(calling, 10)
+    assert status == 200 and answer["choices"][0]["text"] == "w0 w1 w2 w3"
+    assert fast.calls == 1
+    assert time.monotonic() - started < 5.0
+    assert handle.metric('scepsy_router_retries_total{model="m"}') == 1
