@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "place",
     "router",
     "simulate",
+    "validate",
     "bench",
     "serve",
 )

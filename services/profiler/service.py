@@ -2,7 +2,9 @@
 in Redis under their ProfileKey (model, GPU type, TP, fraction, engine, request mix).
 
 ``Profile`` returns the stored profile unless ``refresh`` is set; otherwise it runs the backend in
-a worker thread (a profile is CPU-bound) and stores the result. Validation errors name the field.
+a worker thread (a profile is CPU-bound, a measured one takes minutes) and stores the result; a
+``vllm`` profile is stored with its measurement (``Store.put_measured_profile``). Validation
+errors name the field.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.core.perf.backends import ProfileBackend
 from services.core.perf.profile import Profile, ProfileKey
 from services.profiler.backends import BACKENDS
 from services.profiler.metrics import ProfilerMetrics
+from services.profiler.vllm_backend import VllmBackend
 from services.runtime.convert import model_from_pb, profile_key_from_pb, profile_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.server import ServiceBinding
@@ -75,11 +78,23 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
                 self._metrics.stored()
                 return profiler_pb2.ProfileResponse(profile=profile_to_pb(stored), cached=True)
         started = time.perf_counter()
-        profile: Profile = await asyncio.to_thread(
-            backend.profile, model, gpu, tp, fraction, mix, request.seed
-        )
-        self._metrics.computed(backend.engine, time.perf_counter() - started)
-        await self._store.put_profile(profile)
+        profile: Profile
+        if isinstance(backend, VllmBackend):
+            # Measured: stored with each point's throughput and errors and how it was measured.
+            measured = await asyncio.to_thread(
+                backend.measure, model, gpu, tp, fraction, mix, request.seed
+            )
+            profile = measured.profile()
+            self._metrics.computed(backend.engine, time.perf_counter() - started)
+            await self._store.put_measured_profile(
+                profile, measured.stored_points(), measured.method
+            )
+        else:
+            profile = await asyncio.to_thread(
+                backend.profile, model, gpu, tp, fraction, mix, request.seed
+            )
+            self._metrics.computed(backend.engine, time.perf_counter() - started)
+            await self._store.put_profile(profile)
         log.info(
             "profiled",
             model=model.name,

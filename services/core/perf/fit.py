@@ -201,6 +201,9 @@ def _nelder_mead(
     return simplex[i], values[i]
 
 
+nelder_mead = _nelder_mead  # public: the calibration of measured profiles uses it too
+
+
 # Starting points of the search: decode attention runs on CUDA cores, so its FLOP/s may or may
 # not bind; a start on each side of that threshold lets the search find both basins.
 STARTS: tuple[PerfParams, ...] = (

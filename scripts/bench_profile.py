@@ -1,0 +1,143 @@
+"""Benchmark: measured profiles of the tiny model on real vLLM CPU engines, and the calibrated
+``cpu`` performance model.
+
+1. One profile end to end as ``scepsy profile --backend vllm`` runs it: the backend starts the
+   engine, sweeps rising Poisson rates to saturation and stops the engine. Target: under 3 min.
+2. More request mixes (and one fan-out sweep) measured on one engine the bench starts and the
+   backend attaches to.
+3. Calibration (``services.core.perf.calibrate``): the ``cpu`` parameters fitted on every other
+   rate of each profile; the median latency error on the held-out rates before (the committed
+   parameters) and after. Target: at most 15 % after.
+
+    flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_profile.py [--quick]
+        [--out measurements.json] [--write-params]
+
+Needs the engine venv (``make engine-venv``; ``SCEPSY_ENGINE_VENV``). ``--out`` keeps the
+measurement documents (the input of ``scepsy perf calibrate``); ``--write-params`` stores the
+fitted ``cpu`` entry in ``services/core/perf/params.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.cli.perf import write_params  # noqa: E402
+from services.core.cluster.hardware import gpu_spec  # noqa: E402
+from services.core.cluster.models import resolve_model  # noqa: E402
+from services.core.perf.analytic import RequestMix  # noqa: E402
+from services.core.perf.calibrate import CALIBRATED, MeasuredProfile, run_calibration  # noqa: E402
+from services.core.perf.model import load_params  # noqa: E402
+from services.profiler.vllm_backend import (  # noqa: E402
+    Measurement,
+    SweepConfig,
+    VllmBackend,
+    stderr_progress,
+)
+from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module  # noqa: E402
+
+MIXES = ((64, 32), (16, 64), (128, 16), (32, 96), (96, 48))
+TARGET_PROFILE_S = 180.0
+TARGET_ERROR_PCT = 15.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two mixes, no fan-out sweep")
+    parser.add_argument("--out", type=Path, help="write the measurement documents (JSON list)")
+    parser.add_argument("--write-params", action="store_true", help="write the fitted cpu entry")
+    parser.add_argument("--iterations", type=int, default=150, help="Nelder-Mead steps")
+    args = parser.parse_args()
+
+    model, cpu = resolve_model("tiny-llama"), gpu_spec("cpu")
+    work = Path(tempfile.mkdtemp(prefix="scepsy-bench-profile-"))
+    model_dir = work / "tiny"
+    run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])
+    mixes = MIXES[:2] if args.quick else MIXES
+    config = SweepConfig()
+
+    # 1. end to end: the backend starts and stops its own engine
+    started = time.monotonic()
+    first = VllmBackend(
+        model_dir=model_dir, config=config, log_dir=work / "logs", progress=stderr_progress
+    ).measure(model, cpu, 1, 1.0, RequestMix.fixed(*mixes[0]), seed=0)
+    end_to_end = time.monotonic() - started
+    measurements: list[Measurement] = [first]
+
+    # 2. more mixes on one engine
+    spec = EngineSpec.cpu(model_dir, "tiny-llama")
+    with LocalEngine(spec, work / "logs" / "shared.log") as engine:
+        engine.start()
+        engine.wait_ready(time.monotonic() + 300)
+        attached = VllmBackend(endpoint=engine.base_url, config=config, progress=stderr_progress)
+        for i, mix in enumerate(mixes[1:], start=1):
+            measurements.append(
+                attached.measure(model, cpu, 1, 1.0, RequestMix.fixed(*mix), seed=i)
+            )
+        if not args.quick:
+            fanout = VllmBackend(
+                endpoint=engine.base_url,
+                config=SweepConfig(mode="fanout", fanout=6),
+                progress=stderr_progress,
+            )
+            fan = fanout.measure(model, cpu, 1, 1.0, RequestMix.fixed(*mixes[0]), seed=9)
+
+    docs = [m.to_dict() for m in measurements]
+    if args.out is not None:
+        args.out.write_text(json.dumps(docs, indent=2) + "\n")
+
+    print("\nmeasured profiles (tiny-llama, vLLM CPU engine, 1 engine)")
+    print(f"{'mix':<16} {'rates':>5} {'sat/s':>7} {'idle s':>7} {'stop':>10} {'sweep s':>8}")
+    for m in measurements:
+        print(
+            f"{m.key.mix:<16} {len(m.points):5d} {m.saturation_rate:7.2f} "
+            f"{m.idle_latency:7.3f} {m.stop_reason:>10} {m.method['seconds']:8.1f}"
+        )
+    if not args.quick:
+        print(
+            f"{'fan-out x6 ' + fan.key.mix:<16} {len(fan.points):5d} {fan.saturation_rate:7.2f} "
+            f"{fan.idle_latency:7.3f} {fan.stop_reason:>10} {fan.method['seconds']:8.1f}"
+        )
+        base = first.profile()
+        fan_profile = fan.profile()
+        print("fan-out vs Poisson at the same rate (mean latency, s):")
+        for p in fan_profile.points:
+            poisson = base.latency_at(p.rate)
+            print(f"  {p.rate:7.2f}/s  fan-out {p.mean_latency:.3f}  poisson {poisson:.3f}")
+    verdict = "ok" if end_to_end <= TARGET_PROFILE_S else "OVER TARGET"
+    print(
+        f"end-to-end profile time (engine start + sweep + stop): {end_to_end:.0f} s "
+        f"(target <= {TARGET_PROFILE_S:.0f} s: {verdict})"
+    )
+
+    profiles = [MeasuredProfile.from_measurement(d) for d in docs]
+    committed = load_params()["cpu"]
+    result = run_calibration(profiles, committed, iterations=args.iterations)
+    print(
+        f"\ncalibration of cpu: {result.fit_points} points fitted, {len(result.held_out)} held out"
+    )
+    print(f"{'profile':<34} {'rate/s':>7} {'measured s':>10} {'before %':>9} {'after %':>8}")
+    for p, b, a in zip(result.held_out, result.errors_before, result.errors_after, strict=True):
+        print(f"{p.profile.label:<34} {p.rate:7.2f} {p.latency:10.4f} {b:9.1f} {a:8.1f}")
+    verdict = "ok" if result.median_after <= TARGET_ERROR_PCT else "OVER TARGET"
+    print(
+        f"median held-out latency error: before {result.median_before:.1f}%, after "
+        f"{result.median_after:.1f}% (target <= {TARGET_ERROR_PCT:.0f}%: {verdict})"
+    )
+    for name in CALIBRATED:
+        print(f"  {name:<16} {getattr(committed, name):.4g} -> {getattr(result.after, name):.4g}")
+    if args.write_params:
+        write_params("cpu", result.after.to_dict())
+        print("wrote the cpu entry of services/core/perf/params.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

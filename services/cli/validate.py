@@ -1,0 +1,475 @@
+"""``scepsy validate``: the ALP's predictions against real engines behind the router.
+
+    scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
+                    [--requests N] [--profiles measured|analytic] [--scale tiny|full]
+                    [--out DIR] [--json] [--redis-url URL]
+
+For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
+front of them; each LLM of the workflow is a model of the router under its deployment name):
+
+1. a pilot run drives the workflow's program (``services.runtime.driver``) through the router at
+   a light rate; its trace gives the workflow's demand (n_m, p_m, stages, tool time) and each
+   LLM's request mix, as the planner would read them from the router's recorded trace;
+2. each LLM's profile at that mix: ``measured`` (default) - the profile stored under its key, else
+   measured now on the LLM's first registered engine by the ``vllm`` profiler backend (and
+   stored); ``analytic`` - the analytic backend with the device's committed parameters;
+3. the ALP predicts the workflow's throughput T (the allocation: each LLM's registered replicas,
+   TP 1, whole devices) and its latency at each rate: ``--load`` fractions of T (default light
+   load to 80 %), or absolute ``--rates``;
+4. the workflow runs at each rate (Poisson arrivals, ``--requests`` requests, the first tenth
+   warm-up), then once above capacity (1.5 T) to measure the throughput it really reaches;
+5. it prints predicted against measured latency (mean) and throughput with the error, per LLM
+   the call latency too, and writes ``validate.csv`` and ``validate.png`` (the plot needs
+   matplotlib; without it only the CSV is written, and it says so) into ``--out``.
+
+``--scale tiny`` (default) runs the workflow's structure with token lengths that fit the tiny CPU
+test model (``driver.tiny_workflow``); ``full`` runs the evaluation workflow as defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.cli.store_args import add_store_flags, connect_store
+from services.core.allocation import Allocation
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import resolve_model
+from services.core.errors import InvalidInputError, NotFoundError
+from services.core.perf.analytic import RequestMix, profile_analytic
+from services.core.perf.profile import Profile, ProfileKey
+from services.core.planning.alp import Prediction, predict
+from services.core.sim.program import Workflow
+from services.core.sim.workflows import workflow as full_workflow
+from services.core.workload.demand import WorkflowDemand
+from services.core.workload.stats import WorkflowStats, workflow_stats
+from services.profiler.vllm_backend import SweepConfig, VllmBackend, stderr_progress
+from services.runtime.driver import DriveResult, WorkflowDriver, direct_session, tiny_workflow
+from services.runtime.store import Store
+
+DEFAULT_LOADS = (0.2, 0.4, 0.6, 0.8)
+OVERLOAD = 1.5  # the capacity run offers this times the predicted throughput
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "validate", help="ALP predictions against real engines behind the router"
+    )
+    parser.add_argument("--workflow", required=True, help="rag, beam, composite, ...")
+    parser.add_argument("--router", required=True, help="router base URL (http://host:port)")
+    parser.add_argument("--scale", choices=("tiny", "full"), default="tiny", help="lengths")
+    parser.add_argument("--gpu", default="cpu", help="device type of the engines (cpu)")
+    parser.add_argument(
+        "--profiles",
+        choices=("measured", "analytic"),
+        default="measured",
+        help="where the ALP's profiles come from (measured: the vllm backend on the engines)",
+    )
+    parser.add_argument("--load", help="rates as fractions of the predicted throughput")
+    parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
+    parser.add_argument("--requests", type=int, default=40, help="requests per rate (40)")
+    parser.add_argument("--pilot-rate", type=float, default=0.3, help="pilot run, requests/s")
+    parser.add_argument("--pilot-requests", type=int, default=12, help="pilot run requests")
+    parser.add_argument(
+        "--capacity-requests", type=int, default=40, help="requests of the capacity run (0: none)"
+    )
+    parser.add_argument("--profile-budget", type=float, default=120.0, help="s per profile")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the programs' draws")
+    parser.add_argument("--out", type=Path, help="directory for validate.csv / validate.png")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_store_flags(parser)
+    parser.set_defaults(func=cmd_validate)
+
+
+def _positive_list(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidInputError(f"{flag}: comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise InvalidInputError(f"{flag}: numbers > 0, got {text!r}")
+    return sorted(values)
+
+
+@dataclass(frozen=True, slots=True)
+class RateRow:
+    rate: float
+    load: float  # rate / predicted throughput
+    predicted_latency: float
+    measured_latency: float
+    p50: float
+    p99: float
+    predicted_throughput: float
+    measured_throughput: float
+    requests: int
+    errors: int
+    llm_predicted: dict[str, float]  # per-call latency
+    llm_measured: dict[str, float]
+
+    @property
+    def latency_error(self) -> float:
+        return _ape(self.predicted_latency, self.measured_latency)
+
+    @property
+    def throughput_error(self) -> float:
+        return _ape(self.predicted_throughput, self.measured_throughput)
+
+
+def _ape(predicted: float, measured: float) -> float:
+    if not (math.isfinite(predicted) and math.isfinite(measured) and measured > 0):
+        return math.inf
+    return abs(predicted / measured - 1) * 100
+
+
+def _llm_latency(run: DriveResult) -> dict[str, float]:
+    by_model: dict[str, list[float]] = {}
+    for r in run.measured:
+        for model, call in r.calls:
+            if call.ok:
+                by_model.setdefault(model, []).append(call.latency)
+    return {m: float(np.mean(v)) for m, v in sorted(by_model.items())}
+
+
+class Validation:
+    """One ``scepsy validate`` run (module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, store: Store) -> None:
+        self.args = args
+        self.store = store
+        self.gpu = gpu_spec(args.gpu)
+        self.workflow: Workflow = (
+            tiny_workflow(args.workflow) if args.scale == "tiny" else full_workflow(args.workflow)
+        )
+        self.sources: dict[str, str] = {}
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    async def replicas(self) -> dict[str, list[str]]:
+        endpoints = await self.store.list_endpoints()
+        found: dict[str, list[str]] = {}
+        for e in endpoints:
+            found.setdefault(e.model, []).append(e.url)
+        missing = [m for m in self.workflow.models if m not in found]
+        if missing:
+            raise NotFoundError(
+                f"router: no engines registered for {', '.join(missing)} (workflow "
+                f"{self.workflow.name}); register them with `scepsy endpoints add MODEL URL`"
+            )
+        return {m: found[m] for m in self.workflow.models}
+
+    async def profile(self, name: str, mix: RequestMix, url: str) -> Profile:
+        model = resolve_model(self.workflow.models[name])
+        if self.args.profiles == "analytic":
+            self.sources[name] = "analytic"
+            return profile_analytic(model, self.gpu, 1, 1.0, mix, self.args.seed)
+        backend = VllmBackend(
+            endpoint=url,
+            config=SweepConfig(budget_s=self.args.profile_budget),
+            progress=stderr_progress,
+        )
+        key = ProfileKey(model.name, self.gpu.name, 1, 1.0, backend.engine, mix.id)
+        stored = await self.store.get_profile(key)
+        if stored is not None:
+            self.sources[name] = f"stored {key.engine}"
+            return stored
+        self.log(f"measuring {name} ({model.name}) at {url}, mix {mix.id}")
+        measured = await asyncio.to_thread(
+            backend.measure, model, self.gpu, 1, 1.0, mix, self.args.seed
+        )
+        profile = measured.profile()
+        await self.store.put_measured_profile(profile, measured.stored_points(), measured.method)
+        self.sources[name] = f"measured {profile.key.engine}"
+        return profile
+
+    def predict_at(
+        self,
+        demand: WorkflowDemand,
+        profiles: Mapping[str, Profile],
+        replicas: Mapping[str, int],
+        rate: float,
+    ) -> Prediction:
+        allocation = {m: Allocation(1.0, 1, replicas[m]) for m in profiles}
+        return predict(
+            [demand],
+            lambda model, tp, fraction: profiles[model],
+            allocation,
+            {demand.name: rate},
+        )
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        started = time.monotonic()
+        urls = await self.replicas()
+        async with direct_session() as session:
+            driver = WorkflowDriver(args.router, self.workflow, session, store=self.store)
+            self.log(f"pilot: {args.pilot_requests} requests at {args.pilot_rate:g}/s")
+            pilot = await driver.run(args.pilot_rate, args.pilot_requests, seed=args.seed + 1)
+            stats = _stats_of(pilot, self.workflow.name)
+            demand = WorkflowDemand.from_stats(stats)
+            profiles: dict[str, Profile] = {}
+            for d in demand.llms:
+                mix = RequestMix.from_samples(stats.llm(d.model).sample)
+                profiles[d.model] = await self.profile(d.model, mix, urls[d.model][0])
+            replicas = {m: len(urls[m]) for m in profiles}
+            capacity = self.predict_at(demand, profiles, replicas, 1e-6).workflows[0].throughput
+            if args.rates:
+                rates = _positive_list("--rates", args.rates)
+            else:
+                loads = _positive_list("--load", args.load) if args.load else list(DEFAULT_LOADS)
+                rates = [f * capacity for f in loads]
+            rows: list[RateRow] = []
+            for i, rate in enumerate(rates):
+                self.log(f"rate {i + 1}/{len(rates)}: {args.requests} requests at {rate:.3f}/s")
+                run = await driver.run(
+                    rate, args.requests, seed=args.seed + 10 + i, warmup=args.requests // 10
+                )
+                prediction = self.predict_at(demand, profiles, replicas, rate)
+                stats_ = run.latency_stats()
+                rows.append(
+                    RateRow(
+                        rate=rate,
+                        load=rate / capacity,
+                        predicted_latency=prediction.workflows[0].latency,
+                        measured_latency=stats_["mean"],
+                        p50=stats_["p50"],
+                        p99=stats_["p99"],
+                        predicted_throughput=min(rate, capacity),
+                        measured_throughput=run.throughput(),
+                        requests=len(run.measured),
+                        errors=run.errors,
+                        llm_predicted={m.model: m.call_latency for m in prediction.llms},
+                        llm_measured=_llm_latency(run),
+                    )
+                )
+            measured_capacity = math.nan
+            if args.capacity_requests > 0:
+                rate = OVERLOAD * capacity
+                self.log(f"capacity: {args.capacity_requests} requests at {rate:.3f}/s")
+                run = await driver.run(rate, args.capacity_requests, seed=args.seed + 999, warmup=0)
+                measured_capacity = run.saturated_throughput()
+        return {
+            "workflow": self.workflow.name,
+            "scale": args.scale,
+            "device": self.gpu.name,
+            "profiles": self.sources,
+            "replicas": replicas,
+            "demand": {
+                "llms": {d.model: {"n": d.n, "p": d.p} for d in demand.llms},
+                "stages": [list(s) for s in demand.stages],
+                "tool_time_s": demand.tool_time,
+            },
+            "predicted_throughput": capacity,
+            "measured_throughput": measured_capacity,
+            "throughput_error": _ape(capacity, measured_capacity),
+            "rows": rows,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+
+
+def _stats_of(run: DriveResult, name: str) -> WorkflowStats:
+    for stats in workflow_stats(run.trace()):
+        if stats.workflow == name:
+            if stats.requests == 0:
+                break
+            return stats
+    raise InvalidInputError(
+        f"pilot: no request of {name} succeeded ({run.errors} failed); is the router serving?"
+    )
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.median(finite)) if finite else math.nan
+
+
+def summary(result: Mapping[str, Any]) -> dict[str, float]:
+    rows: list[RateRow] = result["rows"]
+    return {
+        "median_latency_error": _median([r.latency_error for r in rows]),
+        "median_throughput_error": _median([r.throughput_error for r in rows]),
+        "capacity_error": result["throughput_error"],
+    }
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    rows: list[RateRow] = result["rows"]
+    demand = result["demand"]
+    lines = [
+        f"workflow {result['workflow']} ({result['scale']}) on {result['device']}: replicas "
+        + ", ".join(f"{m} x{r}" for m, r in result["replicas"].items())
+        + "; profiles "
+        + ", ".join(f"{m}: {s}" for m, s in result["profiles"].items()),
+        "demand (pilot trace): "
+        + ", ".join(f"{m} n={v['n']:.2f} p={v['p']:.2f}" for m, v in demand["llms"].items())
+        + f", stages {demand['stages']}, tool {demand['tool_time_s']:.3f} s",
+        f"  {'rate/s':>7} {'load':>5} {'pred s':>7} {'meas s':>7} {'err %':>6} {'p50 s':>6} "
+        f"{'p99 s':>6} {'pred/s':>7} {'meas/s':>7} {'err %':>6} {'errors':>7}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r.rate:7.3f} {r.load:5.2f} {r.predicted_latency:7.3f} {r.measured_latency:7.3f} "
+            f"{r.latency_error:6.1f} {r.p50:6.3f} {r.p99:6.3f} {r.predicted_throughput:7.3f} "
+            f"{r.measured_throughput:7.3f} {r.throughput_error:6.1f} {r.errors:3d}/{r.requests}"
+        )
+    lines.append("  per-LLM call latency, predicted / measured (s):")
+    for r in rows:
+        parts = [
+            f"{m} {r.llm_predicted.get(m, math.nan):.3f}/{r.llm_measured.get(m, math.nan):.3f}"
+            for m in sorted(set(r.llm_predicted) | set(r.llm_measured))
+        ]
+        lines.append(f"    rate {r.rate:.3f}: " + ", ".join(parts))
+    s = summary(result)
+    lines.append(
+        f"throughput (capacity): predicted {result['predicted_throughput']:.3f}/s, measured "
+        f"{result['measured_throughput']:.3f}/s, error {s['capacity_error']:.1f}%"
+    )
+    lines.append(
+        f"median error: latency {s['median_latency_error']:.1f}%, throughput "
+        f"{s['median_throughput_error']:.1f}% ({result['seconds']:.0f} s)"
+    )
+    return "\n".join(lines)
+
+
+def result_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        if isinstance(value, RateRow):
+            return clean(
+                {
+                    **{f: getattr(value, f) for f in RateRow.__slots__},
+                    "latency_error": value.latency_error,
+                    "throughput_error": value.throughput_error,
+                }
+            )
+        return value
+
+    out: dict[str, Any] = clean(dict(result))
+    out.update(clean(summary(result)))
+    return out
+
+
+def write_outputs(result: Mapping[str, Any], out: Path) -> list[str]:
+    """``validate.csv`` always; ``validate.png`` when matplotlib is installed. Returns notes."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"--out: cannot create {str(out)!r}: {exc}") from None
+    rows: list[RateRow] = result["rows"]
+    notes = []
+    with (out / "validate.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "rate", "load", "predicted_latency_s", "measured_latency_s", "latency_error_pct",
+                "p50_s", "p99_s", "predicted_throughput", "measured_throughput",
+                "throughput_error_pct", "requests", "errors",
+            ]
+        )  # fmt: skip
+        for r in rows:
+            writer.writerow(
+                [
+                    f"{r.rate:.5g}", f"{r.load:.4g}", f"{r.predicted_latency:.5g}",
+                    f"{r.measured_latency:.5g}", f"{r.latency_error:.4g}", f"{r.p50:.5g}",
+                    f"{r.p99:.5g}", f"{r.predicted_throughput:.5g}",
+                    f"{r.measured_throughput:.5g}", f"{r.throughput_error:.4g}", r.requests,
+                    r.errors,
+                ]
+            )  # fmt: skip
+    notes.append(f"wrote {out / 'validate.csv'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        notes.append("matplotlib is not installed: no plot, only the CSV")
+        return notes
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    rates = [r.rate for r in rows]
+    ax1.plot(rates, [r.predicted_latency for r in rows], "o-", label="ALP predicted")
+    ax1.errorbar(
+        rates,
+        [r.measured_latency for r in rows],
+        yerr=[
+            [max(r.measured_latency - r.p50, 0) for r in rows],
+            [max(r.p99 - r.measured_latency, 0) for r in rows],
+        ],
+        fmt="s--",
+        label="measured (mean; p50-p99)",
+    )
+    ax1.set_xlabel("requests/s")
+    ax1.set_ylabel("workflow latency, s")
+    ax1.legend()
+    ax2.plot(rates, [r.predicted_throughput for r in rows], "o-", label="ALP predicted")
+    ax2.plot(rates, [r.measured_throughput for r in rows], "s--", label="measured")
+    capacity = result["predicted_throughput"]
+    ax2.axhline(capacity, color="gray", linestyle=":", label=f"predicted capacity {capacity:.2f}")
+    measured = result["measured_throughput"]
+    if math.isfinite(measured):
+        ax2.axhline(measured, color="red", linestyle=":", label=f"measured capacity {measured:.2f}")
+    ax2.set_xlabel("offered requests/s")
+    ax2.set_ylabel("throughput, requests/s")
+    ax2.legend()
+    fig.suptitle(f"{result['workflow']} on {result['device']}: ALP vs real engines")
+    fig.tight_layout()
+    fig.savefig(out / "validate.png", dpi=100)
+    plt.close(fig)
+    notes.append(f"wrote {out / 'validate.png'}")
+    return notes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.rates and args.load:
+        raise InvalidInputError("--rates: give --rates or --load, not both")
+    if args.rates:
+        _positive_list("--rates", args.rates)
+    if args.load:
+        _positive_list("--load", args.load)
+    if args.requests < 2:
+        raise InvalidInputError(f"--requests: must be >= 2, got {args.requests}")
+    if args.pilot_requests < 1:
+        raise InvalidInputError(f"--pilot-requests: must be >= 1, got {args.pilot_requests}")
+    if not args.pilot_rate > 0:
+        raise InvalidInputError(f"--pilot-rate: must be > 0, got {args.pilot_rate}")
+    if args.capacity_requests < 0:
+        raise InvalidInputError(f"--capacity-requests: must be >= 0, got {args.capacity_requests}")
+    if not args.router.startswith(("http://", "https://")):
+        raise InvalidInputError(f"--router: an http(s) base URL, got {args.router!r}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    check_args(args)
+
+    async def main() -> dict[str, Any]:
+        store = connect_store(args)
+        try:
+            return await Validation(args, store).run()
+        finally:
+            await store.close()
+
+    result = asyncio.run(main())
+    notes = write_outputs(result, args.out) if args.out is not None else []
+    if args.json:
+        print(json.dumps(result_json(result)))
+    else:
+        print(format_result(result))
+    for note in notes:
+        print(note, file=sys.stderr if args.json else sys.stdout)
+    return 0

@@ -1,0 +1,551 @@
+"""The ``vllm`` profiler backend: latency against load, measured on a real vLLM engine.
+
+For (model, GPU type, TP, fraction) it starts an engine with the launch code of
+``services.runtime.engines`` (``EngineSpec``, ``LocalEngine``), or attaches to a running one
+(``endpoint``), and drives it with the model's request mix (``RequestMix``: prompt and
+completion lengths from a trace, or fixed). A sweep:
+
+1. warm-up calls (not measured), then the idle latency: a few calls one after another;
+2. a probe: a burst of calls sent at once; their completion rate is the first estimate of the
+   engine's capacity X;
+3. rising offered rates ``RATE_STEPS x X``. At each rate calls arrive as a Poisson process
+   (``mode="poisson"``) or, in fan-out mode, groups of ``fanout`` calls arrive together as
+   workflows send them (the groups are Poisson at rate / fanout). The first ``warmup_s`` of each
+   rate fill the engine; the calls arriving in the next ``window_s`` are measured: latency mean,
+   p50, p99, TTFT, TPOT, achieved throughput (calls completed inside the window per second) and
+   errors. A failed call is a result (counted, with its reason), never the end of the sweep;
+4. the sweep stops at saturation: the engine falls behind (of the calls that arrived in the
+   window, more than ``1 - keep_up`` of them and at least ``min_behind`` calls were not matched
+   by completions inside it: the throughput stops following the rate), or mean latency passes
+   ``latency_bound`` x the idle latency; or when the next rate would not fit ``budget_s``.
+   Completions count every call finishing inside the window (warm-up arrivals too), so that at
+   a sustainable rate they match the arrivals up to Poisson noise.
+
+The profile's saturation rate is the highest throughput achieved (probe included); its points
+are the rates below it that had successful calls. The key's engine is ``vllm-<version>`` as the
+engine reports it (``GET /version``), so profiles of different engine versions never mix; how it
+was measured (``Measurement.method``) is stored with it (``Store.put_measured_profile``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from services.core.cluster.hardware import GpuSpec
+from services.core.cluster.models import ModelSpec
+from services.core.errors import InfeasibleError, InvalidInputError, UnavailableError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
+from services.runtime.driver import CallOutcome, direct_session, send_completion
+from services.runtime.engines import EngineSpec, LocalEngine, engine_venv
+
+ENGINE_PREFIX = "vllm"
+RATE_STEPS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.05, 1.2, 1.4)
+MODEL_DIRS_ENV = "SCEPSY_MODEL_DIRS"  # "name=path,name=path": where to load catalogue models from
+CPU_GPU = "cpu"
+MODES = ("poisson", "fanout")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SweepConfig:
+    """How one profile is measured (module docstring)."""
+
+    mode: str = "poisson"
+    fanout: int = 1  # calls per group in fan-out mode (p_m)
+    warmup_s: float = 1.5
+    window_s: float = 4.0
+    rate_steps: tuple[float, ...] = RATE_STEPS
+    probe_calls: int = 32
+    idle_calls: int = 3
+    keep_up: float = 0.85  # saturated when completions < keep_up x arrivals in the window
+    min_behind: int = 3  # ... and at least this many calls behind (Poisson noise)
+    latency_bound: float = 20.0  # ... or when mean latency > this x idle latency
+    budget_s: float = 170.0  # per profile, from the engine being ready
+    call_timeout_s: float = 60.0
+    drain_s: float = 10.0  # how long measured calls may run past the window
+    start_timeout_s: float = 300.0
+    max_model_len: int = 256  # context of engines this backend starts on CPU
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInputError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.fanout < 1:
+            raise InvalidInputError(f"fanout: must be >= 1, got {self.fanout}")
+        if self.mode == "poisson" and self.fanout != 1:
+            raise InvalidInputError(f"fanout: {self.fanout} needs mode 'fanout'")
+        for name in ("warmup_s", "window_s", "budget_s", "call_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name}: must be > 0, got {getattr(self, name)}")
+        steps = list(self.rate_steps)
+        if not steps or steps[0] <= 0 or any(b <= a for a, b in pairwise(steps)):
+            raise InvalidInputError(f"rate_steps: must be > 0 and rising, got {steps}")
+        if self.probe_calls < 2:
+            raise InvalidInputError(f"probe_calls: must be >= 2, got {self.probe_calls}")
+
+
+@dataclass(frozen=True, slots=True)
+class RatePoint:
+    """What one offered rate gave (latencies in s; NaN when no call succeeded)."""
+
+    rate: float  # calls/s offered
+    calls: int  # calls arriving in the steady window
+    ok: int
+    errors: int
+    mean_latency: float
+    p50_latency: float
+    p99_latency: float
+    ttft: float
+    tpot: float
+    throughput: float  # calls/s completed inside the window
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    saturated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """A sweep's result: every rate tried, the saturation rate, and how it was measured."""
+
+    key: ProfileKey
+    points: tuple[RatePoint, ...]
+    saturation_rate: float
+    idle_latency: float
+    stop_reason: str  # "saturated", "budget" or "rates" (every step tried)
+    method: dict[str, Any]
+
+    def profile_points(self) -> tuple[RatePoint, ...]:
+        """The points that go into the profile: below saturation, with a successful call."""
+        return tuple(p for p in self.points if p.ok > 0 and p.rate < self.saturation_rate)
+
+    def profile(self) -> Profile:
+        kept = self.profile_points()
+        if not kept:
+            raise UnavailableError(
+                f"profile {self.key.redis_field()}: no rate below saturation had a successful "
+                f"call (errors: {self.error_kinds() or 'none'})"
+            )
+        points = tuple(
+            ProfilePoint(p.rate, p.mean_latency, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
+            for p in kept
+        )
+        return Profile(self.key, points, self.saturation_rate)
+
+    def stored_points(self) -> list[tuple[float, int, int]]:
+        """(throughput, calls, errors) of each profile point, for ``put_measured_profile``."""
+        return [(p.throughput, p.calls, p.errors) for p in self.profile_points()]
+
+    def error_kinds(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for p in self.points:
+            total.update(p.error_kinds)
+        return dict(total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": asdict(self.key),
+            "points": [_finite(asdict(p)) for p in self.points],
+            "saturation_rate": self.saturation_rate,
+            "idle_latency": self.idle_latency,
+            "stop_reason": self.stop_reason,
+            "method": self.method,
+        }
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
+    }
+
+
+# ------------------------------------------------------------------------------- engines
+def installed_version() -> str | None:
+    """The vLLM version of the engine venv, read from its package metadata (no import)."""
+    for dist in sorted(engine_venv().glob("lib/python*/site-packages/vllm-*.dist-info")):
+        return public_version(dist.name[len("vllm-") : -len(".dist-info")])
+    return None
+
+
+def public_version(version: str) -> str:
+    """``0.32.0+cpu`` -> ``0.32.0``: the engine's ``/version`` answers without the local part
+    (the key's GPU type already tells a CPU build from a CUDA one)."""
+    return version.split("+", 1)[0]
+
+
+def model_dirs(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``$SCEPSY_MODEL_DIRS`` as ``{catalogue name: path or Hub id}``."""
+    raw = (env if env is not None else os.environ).get(MODEL_DIRS_ENV, "")
+    found: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInputError(f"{MODEL_DIRS_ENV}: entries are name=path, got {item!r}")
+        found[name.strip()] = path.strip()
+    return found
+
+
+def engine_spec(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    tp: int,
+    fraction: float,
+    path: str,
+    served_name: str,
+    max_model_len: int,
+) -> EngineSpec:
+    """The engine of one profiled configuration. On the CPU engine there is no TP and no GPU
+    share (``InfeasibleError``, so that a planner skips those configurations); on GPUs a share
+    is an MPS thread percentage and the same share of the memory."""
+    if gpu.name == CPU_GPU:
+        if tp != 1 or fraction != 1:
+            raise InfeasibleError(
+                f"model {model.name} on cpu: the CPU engine is measured at tp 1, fraction 1 "
+                f"only, got tp {tp}, fraction {fraction:g}"
+            )
+        return EngineSpec.cpu(path, served_name, max_model_len=max_model_len)
+    env: tuple[tuple[str, str], ...] = ()
+    if fraction < 1:
+        env = (("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(max(1, round(100 * fraction)))),)
+    return EngineSpec(
+        model=path,
+        served_model_name=served_name,
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=round(0.9 * fraction, 4),
+        env=env,
+    )
+
+
+# ------------------------------------------------------------------------------- the sweep
+async def engine_version(session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> str:
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.get(f"{base_url}/version") as reply:
+                if reply.status == 200:
+                    return str((await reply.json())["version"])
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError):
+        pass
+    return "unknown"
+
+
+async def served_model(session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> str:
+    """The first model the engine serves (``GET /v1/models``)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.get(f"{base_url}/v1/models") as reply:
+                data = await reply.json()
+        return str(data["data"][0]["id"])
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, IndexError):
+        raise UnavailableError(f"endpoint {base_url}: no model listed at /v1/models") from None
+
+
+def _point(
+    rate: float,
+    measured: list[CallOutcome],
+    finished: list[CallOutcome],
+    window: tuple[float, float],
+) -> RatePoint:
+    """``measured``: the calls that arrived in the window; ``finished``: every call that ended
+    (for the completions inside the window)."""
+    lo, hi = window
+    ok = [c for c in measured if c.ok]
+    kinds = Counter(c.error.split(":")[0] for c in measured if not c.ok)
+    latency = np.asarray([c.latency for c in ok], dtype=float)
+    ttft = [c.ttft for c in ok if c.ttft is not None]
+    tpot = [t for c in ok if (t := c.tpot) is not None]
+    done = sum(1 for c in finished if c.ok and lo <= c.end < hi)
+    nan = math.nan
+    return RatePoint(
+        rate=rate,
+        calls=len(measured),
+        ok=len(ok),
+        errors=len(measured) - len(ok),
+        mean_latency=float(latency.mean()) if latency.size else nan,
+        p50_latency=float(np.percentile(latency, 50)) if latency.size else nan,
+        p99_latency=float(np.percentile(latency, 99)) if latency.size else nan,
+        ttft=float(np.mean(ttft)) if ttft else nan,
+        tpot=float(np.mean(tpot)) if tpot else 0.0,
+        throughput=done / (hi - lo),
+        error_kinds=dict(kinds),
+    )
+
+
+class Sweep:
+    """One profile's measurement against the engine at ``base_url`` (module docstring)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        served_name: str,
+        mix: RequestMix,
+        config: SweepConfig,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.served_name = served_name
+        self.mix = mix
+        self.config = config
+        self._rng = np.random.default_rng([seed, 7])
+        self._progress = progress or (lambda _: None)
+
+    def _draw(self) -> tuple[int, int]:
+        prompt, completion = self.mix.draw(1, self._rng)
+        return int(prompt[0]), int(completion[0])
+
+    async def _call(self, session: aiohttp.ClientSession) -> CallOutcome:
+        prompt, completion = self._draw()
+        return await send_completion(
+            session,
+            self.base_url,
+            self.served_name,
+            prompt,
+            completion,
+            np.random.default_rng(),
+            timeout_s=self.config.call_timeout_s,
+            clock=time.monotonic,
+        )
+
+    async def _burst(self, session: aiohttp.ClientSession, n: int) -> list[CallOutcome]:
+        return list(await asyncio.gather(*(self._call(session) for _ in range(n))))
+
+    async def _rate(self, session: aiohttp.ClientSession, rate: float) -> RatePoint:
+        cfg = self.config
+        group = cfg.fanout if cfg.mode == "fanout" else 1
+        span = cfg.warmup_s + cfg.window_s
+        t0 = time.monotonic()
+        offsets: list[float] = []
+        t = float(self._rng.exponential(group / rate))
+        while t < span:
+            offsets.append(t)
+            t += float(self._rng.exponential(group / rate))
+        tasks: list[asyncio.Task[CallOutcome]] = []
+        for offset in offsets:
+            delay = t0 + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.extend(asyncio.create_task(self._call(session)) for _ in range(group))
+        window = (t0 + cfg.warmup_s, t0 + span)
+        # Wait for the calls that arrived in the window, at most ``drain_s`` past it: an engine
+        # that cannot keep up would otherwise hold the sweep for a call deadline. A call still
+        # running then is an error ("unfinished"); the warm-up calls only loaded the engine.
+        measured = [
+            (task, offset)
+            for task, offset in zip(tasks, _repeat(offsets, group), strict=True)
+            if offset >= cfg.warmup_s
+        ]
+        if measured:
+            remaining = t0 + span + cfg.drain_s - time.monotonic()
+            await asyncio.wait([task for task, _ in measured], timeout=max(remaining, 0.1))
+        now = time.monotonic()
+        outcomes = [
+            task.result()
+            if task.done()
+            else CallOutcome(t0 + offset, now, None, 0, 0, "unfinished: still running")
+            for task, offset in measured
+        ]
+        finished = [task.result() for task in tasks if task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return _point(rate, outcomes, finished, window)
+
+    async def run(self, key_of: Callable[[str], ProfileKey]) -> Measurement:
+        cfg = self.config
+        started = time.monotonic()
+        async with direct_session() as session:
+            version = await engine_version(session, self.base_url, 10.0)
+            key = key_of(f"{ENGINE_PREFIX}-{public_version(version)}")
+            self._progress(f"{key.redis_field()}: warm-up")
+            await self._burst(session, 4)
+            idle: list[CallOutcome] = []
+            for _ in range(cfg.idle_calls):
+                idle.append(await self._call(session))
+            idle_ok = [c.latency for c in idle if c.ok]
+            if not idle_ok:
+                kinds = Counter(c.error for c in idle)
+                raise UnavailableError(
+                    f"engine {self.base_url}: every idle call failed ({dict(kinds)})"
+                )
+            idle_latency = float(np.mean(idle_ok))
+            probe = await self._burst(session, cfg.probe_calls)
+            probe_ok = [c for c in probe if c.ok]
+            if len(probe_ok) >= 2:
+                span = max(c.end for c in probe_ok) - min(c.start for c in probe)
+                capacity = len(probe_ok) / span
+            else:
+                capacity = 1.0 / idle_latency
+            self._progress(
+                f"{key.redis_field()}: idle latency {idle_latency:.3f} s, "
+                f"probe {capacity:.2f} calls/s"
+            )
+            points: list[RatePoint] = []
+            stop = "rates"
+            for i, step in enumerate(cfg.rate_steps):
+                elapsed = time.monotonic() - started
+                if elapsed + cfg.warmup_s + 2 * cfg.window_s > cfg.budget_s:
+                    stop = "budget"
+                    break
+                rate = step * capacity
+                point = await self._rate(session, rate)
+                saturated = self._saturated(point, idle_latency)
+                points.append(replace(point, saturated=saturated))
+                self._progress(
+                    f"{key.redis_field()}: rate {i + 1}/{len(cfg.rate_steps)} "
+                    f"{_bar(i + 1, len(cfg.rate_steps))} offered {rate:.2f}/s "
+                    f"done {point.throughput:.2f}/s mean {point.mean_latency:.3f} s "
+                    f"errors {point.errors} [{time.monotonic() - started:.0f}/"
+                    f"{cfg.budget_s:.0f} s]"
+                )
+                if saturated:
+                    stop = "saturated"
+                    break
+        # Saturated: the best throughput achieved is the capacity. Otherwise the capacity is at
+        # least the highest rate the engine kept up with (a burst's rate is not sustainable).
+        saturation = max((p.throughput for p in points), default=0.0)
+        if stop != "saturated":
+            saturation = max([saturation, *(p.rate for p in points if p.ok)])
+        if not saturation > 0:
+            raise UnavailableError(
+                f"engine {self.base_url}: no call succeeded in the sweep "
+                f"({dict(Counter(k for p in points for k in p.error_kinds))})"
+            )
+        method = {
+            "backend": "vllm",
+            "engine_version": version,
+            "endpoint": self.base_url,
+            "served_model": self.served_name,
+            "mode": cfg.mode,
+            "fanout": cfg.fanout,
+            "warmup_s": cfg.warmup_s,
+            "window_s": cfg.window_s,
+            "probe_calls": cfg.probe_calls,
+            "probe_rate": capacity,
+            "idle_latency_s": idle_latency,
+            "rates_tried": [p.rate for p in points],
+            "errors": dict(sum((Counter(p.error_kinds) for p in points), Counter())),
+            "stop_reason": stop,
+            "mix_samples": [list(pair) for pair in self.mix.samples],
+            "seconds": round(time.monotonic() - started, 2),
+            "measured_at": time.time(),
+        }
+        return Measurement(key, tuple(points), saturation, idle_latency, stop, method)
+
+    def _saturated(self, point: RatePoint, idle: float) -> bool:
+        """Behind the calls that really arrived in the window (a Poisson window holds more or
+        fewer than rate x window), or latency past the bound (module docstring)."""
+        cfg = self.config
+        behind = point.calls - point.throughput * cfg.window_s
+        if behind > max((1 - cfg.keep_up) * point.calls, cfg.min_behind - 0.5):
+            return True
+        return bool(point.ok and point.mean_latency > cfg.latency_bound * idle)
+
+
+def _repeat(values: list[float], times: int) -> Iterator[float]:
+    for v in values:
+        for _ in range(times):
+            yield v
+
+
+def _bar(done: int, total: int, width: int = 10) -> str:
+    filled = round(width * done / total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- the backend
+class VllmBackend:
+    """A ``ProfileBackend`` measuring real vLLM engines (module docstring).
+
+    ``endpoint``: attach to the engine at this base URL instead of starting one (its served
+    model is read from ``/v1/models``). Otherwise the model's weights come from ``model_dir``,
+    else ``$SCEPSY_MODEL_DIRS`` (``name=path,...``), else the catalogue name as a Hub id; the
+    engine's log goes to ``log_dir``.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        *,
+        endpoint: str | None = None,
+        model_dir: str | Path | None = None,
+        config: SweepConfig | None = None,
+        log_dir: Path | None = None,
+        progress: Progress | None = None,
+        vllm: Path | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.model_dir = str(model_dir) if model_dir is not None else None
+        self.config = config or SweepConfig()
+        self.log_dir = log_dir
+        self.progress = progress
+        self.vllm = vllm
+        # The key's engine: ``vllm-<version>`` of the engine venv. A measured key names the
+        # version the engine itself reports (the same, for engines started from that venv).
+        self.engine = f"{ENGINE_PREFIX}-{installed_version() or 'unknown'}"
+
+    def profile(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
+    ) -> Profile:
+        return self.measure(model, gpu, tp, fraction, mix, seed).profile()
+
+    def measure(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
+    ) -> Measurement:
+        """Measure one configuration (blocking: runs its own event loop; call it from a worker
+        thread in asyncio code)."""
+        with self._engine(model, gpu, tp, fraction, mix) as (base_url, served):
+            sweep = Sweep(base_url, served, mix, self.config, seed, self.progress)
+            return asyncio.run(
+                sweep.run(
+                    lambda engine: ProfileKey(model.name, gpu.name, tp, fraction, engine, mix.id)
+                )
+            )
+
+    @contextlib.contextmanager
+    def _engine(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix
+    ) -> Iterator[tuple[str, str]]:
+        if self.endpoint is not None:
+            served = asyncio.run(_served(self.endpoint))
+            yield self.endpoint, served
+            return
+        if mix.longest > self.config.max_model_len and gpu.name == CPU_GPU:
+            raise InfeasibleError(
+                f"model {model.name} on cpu: the mix {mix.id!r} has calls of {mix.longest} "
+                f"tokens, the engine's context is {self.config.max_model_len}"
+            )
+        path = self.model_dir or model_dirs().get(model.name) or model.name
+        served = model.name.replace("/", "--")
+        spec = engine_spec(model, gpu, tp, fraction, path, served, self.config.max_model_len)
+        log_dir = self.log_dir or Path(tempfile.gettempdir()) / "scepsy-profiler"
+        log = log_dir / f"{served}-tp{tp}-f{fraction:g}-{os.getpid()}.log"
+        if self.progress:
+            self.progress(f"starting engine {served} ({path}); log {log}")
+        with LocalEngine(spec, log, vllm=self.vllm) as engine:
+            engine.start()
+            engine.wait_ready(time.monotonic() + self.config.start_timeout_s)
+            yield engine.base_url, served
+
+
+async def _served(endpoint: str) -> str:
+    async with direct_session() as session:
+        return await served_model(session, endpoint, 10.0)

@@ -1,0 +1,80 @@
+"""Calibration recovers known parameters from profiles generated with them (pure: the
+"measurements" are the analytic engine's own at those parameters), and reads measurement
+documents naming the bad field. The engine test (real CPU measurements) is in
+tests/profiler/test_vllm_backend.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import resolve_model
+from services.core.errors import InvalidInputError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.calibrate import (
+    MeasuredProfile,
+    Point,
+    calibrate,
+    latency_errors,
+    predict_latency,
+    predict_saturation,
+    run_calibration,
+    split,
+)
+from services.core.perf.model import load_params
+
+TINY = resolve_model("tiny-llama")
+CPU = gpu_spec("cpu")
+COMMITTED = load_params()["cpu"]
+TRUE = replace(COMMITTED, step_overhead_s=4e-3, seq_overhead_s=2e-4)
+
+
+def synthetic(mix: RequestMix, fractions: tuple[float, ...]) -> MeasuredProfile:
+    """A profile 'measured' on an engine that follows the analytic model with TRUE."""
+    probe = MeasuredProfile(TINY, CPU, 1, 1.0, mix, (1.0,), (1.0,), 1.0)
+    saturation = predict_saturation(probe, TRUE)
+    rates = tuple(f * saturation for f in fractions)
+    latencies = tuple(predict_latency(Point(probe, r, 1.0), TRUE) for r in rates)
+    return MeasuredProfile(TINY, CPU, 1, 1.0, mix, rates, latencies, saturation)
+
+
+def test_split_alternates_rates_within_each_profile() -> None:
+    a = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(8, 8), (3, 1, 2, 4), (1, 1, 1, 1), 5)
+    fit, held = split([a])
+    assert [p.rate for p in fit] == [1, 3] and [p.rate for p in held] == [2, 4]
+
+
+def test_calibration_recovers_the_overheads_it_was_generated_with() -> None:
+    profile = synthetic(RequestMix.fixed(64, 32), (0.1, 0.3, 0.5, 0.7))
+    fit, held = split([profile])
+    start = replace(COMMITTED, step_overhead_s=1e-3, seq_overhead_s=1e-5)
+    fitted = calibrate(fit, start, names=("step_overhead_s", "seq_overhead_s"), iterations=60)
+    assert fitted.step_overhead_s == pytest.approx(TRUE.step_overhead_s, rel=0.1)
+    assert fitted.seq_overhead_s == pytest.approx(TRUE.seq_overhead_s, rel=0.3)
+    # the held-out rates, never fitted, are predicted well after and badly before
+    assert max(latency_errors(held, fitted)) < 5.0
+    assert min(latency_errors(held, start)) > 20.0
+    # the parameters not calibrated keep their values
+    assert fitted.kv_bandwidth_eff == start.kv_bandwidth_eff
+
+
+def test_run_calibration_scores_before_and_after_on_held_out_points() -> None:
+    profile = synthetic(RequestMix.fixed(32, 16), (0.1, 0.4, 0.6))
+    start = replace(COMMITTED, step_overhead_s=1e-3, seq_overhead_s=1e-5)
+    result = run_calibration([profile], start, names=("step_overhead_s",), iterations=40)
+    assert result.fit_points == 2 and len(result.held_out) == 1
+    assert result.median_after < result.median_before
+
+
+def test_a_measurement_document_missing_a_field_is_named() -> None:
+    with pytest.raises(InvalidInputError, match=r"m\.json\[0\]: not a measurement document"):
+        MeasuredProfile.from_measurement({"key": {}}, "m.json[0]")
+
+
+def test_profiles_of_several_devices_are_refused() -> None:
+    a = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(8, 8), (1,), (1,), 2)
+    b = replace(a, gpu=gpu_spec("H100-SXM"))
+    with pytest.raises(InvalidInputError, match="one device at a time"):
+        run_calibration([a, b], COMMITTED)

@@ -1,0 +1,227 @@
+"""The ``vllm`` profiler backend on a real tiny-model vLLM CPU engine (one engine for the module),
+with profiles stored in a real Redis and read back by the planner's profile source and plan path.
+
+Sweeps here are short (sub-second warm-up, 2 s windows, rates climbing fast to saturation):
+they check behaviour, not accuracy. Run under ``flock /tmp/scepsy-engines.lock`` with
+``SCEPSY_ENGINE_VENV`` set; without the engine venv these tests skip (fail under CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.scepsy.v1 import profiler_pb2, profiler_pb2_grpc
+from services.core.cluster.hardware import gpu_spec
+from services.core.cluster.models import resolve_model
+from services.core.errors import InfeasibleError, InvalidInputError, NotFoundError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.calibrate import MeasuredProfile, run_calibration
+from services.core.perf.model import load_params
+from services.core.planning.plan import PlanInputs, make_plan, spec_from_text
+from services.core.planning.profiles import STORED, SpecProfiles, StoreFirst
+from services.profiler import backends as backends_module
+from services.profiler.service import profiler_binding
+from services.profiler.vllm_backend import (
+    Measurement,
+    SweepConfig,
+    VllmBackend,
+    engine_spec,
+    installed_version,
+)
+from services.runtime.config import ServiceConfig
+from services.runtime.convert import profile_key_from_pb
+from services.runtime.engines import (
+    EngineSpec,
+    LocalEngine,
+    run_engine_module,
+    vllm_executable,
+)
+from services.runtime.server import Server
+from services.runtime.store import Store, profiles_from_thread
+
+TINY = resolve_model("tiny-llama")
+CPU = gpu_spec("cpu")
+SHORT = SweepConfig(
+    warmup_s=0.5,
+    window_s=2.0,
+    probe_calls=16,
+    rate_steps=(0.1, 0.3, 0.6, 1.0, 1.6, 2.5, 4.0),
+    drain_s=3.0,
+    budget_s=90.0,
+)
+SPEC = """
+version: 1
+cluster: {gpu_type: cpu, gpus: 1}
+models: {tiny: tiny-llama}
+workflows:
+  - name: chat
+    rate: 0.5
+    stats: {llms: {tiny: {n: 1, prompt_tokens: 24, completion_tokens: 12}}}
+"""
+
+
+# ------------------------------------------------------------------------------- no engine
+def test_sweep_config_names_the_bad_field() -> None:
+    with pytest.raises(InvalidInputError, match="mode"):
+        SweepConfig(mode="burst")
+    with pytest.raises(InvalidInputError, match="fanout: 4 needs mode 'fanout'"):
+        SweepConfig(fanout=4)
+    with pytest.raises(InvalidInputError, match="rate_steps"):
+        SweepConfig(rate_steps=(0.5, 0.2))
+
+
+def test_cpu_engine_has_no_tp_or_share_and_gpu_engines_get_mps() -> None:
+    with pytest.raises(InfeasibleError, match="tp 1, fraction 1 only"):
+        engine_spec(TINY, CPU, 1, 0.5, "/m", "tiny", 256)
+    spec = engine_spec(TINY, gpu_spec("H100-SXM"), 1, 0.5, "/m", "tiny", 256)
+    assert dict(spec.env)["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert spec.gpu_memory_utilization == pytest.approx(0.45)
+
+
+# ------------------------------------------------------------------------------- real engine
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Path:
+    try:
+        return vllm_executable()
+    except NotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the engine tests: {exc}")
+        pytest.skip(f"no engine venv ({exc})")
+
+
+@pytest.fixture(scope="module")
+def engine(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngine]:
+    model_dir = tmp_path_factory.mktemp("models") / "tiny"
+    run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])
+    log = tmp_path_factory.mktemp("engine-logs") / "tiny.log"
+    with LocalEngine(EngineSpec.cpu(model_dir, "tiny-llama"), log, vllm=vllm) as started:
+        started.start()
+        started.wait_ready(time.monotonic() + 300)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def measured(engine: LocalEngine) -> Measurement:
+    """One short sweep of a fixed mix, shared by the tests that only read it."""
+    backend = VllmBackend(endpoint=engine.base_url, config=SHORT)
+    return backend.measure(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 16), seed=0)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_the_curve_rises_with_rate_until_saturation(measured: Measurement) -> None:
+    points = measured.points
+    assert measured.stop_reason == "saturated" and points[-1].saturated
+    assert [p.rate for p in points] == sorted(p.rate for p in points)
+    assert all(p.errors == 0 and p.calls > 0 for p in points)
+    # queueing at the overloaded rate: slower calls than on the nearly idle engine
+    assert points[-1].mean_latency > points[0].mean_latency
+    profile = measured.profile()
+    assert profile.saturation_rate == max(p.throughput for p in points)
+    assert all(p.rate < profile.saturation_rate for p in profile.points)
+    assert profile.key.engine == f"vllm-{installed_version()}"
+    assert all(p.ttft > 0 and 0 < p.tpot < p.mean_latency for p in profile.points)
+    assert measured.method["endpoint"] == measured.method["endpoint"].rstrip("/")
+    assert measured.method["stop_reason"] == "saturated"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_a_failed_request_is_an_error_and_the_sweep_goes_on(engine: LocalEngine) -> None:
+    # Half the calls ask for more than the engine's 256-token context: vLLM answers 400.
+    mix = RequestMix.from_samples([(16, 8), (300, 8)], id="half-too-long")
+    backend = VllmBackend(
+        endpoint=engine.base_url,
+        config=SweepConfig(
+            warmup_s=0.5, window_s=2.0, probe_calls=8, rate_steps=(0.1, 0.2, 0.3), idle_calls=6
+        ),
+    )
+    result = backend.measure(TINY, CPU, 1, 1.0, mix, seed=3)
+    assert len(result.points) == 3  # every rate was measured despite the failures
+    assert sum(p.errors for p in result.points) > 0
+    assert sum(p.ok for p in result.points) > 0
+    assert set(result.error_kinds()) == {"http 400"}
+    assert result.method["errors"]["http 400"] == sum(p.errors for p in result.points)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+async def test_stored_measured_profile_is_read_back_by_the_planner(
+    engine: LocalEngine, store: Store
+) -> None:
+    spec = spec_from_text(SPEC)
+    query = SpecProfiles(spec, backend="vllm").query("tiny", 1, 1.0)
+    backend = VllmBackend(endpoint=engine.base_url, config=SHORT)
+    result = await asyncio.to_thread(backend.measure, TINY, CPU, 1, 1.0, query.mix, 0)
+    await store.put_measured_profile(result.profile(), result.stored_points(), result.method)
+
+    measurement = await store.get_profile_measurement(result.key)
+    assert measurement is not None
+    assert measurement["method"]["backend"] == "vllm"
+    assert [p["calls"] for p in measurement["points"]] == [p.calls for p in result.profile_points()]
+
+    get, put = profiles_from_thread(store, asyncio.get_running_loop(), timeout_s=30)
+    profiles = SpecProfiles(spec, StoreFirst(backends_module.BACKENDS, get, put), backend="vllm")
+    found = await asyncio.to_thread(StoreFirst(backends_module.BACKENDS, get, put).fetch, query)
+    assert found.how == STORED and found.profile == result.profile()
+    plan = await asyncio.to_thread(make_plan, PlanInputs(SPEC, spec, spec.nodes, profiles))
+    (llm,) = plan.llms
+    assert llm.profile_sources == {f"stored {result.key.engine}": 1}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+async def test_profiler_service_measures_with_the_vllm_backend(
+    engine: LocalEngine, store: Store, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry's vllm backend attached to the module's engine (it would start its own).
+    monkeypatch.setitem(
+        backends_module.BACKENDS, "vllm", VllmBackend(endpoint=engine.base_url, config=SHORT)
+    )
+    monkeypatch.setattr(
+        "services.profiler.service.BACKENDS", backends_module.BACKENDS, raising=True
+    )
+    server = Server(
+        ServiceConfig(redis_url=redis_url, drain_s=0, grace_s=1), [profiler_binding(store)]
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = profiler_pb2_grpc.ProfilerStub(channel)
+            request = profiler_pb2.ProfileRequest(
+                backend="vllm",
+                model="tiny-llama",
+                gpu_type="cpu",
+                tp=1,
+                fraction=1.0,
+                mix=profiler_pb2.RequestMixSpec(input_len=20, output_len=10),
+            )
+            first = await stub.Profile(request, timeout=150)
+            again = await stub.Profile(request, timeout=10)
+    finally:
+        await server.stop()
+    assert not first.cached and again.cached
+    assert first.profile.key.engine.startswith("vllm-")
+    assert first.profile.method_json == ""  # the RPC answers the profile; the store has more
+    assert all(p.throughput_rps == 0 for p in first.profile.points)
+    stored = await store.get_profile_measurement(profile_key_from_pb(first.profile.key))
+    assert stored is not None and stored["method"]["mode"] == "poisson"
+    assert all(p["throughput_rps"] > 0 and p["calls"] > 0 for p in stored["points"])
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_calibration_reduces_the_error_on_real_measurements(measured: Measurement) -> None:
+    profile = MeasuredProfile.from_measurement(measured.to_dict())
+    assert len(profile.rates) >= 2
+    result = run_calibration([profile], load_params()["cpu"], iterations=40)
+    assert result.median_after < result.median_before
