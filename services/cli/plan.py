@@ -33,6 +33,7 @@ from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict, 
 from services.core.planning.profiles import SpecProfiles, StoreFirst
 from services.core.workload.spec import load_spec
 from services.profiler.backends import BACKENDS
+from services.runtime import channels
 from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
 from services.runtime.store import Store, profiles_from_thread
@@ -93,7 +94,7 @@ def plan_remote(args: argparse.Namespace, address: str) -> Plan:
     spec_text = _read(args.spec, "--spec")
     cluster_text = _read(args.cluster, "--cluster") if args.cluster else ""
     request = planner_pb2.PlanRequest(spec_yaml=spec_text, cluster_yaml=cluster_text)
-    with grpc.insecure_channel(address) as channel:
+    with channels.channel(address) as channel:
         try:
             response = planner_pb2_grpc.PlannerStub(channel).Plan(request, timeout=args.timeout)
         except grpc.RpcError as exc:

@@ -43,6 +43,7 @@ from services.cli.suite import alive, health
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InvalidInputError, UnavailableError
 from services.core.planning.plan import Plan, plan_dict
+from services.runtime import channels
 from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
 from services.runtime.redis_url import redact
@@ -138,7 +139,7 @@ async def current_plan(address: str, timeout_s: float) -> Plan | None:
     """The current plan, asked of the Planner service at ``address`` (None when there is none).
 
     Raises ``UnavailableError`` naming the planner when it does not answer in ``timeout_s``."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channels.aio_channel(address) as channel:
         stub = planner_pb2_grpc.PlannerStub(channel)
         try:
             response = await stub.GetPlan(planner_pb2.GetPlanRequest(), timeout=timeout_s)

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.errors import UnavailableError
+from services.runtime import channels
 from services.runtime.store import ServiceRecord, Store
 
 LOG_TAIL_CHARS = 1500
@@ -84,7 +85,7 @@ def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
 async def health(address: str, timeout_s: float) -> str:
     """The server's overall health: ``SERVING``, ``NOT_SERVING``, ... or, when the check itself
     fails, the name of its gRPC code (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``)."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channels.aio_channel(address) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s

@@ -29,6 +29,7 @@ from services.core.cluster.inventory import NodeInventory
 from services.core.errors import UnavailableError
 from services.core.placement.heuristic import Assignment, Placement
 from services.core.planning.profiles import COMPUTED, STORED, Found, ProfileQuery
+from services.runtime import channels
 from services.runtime.convert import (
     allocation_to_pb,
     assignment_to_pb,
@@ -53,7 +54,7 @@ class _Channel:
     def get(self) -> grpc.Channel:
         with self._lock:
             if self._channel is None:
-                self._channel = grpc.insecure_channel(self.address)
+                self._channel = channels.channel(self.address)  # TLS as configured
             return self._channel
 
     def close(self) -> None:

@@ -28,10 +28,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
-
 from protos.scepsy.v1 import router_pb2, router_pb2_grpc
 from services.router.schema import REQUEST_ID_HEADER, WORKFLOW_HEADER
+from services.runtime import channels
 
 if TYPE_CHECKING:
     import httpx
@@ -141,7 +140,7 @@ class RouterClient:
     """asyncio gRPC client of ``scepsy.v1.Router``; use as ``async with RouterClient(target)``."""
 
     def __init__(self, target: str, api_key: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = channels.aio_channel(target)  # TLS per SCEPSY_TLS_* (channels)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._api_key = api_key
 
@@ -182,7 +181,7 @@ class SyncRouterClient:
     """Blocking gRPC client of ``scepsy.v1.Router``; use as ``with SyncRouterClient(target)``."""
 
     def __init__(self, target: str, api_key: str | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+        self._channel = channels.channel(target)  # TLS per SCEPSY_TLS_* (channels)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._api_key = api_key
 

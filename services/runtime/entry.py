@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from services.core.errors import ScepsyError
+from services.runtime import channels
 from services.runtime.config import ServiceConfig
 from services.runtime.logging import configure_logging
 from services.runtime.registration import Registration
@@ -49,6 +50,7 @@ def run_service(
             required=("redis_url",),  # never a default Redis that may be somebody else's
         )
         configure_logging(config.log_format, config.log_level)
+        channels.use(channels.Tls.of(config))  # the service's clients use its TLS files
         asyncio.run(_run(config, build, name))
     except ScepsyError as exc:
         print(f"error: {exc}", file=sys.stderr)

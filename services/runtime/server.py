@@ -2,7 +2,8 @@
 stop.
 
 Lifecycle of a ``Server``:
-1. ``start()``: bind (port 0 picks a free port), start the server and its ``GET /metrics``
+1. ``start()``: bind (port 0 picks a free port; TLS, and mutual TLS, when the config names the
+   files: ``services.runtime.channels``), start the server and its ``GET /metrics``
    endpoint (``metrics_port``), run each service's ``on_start`` hook (it can read the bound
    address), then report SERVING for every service and for the whole server ("").
 2. ``stop()``: report NOT_SERVING (load balancers and clients watching health see it), run
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from services.core.errors import UnavailableError
+from services.runtime.channels import Tls
 from services.runtime.config import ServiceConfig
 from services.runtime.errors import ErrorMappingInterceptor
 from services.runtime.logging import get_logger
@@ -112,7 +114,11 @@ class Server:
         )
         address = f"{self._config.host}:{self._config.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self._config.tls_cert:
+                credentials = Tls.of(self._config).server_credentials()
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
             raise UnavailableError(f"port: cannot listen on {address}: {exc}") from None
         await self._server.start()
