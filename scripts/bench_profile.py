@@ -6,8 +6,9 @@
 2. More request mixes (and one fan-out sweep) measured on one engine the bench starts and the
    backend attaches to.
 3. Calibration (``services.core.perf.calibrate``): the ``cpu`` parameters fitted on every other
-   rate of each profile; the median latency error on the held-out rates before (the committed
-   parameters) and after. Target: at most 15 % after.
+   rate of each profile; the median latency error on the held-out rates before (the reference
+   GPU's fitted parameters, which every device got by the transfer rule before calibration) and
+   after. Target: at most 15 % after.
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_profile.py [--quick]
         [--out measurements.json] [--write-params]
@@ -34,6 +35,7 @@ from services.core.cluster.hardware import gpu_spec  # noqa: E402
 from services.core.cluster.models import resolve_model  # noqa: E402
 from services.core.perf.analytic import RequestMix  # noqa: E402
 from services.core.perf.calibrate import CALIBRATED, MeasuredProfile, run_calibration  # noqa: E402
+from services.core.perf.fit import REFERENCE_GPU  # noqa: E402
 from services.core.perf.model import load_params  # noqa: E402
 from services.profiler.vllm_backend import (  # noqa: E402
     Measurement,
@@ -118,7 +120,7 @@ def main() -> int:
     )
 
     profiles = [MeasuredProfile.from_measurement(d) for d in docs]
-    committed = load_params()["cpu"]
+    committed = load_params()[REFERENCE_GPU]
     result = run_calibration(profiles, committed, iterations=args.iterations)
     print(
         f"\ncalibration of cpu: {result.fit_points} points fitted, {len(result.held_out)} held out"

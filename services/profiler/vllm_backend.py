@@ -51,8 +51,13 @@ from services.core.cluster.models import ModelSpec
 from services.core.errors import InfeasibleError, InvalidInputError, UnavailableError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
+from services.core.placement.rules import Assignment
+from services.core.serving import EngineIntent
+from services.core.workload.spec import ModelServing
 from services.runtime.driver import CallOutcome, direct_session, send_completion
 from services.runtime.engines import EngineSpec, LocalEngine, engine_venv
+from services.runtime.launch import LaunchHost, device_of
+from services.runtime.launch import engine_spec as launch_spec
 
 ENGINE_PREFIX = "vllm"
 RATE_STEPS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.05, 1.2, 1.4)
@@ -199,6 +204,9 @@ def model_dirs(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return found
 
 
+FRACTION_UNITS = 100  # a profiled share is expressed in hundredths of a device
+
+
 def engine_spec(
     model: ModelSpec,
     gpu: GpuSpec,
@@ -208,26 +216,33 @@ def engine_spec(
     served_name: str,
     max_model_len: int,
 ) -> EngineSpec:
-    """The engine of one profiled configuration. On the CPU engine there is no TP and no GPU
-    share (``InfeasibleError``, so that a planner skips those configurations); on GPUs a share
-    is an MPS thread percentage and the same share of the memory."""
-    if gpu.name == CPU_GPU:
-        if tp != 1 or fraction != 1:
-            raise InfeasibleError(
-                f"model {model.name} on cpu: the CPU engine is measured at tp 1, fraction 1 "
-                f"only, got tp {tp}, fraction {fraction:g}"
-            )
-        return EngineSpec.cpu(path, served_name, max_model_len=max_model_len)
-    env: tuple[tuple[str, str], ...] = ()
-    if fraction < 1:
-        env = (("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(max(1, round(100 * fraction)))),)
-    return EngineSpec(
-        model=path,
-        served_model_name=served_name,
-        tensor_parallel_size=tp,
-        gpu_memory_utilization=round(0.9 * fraction, 4),
-        env=env,
+    """The engine of one profiled configuration, by the agent's launch rules
+    (``services.runtime.launch.engine_spec``) for an instance placed alone on this host's first
+    ``tp`` devices: on GPUs ``CUDA_VISIBLE_DEVICES``, TP, the memory cap and, for a share, an MPS
+    thread percentage (the node's MPS daemon must run, as the agent runs it); on the CPU device
+    a share binds the engine to that share of the host's cores. The CPU engine has no TP here
+    (``InfeasibleError``, so that a planner skips those configurations)."""
+    device = device_of(gpu.name)
+    if device == "cpu" and tp != 1:
+        raise InfeasibleError(
+            f"model {model.name} on cpu: the CPU engine is measured at tp 1 only, got tp {tp}"
+        )
+    units = max(1, round(fraction * FRACTION_UNITS))
+    assignment = Assignment(
+        model=model.name,
+        replica=0,
+        node="profiler",
+        gpus=tuple(range(tp)),
+        units=units,
+        mps_percentage=max(1, round(100 * fraction)),
+        memory_fraction=round(0.9 * fraction, 4),
     )
+    serving = ModelServing(
+        model.name, path, served_name, max_model_len if device == "cpu" else None
+    )
+    intent = EngineIntent("profile", serving, assignment, FRACTION_UNITS, gpu.name)
+    cpus = tuple(sorted(os.sched_getaffinity(0))) if device == "cpu" else (0,)
+    return launch_spec(intent, LaunchHost(device=device, cpus=cpus, devices=tp), port=0)
 
 
 # ------------------------------------------------------------------------------- the sweep

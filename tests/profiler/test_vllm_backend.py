@@ -77,12 +77,23 @@ def test_sweep_config_names_the_bad_field() -> None:
         SweepConfig(rate_steps=(0.5, 0.2))
 
 
-def test_cpu_engine_has_no_tp_or_share_and_gpu_engines_get_mps() -> None:
-    with pytest.raises(InfeasibleError, match="tp 1, fraction 1 only"):
-        engine_spec(TINY, CPU, 1, 0.5, "/m", "tiny", 256)
+def test_engines_are_launched_by_the_agents_rules() -> None:
+    with pytest.raises(InfeasibleError, match="tp 1 only"):
+        engine_spec(TINY, CPU, 2, 1.0, "/m", "tiny", 256)
+    # a share of the CPU device binds the engine to that share of the host's cores
+    cores = sorted(os.sched_getaffinity(0))
+    half = dict(engine_spec(TINY, CPU, 1, 0.5, "/m", "tiny", 256).env)
+    whole = dict(engine_spec(TINY, CPU, 1, 1.0, "/m", "tiny", 256).env)
+    assert whole["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    assert len(half["VLLM_CPU_OMP_THREADS_BIND"].split(",")) == max(1, len(cores) // 2)
+    # a GPU share runs under MPS with the same share of the memory
     spec = engine_spec(TINY, gpu_spec("H100-SXM"), 1, 0.5, "/m", "tiny", 256)
     assert dict(spec.env)["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     assert spec.gpu_memory_utilization == pytest.approx(0.45)
+    assert engine_spec(TINY, gpu_spec("H100-SXM"), 2, 1.0, "/m", "t", 256).cuda_visible_devices == (
+        0,
+        1,
+    )
 
 
 # ------------------------------------------------------------------------------- real engine
