@@ -81,6 +81,7 @@ def test_agent_daemonset_holds_the_gpus_of_gpu_nodes_with_what_mps_needs() -> No
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert pod["hostIPC"] is True
+    assert pod["shareProcessNamespace"] is True  # orphaned engine processes are reaped
     env = {e["name"]: e.get("value") for e in container["env"]}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {env["SCEPSY_MPS_PIPE_DIR"], env["SCEPSY_MPS_LOG_DIR"]} <= mounts
