@@ -239,7 +239,8 @@ class EngineManager:
         if changed:
             self._wanted_at = time.monotonic()
         for engine in self._engines.values():
-            if engine.id in self._intended:
+            if engine.id in self._intended:  # kept: its replica number may be new
+                engine.intent = self._intended[engine.id]
                 engine.plan_id = plan_id
         if changed:
             log.info(

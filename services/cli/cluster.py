@@ -76,7 +76,10 @@ def register(sub: Any) -> None:
 
     down = sub.add_parser("down", help="stop what `scepsy up` started")
     down.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds a process gets before SIGKILL"
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a process gets before SIGKILL (60: agents drain and stop their engines)",
     )
     down.set_defaults(func=cmd_down)
 

@@ -24,11 +24,13 @@ COMMAND_MODULES: tuple[str, ...] = (
     "profile",
     "predict",
     "plan",
+    "apply",
     "status",
     "place",
     "router",
     "simulate",
     "validate",
+    "loop",
     "bench",
     "serve",
 )

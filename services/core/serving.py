@@ -1,10 +1,13 @@
 """The engines a plan asks for, and how the running engines change into them.
 
-An engine is identified by what it is and how it runs: ``<model>-<replica>-<hash>``, the hash
-covering the node, the GPUs, the share (units, MPS percentage, memory cap) and what it serves
-(weights, served name, context length, engine arguments). The same plan always gives the same ids,
-so applying it again changes nothing; an engine whose placement or serving changed gets a new id:
-a new engine starts and the old one stops (a "move" when model and replica stay the same).
+An engine is identified by what it is and how it runs: ``<model>-<hash>``, the hash covering the
+node, the GPUs, the share (units, MPS percentage, memory cap) and what it serves (weights, served
+name, context length, engine arguments); engines alike in all of that (two halves of one GPU) are
+told apart by a suffix ``-1``, ``-2``, ... The replica number is a label the placement may
+renumber, not part of the identity: an engine that runs where the new plan wants one keeps running.
+The same plan always gives the same ids, so applying it again changes nothing; an engine whose
+placement or serving changed gets a new id: a new engine starts and the old one stops (a "move"
+when the model and replica number stay the same).
 
 Node agents use ``intended_engines`` for their own node; ``scepsy apply`` uses ``rollout`` to
 show the change before making a plan current. ``fits`` and ``blockers`` decide when a new engine
@@ -70,7 +73,9 @@ class Occupant:
     assignment: Assignment
 
 
-def engine_id(serving: ModelServing, assignment: Assignment) -> str:
+def engine_id(serving: ModelServing, assignment: Assignment, ordinal: int = 0) -> str:
+    """``<model>-<hash of how it runs>``, with ``-<ordinal>`` for the second and later of
+    engines alike in everything."""
     facts = {
         "node": assignment.node,
         "gpus": list(assignment.gpus),
@@ -82,8 +87,9 @@ def engine_id(serving: ModelServing, assignment: Assignment) -> str:
         "max_model_len": serving.max_model_len,
         "engine_args": list(serving.engine_args),
     }
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:6]
-    return f"{_safe(assignment.model)}-{assignment.replica}-{digest}"
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:8]
+    base = f"{_safe(assignment.model)}-{digest}"
+    return f"{base}-{ordinal}" if ordinal else base
 
 
 def _safe(name: str) -> str:
@@ -102,17 +108,19 @@ def serving_of(plan: Plan, model: str) -> ModelServing:
 def intended_engines(plan: Plan, node: str | None = None) -> tuple[EngineIntent, ...]:
     """The engines ``plan`` places (on ``node`` only, when given), sorted by id."""
     gpu_type = plan.nodes[0].gpus[0].gpu_type if plan.nodes and plan.nodes[0].gpus else ""
-    intents = [
-        EngineIntent(
-            engine_id(serving_of(plan, a.model), a),
-            serving_of(plan, a.model),
-            a,
-            plan.fraction_unit,
-            gpu_type,
-        )
-        for a in plan.placement.assignments
-        if node is None or a.node == node
-    ]
+    seen: dict[str, int] = {}
+    intents = []
+    for a in sorted(plan.placement.assignments, key=lambda a: (a.model, a.replica)):
+        serving = serving_of(plan, a.model)
+        base = engine_id(serving, a)
+        ordinal = seen.get(base, 0)
+        seen[base] = ordinal + 1
+        if node is None or a.node == node:
+            intents.append(
+                EngineIntent(
+                    engine_id(serving, a, ordinal), serving, a, plan.fraction_unit, gpu_type
+                )
+            )
     return tuple(sorted(intents, key=lambda e: e.id))
 
 

@@ -44,6 +44,11 @@ class PlannerStub:
                 request_serializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.GetPlanRequest.SerializeToString,
                 response_deserializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.SetCurrentPlan = channel.unary_unary(
+                '/scepsy.v1.Planner/SetCurrentPlan',
+                request_serializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.SetCurrentPlanRequest.SerializeToString,
+                response_deserializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServicer:
@@ -63,6 +68,13 @@ class PlannerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCurrentPlan(self, request, context):
+        """Make a stored plan current (node agents then reconcile their engines to it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_PlannerServicer_to_server(servicer, server):
             'GetPlan': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlan,
                     request_deserializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.GetPlanRequest.FromString,
+                    response_serializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.SerializeToString,
+            ),
+            'SetCurrentPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCurrentPlan,
+                    request_deserializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.SetCurrentPlanRequest.FromString,
                     response_serializer=protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.SerializeToString,
             ),
     }
@@ -130,6 +147,33 @@ class Planner:
             target,
             '/scepsy.v1.Planner/GetPlan',
             protos_dot_scepsy_dot_v1_dot_planner__pb2.GetPlanRequest.SerializeToString,
+            protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCurrentPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scepsy.v1.Planner/SetCurrentPlan',
+            protos_dot_scepsy_dot_v1_dot_planner__pb2.SetCurrentPlanRequest.SerializeToString,
             protos_dot_scepsy_dot_v1_dot_planner__pb2.PlanResponse.FromString,
             options,
             channel_credentials,

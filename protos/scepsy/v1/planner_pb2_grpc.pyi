@@ -35,6 +35,8 @@ class PlannerStub:
     """Plan a deployment spec on the live (or given) cluster; the plan becomes current."""
     GetPlan: _grpc.UnaryUnaryMultiCallable[_planner_pb2.GetPlanRequest, _planner_pb2.PlanResponse]
     """Read a stored plan by id; the current plan when id is empty."""
+    SetCurrentPlan: _grpc.UnaryUnaryMultiCallable[_planner_pb2.SetCurrentPlanRequest, _planner_pb2.PlanResponse]
+    """Make a stored plan current (node agents then reconcile their engines to it)."""
 
 @_typing.type_check_only
 class PlannerAsyncStub(PlannerStub):
@@ -43,6 +45,8 @@ class PlannerAsyncStub(PlannerStub):
     """Plan a deployment spec on the live (or given) cluster; the plan becomes current."""
     GetPlan: _aio.UnaryUnaryMultiCallable[_planner_pb2.GetPlanRequest, _planner_pb2.PlanResponse]  # type: ignore[assignment]
     """Read a stored plan by id; the current plan when id is empty."""
+    SetCurrentPlan: _aio.UnaryUnaryMultiCallable[_planner_pb2.SetCurrentPlanRequest, _planner_pb2.PlanResponse]  # type: ignore[assignment]
+    """Make a stored plan current (node agents then reconcile their engines to it)."""
 
 class PlannerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +64,13 @@ class PlannerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_planner_pb2.PlanResponse, _abc.Awaitable[_planner_pb2.PlanResponse]]:
         """Read a stored plan by id; the current plan when id is empty."""
+
+    @_abc_1.abstractmethod
+    def SetCurrentPlan(
+        self,
+        request: _planner_pb2.SetCurrentPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_planner_pb2.PlanResponse, _abc.Awaitable[_planner_pb2.PlanResponse]]:
+        """Make a stored plan current (node agents then reconcile their engines to it)."""
 
 def add_PlannerServicer_to_server(servicer: PlannerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
