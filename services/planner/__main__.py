@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from services.planner.config import PlannerConfig
+from services.planner.loop import ControlLoop
 from services.planner.metrics import METRICS
 from services.planner.service import Planner, planner_binding
 from services.runtime.entry import run_service
@@ -14,7 +15,15 @@ from services.runtime.store import Store
 
 
 async def build(config: PlannerConfig, store: Store) -> Sequence[ServiceBinding]:
-    binding = planner_binding(Planner(config, store))
+    planner = Planner(config, store)
+    binding = planner_binding(planner)
+    if config.loop:  # the control loop re-plans on drift (services/planner/loop.py)
+        loop = ControlLoop(config, store, planner)
+        binding = dataclasses.replace(
+            binding,
+            on_start=(*binding.on_start, loop.start),
+            on_stop=(loop.stop, *binding.on_stop),
+        )
     return [dataclasses.replace(binding, metrics=(*binding.metrics, METRICS.registry))]
 
 

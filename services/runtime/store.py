@@ -499,6 +499,120 @@ class Store:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
 
+    # ------------------------------------------------------------ control loop
+    # Keys, beside the schema of services.runtime.keys: {ns}:v1:loop:control (hash: paused "1"
+    # or "0", pinned plan id, updated_at), {ns}:v1:loop:decisions (list of JSON decisions,
+    # newest first, capped), {ns}:v1:loop:status (string with TTL: JSON of the loop's last
+    # tick), {ns}:v1:loop:leader (string with TTL: the planner process that runs the loop).
+    _LEASE = """
+    if redis.call('get', KEYS[1]) == ARGV[1] then
+      redis.call('pexpire', KEYS[1], ARGV[2]) return 1
+    end
+    if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+    return 0
+    """
+    _UNLEASE = """
+    if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+    return 0
+    """
+
+    def _loop_key(self, name: str) -> str:
+        from services.runtime.keys import SCHEMA
+
+        return f"{self.keys.namespace}:{SCHEMA}:loop:{name}"
+
+    async def loop_control(self) -> dict[str, Any]:
+        """The operator's settings of the control loop: ``{"paused": bool, "pinned": plan id or
+        None, "updated_at": unix seconds or None}``."""
+        raw = await self._call(lambda: self._r.hgetall(self._loop_key("control")))
+        fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+        updated = fields.get("updated_at")
+        return {
+            "paused": fields.get("paused") == "1",
+            "pinned": fields.get("pinned") or None,
+            "updated_at": float(updated) if updated else None,
+        }
+
+    async def set_loop_paused(self, paused: bool, now: float) -> None:
+        key = self._loop_key("control")
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(key, "paused", "1" if paused else "0")
+                pipe.hset(key, "updated_at", repr(now))
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def set_loop_pinned(self, plan_id: str | None, now: float) -> None:
+        """Pin ``plan_id`` (the loop never replaces it), or unpin with None."""
+        key = self._loop_key("control")
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                if plan_id:
+                    pipe.hset(key, "pinned", plan_id)
+                else:
+                    pipe.hdel(key, "pinned")
+                pipe.hset(key, "updated_at", repr(now))
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def put_loop_decision(self, decision: Mapping[str, Any], cap: int) -> None:
+        """Record one decision (a JSON object); only the ``cap`` newest are kept."""
+        key, line = self._loop_key("decisions"), json.dumps(decision)
+
+        async def put() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.lpush(key, line)
+                pipe.ltrim(key, 0, cap - 1)
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def loop_decisions(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The ``limit`` newest decisions, newest first (entries that do not parse are left
+        out)."""
+        key = self._loop_key("decisions")
+        raw = await self._call(lambda: self._r.lrange(key, 0, max(0, limit - 1)))
+        out: list[dict[str, Any]] = []
+        for entry in raw or []:
+            try:
+                doc = json.loads(_text(entry))
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    async def put_loop_status(self, status: Mapping[str, Any], ttl_s: float) -> None:
+        """The loop's view at its last tick; it expires ``ttl_s`` after (a stopped loop shows
+        no status)."""
+        key, text = self._loop_key("status"), json.dumps(status)
+        await self._call(lambda: self._r.set(key, text, px=int(ttl_s * 1000)))
+
+    async def loop_status(self) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self._r.get(self._loop_key("status")))
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(_text(raw))
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def hold_loop_lease(self, holder: str, ttl_s: float) -> bool:
+        """Take or keep the loop's lease for ``holder`` for ``ttl_s``: True when ``holder`` now
+        runs the loop (one planner process does, however many run)."""
+        key, ms = self._loop_key("leader"), int(ttl_s * 1000)
+        got = await self._call(lambda: self._r.eval(self._LEASE, 1, key, holder, str(ms)))
+        return bool(got)
+
+    async def release_loop_lease(self, holder: str) -> None:
+        key = self._loop_key("leader")
+        await self._call(lambda: self._r.eval(self._UNLEASE, 1, key, holder))
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointTable:
