@@ -19,7 +19,8 @@ services of the state file are still listed and checked.
      "nodes": [{"name", "gpus", "gpu_type", "agent_address", "heartbeat_age_s"}],
      "plan": the current plan (as ``scepsy plan --json`` prints it) | null,
      "plan_from": "planner at HOST:PORT" | "redis",
-     "plans": [{"id", "created_at", "gpus", "objective_s", "workflows"}]}
+     "plans": [{"id", "created_at", "gpus", "objective_s", "workflows"}],
+     "loop": {"control", "status", "last_decision"} as ``scepsy loop status --json`` | null}
 
 ``running`` is whether the PID runs (None for a process on another host); ``registered``
 whether its announcement is in Redis.
@@ -38,6 +39,7 @@ import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.cli.cluster import given_redis_url, read_state, resolve_redis_url
+from services.cli.loop import loop_summary, summary_line
 from services.cli.plan import format_plan
 from services.cli.suite import alive, health
 from services.core.cluster.inventory import NodeInventory
@@ -95,6 +97,7 @@ async def gather(
     nodes: list[NodeInventory] = []
     plan: Plan | None = None
     plans: list[Plan] = []
+    loop: dict[str, Any] | None = None  # the control loop (`scepsy loop status`)
     planner = state.get("services", {}).get("planner", {}).get("address")
     plan_from = f"planner at {planner}" if planner else "redis"
     store = Store.connect(url, timeout_s=timeout_s, namespace=namespace)
@@ -113,6 +116,7 @@ async def gather(
             found = await store.get_plan(plan_id)
             if found is not None:
                 plans.append(found)
+        loop = await loop_summary(store)
         redis["reachable"] = True
     except UnavailableError as exc:
         redis["reachable"] = False
@@ -132,6 +136,7 @@ async def gather(
         "plan": None if plan is None else plan_dict(plan),
         "plan_from": plan_from,
         "plans": [_summary(p) for p in plans],
+        "loop": loop,
     }, plan
 
 
@@ -249,6 +254,8 @@ def format_status(doc: dict[str, Any], current: Plan | None) -> str:
                 f" {mark} {p['id']}  {_when(p['created_at'])}  {p['gpus']:g} GPUs  "
                 f"latency {p['objective_s']:.3f} s  {rates}"
             )
+    if doc.get("loop") is not None:
+        lines.append(summary_line(doc["loop"]))
     return "\n".join(lines)
 
 

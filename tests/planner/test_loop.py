@@ -301,7 +301,14 @@ async def test_cli_status_and_decisions(setup: Setup, capsys: pytest.CaptureFixt
         "replan" in text and "rate_high chat" in text and doc["last_decision"]["new_plan"] in text
     )
     assert await cli(["loop", "status", *setup_flags(setup)]) == 0
-    assert "chat" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "chat" in text and "loop: " in text and "last decision:" in text
+    # `scepsy status` says what the loop does too
+    assert await cli(["status", "--json", *setup_flags(setup)]) == 0
+    suite = json.loads(capsys.readouterr().out)
+    assert suite["loop"]["status"]["plan"] == doc["last_decision"]["new_plan"]
+    assert await cli(["status", *setup_flags(setup)]) == 0
+    assert f"plan {doc['last_decision']['new_plan']}" in capsys.readouterr().out
 
 
 async def test_cli_pin_of_an_unknown_plan_is_an_error(
