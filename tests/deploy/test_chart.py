@@ -81,10 +81,15 @@ def test_agent_daemonset_holds_the_gpus_of_gpu_nodes_with_what_mps_needs() -> No
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert pod["hostIPC"] is True
-    assert pod["shareProcessNamespace"] is True  # orphaned engine processes are reaped
     env = {e["name"]: e.get("value") for e in container["env"]}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {env["SCEPSY_MPS_PIPE_DIR"], env["SCEPSY_MPS_LOG_DIR"]} <= mounts
+    assert pod["shareProcessNamespace"] is True  # orphaned engine processes are reaped
+    (init,) = pod["initContainers"]  # the shared host directories belong to the agent's user
+    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    shared = [env["SCEPSY_MPS_PIPE_DIR"], env["SCEPSY_MPS_LOG_DIR"]]
+    assert init["command"] == ["chown", user, *shared]
+    assert {m["mountPath"] for m in init["volumeMounts"]} == set(init["command"][2:])
 
 
 def test_external_redis_url_is_encoded_into_the_secret() -> None:

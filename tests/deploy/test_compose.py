@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -77,8 +78,9 @@ async def test_every_service_starts_healthy_in_dependency_order(tmp_path: Path) 
     try:
         local.map_address("redis", 6379, f"127.0.0.1:{redis.port}")
         containers = _containers(doc, env_file, local, tmp_path)
-        # depends_on: condition: service_healthy, as compose orders the start.
-        started: set[str] = {"redis"}
+        # depends_on: condition: service_healthy, as compose orders the start; the one-shot
+        # setup services (chown of host directories, as root) are taken as done.
+        started: set[str] = {"redis", *_one_shot(services)}
         while len(started) < len(services):
             ready = [
                 c
@@ -136,7 +138,7 @@ def _containers(
     local.map_path("/run/secrets", secrets)
     containers = {}
     for name, svc in doc["services"].items():
-        if name == "redis":  # stood in for by the real Redis server
+        if name == "redis" or name in _one_shot(doc["services"]):  # not Scepsy processes
             continue
         image = read_image(REPO / svc["build"]["dockerfile"])
         local.map_path(image.env["SCEPSY_HOME"], _dir(tmp / "home" / name))
@@ -154,6 +156,35 @@ def _containers(
         local.map_ports(container, sorted({int(env[p]) for p in LISTEN_PORTS if p in env}))
         containers[name] = container
     return containers
+
+
+def _one_shot(services: dict[str, Any]) -> set[str]:
+    """Services others wait for to complete (not to be healthy)."""
+    return {
+        name
+        for svc in services.values()
+        for name, dependency in svc.get("depends_on", {}).items()
+        if dependency["condition"] == "service_completed_successfully"
+    }
+
+
+def test_the_agents_host_directories_belong_to_its_user() -> None:
+    doc, _ = load()
+    services = doc["services"]
+    assert _one_shot(services) == {"agent-dirs"}
+    setup = services["agent-dirs"]
+    user = re.search(
+        r"^USER (\S+)$", (REPO / services["agent"]["build"]["dockerfile"]).read_text(), re.M
+    )
+    assert user is not None
+    assert setup["user"] == "root"
+    assert setup["entrypoint"][:2] == ["chown", user.group(1)]
+    agent_env = services["agent"]["environment"]
+    assert set(setup["entrypoint"][2:]) == {
+        agent_env["SCEPSY_MPS_PIPE_DIR"],
+        agent_env["SCEPSY_MPS_LOG_DIR"],
+    }
+    assert set(setup["volumes"]) <= set(services["agent"]["volumes"])
 
 
 def _dir(path: Path) -> Path:
