@@ -48,6 +48,9 @@ KEYS = {"apiKeys": {"keys": ["k"]}}
         ({"router": KEYS, "redis": {"mode": "external"}}, "redis.external.host: required"),
         ({}, "router.apiKeys: give keys or existingSecret"),
         ({"router": KEYS, "agent": {"useDeclaredCluster": True}}, "cluster: required"),
+        # values.schema.json: a misspelt key or a value out of its set
+        ({"router": KEYS, "redis": {"mdoe": "external"}}, "additional properties 'mdoe'"),
+        ({"router": KEYS, "agent": {"engines": "yes"}}, "value must be one of 'auto', 'on', 'off'"),
     ],
 )
 def test_values_the_chart_refuses(values: dict[str, Any], message: str) -> None:
