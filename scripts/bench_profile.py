@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from services.cli.perf import write_params  # noqa: E402
 from services.core.cluster.hardware import gpu_spec  # noqa: E402
 from services.core.cluster.models import resolve_model  # noqa: E402
+from services.core.errors import NotFoundError  # noqa: E402
 from services.core.perf.analytic import RequestMix  # noqa: E402
 from services.core.perf.calibrate import CALIBRATED, MeasuredProfile, run_calibration  # noqa: E402
 from services.core.perf.fit import REFERENCE_GPU  # noqa: E402
@@ -43,7 +44,12 @@ from services.profiler.vllm_backend import (  # noqa: E402
     VllmBackend,
     stderr_progress,
 )
-from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module  # noqa: E402
+from services.runtime.engines import (  # noqa: E402
+    EngineSpec,
+    LocalEngine,
+    run_engine_module,
+    vllm_executable,
+)
 
 MIXES = ((64, 32), (16, 64), (128, 16), (32, 96), (96, 48))
 TARGET_PROFILE_S = 180.0
@@ -58,6 +64,11 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=150, help="Nelder-Mead steps")
     args = parser.parse_args()
 
+    try:
+        vllm_executable()
+    except NotFoundError as exc:
+        print(f"no engine venv, nothing measured: {exc}")
+        return 0
     model, cpu = resolve_model("tiny-llama"), gpu_spec("cpu")
     work = Path(tempfile.mkdtemp(prefix="scepsy-bench-profile-"))
     model_dir = work / "tiny"
@@ -110,9 +121,9 @@ def main() -> int:
         base = first.profile()
         fan_profile = fan.profile()
         print("fan-out vs Poisson at the same rate (mean latency, s):")
-        for p in fan_profile.points:
-            poisson = base.latency_at(p.rate)
-            print(f"  {p.rate:7.2f}/s  fan-out {p.mean_latency:.3f}  poisson {poisson:.3f}")
+        for fp in fan_profile.points:
+            poisson = base.latency_at(fp.rate)
+            print(f"  {fp.rate:7.2f}/s  fan-out {fp.mean_latency:.3f}  poisson {poisson:.3f}")
     verdict = "ok" if end_to_end <= TARGET_PROFILE_S else "OVER TARGET"
     print(
         f"end-to-end profile time (engine start + sweep + stop): {end_to_end:.0f} s "

@@ -40,12 +40,14 @@ from services.cli.validate import (  # noqa: E402
     summary,
     write_outputs,
 )
+from services.core.errors import NotFoundError  # noqa: E402
 from services.core.routing import Endpoint  # noqa: E402
 from services.runtime.engines import (  # noqa: E402
     EngineSpec,
     LocalEngine,
     run_engine_module,
     stop_engines,
+    vllm_executable,
 )
 from services.runtime.redis_server import RedisServer, free_port  # noqa: E402
 from services.runtime.store import Store  # noqa: E402
@@ -119,6 +121,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="validate.csv / validate.png per workflow")
     args = parser.parse_args()
 
+    try:
+        vllm_executable()
+    except NotFoundError as exc:
+        print(f"no engine venv, nothing measured: {exc}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="scepsy-bench-validate-"))
     model_dir = work / "tiny"
     run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])

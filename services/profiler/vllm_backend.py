@@ -17,7 +17,8 @@ completion lengths from a trace, or fixed). A sweep:
 4. the sweep stops at saturation: the engine falls behind (of the calls that arrived in the
    window, more than ``1 - keep_up`` of them and at least ``min_behind`` calls were not matched
    by completions inside it: the throughput stops following the rate), or mean latency passes
-   ``latency_bound`` x the idle latency; or when the next rate would not fit ``budget_s``.
+   ``latency_bound`` x the idle latency, at ``confirm`` rates in a row (on a shared host one
+   window can be a hiccup); or when the next rate would not fit ``budget_s``.
    Completions count every call finishing inside the window (warm-up arrivals too), so that at
    a sustainable rate they match the arrivals up to Poisson noise.
 
@@ -81,6 +82,7 @@ class SweepConfig:
     idle_calls: int = 3
     keep_up: float = 0.85  # saturated when completions < keep_up x arrivals in the window
     min_behind: int = 3  # ... and at least this many calls behind (Poisson noise)
+    confirm: int = 2  # saturated rates in a row that end the sweep (one may be a hiccup)
     latency_bound: float = 20.0  # ... or when mean latency > this x idle latency
     budget_s: float = 170.0  # per profile, from the engine being ready
     call_timeout_s: float = 60.0
@@ -101,6 +103,8 @@ class SweepConfig:
         steps = list(self.rate_steps)
         if not steps or steps[0] <= 0 or any(b <= a for a, b in pairwise(steps)):
             raise InvalidInputError(f"rate_steps: must be > 0 and rising, got {steps}")
+        if self.confirm < 1:
+            raise InvalidInputError(f"confirm: must be >= 1, got {self.confirm}")
         if self.probe_calls < 2:
             raise InvalidInputError(f"probe_calls: must be >= 2, got {self.probe_calls}")
 
@@ -410,6 +414,7 @@ class Sweep:
             )
             points: list[RatePoint] = []
             stop = "rates"
+            behind = 0  # consecutive saturated rates
             for i, step in enumerate(cfg.rate_steps):
                 elapsed = time.monotonic() - started
                 if elapsed + cfg.warmup_s + 2 * cfg.window_s > cfg.budget_s:
@@ -426,7 +431,8 @@ class Sweep:
                     f"errors {point.errors} [{time.monotonic() - started:.0f}/"
                     f"{cfg.budget_s:.0f} s]"
                 )
-                if saturated:
+                behind = behind + 1 if saturated else 0
+                if behind >= cfg.confirm:
                     stop = "saturated"
                     break
         # Saturated: the best throughput achieved is the capacity. Otherwise the capacity is at
@@ -464,8 +470,11 @@ class Sweep:
         """Behind the calls that really arrived in the window (a Poisson window holds more or
         fewer than rate x window), or latency past the bound (module docstring)."""
         cfg = self.config
-        behind = point.calls - point.throughput * cfg.window_s
-        if behind > max((1 - cfg.keep_up) * point.calls, cfg.min_behind - 0.5):
+        # Calls that failed at once are answered, not queued; unfinished ones are the backlog.
+        answered = point.errors - point.error_kinds.get("unfinished", 0)
+        expected = point.calls - answered
+        behind = expected - point.throughput * cfg.window_s
+        if behind > max((1 - cfg.keep_up) * expected, cfg.min_behind - 0.5):
             return True
         return bool(point.ok and point.mean_latency > cfg.latency_bound * idle)
 
