@@ -75,6 +75,10 @@ bench: venv
 	$(PY) scripts/bench_planner.py --repeat 6
 	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) $(PY) scripts/bench_router.py --calls 200 \
 		--seconds 2 --engine-calls 40 --engine-concurrency 8
+	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) flock /tmp/scepsy-engines.lock \
+		$(PY) scripts/bench_profile.py --quick
+	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) flock /tmp/scepsy-engines.lock \
+		$(PY) scripts/bench_validate.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
