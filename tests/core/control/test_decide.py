@@ -200,9 +200,9 @@ def rate_step(before: float, after: float, at: float) -> Callable[[float], float
     ],
 )
 def test_no_replan_under_noise(name: str, rate: Callable[[float], float]) -> None:
-    run = Run(make_plan(2.0), requests(0, 1800, rate)).until(1800)
+    run = Run(make_plan(2.0), requests(0, 1200, rate)).until(1200)
     assert run.decisions == [], name
-    assert run.modes[1800] == "watching"
+    assert run.modes[1200] == "watching"
 
 
 def test_sustained_doubling_replans_at_the_observed_rate() -> None:
@@ -381,8 +381,8 @@ def test_a_pinned_plan_is_never_replaced() -> None:
     plan = make_plan(2.0)
     live = lambda t: ("n1", "n2") if t < 500 else ("n1",)  # noqa: E731
     run = Run(
-        plan, requests(0, 1500, rate_step(2.0, 4.0, 300)), live=live, pinned=lambda t: plan.id
-    ).until(1500)
+        plan, requests(0, 900, rate_step(2.0, 4.0, 300)), live=live, pinned=lambda t: plan.id
+    ).until(900)
     assert run.of("replan") == [] and run.plan is plan
     holds = run.of("hold")
     assert [h.reasons[-1].kind for h in holds] == ["rate_high", "node_lost"]
