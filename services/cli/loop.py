@@ -141,27 +141,7 @@ def format_status(doc: dict[str, Any]) -> str:
     lines = [summary_line(doc)]
     status = doc["status"]
     if status is not None:
-        rows: list[tuple[str, ...]] = [
-            ("WORKFLOW", "REQUESTS", "RATE", "E2E", "LLM", "N", "P", "SHARE", "TOKENS")
-        ]
-        for name, w in status["workflows"].items():
-            head = (
-                name,
-                str(w["requests"]),
-                "idle" if w["idle"] else f"{w['rate_rps']:.3g}/s",
-                f"{w['e2e_s']:.3g}s",
-            )
-            llms = list(w["llms"].items()) or [("-", None)]
-            for i, (model, m) in enumerate(llms):
-                first = head if i == 0 else ("", "", "", "")
-                if m is None:
-                    rows.append((*first, "-", "", "", "", ""))
-                    continue
-                tokens = f"{m['prompt_tokens']:.0f}/{m['completion_tokens']:.0f}"
-                rows.append(
-                    (*first, model, f"{m['n']:.3g}", f"{m['p']:.3g}", f"{m['share']:.2f}", tokens)
-                )
-        lines += ["", f"window {status['window_s']:g} s:", *_table(rows)]
+        lines += ["", *workflow_table(status)]
         for d in status["drifts"]:
             since = status["at"] - d["since"]
             lines.append(f"drift {d['kind']} {d['subject']} for {since:.0f} s: {d['detail']}")
@@ -170,6 +150,31 @@ def format_status(doc: dict[str, Any]) -> str:
     if doc["last_decision"] is not None:
         lines += ["", "last decision:", format_decisions([doc["last_decision"]])]
     return "\n".join(lines)
+
+
+def workflow_table(status: dict[str, Any]) -> list[str]:
+    """The loop's statistics per workflow and LLM over its window."""
+    if not status["workflows"]:
+        return [f"no traffic in the last {status['window_s']:g} s"]
+    rows: list[tuple[str, ...]] = [
+        ("WORKFLOW", "REQUESTS", "RATE", "E2E", "LLM", "N", "P", "SHARE", "TOKENS")
+    ]
+    for name, w in status["workflows"].items():
+        head = (
+            name,
+            str(w["requests"]),
+            "idle" if w["idle"] else f"{w['rate_rps']:.3g}/s",
+            f"{w['e2e_s']:.3g}s",
+        )
+        for i, (model, m) in enumerate(w["llms"].items()):
+            tokens = f"{m['prompt_tokens']:.0f}/{m['completion_tokens']:.0f}"
+            first = head if i == 0 else ("", "", "", "")
+            rows.append(
+                (*first, model, f"{m['n']:.3g}", f"{m['p']:.3g}", f"{m['share']:.2f}", tokens)
+            )
+        if not w["llms"]:
+            rows.append((*head, "-", "", "", "", ""))
+    return [f"window {status['window_s']:g} s:", *_table(rows)]
 
 
 def summary_line(doc: dict[str, Any]) -> str:
@@ -182,8 +187,8 @@ def summary_line(doc: dict[str, Any]) -> str:
         return f"loop: not running ({flags}no planner ran a tick lately)"
     age = max(0.0, time.time() - status["at"])
     return (
-        f"loop: {status['mode']} ({flags}plan {status['plan']}, last tick {age:.0f} s ago "
-        f"by {status['holder']})"
+        f"loop: {status['mode']} ({flags}plan {status['plan'] or 'none'}, last tick "
+        f"{age:.0f} s ago by {status['holder']})"
     )
 
 
