@@ -8,8 +8,9 @@ from profiles measured on it by the ``vllm`` profiler backend instead:
   predicted by running Poisson arrivals of that mix at that rate through the analytic engine
   simulator (``batching.simulate``) with candidate parameters; the saturation rate of each
   profile is predicted as the analytic backend computes it (``analytic.saturation_rate``);
-- the fit minimises the mean squared log error of the latencies of the fit points plus that of
-  each profile's saturation rate, by Nelder-Mead (``fit.nelder_mead``) on log-scaled
+- the fit minimises the mean absolute log error (robust to the odd slow window of a shared
+  host, which a squared error lets dominate) of the latencies of the fit points and of each
+  profile's saturation rate, by Nelder-Mead (``fit.nelder_mead``) on log-scaled
   coordinates inside ``fit.BOUNDS``, over the parameters that matter at TP 1 (``CALIBRATED``);
   the others keep their starting values;
 - the points are split by rate: within each profile, points alternate between the fit set and
@@ -191,14 +192,14 @@ def loss(
     params: PerfParams,
     config: SchedulerConfig | None = None,
 ) -> float:
-    """Mean squared log error of the points' latencies and the profiles' saturation rates."""
+    """Mean absolute log error of the points' latencies and the profiles' saturation rates."""
     terms: list[float] = []
     try:
         for p in points:
-            terms.append(math.log(predict_latency(p, params, config) / p.latency) ** 2)
+            terms.append(abs(math.log(predict_latency(p, params, config) / p.latency)))
         for prof in profiles:
             terms.append(
-                math.log(predict_saturation(prof, params, config) / prof.saturation_rate) ** 2
+                abs(math.log(predict_saturation(prof, params, config) / prof.saturation_rate))
             )
     except (InfeasibleError, InvalidInputError):
         return math.inf
