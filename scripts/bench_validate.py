@@ -91,6 +91,7 @@ async def run_all(
                 load=args.load,
                 rates=None,
                 requests=args.requests,
+                seconds=args.seconds,
                 pilot_rate=args.pilot_rate,
                 pilot_requests=args.pilot_requests,
                 capacity_requests=args.capacity_requests,
@@ -113,6 +114,7 @@ def main() -> int:
     parser.add_argument("--workflows", default="rag,beam")
     parser.add_argument("--load", default="0.2,0.5,0.8")
     parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=45.0, help="at most per rate")
     parser.add_argument("--pilot-rate", type=float, default=0.3)
     parser.add_argument("--pilot-requests", type=int, default=10)
     parser.add_argument("--capacity-requests", type=int, default=30)

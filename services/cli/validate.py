@@ -16,8 +16,9 @@ front of them; each LLM of the workflow is a model of the router under its deplo
 3. the ALP predicts the workflow's throughput T (the allocation: each LLM's registered replicas,
    TP 1, whole devices) and its latency at each rate: ``--load`` fractions of T (default light
    load to 80 %), or absolute ``--rates``;
-4. the workflow runs at each rate (Poisson arrivals, ``--requests`` requests, the first tenth
-   warm-up), then once above capacity (1.5 T) to measure the throughput it really reaches;
+4. the workflow runs at each rate (Poisson arrivals, ``--requests`` requests but no more than
+   ``--seconds`` worth and at least 8, the first tenth warm-up), then once above capacity
+   (1.5 T) to measure the throughput it really reaches;
 5. it prints predicted against measured latency (mean) and throughput with the error, per LLM
    the call latency too, and writes ``validate.csv`` and ``validate.png`` (the plot needs
    matplotlib; without it only the CSV is written, and it says so) into ``--out``.
@@ -79,6 +80,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--load", help="rates as fractions of the predicted throughput")
     parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
     parser.add_argument("--requests", type=int, default=40, help="requests per rate (40)")
+    parser.add_argument(
+        "--seconds", type=float, default=90.0, help="at most this long per rate (>= 8 requests)"
+    )
     parser.add_argument("--pilot-rate", type=float, default=0.3, help="pilot run, requests/s")
     parser.add_argument("--pilot-requests", type=int, default=12, help="pilot run requests")
     parser.add_argument(
@@ -231,10 +235,9 @@ class Validation:
                 rates = [f * capacity for f in loads]
             rows: list[RateRow] = []
             for i, rate in enumerate(rates):
-                self.log(f"rate {i + 1}/{len(rates)}: {args.requests} requests at {rate:.3f}/s")
-                run = await driver.run(
-                    rate, args.requests, seed=args.seed + 10 + i, warmup=args.requests // 10
-                )
+                count = min(args.requests, max(8, round(rate * args.seconds)))
+                self.log(f"rate {i + 1}/{len(rates)}: {count} requests at {rate:.3f}/s")
+                run = await driver.run(rate, count, seed=args.seed + 10 + i, warmup=count // 10)
                 prediction = self.predict_at(demand, profiles, replicas, rate)
                 stats_ = run.latency_stats()
                 rows.append(
@@ -444,6 +447,8 @@ def check_args(args: argparse.Namespace) -> None:
         _positive_list("--load", args.load)
     if args.requests < 2:
         raise InvalidInputError(f"--requests: must be >= 2, got {args.requests}")
+    if not args.seconds > 0:
+        raise InvalidInputError(f"--seconds: must be > 0, got {args.seconds}")
     if args.pilot_requests < 1:
         raise InvalidInputError(f"--pilot-requests: must be >= 1, got {args.pilot_requests}")
     if not args.pilot_rate > 0:
