@@ -7,12 +7,16 @@ seed. The target rates are set to half the best throughput the cluster reaches a
 the cluster is neither idle nor saturated. Every case is searched with k = 4 (quarter GPUs)
 and rho = 0.9 on 8-GPU NVSwitch nodes.
 
-Reported per case: profiles computed (analytic backend, one per (model, TP, fraction)) and their
-time; then, with every profile cached, the median over ``--repeat`` runs of the search alone
-(``search``) and of search plus placement with its feedback loop (``search_placed``); and the
-first, cold plan including profile computation.
+Reported per case: profiles computed (analytic backend at the planning resolution, one per
+(model, TP, fraction)) and their time; the cold plan (nothing cached: profiles, burst tables,
+search and placement), serially and with the profiles computed by a pool of ``--jobs``
+processes; the warm re-plan (a new profile source over the stored profiles, as the planner
+makes one per plan: search and placement with its feedback loop); the median over ``--repeat``
+runs of the search alone and of search plus placement with every profile at hand; and the
+objective check: the plan's weighted latency under full-resolution profiles against the
+full-resolution optimum (the price of the cheaper profiles; target within 1%).
 
-    .venv/bin/python scripts/bench_search.py [--repeat N] [--json]
+    .venv/bin/python scripts/bench_search.py [--repeat N] [--jobs N] [--no-check] [--json]
 """
 
 from __future__ import annotations
@@ -24,18 +28,28 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services.core.allocation import Allocation  # noqa: E402
 from services.core.cluster.declared import parse_cluster  # noqa: E402
 from services.core.cluster.models import model_spec  # noqa: E402
+from services.core.perf.analytic import RATE_FRACTIONS, REQUESTS_PER_POINT  # noqa: E402
+from services.core.perf.backends import AnalyticBackend, clear_cache  # noqa: E402
+from services.core.planning.alp import predict  # noqa: E402
 from services.core.planning.feedback import search_placed  # noqa: E402
 from services.core.planning.plan import placer_for, problem_of  # noqa: E402
-from services.core.planning.profiles import SpecProfiles  # noqa: E402
-from services.core.planning.search import best_scale, search  # noqa: E402
+from services.core.planning.profiles import (  # noqa: E402
+    SpecProfiles,
+    StoreFirst,
+    clear_burst_cache,
+)
+from services.core.planning.search import best_scale, search, weighted_latency  # noqa: E402
+from services.core.planning.space import Constraints, configurations  # noqa: E402
 from services.core.workload.demand import LlmDemand, WorkflowDemand  # noqa: E402
 from services.core.workload.spec import Spec, WorkflowTarget  # noqa: E402
 
@@ -104,32 +118,64 @@ def with_rates(spec: Spec, scale: float) -> Spec:
     return Spec(targets, spec.models, spec.nodes, spec.fraction_unit, spec.rho)
 
 
-def run_case(llms: int, gpus: int, repeat: int) -> dict[str, Any]:
-    base = synthetic_spec(llms, gpus)
-    profiles = SpecProfiles(base)  # the mixes do not depend on the rates' common scale
+def all_configs(spec: Spec) -> list[tuple[str, int, float]]:
+    """Every (model, tp, fraction) the search asks about for ``spec``."""
+    problem = problem_of(spec)
+    return [
+        (m, tp, units / K)
+        for m in sorted(problem.loads)
+        for tp, units in configurations(problem, Constraints())
+    ]
+
+
+def cold_plan(base: Spec, jobs: int) -> tuple[Spec, SpecProfiles, float, float]:
+    """The first plan of ``base`` at LOAD of its best throughput with nothing cached: (the
+    spec with its rates, its profiles, seconds in all, seconds of them spent on profiles)."""
+    clear_cache()
+    clear_burst_cache()
     started = time.perf_counter()
+    profiles = SpecProfiles(base)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            profiles.prefetch(all_configs(base), pool.map)
     scale = best_scale(problem_of(base), profiles.profile) * LOAD
     spec = with_rates(base, scale)
+    placer = placer_for(spec.nodes, K)
+    search_placed(problem_of(spec), profiles.profile, placer, bursts=profiles.burst)
+    return spec, profiles, time.perf_counter() - started, profiles.seconds
+
+
+def run_case(llms: int, gpus: int, repeat: int, jobs: int, check: bool) -> dict[str, Any]:
+    base = synthetic_spec(llms, gpus)
+    spec, profiles, cold, cold_profiles = cold_plan(base, 1)
+    cold_parallel = cold_plan(base, jobs)[2] if jobs > 1 else None
     problem = problem_of(spec)
     placer = placer_for(spec.nodes, K)
-    search_placed(problem, profiles.profile, placer)
-    cold = time.perf_counter() - started
-    searches, placed_runs = [], []
+    memory = {p.key: p for p in profiles.known()}
+    searches, placed_runs, replans = [], [], []
     for _ in range(repeat):
+        # a re-plan: a new profile source over the stored profiles, as the planner makes one
         t0 = time.perf_counter()
-        result = search(problem, profiles.profile)
+        again = SpecProfiles(spec, StoreFirst(get=memory.get))
+        placed = search_placed(problem, again.profile, placer, bursts=again.burst)
         t1 = time.perf_counter()
-        placed = search_placed(problem, profiles.profile, placer)
-        placed_runs.append(time.perf_counter() - t1)
-        searches.append(t1 - t0)
-    return {
+        result = search(problem, profiles.profile, bursts=profiles.burst)
+        t2 = time.perf_counter()
+        search_placed(problem, profiles.profile, placer, bursts=profiles.burst)
+        placed_runs.append(time.perf_counter() - t2)
+        searches.append(t2 - t1)
+        replans.append(t1 - t0)
+    row: dict[str, Any] = {
         "llms": llms,
         "gpus": gpus,
         "workflows": len(spec.workflows),
         "components": result.components,
         "profiles": profiles.computed,
-        "profile_seconds": profiles.seconds,
+        "profile_seconds": cold_profiles,
         "cold_seconds": cold,
+        "cold_parallel_seconds": cold_parallel,
+        "jobs": jobs,
+        "warm_replan_seconds": statistics.median(replans),
         "search_seconds": statistics.median(searches),
         "search_placed_seconds": statistics.median(placed_runs),
         "rounds": placed.rounds,
@@ -137,30 +183,66 @@ def run_case(llms: int, gpus: int, repeat: int) -> dict[str, Any]:
         "frontier": result.frontier,
         "gpus_used": result.units / K,
         "latency_s": placed.result.objective,
+        "objective_vs_full": None,
     }
+    if check:
+        row["objective_vs_full"] = objective_loss(spec, placed.result.allocation)
+    return row
+
+
+def objective_loss(spec: Spec, allocation: dict[str, Allocation]) -> float:
+    """How much worse, under full-resolution profiles (``analytic.RATE_FRACTIONS``, 400 calls a
+    point), the allocation found with planning profiles is than the full-resolution optimum:
+    J(found) / J(optimum) - 1."""
+    full = SpecProfiles(
+        spec,
+        StoreFirst({"analytic": AnalyticBackend(RATE_FRACTIONS, REQUESTS_PER_POINT)}),
+    )
+    problem = problem_of(spec)
+    best = search(problem, full.profile, bursts=full.burst)
+    found = predict(problem.workflows, full.profile, allocation, problem.rates, bursts=full.burst)
+    return weighted_latency(problem, found) / best.objective - 1
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
-        f"{'LLMs':>4} {'GPUs':>4} {'wfs':>3} {'profiles':>8} {'profile s':>9} {'search s':>9} "
-        f"{'+place s':>9} {'cold s':>7} {'rounds':>6} {'cands':>6} {'front':>5} {'used':>5} "
-        f"{'latency s':>9}"
+        f"{'LLMs':>4} {'GPUs':>4} {'wfs':>3} {'profiles':>8} {'profile s':>9} {'cold s':>7} "
+        f"{'cold ||':>7} {'replan s':>8} {'search s':>9} {'+place s':>9} {'rounds':>6} "
+        f"{'cands':>6} {'front':>5} {'used':>5} {'latency s':>9} {'vs full':>7}"
     )
     for r in rows:
+        par = r["cold_parallel_seconds"]
+        loss = r["objective_vs_full"]
         print(
             f"{r['llms']:>4} {r['gpus']:>4} {r['workflows']:>3} {r['profiles']:>8} "
-            f"{r['profile_seconds']:>9.2f} {r['search_seconds']:>9.4f} "
-            f"{r['search_placed_seconds']:>9.4f} {r['cold_seconds']:>7.2f} {r['rounds']:>6} "
-            f"{r['candidates']:>6} {r['frontier']:>5} {r['gpus_used']:>5g} {r['latency_s']:>9.3f}"
+            f"{r['profile_seconds']:>9.2f} {r['cold_seconds']:>7.2f} "
+            f"{'-' if par is None else f'{par:.2f}':>7} {r['warm_replan_seconds']:>8.4f} "
+            f"{r['search_seconds']:>9.4f} {r['search_placed_seconds']:>9.4f} {r['rounds']:>6} "
+            f"{r['candidates']:>6} {r['frontier']:>5} {r['gpus_used']:>5g} {r['latency_s']:>9.3f} "
+            f"{'-' if loss is None else f'{loss:+.2%}':>7}"
         )
+    print(
+        "cold: first plan, nothing cached (profiles computed serially; || with a process pool "
+        "of --jobs); replan: a new profile source over the stored profiles, search and placement; "
+        "vs full: the plan's objective under full-resolution profiles against their optimum"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="warm runs per case (median)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--jobs", type=int, default=2, help="processes for the parallel cold plan")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the objective check (full-resolution profiles)",
+    )
     args = parser.parse_args(argv)
-    rows = [run_case(llms, gpus, max(1, args.repeat)) for llms, gpus in CASES]
+    rows = [
+        run_case(llms, gpus, max(1, args.repeat), args.jobs, not args.no_check)
+        for llms, gpus in CASES
+    ]
     if args.json:
         print(json.dumps({"k": K, "rho": RHO, "cases": rows}, indent=1))
     else:

@@ -35,7 +35,15 @@ from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
 
 ENGINE = "analytic-1"  # bump when the model or the simulator changes what a profile says
 RATE_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.4, 0.55, 0.7, 0.8, 0.9, 0.95)
+REQUESTS_PER_POINT = 400
+# What planning profiles with (``backends.AnalyticBackend``): the curve is flat at low rates, so
+# fewer points there, and half the requests per point; the objective stays within 1% of the
+# full resolution's (``scripts/bench_search.py`` measures it).
+PLANNING_RATE_FRACTIONS: tuple[float, ...] = (0.1, 0.4, 0.7, 0.85, 0.95)
+PLANNING_REQUESTS_PER_POINT = 200
 WARMUP_SHARE = 0.1
+BURST_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+BURST_CALLS = 64  # calls simulated per burst size (bursts of b: BURST_CALLS // b trials, >= 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +167,38 @@ def _monotone(points: list[ProfilePoint]) -> tuple[ProfilePoint, ...]:
     return tuple(out)
 
 
+def burst_latencies(
+    perf: PerfModel,
+    mix: RequestMix,
+    seed: int = 0,
+    config: SchedulerConfig | None = None,
+    sizes: Sequence[int] = BURST_SIZES,
+) -> tuple[tuple[int, float], ...]:
+    """(b, mean per-call latency) of ``b`` calls handed to an idle instance at once, per size.
+
+    A workflow that fans out hands its parallel calls to a replica together; they share the
+    iterations (a burst of prompts fills the token budget and queues) and each takes longer
+    than a lone call. Trials of each size run in one simulation, far enough apart that they
+    never overlap; calls come from the mix (common random numbers across sizes).
+    """
+    cfg = config or SchedulerConfig()
+    rng = np.random.default_rng([seed, 2])
+    pool_p, pool_c = mix.draw(BURST_CALLS, rng)
+    out: list[tuple[int, float]] = []
+    for b in sorted(set(sizes)):
+        if b < 1:
+            raise InvalidInputError(f"burst sizes: must be >= 1, got {b}")
+        trials = max(3, BURST_CALLS // b)
+        idx = np.arange(trials * b) % BURST_CALLS
+        prompt, completion = pool_p[idx], pool_c[idx]
+        # every trial starts on an idle engine: later than any burst can last
+        gap = 1e6
+        arrival = np.repeat(np.arange(trials, dtype=np.float64) * gap, b)
+        result = simulate(perf, arrival, prompt, completion, cfg)
+        out.append((b, float(result.latency.mean())))
+    return tuple(out)
+
+
 def profile_analytic(
     model: ModelSpec,
     gpu: GpuSpec,
@@ -170,7 +210,7 @@ def profile_analytic(
     config: SchedulerConfig | None = None,
     params: PerfParams | None = None,
     rate_fractions: Sequence[float] = RATE_FRACTIONS,
-    requests_per_point: int = 400,
+    requests_per_point: int = REQUESTS_PER_POINT,
 ) -> Profile:
     """The latency-vs-rate profile of ``model`` on ``tp`` GPUs (or a ``fraction`` of one).
 

@@ -9,15 +9,24 @@ registry of every backend by name.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Protocol
 
 from services.core.cluster.hardware import GpuSpec
 from services.core.cluster.models import ModelSpec
+from services.core.errors import InfeasibleError
 from services.core.perf.analytic import ENGINE as ANALYTIC_ENGINE
-from services.core.perf.analytic import RequestMix, profile_analytic
+from services.core.perf.analytic import (
+    PLANNING_RATE_FRACTIONS,
+    PLANNING_REQUESTS_PER_POINT,
+    RequestMix,
+    profile_analytic,
+)
 from services.core.perf.profile import Profile
 
 DEFAULT_BACKEND = "analytic"
+CACHE_SIZE = 4096  # analytic profiles kept in memory per process (least recently used dropped)
 
 
 class ProfileBackend(Protocol):
@@ -31,13 +40,73 @@ class ProfileBackend(Protocol):
         ...
 
 
+_Key = tuple[str, str, int, float, str, int, tuple[float, ...], int]
+_CACHE: OrderedDict[_Key, Profile | InfeasibleError] = OrderedDict()
+
+
 class AnalyticBackend:
-    """Continuous-batching simulation on the analytic performance model (no hardware)."""
+    """Continuous-batching simulation on the analytic performance model (no hardware).
+
+    Profiles are computed at ``rate_fractions`` of the saturation rate with
+    ``requests_per_point`` calls each (default: the planning resolution, ``analytic``), and
+    remembered per process by everything they depend on (the model's and GPU's specs, TP,
+    fraction, the mix, the seed and the resolution), so a re-plan or a second spec with the
+    same models computes nothing again.
+    """
 
     name = "analytic"
     engine = ANALYTIC_ENGINE
 
+    def __init__(
+        self,
+        rate_fractions: Sequence[float] = PLANNING_RATE_FRACTIONS,
+        requests_per_point: int = PLANNING_REQUESTS_PER_POINT,
+        *,
+        cache: bool = True,
+    ) -> None:
+        self.rate_fractions = tuple(rate_fractions)
+        self.requests_per_point = requests_per_point
+        self.cache = cache
+
     def profile(
         self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
     ) -> Profile:
-        return profile_analytic(model, gpu, tp, fraction, mix, seed)
+        key: _Key = (
+            repr(model),
+            repr(gpu),
+            tp,
+            fraction,
+            mix.id,
+            seed,
+            self.rate_fractions,
+            self.requests_per_point,
+        )
+        found = _CACHE.get(key) if self.cache else None
+        if found is None:
+            try:
+                found = profile_analytic(
+                    model,
+                    gpu,
+                    tp,
+                    fraction,
+                    mix,
+                    seed,
+                    rate_fractions=self.rate_fractions,
+                    requests_per_point=self.requests_per_point,
+                )
+            except InfeasibleError as exc:
+                found = exc
+            if self.cache:
+                _CACHE[key] = found
+                while len(_CACHE) > CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+        elif self.cache:
+            _CACHE.move_to_end(key)
+        if isinstance(found, InfeasibleError):
+            raise found
+        return found
+
+
+def clear_cache() -> None:
+    """Forget every remembered analytic profile (benchmarks measure cold plans with it)."""
+    _CACHE.clear()

@@ -77,6 +77,22 @@ class Profile:
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"profile: malformed document ({exc})") from None
 
+    def ttft_at(self, rate: float) -> float:
+        """Mean time to first token at ``rate`` (as ``latency_at``; its growth with the rate is
+        the wait for admission, the rest of the latency's growth comes from larger batches)."""
+        if rate >= self.saturation_rate:
+            return math.inf
+        pts = self.points
+        if rate <= pts[0].rate:
+            return pts[0].ttft
+        i = bisect_left([p.rate for p in pts], rate)
+        if i >= len(pts):
+            last = pts[-1]
+            return last.ttft * (self.saturation_rate - last.rate) / (self.saturation_rate - rate)
+        lo, hi = pts[i - 1], pts[i]
+        w = (rate - lo.rate) / (hi.rate - lo.rate)
+        return lo.ttft + w * (hi.ttft - lo.ttft)
+
     def latency_at(self, rate: float) -> float:
         """Mean per-call latency at ``rate`` calls/s (linear interpolation between points).
 

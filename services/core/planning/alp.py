@@ -17,6 +17,15 @@
   that keeps every LLM within capacity, ``s = min_m r_m T_m / load_m``; ``T_w = s lambda_w``.
   For a single workflow this is the paper's ``min_m r_m T_m / n_m``.
 
+Fan-outs and routing (``bursts`` given to ``predict`` and the search; the plan path does): a
+workflow's p parallel calls reach the replicas together, p / r each, so the per-call latency
+is not the profile's (Poisson arrivals of single calls). ``call_latency`` adds what the b = p/r
+calls of one fan-out cost each other on an idle replica (the ``BurstTable``, from the analytic
+engine simulation of the model's mix), grows the waiting part of the curve by (1 + b) / 2 as
+for batch arrivals, and shrinks the wait for admission by the Erlang-C ratio of r / p replicas
+pooled by least-outstanding routing. Measured against the workflow simulator by
+``scripts/bench_alp.py`` (README, The ALP against the simulator).
+
 An allocation is infeasible when an instance does not fit in memory (the ``fits`` callable, or a
 profile lookup raising ``InfeasibleError``), when an LLM's load reaches its capacity
 (``load_m >= r_m T_m``, latency unbounded), when it exceeds the utilisation cap ``rho`` or when it
@@ -30,6 +39,7 @@ separability: only the stage ``max`` couples LLMs, and only inside one stage.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +52,44 @@ from services.core.workload.demand import LlmDemand, WorkflowDemand
 ProfileLookup = Callable[[str, int, float], Profile]
 # (model, tp, fraction) -> None when an instance fits in its memory share, else the reason.
 FitCheck = Callable[[str, int, float], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class BurstTable:
+    """Mean per-call latency of ``b`` calls handed to an idle instance at once, for some b
+    (``services.core.perf.analytic.burst_latencies``); ``sizes`` rise from 1."""
+
+    sizes: tuple[float, ...]
+    latencies: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or self.sizes[0] != 1 or len(self.sizes) != len(self.latencies):
+            raise InvalidInputError("burst table: sizes must start at 1, one latency each")
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[int, float]]) -> BurstTable:
+        ordered = sorted(pairs)
+        return cls(tuple(float(b) for b, _ in ordered), tuple(lat for _, lat in ordered))
+
+    def extra(self, burst: float) -> float:
+        """Added per-call latency of a burst of ``burst`` calls over a lone call (>= 0);
+        linear between sizes, growing like the last step beyond the largest."""
+        sizes, lats = self.sizes, self.latencies
+        if burst <= 1 or len(sizes) == 1:
+            return 0.0
+        i = bisect_left(sizes, burst)
+        if i >= len(sizes):
+            slope = (lats[-1] - lats[-2]) / (sizes[-1] - sizes[-2])
+            value = lats[-1] + slope * (burst - sizes[-1])
+        else:
+            lo, hi = sizes[i - 1], sizes[i]
+            w = (burst - lo) / (hi - lo)
+            value = lats[i - 1] + w * (lats[i] - lats[i - 1])
+        return max(0.0, value - lats[0])
+
+
+# (model, tp, fraction) -> the burst table of one instance of that configuration.
+BurstLookup = Callable[[str, int, float], BurstTable]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +148,81 @@ def llm_loads(
     return loads
 
 
-def call_latency(profile: Profile, replicas: int, load: float) -> float:
-    """Per-call latency of an LLM with ``replicas`` instances carrying ``load`` calls/s in all."""
-    return profile.latency_at(load / replicas)
+def replica_burst(p: float, replicas: int) -> float:
+    """Calls of one fan-out of ``p`` parallel calls that each replica gets: the router spreads
+    calls handed over together evenly (least outstanding), at least one."""
+    return max(1.0, p / replicas)
 
 
-def llm_term(profile: Profile, replicas: int, load: float, demand: LlmDemand) -> float:
-    """One workflow's latency term for one LLM: ``L_m(load / r) * n / p``."""
-    return call_latency(profile, replicas, load) * demand.n / demand.p
+def call_latency(
+    profile: Profile,
+    replicas: int,
+    load: float,
+    burst: BurstTable | None = None,
+    p: float = 1.0,
+    *,
+    pooled: bool = False,
+) -> float:
+    """Per-call latency of an LLM with ``replicas`` instances carrying ``load`` calls/s in all.
+
+    Plain: the profile's latency at ``load / replicas`` (each replica a separate queue with
+    Poisson arrivals). ``pooled``: the router sends each call to the least busy replica, so the
+    replicas wait for admission like one queue of several servers; the growth of TTFT over the
+    idle one (the wait) shrinks by ``pooling_factor`` of replicas / p servers (a fan-out reaches
+    p replicas at once, so only calls arriving alone pool fully). With ``burst``, calls arrive in
+    fan-outs of ``p`` spread over the replicas (``replica_burst``): the waiting part grows by
+    (1 + b) / 2, as in a queue with batch arrivals of b, and the b calls share iterations
+    (``burst.extra``).
+    """
+    rate = load / replicas
+    latency = profile.latency_at(rate)
+    if not math.isfinite(latency) or not (pooled or (burst is not None and p > 1)):
+        return latency
+    idle = profile.points[0].mean_latency
+    waiting = max(latency - idle, 0.0)
+    if pooled:
+        # only the wait for admission (the growth of TTFT) pools; larger batches slow every
+        # replica alike. A fan-out of p occupies p replicas at once: only groups of p replicas
+        # queue apart.
+        queued = min(max(profile.ttft_at(rate) - profile.points[0].ttft, 0.0), waiting)
+        groups = max(1, int(replicas // max(p, 1.0)))
+        pooled_wait = queued * pooling_factor(groups, rate / profile.saturation_rate)
+        waiting += pooled_wait - queued
+    extra = 0.0
+    if burst is not None and p > 1:
+        b = replica_burst(p, replicas)
+        waiting *= (1 + b) / 2
+        extra = burst.extra(b)
+    return idle + waiting + extra
+
+
+def pooling_factor(servers: int, utilization: float) -> float:
+    """Mean wait of an M/M/c queue over that of c separate M/M/1 queues at the same
+    utilisation: C(c, c u) / (c u), with C the Erlang C probability of waiting (1 for c = 1)."""
+    if servers <= 1 or utilization <= 0:
+        return 1.0
+    if utilization >= 1:
+        return 1.0
+    a = servers * utilization
+    erlang_b = 1.0
+    for k in range(1, servers + 1):
+        erlang_b = a * erlang_b / (k + a * erlang_b)
+    erlang_c = servers * erlang_b / (servers - a * (1 - erlang_b))
+    return erlang_c / a
+
+
+def llm_term(
+    profile: Profile,
+    replicas: int,
+    load: float,
+    demand: LlmDemand,
+    burst: BurstTable | None = None,
+    *,
+    pooled: bool = False,
+) -> float:
+    """One workflow's latency term for one LLM: ``L_m(load / r, p) * n / p``."""
+    latency = call_latency(profile, replicas, load, burst, demand.p, pooled=pooled)
+    return latency * demand.n / demand.p
 
 
 def compose(workflow: WorkflowDemand, terms: Mapping[str, float]) -> float:
@@ -124,6 +239,7 @@ def predict(
     fits: FitCheck | None = None,
     rho: float = 1.0,
     gpus_available: float | None = None,
+    bursts: BurstLookup | None = None,
 ) -> Prediction:
     """Predict every workflow's latency and throughput under ``allocation`` (module docstring).
 
@@ -146,11 +262,19 @@ def predict(
     reasons: list[str] = []
     llms: list[LlmPrediction] = []
     latency: dict[str, float] = {}
+    tables: dict[str, BurstTable | None] = {}
+    profiled: dict[str, Profile | None] = {}
     scale = math.inf  # the common factor s of the module docstring
     for model in sorted(allocation):
         alloc = allocation[model]
         load = loads.get(model, 0.0)
         profile = _profile(model, alloc, profiles, fits, reasons)
+        profiled[model] = profile
+        tables[model] = (
+            bursts(model, alloc.tp, alloc.fraction)
+            if bursts is not None and profile is not None
+            else None
+        )
         capacity = alloc.replicas * profile.saturation_rate if profile is not None else 0.0
         utilization = load / capacity if capacity > 0 else math.inf
         latency[model] = (
@@ -182,11 +306,26 @@ def predict(
     gpus = sum(a.gpus for a in allocation.values())
     if gpus_available is not None and gpus > gpus_available + 1e-9:
         reasons.append(f"allocation uses {gpus:g} GPUs, {gpus_available:g} available")
+
+    def term(d: LlmDemand) -> float:
+        profile = profiled[d.model]
+        if profile is None:
+            return math.inf
+        alloc = allocation[d.model]
+        return llm_term(
+            profile,
+            alloc.replicas,
+            loads.get(d.model, 0.0),
+            d,
+            tables[d.model],
+            pooled=bursts is not None,
+        )
+
     predictions = tuple(
         WorkflowPrediction(
             w.name,
             target_rates[w.name],
-            compose(w, {d.model: latency[d.model] * d.n / d.p for d in w.llms}),
+            compose(w, {d.model: term(d) for d in w.llms}),
             target_rates[w.name] * scale if scale < math.inf else math.inf,
         )
         for w in workflows

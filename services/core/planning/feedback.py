@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from services.core.allocation import TP_DEGREES, Allocation
 from services.core.errors import InfeasibleError
 from services.core.placement.heuristic import InfeasibleKind, Placement, PlacementInfeasible
-from services.core.planning.alp import FitCheck, ProfileLookup
+from services.core.planning.alp import BurstLookup, FitCheck, ProfileLookup
 from services.core.planning.search import AllocationInfeasible, SearchResult, infeasible, search
 from services.core.planning.space import Constraints, Problem
 
@@ -51,6 +51,7 @@ def search_placed(
     constraints: Constraints | None = None,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
+    bursts: BurstLookup | None = None,
 ) -> PlacedResult:
     """The best allocation that places: best-first branch and bound over placement feedback.
 
@@ -73,7 +74,9 @@ def search_placed(
     refusals: list[str] = []
     searches = 0
     root = constraints or Constraints()
-    first = search(problem, profiles, fits=fits, constraints=root, clock=clock)  # may raise
+    first = search(
+        problem, profiles, fits=fits, constraints=root, clock=clock, bursts=bursts
+    )  # may raise
     heapq.heappush(queue, (first.objective, 0, 0, root, first))
     seen.add(_key(root))
     while queue:
@@ -86,7 +89,9 @@ def search_placed(
                 )
             searches += 1
             with contextlib.suppress(AllocationInfeasible):
-                found = search(problem, profiles, fits=fits, constraints=cons, clock=clock)
+                found = search(
+                    problem, profiles, fits=fits, constraints=cons, clock=clock, bursts=bursts
+                )
                 heapq.heappush(queue, (found.objective, 0, order, cons, found))
             continue
         try:

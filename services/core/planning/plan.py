@@ -194,7 +194,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
     place = inputs.place or placer_for(spec.nodes, spec.fraction_unit, inputs.running)
     before = profiles.seconds
     problem = problem_of(spec)
-    placed = search_placed(problem, profiles.profile, place, max_rounds=inputs.max_rounds)
+    placed = search_placed(
+        problem, profiles.profile, place, max_rounds=inputs.max_rounds, bursts=profiles.burst
+    )
     plan = assemble(
         inputs.spec_text, spec, problem, placed, inputs.clock(), profiles.seconds - before
     )

@@ -21,17 +21,20 @@ calling it, in proportion to their call rates (``Spec.token_mix``).
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from services.core.cluster.hardware import GpuSpec, gpu_spec
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InfeasibleError, InvalidInputError
-from services.core.perf.analytic import RequestMix
+from services.core.perf.analytic import RequestMix, burst_latencies
 from services.core.perf.backends import DEFAULT_BACKEND, AnalyticBackend, ProfileBackend
+from services.core.perf.model import PerfModel
 from services.core.perf.profile import Profile, ProfileKey
+from services.core.planning.alp import BurstTable
 from services.core.workload.spec import Spec
 
 # The request mix of a model that no workflow calls (it carries no load; only fit and idle
@@ -118,6 +121,26 @@ class StoreFirst:
         return Found(profile, COMPUTED)
 
 
+_Fetched = tuple[Found | None, str]  # (the answer, or None and why the instance does not fit)
+# map(function, queries): the builtin, or a process pool's
+Mapper = Callable[[Callable[[ProfileQuery], _Fetched], list[ProfileQuery]], Iterable[_Fetched]]
+BURST_CACHE_SIZE = 4096
+_BURSTS: OrderedDict[tuple[str, str, int, float, str, int], BurstTable] = OrderedDict()
+
+
+def clear_burst_cache() -> None:
+    """Forget every remembered burst table (benchmarks measure cold plans with it)."""
+    _BURSTS.clear()
+
+
+def fetch_one(provider: ProfileProvider, query: ProfileQuery) -> _Fetched:
+    """``provider.fetch(query)`` with a misfit as a value (for ``SpecProfiles.prefetch``)."""
+    try:
+        return provider.fetch(query), ""
+    except InfeasibleError as exc:
+        return None, str(exc)
+
+
 class SpecProfiles:
     """The profiles of a spec's models, each configuration fetched once from ``provider``.
 
@@ -141,6 +164,8 @@ class SpecProfiles:
         self.backend = backend
         self._clock = clock
         self._cache: dict[tuple[str, int, float], Profile | InfeasibleError] = {}
+        self._bursts: dict[tuple[str, int, float], BurstTable] = {}
+        self._mixes: dict[str, RequestMix] = {}
         self._origins: dict[str, Counter[str]] = {}
         self.computed = 0
         self.hits = 0
@@ -150,8 +175,10 @@ class SpecProfiles:
         """What ``profile(model, tp, fraction)`` asks the provider for."""
         if model not in self.spec.models:
             raise InvalidInputError(f"model: {model!r} is not in the spec's models")
-        samples = self.spec.token_mix(model) or (FALLBACK_MIX,)
-        mix = RequestMix.from_samples(samples)
+        mix = self._mixes.get(model)
+        if mix is None:
+            mix = RequestMix.from_samples(self.spec.token_mix(model) or (FALLBACK_MIX,))
+            self._mixes[model] = mix
         spec = self.spec.models[model]
         return ProfileQuery(model, spec, self.gpu, tp, fraction, mix, self.backend)
 
@@ -166,6 +193,52 @@ class SpecProfiles:
             raise found
         return found
 
+    def burst(self, model: str, tp: int, fraction: float) -> BurstTable:
+        """An ``alp.BurstLookup``: per-call latency of calls handed to an idle instance together
+        (``analytic.burst_latencies``), from the analytic performance model and the model's
+        request mix, whatever backend measured the profiles (a profile says nothing about
+        bursts). Remembered per process by what it depends on (model and GPU specs, TP,
+        fraction, mix, seed); ``InfeasibleError`` when the instance does not fit."""
+        key = (model, tp, fraction)
+        found = self._bursts.get(key)
+        if found is None:
+            query = self.query(model, tp, fraction)
+            shared = (repr(query.model), repr(query.gpu), tp, fraction, query.mix.id, query.seed)
+            found = _BURSTS.get(shared)
+            if found is None:
+                started = self._clock()
+                perf = PerfModel.create(query.model, query.gpu, tp, fraction)
+                found = BurstTable.of(burst_latencies(perf, query.mix, query.seed))
+                self.seconds += self._clock() - started
+                _BURSTS[shared] = found
+                while len(_BURSTS) > BURST_CACHE_SIZE:
+                    _BURSTS.popitem(last=False)
+            self._bursts[key] = found
+        return found
+
+    def prefetch(
+        self,
+        configs: Iterable[tuple[str, int, float]],
+        mapper: Mapper,
+    ) -> None:
+        """Fetch the profiles of ``configs`` (model, tp, fraction) not yet known, all at once
+        through ``mapper`` (``map`` of a process pool computes cold profiles in parallel; the
+        provider must then pickle). Later ``profile`` calls find them."""
+        todo = [c for c in dict.fromkeys(configs) if c not in self._cache]
+        if not todo:
+            return
+        started = self._clock()
+        queries = [self.query(*c) for c in todo]
+        results = list(mapper(partial(fetch_one, self.provider), queries))
+        self.computed += len(todo)
+        self.seconds += self._clock() - started
+        for config, (found, problem) in zip(todo, results, strict=True):
+            if found is None:
+                self._cache[config] = InfeasibleError(problem)
+                continue
+            self._cache[config] = found.profile
+            self._origins.setdefault(config[0], Counter())[found.origin] += 1
+
     def fits(self, model: str, tp: int, fraction: float) -> bool:
         """Whether an instance holds the weights, a minimum KV cache and the longest call."""
         try:
@@ -173,6 +246,10 @@ class SpecProfiles:
         except InfeasibleError:
             return False
         return True
+
+    def known(self) -> list[Profile]:
+        """Every profile fetched so far (to store or hand to another ``SpecProfiles``)."""
+        return [p for p in self._cache.values() if isinstance(p, Profile)]
 
     def origins(self) -> dict[str, dict[str, int]]:
         return {m: dict(sorted(c.items())) for m, c in sorted(self._origins.items())}

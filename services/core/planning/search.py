@@ -50,14 +50,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.core.allocation import Allocation
 from services.core.errors import InfeasibleError
 from services.core.perf.profile import Profile
-from services.core.planning.alp import FitCheck, Prediction, ProfileLookup, predict
+from services.core.planning.alp import BurstLookup, FitCheck, Prediction, ProfileLookup, predict
 from services.core.planning.space import (
     Candidate,
     Constraints,
@@ -144,6 +144,10 @@ class Stage:
     ``coef = omega_w n / p`` (omega_w the normalised workflow weight)."""
 
     coefficients: dict[str, float]
+    fanouts: dict[str, float] = field(default_factory=dict)  # p per model (1 when missing)
+
+    def term(self, model: str, candidate: Candidate) -> float:
+        return self.coefficients[model] * candidate.latency_at(self.fanouts.get(model, 1.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,12 @@ def objective_structure(problem: Problem) -> tuple[float, tuple[Component, ...]]
         constant += omega * w.tool_time
         demand = {d.model: d for d in w.llms}
         for members in w.stages:
-            stages.append(Stage({m: omega * demand[m].n / demand[m].p for m in members}))
+            stages.append(
+                Stage(
+                    {m: omega * demand[m].n / demand[m].p for m in members},
+                    {m: demand[m].p for m in members},
+                )
+            )
     return constant, _components(stages)
 
 
@@ -219,7 +228,7 @@ def component_frontier(
                     break
                 values = dict(current)
                 for j in touching:
-                    term = component.stages[j].coefficients[model] * cand.latency
+                    term = component.stages[j].term(model, cand)
                     values[j] = max(values.get(j, 0.0), term)
                 shut = sum(values[j] for j in touching if last[j] == i)
                 grown.append(
@@ -295,15 +304,17 @@ def search(
     fits: FitCheck | None = None,
     constraints: Constraints | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    bursts: BurstLookup | None = None,
 ) -> SearchResult:
-    """The allocation with the lowest weighted predicted latency (module docstring).
+    """The allocation with the lowest weighted predicted latency (module docstring); with
+    ``bursts``, calls in fan-outs pay for sharing a replica (``alp.call_latency``).
 
     Raises ``AllocationInfeasible`` when none meets memory, rho, the GPUs and ``constraints``.
     """
     started = clock()
     cons = constraints or Constraints()
     budget = cons.budget(problem.budget)
-    frontiers, evaluated = llm_frontiers(problem, profiles, fits, cons, budget)
+    frontiers, evaluated = llm_frontiers(problem, profiles, fits, cons, budget, bursts)
     constant, components = objective_structure(problem)
     floor = {c.models: sum(frontiers[m][0].cost for m in c.models) for c in components}
     spare = budget - sum(floor.values())
@@ -315,7 +326,13 @@ def search(
     picks = [cand for f, j in zip(fronts, chosen, strict=True) for cand in f[j][2]]
     allocation = {c.model: c.allocation(problem.fraction_unit) for c in picks}
     prediction = predict(
-        problem.workflows, profiles, allocation, problem.rates, fits=fits, rho=problem.rho
+        problem.workflows,
+        profiles,
+        allocation,
+        problem.rates,
+        fits=fits,
+        rho=problem.rho,
+        bursts=bursts,
     )
     return SearchResult(
         allocation=dict(sorted(allocation.items())),
@@ -335,6 +352,7 @@ def llm_frontiers(
     fits: FitCheck | None,
     constraints: Constraints,
     budget: int,
+    bursts: BurstLookup | None = None,
 ) -> tuple[dict[str, list[Candidate]], int]:
     """Per LLM its Pareto frontier (module docstring, step 1) and the number of candidates
     evaluated. Each LLM may use the budget less the cheapest configurations of the others.
@@ -374,9 +392,20 @@ def llm_frontiers(
         raise infeasible(problem, profiles, fits, constraints, reasons)
     frontiers: dict[str, list[Candidate]] = {}
     evaluated = 0
+    fanouts = problem.fanouts
     for model, found in configs.items():
         own = cheapest[model] + spare
-        cands = llm_candidates(model, loads[model], found, own, problem.rho, constraints)
+        cands = llm_candidates(
+            model,
+            loads[model],
+            found,
+            own,
+            problem.rho,
+            constraints,
+            fanouts.get(model, ()),
+            bursts,
+            problem.fraction_unit,
+        )
         evaluated += len(cands)
         frontiers[model] = pareto(cands)
     return frontiers, evaluated

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field, replace
 from services.core.allocation import TP_DEGREES, Allocation
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.profile import Profile
-from services.core.planning.alp import FitCheck, ProfileLookup, call_latency, llm_loads
+from services.core.planning.alp import (
+    BurstLookup,
+    FitCheck,
+    ProfileLookup,
+    call_latency,
+    llm_loads,
+)
 from services.core.workload.demand import WorkflowDemand
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO
 
@@ -71,6 +77,15 @@ class Problem:
         """Calls/s per LLM, summed over workflows."""
         return llm_loads(self.workflows, self.rates)
 
+    @property
+    def fanouts(self) -> dict[str, tuple[float, ...]]:
+        """Per LLM the distinct fan-outs ``p`` its workflows call it with, sorted."""
+        found: dict[str, set[float]] = {}
+        for w in self.workflows:
+            for d in w.llms:
+                found.setdefault(d.model, set()).add(d.p)
+        return {m: tuple(sorted(ps)) for m, ps in found.items()}
+
     def scaled(self, factor: float) -> Problem:
         """The same problem with every target rate multiplied by ``factor``."""
         return replace(self, rates={w: r * factor for w, r in self.rates.items()})
@@ -107,10 +122,24 @@ class Candidate:
     units: int  # per GPU, 1/k each
     replicas: int
     cost: int  # replicas x tp x units
-    latency: float  # s per call at load / replicas
+    latency: float  # s per call at load / replicas (lone calls)
+    # s per call when calls come in fan-outs of p, by p (the LLM's ``Problem.fanouts``)
+    by_fanout: tuple[tuple[float, float], ...] = ()
 
     def allocation(self, k: int) -> Allocation:
         return Allocation(self.units / k, self.tp, self.replicas)
+
+    def latency_at(self, p: float) -> float:
+        """Per-call latency for calls in fan-outs of ``p`` (the lone-call one if not known)."""
+        for fanout, latency in self.by_fanout:
+            if fanout == p:
+                return latency
+        return self.latency
+
+    @property
+    def latencies(self) -> tuple[float, ...]:
+        """Every latency the objective may read (dominance compares them all)."""
+        return (self.latency, *(lat for _, lat in self.by_fanout))
 
 
 # ------------------------------------------------------------------------------ candidates
@@ -163,11 +192,18 @@ def llm_candidates(
     budget: int,
     rho: float,
     constraints: Constraints,
+    fanouts: Sequence[float] = (),
+    bursts: BurstLookup | None = None,
+    fraction_unit: int = 1,
 ) -> list[Candidate]:
     """Every (configuration, replicas) of ``model`` meeting rho within ``budget`` units, up to
-    the replica count where the latency stops falling (module docstring, step 1)."""
+    the replica count where the latency stops falling (module docstring, step 1). With
+    ``bursts``, each candidate also carries its latency for calls in fan-outs of each of
+    ``fanouts`` (configurations are (tp, units of 1/``fraction_unit``))."""
     out: list[Candidate] = []
+    fanned = [p for p in fanouts if p > 1] if bursts is not None else []
     for (tp, units), profile in configs.items():
+        table = bursts(model, tp, units / fraction_unit) if fanned and bursts else None
         per_replica = tp * units
         most = budget // per_replica
         cap = constraints.replica_cap((model, tp, units))
@@ -175,19 +211,30 @@ def llm_candidates(
             most = min(most, cap)
         floor_rate = profile.points[0].rate
         for r in range(min_replicas(load, profile.saturation_rate, rho), most + 1):
-            latency = call_latency(profile, r, load)
-            out.append(Candidate(model, tp, units, r, r * per_replica, latency))
-            if load / r <= floor_rate:
+            pooled = bursts is not None
+            latency = call_latency(profile, r, load, pooled=pooled)
+            by_fanout = tuple(
+                (p, call_latency(profile, r, load, table, p, pooled=pooled)) for p in fanned
+            )
+            out.append(Candidate(model, tp, units, r, r * per_replica, latency, by_fanout))
+            if load / r <= floor_rate and (bursts is None or all(p <= r for p in fanned)):
                 break
     return out
 
 
 def pareto(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates no other beats on both cost and latency, by increasing cost (ties: the first
-    in (cost, latency, tp, units) order)."""
+    """Candidates no other beats on cost and on every latency (``Candidate.latencies``), by
+    increasing cost (ties: the first in (cost, latency, tp, units) order)."""
     kept: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.cost, c.latency, c.tp, c.units)):
-        if not kept or c.latency < kept[-1].latency:
+    ordered = sorted(candidates, key=lambda c: (c.cost, c.latency, c.tp, c.units))
+    if all(not c.by_fanout for c in ordered):
+        for c in ordered:
+            if not kept or c.latency < kept[-1].latency:
+                kept.append(c)
+        return kept
+    for c in ordered:
+        mine = c.latencies
+        if not any(all(a <= b for a, b in zip(k.latencies, mine, strict=True)) for k in kept):
             kept.append(c)
     return kept
 

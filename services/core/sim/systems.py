@@ -153,7 +153,13 @@ class Context:
         return best_scale(self.problem(gpus, 1.0), self.profiles.profile)
 
     def predict(self, allocation: Mapping[str, Allocation], rate: float) -> Prediction:
-        return predict([self.demand], self.profiles.profile, allocation, {self.workflow.name: rate})
+        return predict(
+            [self.demand],
+            self.profiles.profile,
+            allocation,
+            {self.workflow.name: rate},
+            bursts=self.profiles.burst,
+        )
 
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))

@@ -11,11 +11,14 @@ from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import model_spec
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.analytic import (
+    PLANNING_RATE_FRACTIONS,
     RATE_FRACTIONS,
     RequestMix,
+    burst_latencies,
     profile_analytic,
     saturation_rate,
 )
+from services.core.perf.backends import AnalyticBackend, clear_cache
 from services.core.perf.batching import SchedulerConfig, simulate, static_batch
 from services.core.perf.model import PerfModel, StepLoad, chunk_pairs, load_params
 
@@ -216,3 +219,29 @@ def test_profile_infeasible(
 ) -> None:
     with pytest.raises(InfeasibleError, match=message):
         profile_analytic(model_spec(name), H100, tp, fraction, mix)
+
+
+# ------------------------------------------------------------------------------ bursts, planning
+def test_a_burst_of_prompts_waits_for_the_token_budget() -> None:
+    # prompt-only calls (one output token): b of them together need b x 3000 prompt tokens,
+    # more than one iteration's budget from b = 3 on, so per-call latency grows with b
+    perf = PerfModel.create(LLAMA8, H100, 1, 1.0)
+    table = dict(burst_latencies(perf, RequestMix.fixed(3000, 1), sizes=(1, 2, 4, 8)))
+    assert table[1] < table[4] < table[8]
+    lone = simulate(perf, np.zeros(1), np.array([3000]), np.array([1])).latency[0]
+    assert table[1] == pytest.approx(lone)
+
+
+def test_planning_backend_remembers_profiles_by_what_they_depend_on() -> None:
+    clear_cache()
+    mix = RequestMix.fixed(256, 32)
+    small = model_spec("Qwen/Qwen2.5-0.5B")
+    backend = AnalyticBackend()
+    first = backend.profile(small, H100, 1, 0.5, mix, 0)
+    assert len(first.points) == len(PLANNING_RATE_FRACTIONS)
+    assert AnalyticBackend().profile(small, H100, 1, 0.5, mix, 0) is first  # another instance
+    other = backend.profile(small, H100, 1, 0.5, mix, 1)  # another seed: computed anew
+    assert other is not first
+    clear_cache()
+    again = backend.profile(small, H100, 1, 0.5, mix, 0)
+    assert again is not first and again == first  # deterministic

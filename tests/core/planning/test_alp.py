@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,16 @@ from services.cli import predict as predict_cli
 from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
-from services.core.planning.alp import Prediction, call_latency, llm_loads, llm_term, predict
+from services.core.planning.alp import (
+    BurstTable,
+    Prediction,
+    call_latency,
+    llm_loads,
+    llm_term,
+    pooling_factor,
+    predict,
+    replica_burst,
+)
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.stats import workflow_stats
 from services.core.workload.trace import Trace, TraceCall
@@ -315,3 +325,45 @@ def test_cli_bad_allocations(tmp_path: Path, line: str, message: str) -> None:
         run_predict_cli(tmp_path, [line])
     assert message in str(info.value)
     assert "alloc.jsonl" in str(info.value)
+
+
+# ------------------------------------------------------------------------------ fan-outs, pooling
+def test_burst_table_interpolates_and_extrapolates() -> None:
+    table = BurstTable.of([(4, 1.6), (1, 1.0), (2, 1.2)])
+    assert table.extra(1) == 0.0 and table.extra(0.5) == 0.0
+    assert table.extra(3) == pytest.approx(0.4)
+    assert table.extra(6) == pytest.approx(1.0)  # the last step's slope: 0.2 per call
+    with pytest.raises(InvalidInputError):
+        BurstTable((2.0,), (1.0,))
+
+
+def test_replica_burst_spreads_a_fan_out_evenly() -> None:
+    assert replica_burst(8, 2) == 4 and replica_burst(3, 6) == 1.0 and replica_burst(1, 1) == 1.0
+
+
+def test_pooling_factor_is_erlang_c_over_utilisation() -> None:
+    assert pooling_factor(1, 0.7) == 1.0
+    # M/M/2: C(2, 2u) = 2u^2 / (1 + u), so the factor is u / (1 + u)
+    assert pooling_factor(2, 0.6) == pytest.approx(0.6 / 1.6)
+    factors = [pooling_factor(c, 0.8) for c in (1, 2, 4, 8, 16)]
+    assert all(b < a for a, b in itertools.pairwise(factors))
+
+
+def test_pooled_routing_shrinks_only_the_wait() -> None:
+    # TTFT grows by 0.5 s of the 1.0 s latency growth: only that half pools
+    base = CURVES["A"]
+    points = tuple(
+        ProfilePoint(p.rate, p.mean_latency, p.p50_latency, p.p99_latency, 0.5 * p.mean_latency, 0)
+        for p in base.points
+    )
+    profile = Profile(base.key, points, base.saturation_rate)
+    plain = call_latency(profile, 4, 4 * 1.6)
+    pooled = call_latency(profile, 4, 4 * 1.6, pooled=True)
+    idle = points[0].mean_latency
+    wait = profile.ttft_at(1.6) - points[0].ttft
+    assert idle < pooled < plain
+    # 1.6 calls/s per replica of a 5 calls/s saturation
+    assert plain - pooled == pytest.approx(wait * (1 - pooling_factor(4, 1.6 / 5.0)))
+    assert call_latency(profile, 1, 1.6, pooled=True) == pytest.approx(
+        call_latency(profile, 1, 1.6)
+    )

@@ -26,7 +26,7 @@ from services.core.placement.heuristic import (
     instances_of,
     place,
 )
-from services.core.planning.alp import FitCheck, predict
+from services.core.planning.alp import BurstTable, FitCheck, predict
 from services.core.planning.feedback import PlaceFn, search_placed
 from services.core.planning.search import (
     AllocationInfeasible,
@@ -391,3 +391,63 @@ def test_nothing_places() -> None:
         search_placed(problem, synthetic, refuse)
     with pytest.raises(InfeasibleError, match="after 3 searches"):
         search_placed(problem, synthetic, refuse, max_rounds=3)
+
+
+# ------------------------------------------------------------------------------ fan-outs
+def queued(model: str, tp: int, fraction: float) -> Profile:
+    """``synthetic`` with a TTFT that grows with the rate (half the latency), so the pooled
+    routing correction has a wait to shrink."""
+    base = synthetic(model, tp, fraction)
+    points = tuple(
+        ProfilePoint(p.rate, p.mean_latency, p.p50_latency, p.p99_latency, p.mean_latency / 2, 0)
+        for p in base.points
+    )
+    return Profile(base.key, points, base.saturation_rate)
+
+
+def burst_table(model: str, tp: int, fraction: float) -> BurstTable:
+    """Calls handed over together share an instance: b of them take (1 + 0.2 (b - 1)) x."""
+    idle = queued(model, tp, fraction).points[0].mean_latency
+    sizes = (1, 2, 4, 8)
+    return BurstTable.of([(b, idle * (1 + 0.2 * (b - 1))) for b in sizes])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fan_outs_match_brute_force(seed: int) -> None:
+    # LLMs called in fan-outs of p (shared ones with different p per workflow): the search with
+    # the burst and pooling corrections is still exactly optimal for the ALP that has them.
+    rng = random.Random(100 + seed)
+    models = rng.sample(sorted(MODELS), 3)
+    w1 = serial("w1", *((m, rng.choice([2.0, 4.0]), rng.choice([1.0, 2.0, 3.5])) for m in models))
+    pair = rng.sample(models, 2)
+    w2 = serial("w2", *((m, 2.0, rng.choice([1.0, 4.0])) for m in pair))
+    problem = Problem(
+        (w1, w2), {"w1": rng.uniform(0.1, 0.4), "w2": 0.2}, gpus=3, fraction_unit=2, max_tp=2
+    )
+    result = search(problem, queued, bursts=burst_table)
+    best = math.inf
+    for alloc in every_allocation(problem, sorted(problem.loads)):
+        p = predict(
+            problem.workflows, queued, alloc, problem.rates, rho=problem.rho, bursts=burst_table
+        )
+        if p.feasible:
+            best = min(best, weighted_latency(problem, p))
+    assert result.objective == pytest.approx(best, rel=1e-9)
+    assert weighted_latency(problem, result.prediction) == pytest.approx(best, rel=1e-9)
+
+
+def test_a_fan_out_on_one_replica_costs_more_than_spread() -> None:
+    # a fan-out of 4 calls to one replica shares its iterations; spread over four replicas each
+    # call is alone: with bursts the single replica falls further behind than without
+    one = {"B": Allocation(1.0, 1, 1)}
+    four = {"B": Allocation(1.0, 1, 4)}
+    w = serial("w", ("B", 4.0, 4.0))
+    rates = {"w": 0.5}
+    with_bursts = [
+        predict([w], queued, a, rates, bursts=burst_table).workflow("w").latency
+        for a in (one, four)
+    ]
+    plain = [predict([w], queued, a, rates).workflow("w").latency for a in (one, four)]
+    assert with_bursts[0] - with_bursts[1] > plain[0] - plain[1] > 0
+    # spread over 4 replicas a fan-out of 4 is one call each: no burst term there
+    assert with_bursts[1] <= plain[1]

@@ -1,0 +1,177 @@
+"""The ALP against the simulator on Scepsy's chosen plans (the simulator is the ground truth).
+
+For every workflow and GPU count: the warm-up trace, statistics and profiles as the evaluation
+makes them (``systems.Context.prepare`` on the smallest GPU count); then
+
+- latency: at ``--fractions`` of the ALP's highest throughput on those GPUs, Scepsy plans for the
+  rate, the simulator serves Poisson arrivals on the plan, and the ALP's predicted mean request
+  latency is compared with the measured one (sustainable points only);
+- throughput: Scepsy's maximum-throughput plan, its predicted throughput against the simulated
+  capacity (all requests / busy span under ``--overload`` x the prediction).
+
+Error = (predicted - simulated) / simulated. Prints one row per point and a summary per
+workflow and GPU count (median and worst |error|).
+
+    .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from services.core.errors import InfeasibleError, ScepsyError  # noqa: E402
+from services.core.sim.checks import check_throughput  # noqa: E402
+from services.core.sim.results import BenchSettings  # noqa: E402
+from services.core.sim.runs import Counter, load_at, run_point  # noqa: E402
+from services.core.sim.systems import SYSTEMS, Context  # noqa: E402
+from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
+
+SEED_POINT = 31
+
+
+def measure_workflow(
+    name: str, gpu_counts: Sequence[int], fractions: Sequence[float], settings: BenchSettings
+) -> list[dict[str, Any]]:
+    ctx = Context.prepare(
+        workflow(name),
+        settings.gpu_type,
+        min(gpu_counts),
+        warmup_requests=settings.warmup_requests,
+        options=replace(settings.options, seed=settings.seed),
+    )
+    counter = Counter()
+    rows: list[dict[str, Any]] = []
+    for gpus in gpu_counts:
+        capacity = ctx.capacity(gpus)
+        for i, f in enumerate(fractions):
+            rate = f * capacity
+            try:
+                plan = SYSTEMS["scepsy"](ctx, gpus, rate)
+            except InfeasibleError:
+                continue
+            point = run_point(
+                ctx, plan, load_at(ctx, rate, SEED_POINT + i, settings), gpus, settings, counter
+            )
+            if point.predicted_latency is None or not point.sustainable:
+                continue
+            rows.append(
+                _row(
+                    name,
+                    gpus,
+                    "latency",
+                    rate,
+                    point.allocation,
+                    point.predicted_latency,
+                    point.mean_latency,
+                )
+            )
+        check = check_throughput(ctx, gpus, capacity, settings, counter)
+        if check is not None:
+            rows.append(
+                _row(
+                    name,
+                    gpus,
+                    "throughput",
+                    check.rate,
+                    check.allocation,
+                    check.predicted,
+                    check.simulated,
+                )
+            )
+    return rows
+
+
+def _row(
+    name: str,
+    gpus: int,
+    kind: str,
+    rate: float,
+    allocation: str,
+    predicted: float,
+    simulated: float,
+) -> dict[str, Any]:
+    return {
+        "workflow": name,
+        "gpus": gpus,
+        "kind": kind,
+        "rate": rate,
+        "allocation": allocation,
+        "predicted": predicted,
+        "simulated": simulated,
+        "error": (predicted - simulated) / simulated,
+    }
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    keys = dict.fromkeys((r["workflow"], r["kind"]) for r in rows)
+    for name, kind in keys:
+        errs = [abs(r["error"]) for r in rows if r["workflow"] == name and r["kind"] == kind]
+        out.append(
+            {
+                "workflow": name,
+                "kind": kind,
+                "points": len(errs),
+                "median_abs_error": statistics.median(errs),
+                "worst_abs_error": max(errs),
+            }
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflows", default=",".join(WORKFLOWS))
+    parser.add_argument("--gpus", default="4,8,16")
+    parser.add_argument("--fractions", default="0.3,0.6,0.85")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    gpus = [int(g) for g in args.gpus.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    settings = replace(BenchSettings(), seed=args.seed, max_calls=30_000, duration=40.0)
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in args.workflows.split(","):
+            rows += measure_workflow(name, gpus, fractions, settings)
+            print(f"[{time.perf_counter() - started:6.1f}s] {name} done", file=sys.stderr)
+    except ScepsyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"points": rows, "summary": summary(rows)}))
+        return 0
+    print(
+        f"{'workflow':10} {'GPUs':>4} {'kind':10} {'req/s':>7} {'pred':>8} {'sim':>8} "
+        f"{'error':>7}  allocation"
+    )
+    for r in rows:
+        print(
+            f"{r['workflow']:10} {r['gpus']:>4} {r['kind']:10} {r['rate']:>7.3g} "
+            f"{r['predicted']:>8.3g} {r['simulated']:>8.3g} {r['error']:>+7.0%}  {r['allocation']}"
+        )
+    print()
+    print(f"{'workflow':10} {'kind':10} {'points':>6} {'median |err|':>12} {'worst |err|':>11}")
+    for s in summary(rows):
+        print(
+            f"{s['workflow']:10} {s['kind']:10} {s['points']:>6} {s['median_abs_error']:>12.0%} "
+            f"{s['worst_abs_error']:>11.0%}"
+        )
+    print(f"\n{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
