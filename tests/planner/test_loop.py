@@ -25,10 +25,14 @@ from services.core.workload.trace import TraceCall, dumps
 from services.planner.config import PlannerConfig
 from services.planner.loop import ControlLoop
 from services.planner.service import Planner
+from services.router.scripted_upstream import ScriptedUpstream
+from services.router.service import Router, router_binding
 from services.runtime.redis_server import RedisServer
+from services.runtime.server import Server
 from services.runtime.store import Store
 
 TICK = 5.0
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPEC = """
 version: 1
 fraction_unit: 2
@@ -316,3 +320,60 @@ async def test_cli_pin_of_an_unknown_plan_is_an_error(
 ) -> None:
     assert await cli(["loop", "pin", "feedfacefeedface", *setup_flags(setup)]) == 2
     assert "error: PLAN_ID: plan 'feedfacefeedface' not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the real router
+async def test_the_loop_replans_from_the_real_routers_trace(
+    redis_url: str, namespace: str, store: Store
+) -> None:
+    """Wall-clock time, short thresholds: the asyncio example drives a real router (scripted
+    replicas) at 5 req/s, then at 12; the loop reads the router's own trace records and
+    re-plans once, and no call fails. The arrivals are seeded, so the first phase's window
+    (10 s, about 50 requests) stays far from the limit 1.6 x 5 = 8 req/s."""
+    from tests.examples.test_examples import load
+    from tests.router.conftest import register, router_config
+
+    rag = load("asyncio_rag/rag.py")
+    upstreams = [ScriptedUpstream(m, tokens=3) for m in ("generator", "reranker")]
+    for upstream in upstreams:
+        await upstream.start()
+        await register(store, upstream.model, upstream)
+    rconfig = router_config(redis_url, namespace)
+    router_store = Store.connect(rconfig.redis_url, rconfig.redis_timeout_s, rconfig.namespace)
+    router = Router(rconfig, router_store)
+    server = Server(rconfig, [router_binding(router)])
+    await server.start()
+    cfg = config(
+        redis_url, namespace, loop_interval_s=0.5, loop_window_s=10.0, loop_sustain_s=2.0,
+        loop_min_interval_s=5.0, loop_settle_s=0.0, loop_rate_up=1.6, loop_min_requests=10,
+    )  # fmt: skip
+    planner = Planner(cfg, store)
+    loop = ControlLoop(cfg, store, planner, holder="real")
+    try:
+        await register_nodes(store)
+        spec = (EXAMPLES / "spec.yaml").read_text().replace("rate: 1.0", "rate: 5.0")
+        first = await planner.plan(spec)
+        await loop.start()
+        drive = rag.Config(router=router.http_url, fanout=4, tool_s=0.01, seed=1)
+        calm = await rag.run(dataclasses.replace(drive, rate=5.0, duration_s=10.0))
+        assert await store.loop_decisions() == [] and await store.current_plan_id() == first.id
+        busy = await rag.run(dataclasses.replace(drive, rate=12.0, duration_s=12.0))
+        await asyncio.sleep(1.0)
+    finally:
+        await loop.stop()
+        await server.stop()
+        await router_store.close()
+        for upstream in upstreams:
+            await upstream.stop()
+        planner.close()
+    assert (calm.failed, busy.failed) == (0, 0)
+    (decision,) = await store.loop_decisions()
+    assert decision["outcome"] == "changed" and decision["old_plan"] == first.id
+    assert [(r["kind"], r["subject"]) for r in decision["reasons"]] == [
+        ("rate_high", "rag-asyncio")
+    ]
+    assert 8.0 < decision["rates"]["rag-asyncio"] <= 13.0
+    new = await store.get_current_plan()
+    assert new is not None and new.id == decision["new_plan"]
+    targets = {w.workflow: w.target_rps for w in new.workflows}
+    assert targets == {"rag-asyncio": decision["rates"]["rag-asyncio"], "rag-langgraph": 0.5}

@@ -101,7 +101,7 @@ class LoopConfig:
     latency_objective_s: float = 0.0  # 0: none
     node_grace_s: float = 15.0
     min_requests: int = 20
-    stats_interval_s: float = 15.0  # n, p, shares, tokens are refreshed this often (rates: always)
+    stats_interval_s: float = 15.0  # n, p, shares, tokens refreshed this often (at most window/4)
 
     def __post_init__(self) -> None:
         for name in ("window_s", "rate_up", "rate_down", "share_delta", "n_change"):
@@ -203,8 +203,8 @@ def step(state: LoopState, obs: Observation, config: LoopConfig) -> Tick:
     """One tick of the loop (module docstring)."""
     now = obs.now
     state = replace(state, window=state.window.add(obs.records, now))
-    if now - state.stats_at >= config.stats_interval_s:
-        state = replace(state, stats=statistics(state.window), stats_at=now)
+    if now - state.stats_at >= min(config.stats_interval_s, config.window_s / 4):
+        state = replace(state, stats=statistics(state.window, now), stats_at=now)
     view = observe(state.window, now, config.min_requests, state.stats)
     plan = obs.plan
     if plan is None:
@@ -416,14 +416,19 @@ def _update_baseline(
     now: float,
     config: LoopConfig,
 ) -> LoopState:
-    """Take each workflow's baseline once the plan has settled and a whole window ran under it."""
-    if now < state.plan_since + config.settle_s + config.window_s:
+    """Take each workflow's baseline once the plan has settled and a whole window ran under it:
+    from statistics computed since, of a workflow active for most of the window."""
+    ready = state.plan_since + config.settle_s + config.window_s
+    if now < ready or state.stats_at < ready:
         return state
     wanted = set(_workflow_names(plan).values())
     new = {
         name: w
         for name, w in view.items()
-        if name in wanted and not w.idle and name not in state.baseline
+        if name in wanted
+        and not w.idle
+        and w.span_s >= config.window_s / 2
+        and name not in state.baseline
     }
     if not new:
         return state

@@ -96,12 +96,32 @@ class WorkflowWindow:
         return next((m for m in self.llms if m.model == model), None)
 
 
-def statistics(window: TraceWindow) -> dict[str, WorkflowStats]:
+def statistics(window: TraceWindow, now: float) -> dict[str, WorkflowStats]:
     """The window's workflow statistics, by workflow (the costly part of ``observe``: the loop
-    refreshes them less often than the rates)."""
-    calls = window.calls
-    requests = tuple(r for r in window.records if isinstance(r, TraceRequest))
+    refreshes them less often than the rates).
+
+    Only requests that started inside the window and at least a tenth of it ago count: a request
+    cut by the window's start, or still running at its end, would show fewer calls than it
+    makes."""
+    first = _first_starts(window)
+    lo, hi = now - window.window_s, now - window.window_s / 10
+    kept = {key for key, start in first.items() if lo <= start <= hi}
+    calls = tuple(c for c in window.calls if (c.workflow, c.request_id) in kept)
+    requests = tuple(
+        r
+        for r in window.records
+        if isinstance(r, TraceRequest) and (r.workflow, r.request_id) in kept
+    )
     return {s.workflow: s for s in workflow_stats(Trace(calls, requests))} if calls else {}
+
+
+def _first_starts(window: TraceWindow) -> dict[tuple[str, str], float]:
+    """(workflow, request id) -> the start of its first call in the window."""
+    first: dict[tuple[str, str], float] = {}
+    for call in window.calls:
+        key = (call.workflow, call.request_id)
+        first[key] = min(call.start, first.get(key, call.start))
+    return first
 
 
 def observe(
@@ -112,16 +132,12 @@ def observe(
 ) -> dict[str, WorkflowWindow]:
     """Per workflow (by name), the window's rate and statistics (module docstring); ``stats``
     from ``statistics``, computed now when not given."""
-    first_start: dict[tuple[str, str], float] = {}
-    for call in window.calls:
-        key = (call.workflow, call.request_id)
-        first_start[key] = min(call.start, first_start.get(key, call.start))
     cutoff = now - window.window_s
     starts: dict[str, list[float]] = defaultdict(list)
-    for (workflow, _), start in first_start.items():
+    for (workflow, _), start in _first_starts(window).items():
         if start >= cutoff:
             starts[workflow].append(start)
-    stats = statistics(window) if stats is None else stats
+    stats = statistics(window, now) if stats is None else stats
     out: dict[str, WorkflowWindow] = {}
     for name in sorted(set(stats) | set(starts)):
         counted = starts.get(name, [])
