@@ -39,7 +39,7 @@ REQUESTS_PER_POINT = 400
 # What planning profiles with (``backends.AnalyticBackend``): the curve is flat at low rates, so
 # fewer points there, and half the requests per point; the objective stays within 1% of the
 # full resolution's (``scripts/bench_search.py`` measures it).
-PLANNING_RATE_FRACTIONS: tuple[float, ...] = (0.1, 0.4, 0.7, 0.85, 0.95)
+PLANNING_RATE_FRACTIONS: tuple[float, ...] = (0.1, 0.4, 0.6, 0.75, 0.85, 0.95)
 PLANNING_REQUESTS_PER_POINT = 200
 WARMUP_SHARE = 0.1
 BURST_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

@@ -43,8 +43,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from services.core.allocation import Allocation
 from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.model import FloatArray
 from services.core.perf.profile import Profile
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 
@@ -196,13 +200,78 @@ def call_latency(
     return idle + waiting + extra
 
 
+def call_latencies(
+    profile: Profile,
+    replicas: FloatArray,
+    load: float,
+    burst: BurstTable | None = None,
+    p: float = 1.0,
+    *,
+    pooled: bool = False,
+) -> FloatArray:
+    """``call_latency`` for many replica counts at once (the search's candidates)."""
+    r = np.asarray(replicas, dtype=np.float64)
+    rate = load / r
+    latency = _curve(profile, rate, [q.mean_latency for q in profile.points])
+    if not (pooled or (burst is not None and p > 1)):
+        return latency
+    finite = np.isfinite(latency)
+    idle = profile.points[0].mean_latency
+    waiting = np.maximum(np.where(finite, latency, idle) - idle, 0.0)
+    if pooled:
+        ttft = _curve(profile, rate, [q.ttft for q in profile.points])
+        growth = np.where(finite, ttft, profile.points[0].ttft) - profile.points[0].ttft
+        queued = np.minimum(np.maximum(growth, 0.0), waiting)
+        groups = np.maximum(1, np.floor(r / max(p, 1.0)).astype(np.int64))
+        factor = _pooling_factors(groups, rate / profile.saturation_rate)
+        waiting = waiting + queued * factor - queued
+    extra = np.zeros_like(r)
+    if burst is not None and p > 1:
+        b = np.maximum(1.0, p / r)
+        waiting = waiting * (1 + b) / 2
+        extra = np.array([burst.extra(float(x)) for x in b])
+    return np.where(finite, idle + waiting + extra, np.inf)
+
+
+def _curve(profile: Profile, rate: FloatArray, values: Sequence[float]) -> FloatArray:
+    """``Profile.latency_at`` (or ``ttft_at``) of the per-point ``values`` at many rates."""
+    rates = np.array([q.rate for q in profile.points])
+    vals = np.asarray(values, dtype=np.float64)
+    sat = profile.saturation_rate
+    inside = np.interp(rate, rates, vals)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beyond = vals[-1] * (sat - rates[-1]) / (sat - rate)
+    out = np.where(rate > rates[-1], beyond, inside)
+    return np.where(rate >= sat, np.inf, out)
+
+
+def _pooling_factors(servers: npt.NDArray[np.int64], utilization: FloatArray) -> FloatArray:
+    """``pooling_factor`` elementwise."""
+    c = np.minimum(servers, MAX_POOLED_SERVERS)
+    u = np.asarray(utilization, dtype=np.float64)
+    active = (c > 1) & (u > 0) & (u < 1)
+    a = c * u
+    erlang_b = np.ones_like(u)
+    for k in range(1, int(c.max(initial=1)) + 1):
+        step = a * erlang_b / (k + a * erlang_b)
+        erlang_b = np.where(k <= c, step, erlang_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        erlang_c = c * erlang_b / (c - a * (1 - erlang_b))
+        factor = erlang_c / a
+    return np.where(active, factor, 1.0)
+
+
+MAX_POOLED_SERVERS = 32
+
+
 def pooling_factor(servers: int, utilization: float) -> float:
     """Mean wait of an M/M/c queue over that of c separate M/M/1 queues at the same
     utilisation: C(c, c u) / (c u), with C the Erlang C probability of waiting (1 for c = 1)."""
-    if servers <= 1 or utilization <= 0:
+    if servers <= 1 or utilization <= 0 or utilization >= 1:
         return 1.0
-    if utilization >= 1:
-        return 1.0
+    # beyond a few dozen servers the wait is all but gone; capping keeps this cheap (and errs
+    # towards more wait)
+    servers = min(servers, MAX_POOLED_SERVERS)
     a = servers * utilization
     erlang_b = 1.0
     for k in range(1, servers + 1):

@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from services.core.allocation import TP_DEGREES, Allocation
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.profile import Profile
@@ -23,7 +25,7 @@ from services.core.planning.alp import (
     BurstLookup,
     FitCheck,
     ProfileLookup,
-    call_latency,
+    call_latencies,
     llm_loads,
 )
 from services.core.workload.demand import WorkflowDemand
@@ -210,15 +212,25 @@ def llm_candidates(
         if cap is not None:
             most = min(most, cap)
         floor_rate = profile.points[0].rate
-        for r in range(min_replicas(load, profile.saturation_rate, rho), most + 1):
-            pooled = bursts is not None
-            latency = call_latency(profile, r, load, pooled=pooled)
-            by_fanout = tuple(
-                (p, call_latency(profile, r, load, table, p, pooled=pooled)) for p in fanned
-            )
-            out.append(Candidate(model, tp, units, r, r * per_replica, latency, by_fanout))
-            if load / r <= floor_rate and (bursts is None or all(p <= r for p in fanned)):
-                break
+        rs = np.arange(min_replicas(load, profile.saturation_rate, rho), most + 1)
+        if not rs.size:
+            continue
+        # up to the first count where more replicas stop helping (then included)
+        flat = load / rs <= floor_rate
+        if bursts is not None:
+            for p in fanned:
+                flat &= p <= rs
+        stop = int(np.argmax(flat)) + 1 if flat.any() else rs.size
+        rs = rs[:stop]
+        pooled = bursts is not None
+        counts = rs.astype(np.float64)
+        base = call_latencies(profile, counts, load, pooled=pooled)
+        fanned_lat = [
+            call_latencies(profile, counts, load, table, p, pooled=pooled) for p in fanned
+        ]
+        for i, r in enumerate(rs.tolist()):
+            by_fanout = tuple((p, float(lat[i])) for p, lat in zip(fanned, fanned_lat, strict=True))
+            out.append(Candidate(model, tp, units, r, r * per_replica, float(base[i]), by_fanout))
     return out
 
 
@@ -232,10 +244,12 @@ def pareto(candidates: Sequence[Candidate]) -> list[Candidate]:
             if not kept or c.latency < kept[-1].latency:
                 kept.append(c)
         return kept
+    vectors: list[tuple[float, ...]] = []
     for c in ordered:
         mine = c.latencies
-        if not any(all(a <= b for a, b in zip(k.latencies, mine, strict=True)) for k in kept):
+        if not any(all(a <= b for a, b in zip(k, mine, strict=True)) for k in vectors):
             kept.append(c)
+            vectors.append(mine)
     return kept
 
 
