@@ -23,6 +23,7 @@ async def build(config: PlannerConfig, store: Store) -> Sequence[ServiceBinding]
             binding,
             on_start=(*binding.on_start, loop.start),
             on_stop=(loop.stop, *binding.on_stop),
+            metrics=(*binding.metrics, loop.metrics.registry),
         )
     return [dataclasses.replace(binding, metrics=(*binding.metrics, METRICS.registry))]
 

@@ -11,6 +11,14 @@ reconcile their engines from it). Every decision is stored in Redis (a capped li
 loop's view (statistics per workflow, drifts, mode) after every tick (with a TTL, so a stopped
 loop shows none): ``scepsy loop status|decisions``.
 
+Trace times are the router's clock and the window is the planner's: hosts are assumed to keep
+their clocks synchronised (NTP); a skew is an error of that size at the window's edges.
+
+Metrics (``LoopMetrics``, served beside the planner's): ``scepsy_planner_loop_ticks_total`` by
+``result`` (``led``, ``followed``: another planner holds the lease, ``skipped``: Redis error),
+``scepsy_planner_loop_decisions_total`` by ``action`` and ``outcome``,
+``scepsy_planner_loop_tick_seconds``.
+
 One planner process runs the loop at a time: each tick renews a lease in Redis, and a planner
 without it only serves plans. A tick that meets a Redis error is skipped (logged once, and
 again when Redis answers); the cursor stays, so nothing written meanwhile is missed while the
@@ -28,6 +36,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
 
 from services.core.control.decide import (
@@ -57,6 +66,34 @@ TRACE_PAGE = 5_000  # stream entries read per Redis call
 MAX_PAGES = 20  # per tick; the rest is read on the next tick
 
 
+TICK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class LoopMetrics:
+    """The control loop's figures (module docstring), one registry per loop."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ticks = Counter(
+            "scepsy_planner_loop_ticks",
+            "Control loop ticks, by result (led, followed, skipped)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "scepsy_planner_loop_decisions",
+            "Control loop decisions, by action and outcome",
+            ["action", "outcome"],
+            registry=self.registry,
+        )
+        self.tick_seconds = Histogram(
+            "scepsy_planner_loop_tick_seconds",
+            "Time of one tick that led, a re-plan included",
+            buckets=TICK_BUCKETS,
+            registry=self.registry,
+        )
+
+
 class ControlLoop:
     def __init__(
         self,
@@ -66,6 +103,7 @@ class ControlLoop:
         clock: Callable[[], float] = time.time,
         holder: str = "",
     ) -> None:
+        self.metrics = LoopMetrics()
         self._config: LoopConfig = config.loop_config()
         self._interval_s = config.loop_interval_s
         self._kept = config.loop_decisions_kept
@@ -99,13 +137,20 @@ class ControlLoop:
 
     async def tick(self) -> Decision | None:
         """One tick (module docstring); the decision made, if any. Never raises for Redis."""
+        began = time.perf_counter()
         try:
             decision = await self._tick()
         except (UnavailableError, RedisError) as exc:
+            self.metrics.ticks.labels("skipped").inc()
             if not self._down:
                 self._down = True
                 log.warning("loop_store_down", error=str(exc))
             return None
+        if self.leader:
+            self.metrics.ticks.labels("led").inc()
+            self.metrics.tick_seconds.observe(time.perf_counter() - began)
+        else:
+            self.metrics.ticks.labels("followed").inc()
         if self._down:
             self._down = False
             log.info("loop_store_up")
@@ -133,6 +178,7 @@ class ControlLoop:
         if decision is not None and decision.action == "replan" and plan is not None:
             decision = await self._replan(decision, plan)
         if decision is not None:
+            self.metrics.decisions.labels(decision.action, decision.outcome).inc()
             await self._store.put_loop_decision(decision_dict(decision), self._kept)
             log.info(
                 "loop_decision",

@@ -192,6 +192,12 @@ async def test_sustained_doubling_replans_and_makes_the_plan_current(setup: Setu
     # once changed, the same traffic is inside the new band: no second re-plan
     await setup.run_until(400)
     assert len(await setup.store.loop_decisions()) == 1
+    sample = setup.loop.metrics.registry.get_sample_value
+    assert (
+        sample("scepsy_planner_loop_decisions_total", {"action": "replan", "outcome": "changed"})
+        == 1
+    )
+    assert sample("scepsy_planner_loop_ticks_total", {"result": "led"}) == 80  # 400 s / 5 s
 
 
 async def test_pinned_plan_is_never_replaced(setup: Setup) -> None:
@@ -251,6 +257,10 @@ async def test_only_one_planner_runs_the_loop(setup: Setup, redis_url: str, name
     await setup.run_until(20)
     assert await other.tick() is None
     assert setup.loop.leader and not other.leader
+    followed = other.metrics.registry.get_sample_value(
+        "scepsy_planner_loop_ticks_total", {"result": "followed"}
+    )
+    assert followed == 1
     await setup.loop.stop()  # releases the lease: the other takes over at its next tick
     await other.tick()
     assert other.leader
@@ -270,6 +280,10 @@ async def test_the_loop_survives_redis_going_away(tmp_path: Path, namespace: str
         server.stop()
         clock.now += TICK
         assert await s.loop.tick() is None  # no exception: the tick is skipped
+        skipped = s.loop.metrics.registry.get_sample_value(
+            "scepsy_planner_loop_ticks_total", {"result": "skipped"}
+        )
+        assert skipped == 1
         server.start()
         s.rate = lambda t: 2.0 if t < START + 100 else 4.0
         await s.run_until(300)
