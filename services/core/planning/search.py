@@ -36,7 +36,9 @@ The problem, the constraints and the per-LLM candidates are defined in
    component's (cost, value) frontier; a component of one LLM gives that LLM's weighted frontier.
 4. *Knapsack.* A multiple-choice knapsack DP over the budget in units picks one frontier point
    per component: ``F_i(b) = min_j F_{i-1}(b - c_j) + v_j`` (numpy over b). Among optimal
-   allocations the one with the fewest units is returned.
+   allocations the one with the fewest units is returned. With a latency objective
+   (``Problem.latency_slo``) the same table gives the fewest units b with ``F(b) <= SLO``:
+   the fewest GPUs that meet it, the lowest latency among those (exact for the same reasons).
 
 Tests compare the result with a brute-force enumeration of every allocation. When no allocation
 meets the constraints, ``AllocationInfeasible`` says why and gives the best throughput these GPUs
@@ -262,12 +264,13 @@ def _undominated(states: list[_State]) -> list[_State]:
 
 # ------------------------------------------------------------------------------ knapsack
 def knapsack(
-    frontiers: Sequence[Sequence[tuple[int, float]]], budget: int
+    frontiers: Sequence[Sequence[tuple[int, float]]], budget: int, limit: float | None = None
 ) -> tuple[float, list[int]] | None:
     """Pick one (cost, value) point per group minimising the value sum within ``budget``.
 
     Returns (optimal sum, chosen index per group) with the fewest units among optimal picks, or
-    None when even the cheapest points exceed the budget.
+    None when even the cheapest points exceed the budget. With ``limit``: the fewest units whose
+    best sum is at most ``limit`` (and that sum), None when no pick reaches it.
     """
     best = np.zeros(budget + 1)  # best[b]: optimum of the groups so far within b units
     choices: list[np.ndarray] = []
@@ -285,8 +288,16 @@ def knapsack(
         choices.append(pick)
     if not math.isfinite(best[budget]):
         return None
-    optimum = float(best[budget])
-    b = int(np.argmax(best <= optimum * (1 + 1e-12) + 1e-15))  # fewest units reaching it
+    if limit is not None:
+        # best[b] is the optimum within b units: non-increasing in b
+        reaching = best <= limit
+        if not reaching.any():
+            return None
+        b = int(np.argmax(reaching))
+        optimum = float(best[b])
+    else:
+        optimum = float(best[budget])
+        b = int(np.argmax(best <= optimum * (1 + 1e-12) + 1e-15))  # fewest units reaching it
     chosen: list[int] = []
     for pick, points in zip(reversed(choices), reversed(frontiers), strict=True):
         j = int(pick[b])
@@ -319,7 +330,22 @@ def search(
     floor = {c.models: sum(frontiers[m][0].cost for m in c.models) for c in components}
     spare = budget - sum(floor.values())
     fronts = [component_frontier(c, frontiers, floor[c.models] + spare) for c in components]
-    solved = knapsack([[(cost, value) for cost, value, _ in f] for f in fronts], budget)
+    points = [[(cost, value) for cost, value, _ in f] for f in fronts]
+    limit = None if problem.latency_slo is None else problem.latency_slo - constant
+    solved = knapsack(points, budget, limit)
+    if solved is None and limit is not None:
+        fastest = knapsack(points, budget)
+        best_latency = constant + fastest[0] if fastest is not None else math.inf
+        raise infeasible(
+            problem,
+            profiles,
+            fits,
+            cons,
+            [
+                f"latency objective {problem.latency_slo:.4g} s: the lowest predicted latency "
+                f"on {budget / problem.fraction_unit:g} GPUs is {best_latency:.4g} s"
+            ],
+        )
     if solved is None:  # cannot happen: llm_frontiers checked that the cheapest points fit
         raise InfeasibleError("internal: the cheapest configurations exceed the budget")
     value, chosen = solved

@@ -50,6 +50,9 @@ class Problem:
     max_tp: int = 8
     rho: float = DEFAULT_RHO
     weights: dict[str, float] = field(default_factory=dict)
+    # None: minimise the weighted latency on the GPUs. A number (s): use the fewest GPUs whose
+    # weighted predicted latency is at most this, the lowest latency among those.
+    latency_slo: float | None = None
 
     def __post_init__(self) -> None:
         if not self.workflows:
@@ -65,6 +68,8 @@ class Problem:
         _positive_int(self.max_tp, "max_tp")
         if not 0 < self.rho <= 1:
             raise InvalidInputError(f"rho: must be in (0, 1], got {self.rho}")
+        if self.latency_slo is not None and not self.latency_slo > 0:
+            raise InvalidInputError(f"latency_slo: must be > 0 s, got {self.latency_slo}")
 
     def weight(self, workflow: str) -> float:
         return self.weights.get(workflow, 1.0)

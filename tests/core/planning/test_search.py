@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -451,3 +452,29 @@ def test_a_fan_out_on_one_replica_costs_more_than_spread() -> None:
     assert with_bursts[0] - with_bursts[1] > plain[0] - plain[1] > 0
     # spread over 4 replicas a fan-out of 4 is one call each: no burst term there
     assert with_bursts[1] <= plain[1]
+
+
+# ------------------------------------------------------------------------------ fewest GPUs
+@pytest.mark.parametrize("seed", range(4))
+def test_fewest_gpus_under_a_latency_objective_match_brute_force(seed: int) -> None:
+    rng = random.Random(200 + seed)
+    models = rng.sample(sorted(MODELS), 2)
+    w = serial("w", *((m, rng.choice([1.0, 2.0]), 1.0) for m in models), tool=0.1)
+    base = Problem((w,), {"w": rng.uniform(0.2, 0.6)}, gpus=3, fraction_unit=2, max_tp=2)
+    fastest = search(base, synthetic).objective
+    slo = fastest * rng.choice([1.05, 1.3, 2.0])
+    problem = replace(base, latency_slo=slo)
+    result = search(problem, synthetic)
+    k = problem.fraction_unit
+    options = []
+    for alloc in every_allocation(problem, sorted(problem.loads)):
+        p = predict(problem.workflows, synthetic, alloc, problem.rates, rho=problem.rho)
+        value = weighted_latency(problem, p) if p.feasible else math.inf
+        if value <= slo:
+            options.append((round(sum(a.gpus for a in alloc.values()) * k), value))
+    fewest = min(units for units, _ in options)
+    assert result.units == fewest
+    assert result.objective == pytest.approx(min(v for u, v in options if u == fewest), rel=1e-9)
+    assert result.objective <= slo
+    with pytest.raises(AllocationInfeasible, match="latency objective"):
+        search(replace(base, latency_slo=fastest * 0.5), synthetic)
