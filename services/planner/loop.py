@@ -15,7 +15,8 @@ Trace times are the router's clock and the window is the planner's: hosts are as
 their clocks synchronised (NTP); a skew is an error of that size at the window's edges.
 
 Metrics (``LoopMetrics``, served beside the planner's): ``scepsy_planner_loop_ticks_total`` by
-``result`` (``led``, ``followed``: another planner holds the lease, ``skipped``: Redis error),
+``result`` (``led``, ``followed``: another planner holds the lease, ``skipped``: Redis error,
+``failed``: an unexpected error, logged with its traceback),
 ``scepsy_planner_loop_decisions_total`` by ``action`` and ``outcome``,
 ``scepsy_planner_loop_tick_seconds``.
 
@@ -133,7 +134,11 @@ class ControlLoop:
                 await self._store.release_loop_lease(self._holder)
 
     async def _run(self) -> None:
-        await self.tick()
+        try:
+            await self.tick()
+        except Exception as exc:  # a bug in one tick must not end the loop: log it, go on
+            self.metrics.ticks.labels("failed").inc()
+            log.exception("loop_tick_failed", error=repr(exc))
 
     async def tick(self) -> Decision | None:
         """One tick (module docstring); the decision made, if any. Never raises for Redis."""

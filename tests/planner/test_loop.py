@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ import pytest
 
 from services.cli.main import main as scepsy
 from services.core.cluster.declared import parse_cluster
+from services.core.planning.plan import Plan
 from services.core.workload.trace import TraceCall, dumps
 from services.planner.config import PlannerConfig
 from services.planner.loop import ControlLoop
@@ -391,3 +393,34 @@ async def test_the_loop_replans_from_the_real_routers_trace(
     assert new is not None and new.id == decision["new_plan"]
     targets = {w.workflow: w.target_rps for w in new.workflows}
     assert targets == {"rag-asyncio": decision["rates"]["rag-asyncio"], "rag-langgraph": 0.5}
+
+
+async def test_an_unexpected_error_in_a_tick_does_not_end_the_loop(
+    redis_url: str, namespace: str, store: Store
+) -> None:
+    """A planner whose plan path fails with a bug (not a domain error): each re-plan attempt
+    fails, is logged and counted, and the loop keeps ticking and trying (every retry_s)."""
+
+    class Broken(Planner):
+        async def plan(self, *args: object, **kwargs: object) -> Plan:
+            raise RuntimeError("a bug in the plan path")
+
+    ticks = itertools.count(START, TICK)  # each read of the clock is one tick later
+    cfg = config(redis_url, namespace, loop_interval_s=0.02)
+    good = Planner(cfg, store, clock=lambda: START)
+    await register_nodes(store)
+    await good.plan(SPEC)
+    loop = ControlLoop(cfg, store, Broken(cfg, store), clock=lambda: next(ticks))
+    await store.remove_node("n2")  # a lost node: a re-plan is due after the grace
+    sample = loop.metrics.registry.get_sample_value
+    await loop.start()
+    try:
+        for _ in range(500):
+            if (sample("scepsy_planner_loop_ticks_total", {"result": "failed"}) or 0) >= 2:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await loop.stop()
+    assert (sample("scepsy_planner_loop_ticks_total", {"result": "failed"}) or 0) >= 2
+    assert (sample("scepsy_planner_loop_ticks_total", {"result": "led"}) or 0) >= 1
+    good.close()
