@@ -11,6 +11,8 @@ All are pure functions of what that system knows (``docs/design.md``, Evaluation
   share each LLM picks the TP (whole GPUs) and replica count with the lowest per-call latency at
   its own call rate (its profile), ignoring how its calls combine into workflow latency
   (no n/p weighting, no stages, no GPU fractions).
+- ``time_shares`` - GPUs in proportion to each LLM's share of traced LLM time, in whole GPUs or
+  in fractions (what a user would do by hand with a trace).
 - ``HpaAutoscaler`` - a reactive per-LLM autoscaler in the style of the Kubernetes HPA on ongoing
   requests per replica: desired = ceil(mean outstanding calls / target), within a tolerance;
   scale-ups at once (bounded by the free GPUs of the shared pool; the simulator adds the engine
@@ -117,6 +119,38 @@ def _own_best(
         options = [(0.0, cap, tp, r) for _, cap, tp, r in options]
     _, _, tp, replicas = min(options)
     return Allocation(1.0, tp, replicas)
+
+
+# ------------------------------------------------------------------------------------ traced shares
+def time_shares(
+    shares: Mapping[str, float],
+    gpus: int,
+    fits: Fits,
+    max_tp: int = 8,
+    fraction_unit: int = 1,
+) -> dict[str, Allocation]:
+    """GPUs in proportion to each LLM's share of a request's traced LLM time (the obvious hand-made
+    allocation once a trace is there). ``fraction_unit`` 1: whole GPUs (``proportional_shares``,
+    each LLM at least its least TP; replicas = its GPUs // TP). k > 1: units of 1/k GPU in
+    proportion, each LLM at least its smallest fraction that fits (TP 1), replicas of that
+    fraction as many as its units hold (an LLM that fits on no fraction gets whole GPUs).
+    Raises ``InfeasibleError`` when the minimums exceed the GPUs."""
+    if fraction_unit <= 1:
+        smallest = {m: least_tp(m, fits, max_tp) for m in shares}
+        whole = proportional_shares(shares, smallest, gpus)
+        return {m: Allocation(1.0, smallest[m], whole[m] // smallest[m]) for m in sorted(shares)}
+    k = fraction_unit
+    unit: dict[str, int] = {}  # units of one instance
+    config: dict[str, tuple[float, int]] = {}
+    for m in shares:
+        u = next((u for u in range(1, k + 1) if fits(m, 1, u / k)), None)
+        if u is None:
+            tp = least_tp(m, fits, max_tp)
+            unit[m], config[m] = tp * k, (1.0, tp)
+        else:
+            unit[m], config[m] = u, (u / k, 1)
+    units = proportional_shares(shares, unit, gpus * k)
+    return {m: Allocation(config[m][0], config[m][1], units[m] // unit[m]) for m in sorted(shares)}
 
 
 # ------------------------------------------------------------------------------------ autoscaler

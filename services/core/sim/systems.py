@@ -17,7 +17,13 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 - ``independent`` - ``baselines.independent`` at the target's per-LLM call rates;
 - ``autoscaler`` - starts from the even split, then ``baselines.HpaAutoscaler`` moves whole GPUs;
   unless given, each model's target is tuned from its profile (``hpa_targets``), as an operator
-  would set it from a benchmark of one engine.
+  would set it from a benchmark of one engine;
+- ``shares`` / ``shares-frac`` - ``baselines.time_shares``: GPUs in proportion to each LLM's
+  share of the warm-up trace's LLM time, whole GPUs or fractions of 1/k (a hand-made allocation
+  from a trace);
+- ``scepsy-whole`` - ablation: Scepsy without GPU fractions (k = 1);
+- ``scepsy-blind`` - ablation: Scepsy without workflow awareness, the same search sizing every
+  LLM for its own calls as if each were alone (no fan-out, stages or tool time).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from services.core.sim import baselines
 from services.core.sim.control import Controller
 from services.core.sim.program import Workflow
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
-from services.core.workload.demand import WorkflowDemand
+from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO, Spec, WorkflowTarget
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace
@@ -248,6 +254,51 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
     raise InfeasibleError(f"scepsy: no plan for {ctx.workflow.name} on {gpus} GPUs")
 
 
+def plan_scepsy_whole(ctx: Context, gpus: int, rate: float) -> Setup:
+    """Scepsy without GPU fractions: the same plan path with k = 1 (whole GPUs only)."""
+    whole = replace(ctx, profiles=_respec(ctx, replace(ctx.profiles.spec, fraction_unit=1)))
+    return replace(plan_scepsy(whole, gpus, rate), system="scepsy-whole")
+
+
+def plan_scepsy_blind(ctx: Context, gpus: int, rate: float) -> Setup:
+    """Scepsy without workflow awareness: the same search sizing each LLM for its own calls, as
+    if every call were alone (n calls in a row, no fan-out, no parallel stages, no tool time)."""
+    spec = ctx.profiles.spec
+    workflows = tuple(
+        replace(
+            w,
+            demand=WorkflowDemand(
+                w.demand.name,
+                tuple(LlmDemand(d.model, d.n, 1.0) for d in w.demand.llms),
+                0.0,
+                tuple((d.model,) for d in w.demand.llms),
+            ),
+        )
+        for w in spec.workflows
+    )
+    blind = replace(ctx, profiles=_respec(ctx, replace(spec, workflows=workflows)))
+    setup = plan_scepsy(blind, gpus, rate)
+    return Setup("scepsy-blind", setup.allocation, prediction=ctx.predict(setup.allocation, rate))
+
+
+def _respec(ctx: Context, spec: Spec) -> SpecProfiles:
+    """A profile source for ``spec`` that shares ``ctx``'s computed profiles (same mixes)."""
+    # the analytic backend and the burst tables are remembered per process: nothing is recomputed
+    return SpecProfiles(spec, ctx.profiles.provider)
+
+
+def plan_shares(fractions: bool) -> SetupFn:
+    """GPUs in proportion to the traced time shares (``baselines.time_shares``)."""
+
+    def plan(ctx: Context, gpus: int, rate: float) -> Setup:
+        shares = {m.model: m.share_mean for m in ctx.stats.llms if m.n > 0}
+        k = ctx.fraction_unit if fractions else 1
+        allocation = baselines.time_shares(shares, gpus, ctx.fits, min(gpus, NODE_GPUS), k)
+        return Setup("shares-frac" if fractions else "shares", allocation)
+
+    return plan
+
+
 def plan_static(ctx: Context, gpus: int, rate: float) -> Setup:
     allocation = baselines.even_split(ctx.models, gpus, ctx.fits, min(gpus, NODE_GPUS))
     return Setup("static", allocation)
@@ -297,4 +348,8 @@ SYSTEMS: Mapping[str, SetupFn] = {
     "static": plan_static,
     "independent": plan_independent,
     "autoscaler": autoscaler_plan(baselines.HpaAutoscaler()),
+    "shares": plan_shares(fractions=False),
+    "shares-frac": plan_shares(fractions=True),
+    "scepsy-whole": plan_scepsy_whole,
+    "scepsy-blind": plan_scepsy_blind,
 }

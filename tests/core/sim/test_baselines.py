@@ -159,3 +159,17 @@ def test_oracle_candidates_are_every_maximal_allocation() -> None:
         (("a", 1, 1, 2), ("b", 2, 1, 1)),
         (("a", 2, 1, 1), ("b", 1, 1, 2)),
     }
+
+
+def test_time_shares_in_whole_gpus_and_in_fractions() -> None:
+    shares = {"a": 0.75, "b": 0.25}
+    whole = baselines.time_shares(shares, 8, fits_all)
+    assert whole == {"a": Allocation(1.0, 1, 6), "b": Allocation(1.0, 1, 2)}
+    # "big" needs TP 2 and at least its 2 GPUs even with a small share
+    tp2 = baselines.time_shares({"big": 0.1, "b": 0.9}, 8, needs_tp2("big"))
+    assert tp2["big"] == Allocation(1.0, 2, 1) and tp2["b"] == Allocation(1.0, 1, 6)
+    # quarters: "b" fits a quarter GPU, so 0.25 x 8 GPUs x 4 = 8 units = 8 replicas of 0.25
+    frac = baselines.time_shares(shares, 8, fits_all, fraction_unit=4)
+    assert frac == {"a": Allocation(0.25, 1, 24), "b": Allocation(0.25, 1, 8)}
+    with pytest.raises(InfeasibleError):
+        baselines.time_shares({"big": 0.5, "c": 0.5}, 2, needs_tp2("big"))
