@@ -64,14 +64,17 @@ proto-check: venv
 	if diff -r -q -x '__init__.py' -x '*.proto' -x '__pycache__' -x 'py.typed' $$tmp/protos protos; then echo "protos: up to date"; \
 	else echo "protos: generated code is stale; run 'make proto'"; rm -rf $$tmp; exit 1; fi; rm -rf $$tmp
 
-## bench: every scripts/bench_*.py, sized for a small machine (2.5 min on 2 cores): model
-## accuracy, search time, placement vs the exact MILP and at 8,000 GPUs, simulator speed, router
+## bench: every scripts/bench_*.py, sized for a small machine (about 8 min on 2 cores): model
+## accuracy, search time, placement vs the exact MILP and at 8,000 GPUs, simulator speed, the ALP
+## against the simulator, GPUs at equal latency, router
 ## overhead (its real vLLM engine part only when the engine venv is there, else a note says so)
 bench: venv
 	$(PY) scripts/bench_perf.py
 	$(PY) scripts/bench_search.py
 	$(PY) scripts/bench_placement.py --seeds 3 --time-limit 20 --repeat 1
 	$(PY) scripts/bench_sim.py
+	$(PY) scripts/bench_alp.py
+	$(PY) scripts/bench_gpus.py
 	$(PY) scripts/bench_planner.py --repeat 6
 	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) $(PY) scripts/bench_router.py --calls 200 \
 		--seconds 2 --engine-calls 40 --engine-concurrency 8

@@ -18,7 +18,16 @@ class BenchSettings:
 
     gpu_type: str = "H100-SXM"
     gpu_counts: tuple[int, ...] = (4, 8, 16)
-    systems: tuple[str, ...] = ("scepsy", "static", "independent", "autoscaler")
+    systems: tuple[str, ...] = (
+        "scepsy",
+        "static",
+        "independent",
+        "autoscaler",
+        "shares",
+        "shares-frac",
+        "scepsy-whole",
+        "scepsy-blind",
+    )
     rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.85, 1.0)
     extend_factor: float = 1.2
     max_extra_rates: int = 3

@@ -19,8 +19,8 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
   unless given, each model's target is tuned from its profile (``hpa_targets``), as an operator
   would set it from a benchmark of one engine;
 - ``shares`` / ``shares-frac`` - ``baselines.time_shares``: GPUs in proportion to each LLM's
-  share of the warm-up trace's LLM time, whole GPUs or fractions of 1/k (a hand-made allocation
-  from a trace);
+  share of the warm-up trace's LLM time (its calls' summed durations per request), whole GPUs
+  or fractions of 1/k (a hand-made allocation from a trace);
 - ``scepsy-whole`` - ablation: Scepsy without GPU fractions (k = 1);
 - ``scepsy-blind`` - ablation: Scepsy without workflow awareness, the same search sizing every
   LLM for its own calls as if each were alone (no fan-out, stages or tool time).
@@ -291,7 +291,9 @@ def plan_shares(fractions: bool) -> SetupFn:
     """GPUs in proportion to the traced time shares (``baselines.time_shares``)."""
 
     def plan(ctx: Context, gpus: int, rate: float) -> Setup:
-        shares = {m.model: m.share_mean for m in ctx.stats.llms if m.n > 0}
+        # each LLM's summed call time per request (n x mean call duration): a fan-out's calls
+        # all count, unlike its share of the request's wall time
+        shares = {m.model: m.n * m.latency_mean for m in ctx.stats.llms if m.n > 0}
         k = ctx.fraction_unit if fractions else 1
         allocation = baselines.time_shares(shares, gpus, ctx.fits, min(gpus, NODE_GPUS), k)
         return Setup("shares-frac" if fractions else "shares", allocation)
