@@ -487,7 +487,9 @@ class EngineManager:
         now = time.monotonic()
         for intent in sorted(self._intended.values(), key=lambda i: i.id):
             engine = self._engines.get(intent.id)
-            if engine is None:
+            if engine is None or (
+                engine.state == S.ENGINE_STATE_STOPPED and engine.stopping is None
+            ):  # new, or stopped by an earlier plan and wanted again: a fresh engine
                 engine = Managed(intent, self._plan_id)
                 self._engines[intent.id] = engine
             if engine.state != S.ENGINE_STATE_STARTING or engine.process is not None:

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
+from services.cli.apply import engine_dict
 from services.cli.cluster import given_redis_url, read_state, resolve_redis_url
 from services.cli.loop import loop_summary, summary_line
 from services.cli.plan import format_plan
@@ -98,12 +99,14 @@ async def gather(
     plan: Plan | None = None
     plans: list[Plan] = []
     loop: dict[str, Any] | None = None  # the control loop (`scepsy loop status`)
+    engines: list[Any] = []
     planner = state.get("services", {}).get("planner", {}).get("address")
     plan_from = f"planner at {planner}" if planner else "redis"
     store = Store.connect(url, timeout_s=timeout_s, namespace=namespace)
     try:
         records = await store.list_services()
         nodes = await store.list_nodes()
+        engines = await store.list_engines()
         if planner:
             try:
                 plan = await current_plan(planner, timeout_s)
@@ -133,6 +136,7 @@ async def gather(
         "redis": redis,
         "services": services,
         "nodes": [_node(n, now) for n in nodes],
+        "engines": [engine_dict(e) for e in engines],
         "plan": None if plan is None else plan_dict(plan),
         "plan_from": plan_from,
         "plans": [_summary(p) for p in plans],
@@ -240,6 +244,29 @@ def format_status(doc: dict[str, Any], current: Plan | None) -> str:
         )
     lines += _table(rows)
     lines.append("")
+    if doc.get("engines"):
+        rows = [
+            ("ENGINE", "NODE", "STATE", "GPUS", "UNITS", "MPS %", "MEM", "ENDPOINT", "RESTARTS")
+        ]
+        for e in doc["engines"]:
+            rows.append(
+                (
+                    e["id"],
+                    e["node"],
+                    e["state"],
+                    _devices(e),
+                    str(e["units"]),
+                    str(e["mps_percentage"]),
+                    f"{e['memory_fraction']:.2f}",
+                    e["endpoint"] or "-",
+                    str(e["restarts"]),
+                )
+            )
+        lines += _table(rows)
+        for e in doc["engines"]:
+            if e["last_error"]:
+                lines.append(f"  {e['id']}: {e['last_error'].splitlines()[0]}")
+        lines.append("")
     if current is None:
         lines.append("plan  none (run `scepsy plan --spec SPEC`)")
     else:
@@ -257,6 +284,12 @@ def format_status(doc: dict[str, Any], current: Plan | None) -> str:
     if doc.get("loop") is not None:
         lines.append(summary_line(doc["loop"]))
     return "\n".join(lines)
+
+
+def _devices(engine: dict[str, Any]) -> str:
+    gpus = ",".join(map(str, engine["gpus"]))
+    cpus = ",".join(map(str, engine["cpus"]))
+    return f"{gpus} (cpus {cpus})" if cpus else gpus
 
 
 def _when(ts: float) -> str:
