@@ -56,8 +56,10 @@ SHORT = SweepConfig(
     drain_s=3.0,
     budget_s=90.0,
 )
+# Whole devices only (fraction_unit 1): the plan asks for one configuration, the measured one.
 SPEC = """
 version: 1
+fraction_unit: 1
 cluster: {gpu_type: cpu, gpus: 1}
 models: {tiny: tiny-llama}
 workflows:
