@@ -23,6 +23,7 @@ from services.core.cluster.models import resolve_model
 from services.core.errors import InfeasibleError, InvalidInputError, NotFoundError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.calibrate import MeasuredProfile, run_calibration
+from services.core.perf.fit import REFERENCE_GPU
 from services.core.perf.model import load_params
 from services.core.planning.plan import PlanInputs, make_plan, spec_from_text
 from services.core.planning.profiles import STORED, SpecProfiles, StoreFirst
@@ -236,5 +237,6 @@ async def test_profiler_service_measures_with_the_vllm_backend(
 def test_calibration_reduces_the_error_on_real_measurements(measured: Measurement) -> None:
     profile = MeasuredProfile.from_measurement(measured.to_dict())
     assert len(profile.rates) >= 2
-    result = run_calibration([profile], load_params()["cpu"], iterations=40)
+    # from the parameters every device had before calibration: the reference GPU's
+    result = run_calibration([profile], load_params()[REFERENCE_GPU], iterations=40)
     assert result.median_after < result.median_before
