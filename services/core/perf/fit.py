@@ -31,7 +31,7 @@ from services.core.cluster.hardware import GPUS, gpu_spec
 from services.core.cluster.models import ModelSpec, model_spec
 from services.core.errors import InvalidInputError, NotFoundError
 from services.core.perf.batching import SchedulerConfig, static_batch
-from services.core.perf.model import FloatArray, PerfModel, PerfParams
+from services.core.perf.model import FloatArray, PerfModel, PerfParams, load_params
 
 # Hardware names of the data set -> catalogue GPU types. Argonne's A100 systems (Polaris) carry
 # the 40 GB SXM4 part; the H100 nodes the 80 GB SXM5 part.
@@ -243,9 +243,19 @@ def fit_params(
     return _to_params(best_x)
 
 
+# Devices calibrated on their own measured profiles (``services.core.perf.calibrate``, ``scepsy
+# perf calibrate --write``): the transfer rule leaves their committed parameters alone.
+CALIBRATED_DEVICES = ("cpu",)
+
+
 def params_by_gpu(reference: PerfParams) -> dict[str, PerfParams]:
-    """The transfer rule: every catalogue GPU gets the reference GPU's fitted parameters."""
-    return {name: reference for name in GPUS}
+    """The transfer rule: every catalogue GPU gets the reference GPU's fitted parameters, except
+    the calibrated devices, which keep their committed ones."""
+    committed = load_params()
+    return {
+        name: committed[name] if name in CALIBRATED_DEVICES and name in committed else reference
+        for name in GPUS
+    }
 
 
 @dataclass(frozen=True, slots=True)
