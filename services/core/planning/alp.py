@@ -42,6 +42,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import numpy.typing as npt
@@ -250,15 +251,30 @@ def _pooling_factors(servers: npt.NDArray[np.int64], utilization: FloatArray) ->
     c = np.minimum(servers, MAX_POOLED_SERVERS)
     u = np.asarray(utilization, dtype=np.float64)
     active = (c > 1) & (u > 0) & (u < 1)
-    a = c * u
-    erlang_b = np.ones_like(u)
-    for k in range(1, int(c.max(initial=1)) + 1):
-        step = a * erlang_b / (k + a * erlang_b)
-        erlang_b = np.where(k <= c, step, erlang_b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        erlang_c = c * erlang_b / (c - a * (1 - erlang_b))
-        factor = erlang_c / a
+    x = np.clip(u, 0.0, 1.0) * POOLING_STEPS
+    i = np.minimum(x.astype(np.int64), POOLING_STEPS - 1)
+    w = x - i
+    table = _pooling_table()
+    factor = table[c, i] * (1 - w) + table[c, i + 1] * w
     return np.where(active, factor, 1.0)
+
+
+POOLING_STEPS = 1000  # the table's utilisation grid: 0, 0.001, ..., 1
+
+
+@cache
+def _pooling_table() -> FloatArray:
+    """Exact Erlang-C ratios for 0..MAX_POOLED_SERVERS servers on the utilisation grid."""
+    table = np.ones((MAX_POOLED_SERVERS + 1, POOLING_STEPS + 1))
+    u = np.arange(1, POOLING_STEPS) / POOLING_STEPS
+    for c in range(2, MAX_POOLED_SERVERS + 1):
+        a = c * u
+        erlang_b = np.ones_like(u)
+        for k in range(1, c + 1):  # Erlang B by its recurrence
+            erlang_b = a * erlang_b / (k + a * erlang_b)
+        erlang_c = c * erlang_b / (c - a * (1 - erlang_b))
+        table[c, 1:POOLING_STEPS] = erlang_c / a
+    return table
 
 
 MAX_POOLED_SERVERS = 32
@@ -266,18 +282,11 @@ MAX_POOLED_SERVERS = 32
 
 def pooling_factor(servers: int, utilization: float) -> float:
     """Mean wait of an M/M/c queue over that of c separate M/M/1 queues at the same
-    utilisation: C(c, c u) / (c u), with C the Erlang C probability of waiting (1 for c = 1)."""
-    if servers <= 1 or utilization <= 0 or utilization >= 1:
-        return 1.0
-    # beyond a few dozen servers the wait is all but gone; capping keeps this cheap (and errs
-    # towards more wait)
-    servers = min(servers, MAX_POOLED_SERVERS)
-    a = servers * utilization
-    erlang_b = 1.0
-    for k in range(1, servers + 1):
-        erlang_b = a * erlang_b / (k + a * erlang_b)
-    erlang_c = servers * erlang_b / (servers - a * (1 - erlang_b))
-    return erlang_c / a
+    utilisation: C(c, c u) / (c u), with C the Erlang C probability of waiting (1 for c = 1).
+    Servers are capped at ``MAX_POOLED_SERVERS`` (the wait is all but gone by then; erring
+    towards more wait); read off a table on a 0.001 utilisation grid (linear between)."""
+    found = _pooling_factors(np.array([servers]), np.array([utilization]))
+    return float(found[0])
 
 
 def llm_term(
