@@ -77,6 +77,7 @@ class SweepConfig:
     fanout: int = 1  # calls per group in fan-out mode (p_m)
     warmup_s: float = 1.5
     window_s: float = 4.0
+    min_groups: int = 6  # arrivals (groups) a window should expect; longer windows up to 3x
     rate_steps: tuple[float, ...] = RATE_STEPS
     probe_calls: int = 32
     idle_calls: int = 3
@@ -125,6 +126,7 @@ class RatePoint:
     throughput: float  # calls/s completed inside the window
     error_kinds: dict[str, int] = field(default_factory=dict)
     saturated: bool = False
+    window_s: float = 0.0  # length of the measured window
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +292,7 @@ def _point(
     nan = math.nan
     return RatePoint(
         rate=rate,
+        window_s=hi - lo,
         calls=len(measured),
         ok=len(ok),
         errors=len(measured) - len(ok),
@@ -345,7 +348,10 @@ class Sweep:
     async def _rate(self, session: aiohttp.ClientSession, rate: float) -> RatePoint:
         cfg = self.config
         group = cfg.fanout if cfg.mode == "fanout" else 1
-        span = cfg.warmup_s + cfg.window_s
+        # Low rates (and fan-out groups) get a longer window, up to 3x, so that it holds a few
+        # arrivals (groups): a window with one or none says nothing about keeping up.
+        length = min(max(cfg.window_s, cfg.min_groups * group / rate), 3 * cfg.window_s)
+        span = cfg.warmup_s + length
         t0 = time.monotonic()
         offsets: list[float] = []
         t = float(self._rng.exponential(group / rate))
@@ -417,7 +423,7 @@ class Sweep:
             behind = 0  # consecutive saturated rates
             for i, step in enumerate(cfg.rate_steps):
                 elapsed = time.monotonic() - started
-                if elapsed + cfg.warmup_s + 2 * cfg.window_s > cfg.budget_s:
+                if elapsed + cfg.warmup_s + 2 * cfg.window_s + cfg.drain_s > cfg.budget_s:
                     stop = "budget"
                     break
                 rate = step * capacity
@@ -473,7 +479,7 @@ class Sweep:
         # Calls that failed at once are answered, not queued; unfinished ones are the backlog.
         answered = point.errors - point.error_kinds.get("unfinished", 0)
         expected = point.calls - answered
-        behind = expected - point.throughput * cfg.window_s
+        behind = expected - point.throughput * point.window_s
         if behind > max((1 - cfg.keep_up) * expected, cfg.min_behind - 0.5):
             return True
         return bool(point.ok and point.mean_latency > cfg.latency_bound * idle)
