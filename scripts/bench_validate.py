@@ -96,6 +96,7 @@ async def run_all(
                 pilot_requests=args.pilot_requests,
                 capacity_requests=args.capacity_requests,
                 profile_budget=args.profile_budget,
+                profile_via=args.profile_via,
                 seed=0,
             )
             result = await Validation(ns, store).run()
@@ -120,6 +121,7 @@ def main() -> int:
     parser.add_argument("--capacity-requests", type=int, default=30)
     parser.add_argument("--profile-budget", type=float, default=100.0)
     parser.add_argument("--profiles", choices=("measured", "analytic"), default="measured")
+    parser.add_argument("--profile-via", choices=("router", "engine"), default="router")
     parser.add_argument("--out", type=Path, help="validate.csv / validate.png per workflow")
     args = parser.parse_args()
 

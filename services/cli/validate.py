@@ -12,7 +12,9 @@ front of them; each LLM of the workflow is a model of the router under its deplo
    LLM's request mix, as the planner would read them from the router's recorded trace;
 2. each LLM's profile at that mix: ``measured`` (default) - the profile stored under its key, else
    measured now on the LLM's first registered engine by the ``vllm`` profiler backend (and
-   stored); ``analytic`` - the analytic backend with the device's committed parameters;
+   stored), through the router (``--profile-via router``, default: the hop every workflow call
+   takes) or on the engine directly; ``analytic`` - the analytic backend with the device's
+   committed parameters;
 3. the ALP predicts the workflow's throughput T (the allocation: each LLM's registered replicas,
    TP 1, whole devices) and its latency at each rate: ``--load`` fractions of T (default light
    load to 80 %), or absolute ``--rates``;
@@ -89,6 +91,13 @@ def register(sub: Any) -> None:
         "--capacity-requests", type=int, default=40, help="requests of the capacity run (0: none)"
     )
     parser.add_argument("--profile-budget", type=float, default=120.0, help="s per profile")
+    parser.add_argument(
+        "--profile-via",
+        choices=("router", "engine"),
+        default="router",
+        help="measure profiles through the router (the hop the workflow's calls take) or on "
+        "the LLM's first engine directly",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the programs' draws")
     parser.add_argument("--out", type=Path, help="directory for validate.csv / validate.png")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -178,8 +187,10 @@ class Validation:
         if self.args.profiles == "analytic":
             self.sources[name] = "analytic"
             return profile_analytic(model, self.gpu, 1, 1.0, mix, self.args.seed)
+        via_router = self.args.profile_via == "router"
         backend = VllmBackend(
-            endpoint=url,
+            endpoint=self.args.router if via_router else url,
+            served_name=name if via_router else None,
             config=SweepConfig(budget_s=self.args.profile_budget),
             progress=stderr_progress,
         )
@@ -188,7 +199,7 @@ class Validation:
         if stored is not None:
             self.sources[name] = f"stored {key.engine}"
             return stored
-        self.log(f"measuring {name} ({model.name}) at {url}, mix {mix.id}")
+        self.log(f"measuring {name} ({model.name}) at {backend.endpoint}, mix {mix.id}")
         measured = await asyncio.to_thread(
             backend.measure, model, self.gpu, 1, 1.0, mix, self.args.seed
         )

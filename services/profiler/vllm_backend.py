@@ -505,9 +505,10 @@ class VllmBackend:
     """A ``ProfileBackend`` measuring real vLLM engines (module docstring).
 
     ``endpoint``: attach to the engine at this base URL instead of starting one (its served
-    model is read from ``/v1/models``). Otherwise the model's weights come from ``model_dir``,
-    else ``$SCEPSY_MODEL_DIRS`` (``name=path,...``), else the catalogue name as a Hub id; the
-    engine's log goes to ``log_dir``.
+    model is ``served_name``, else the first of its ``/v1/models``; the endpoint may be a
+    router, which then counts in the latency). Otherwise the model's weights come from
+    ``model_dir``, else ``$SCEPSY_MODEL_DIRS`` (``name=path,...``), else the catalogue name as a
+    Hub id; the engine's log goes to ``log_dir``.
     """
 
     name = "vllm"
@@ -521,8 +522,10 @@ class VllmBackend:
         log_dir: Path | None = None,
         progress: Progress | None = None,
         vllm: Path | None = None,
+        served_name: str | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.served_name = served_name
         self.model_dir = str(model_dir) if model_dir is not None else None
         self.config = config or SweepConfig()
         self.log_dir = log_dir
@@ -555,7 +558,7 @@ class VllmBackend:
         self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix
     ) -> Iterator[tuple[str, str]]:
         if self.endpoint is not None:
-            served = asyncio.run(_served(self.endpoint))
+            served = self.served_name or asyncio.run(_served(self.endpoint))
             yield self.endpoint, served
             return
         if mix.longest > self.config.max_model_len and gpu.name == CPU_GPU:
