@@ -433,7 +433,7 @@ def llm_frontiers(
             problem.fraction_unit,
         )
         evaluated += len(cands)
-        frontiers[model] = pareto(cands)
+        frontiers[model] = pareto(cands, lone=any(p <= 1 for p in fanouts.get(model, (1.0,))))
     return frontiers, evaluated
 
 

@@ -239,22 +239,29 @@ def llm_candidates(
     return out
 
 
-def pareto(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates no other beats on cost and on every latency (``Candidate.latencies``), by
-    increasing cost (ties: the first in (cost, latency, tp, units) order)."""
-    kept: list[Candidate] = []
+def pareto(candidates: Sequence[Candidate], lone: bool = True) -> list[Candidate]:
+    """Candidates no other beats on cost and on every latency the objective reads, by
+    increasing cost (ties: the first in (cost, latency, tp, units) order): the lone-call
+    latency when ``lone`` (some workflow calls the LLM without fan-out) and one per fan-out
+    (``Candidate.by_fanout``)."""
     ordered = sorted(candidates, key=lambda c: (c.cost, c.latency, c.tp, c.units))
-    if all(not c.by_fanout for c in ordered):
-        for c in ordered:
-            if not kept or c.latency < kept[-1].latency:
+    vectors = [
+        (c.latency,) * lone + tuple(lat for _, lat in c.by_fanout) or (c.latency,) for c in ordered
+    ]
+    kept: list[Candidate] = []
+    if all(len(v) == 1 for v in vectors):
+        best = math.inf
+        for c, (value,) in zip(ordered, vectors, strict=True):
+            if value < best:
                 kept.append(c)
+                best = value
         return kept
-    vectors: list[tuple[float, ...]] = []
-    for c in ordered:
-        mine = c.latencies
-        if not any(all(a <= b for a, b in zip(k, mine, strict=True)) for k in vectors):
+    found = np.empty((0, len(vectors[0])))
+    for c, v in zip(ordered, vectors, strict=True):
+        row = np.asarray(v)
+        if not found.size or not np.any(np.all(found <= row, axis=1)):
             kept.append(c)
-            vectors.append(mine)
+            found = np.vstack([found, row])
     return kept
 
 
