@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from protos.scepsy.v1 import profiler_pb2, profiler_pb2_grpc
+from services.cli.main import main
 from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import resolve_model
 from services.core.errors import InfeasibleError, InvalidInputError, NotFoundError
@@ -240,3 +241,21 @@ def test_calibration_reduces_the_error_on_real_measurements(measured: Measuremen
     # from the parameters every device had before calibration: the reference GPU's
     result = run_calibration([profile], load_params()[REFERENCE_GPU], iterations=40)
     assert result.median_after < result.median_before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mode", "poisson", "--fanout", "3"], "error: fanout: 3 needs mode 'fanout'"),
+        (["--tps", "2"], "error: no configuration of the sweep could be measured"),
+        (["--tps", "1,x"], "error: --tps: comma-separated numbers"),
+        (["--endpoint", "http://127.0.0.1:9", "--fractions", "0.5,1"], "error: --endpoint: one"),
+    ],
+)
+def test_profile_cli_bad_vllm_flags_are_exit_2(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["profile", "--backend", "vllm", "--model", "tiny-llama", "--gpu", "cpu"]
+    assert main([*argv, "--input-len", "8", "--output-len", "4", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
