@@ -16,7 +16,17 @@ the fake upstream and Redis run as separate processes; the load generator runs h
 ``--vllm-router PATH`` also measures a ``vllm-router`` binary (PyPI ``vllm-router``) on both
 upstreams. The machine's load average is recorded: on a shared machine, rerun.
 
+CPU per call (``--cpu-calls``, on the fake upstream): the router process's own CPU seconds
+(user + system, from ``/proc/PID/stat``) per 1,000 calls, non-streamed and streamed (16 chunks
+each), at rate ``inf`` (a closed loop of ``--concurrency`` clients) and at a fixed rate
+(``--rate`` calls/s, an open loop); beside it the calls/s reached and, for streams, the median
+time to first chunk and end to end, direct and routed (a stream that reaches the client in one
+burst has the two equal). The same for ``vllm-router`` when given. ``--router-source DIR`` runs
+the router of another checkout (e.g. ``git worktree add /tmp/before <commit>``), to measure
+before and after a change side by side. ``--cpu-only`` skips the latency and throughput tables.
+
     .venv/bin/python scripts/bench_router.py [--calls 400] [--seconds 5] [--json]
+    .venv/bin/python scripts/bench_router.py --cpu-only --no-engine [--router-source DIR]
 """
 
 from __future__ import annotations
@@ -196,10 +206,122 @@ def router_argv(redis_url: str, http_port: int, args: argparse.Namespace) -> lis
     ]  # fmt: skip
 
 
+# --------------------------------------------------------------------------- CPU per call
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process ``pid`` used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def timed_call(
+    session: aiohttp.ClientSession, url: str, body: Body
+) -> tuple[float, float | None]:
+    """(end-to-end seconds, seconds to the first body chunk of a stream, else None)."""
+    started = time.perf_counter()
+    first: float | None = None
+    async with session.post(url + "/v1/completions", json=body) as reply:
+        if reply.status != 200:
+            raise RuntimeError(f"{url}: HTTP {reply.status}")
+        if body.get("stream"):
+            async for _ in reply.content.iter_any():
+                if first is None:
+                    first = time.perf_counter() - started
+        else:
+            await reply.read()
+    return time.perf_counter() - started, first
+
+
+async def load(
+    url: str, body: Body, calls: int, concurrency: int, rate: float | None
+) -> tuple[float, list[tuple[float, float | None]]]:
+    """``calls`` calls at rate inf (``concurrency`` clients in a closed loop) or at ``rate``
+    calls/s (an open loop); (seconds taken, each call's timings)."""
+    timings: list[tuple[float, float | None]] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(20):  # warm-up: connections open, code paths hot
+            await timed_call(session, url, body)
+        started = time.perf_counter()
+        if rate is None:
+            left = calls
+
+            async def client() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    timings.append(await timed_call(session, url, body))
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        else:
+
+            async def one(at: float) -> None:
+                await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
+                timings.append(await timed_call(session, url, body))
+
+            await asyncio.gather(*(one(i / rate) for i in range(calls)))
+        return time.perf_counter() - started, timings
+
+
+def cpu_rows(
+    name: str, pid: int, direct: str, routed: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """CPU seconds per 1,000 calls of the router process ``pid`` (module docstring)."""
+    rows = []
+    bodies = {
+        "plain": {"model": "fake", "prompt": "hello", "max_tokens": 4},
+        "stream": {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": True},
+    }
+    for kind, body in bodies.items():
+        for rate in (None, args.rate):
+            label = "inf" if rate is None else f"{rate:g}/s"
+            print(f"cpu: {name} {kind} rate {label}...", file=sys.stderr)
+            _, direct_t = asyncio.run(load(direct, body, args.cpu_calls, args.concurrency, rate))
+            before = cpu_seconds(pid)
+            took, routed_t = asyncio.run(load(routed, body, args.cpu_calls, args.concurrency, rate))
+            used = cpu_seconds(pid) - before
+            row: dict[str, Any] = {
+                "router": name, "calls": kind, "rate": label,
+                "cpu_s_per_1000": used / args.cpu_calls * 1000,
+                "calls_per_s": args.cpu_calls / took,
+                "p50_ms_direct": _p50([t[0] for t in direct_t]),
+                "p50_ms_routed": _p50([t[0] for t in routed_t]),
+            }  # fmt: skip
+            if kind == "stream":
+                row["ttft_p50_ms_direct"] = _p50([t[1] or 0.0 for t in direct_t])
+                row["ttft_p50_ms_routed"] = _p50([t[1] or 0.0 for t in routed_t])
+            rows.append(row)
+    return rows
+
+
+def _p50(values: list[float]) -> float:
+    return float(np.percentile(values, 50)) * 1000
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'router':<14} {'calls':<7} {'rate':>7} {'CPU s/1000':>11} {'calls/s':>8} "
+        f"{'p50 ms direct':>14} {'p50 ms routed':>14} {'ttft ms direct':>15} {'ttft ms routed':>15}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ttft = (
+            f"{r['ttft_p50_ms_direct']:>15.2f} {r['ttft_p50_ms_routed']:>15.2f}"
+            if "ttft_p50_ms_routed" in r
+            else f"{'-':>15} {'-':>15}"
+        )
+        lines.append(
+            f"{r['router']:<14} {r['calls']:<7} {r['rate']:>7} {r['cpu_s_per_1000']:>11.3f} "
+            f"{r['calls_per_s']:>8.1f} {r['p50_ms_direct']:>14.2f} {r['p50_ms_routed']:>14.2f} "
+            + ttft
+        )
+    return "\n".join(lines)
+
+
 def fake_upstream(work: Path, redis_url: str, router_url: str) -> Iterator[str]:
     port = free_port()
     argv = [sys.executable, "-m", "services.router.scripted_upstream", "--model", "fake",
-            "--port", str(port), "--tokens", "4"]  # fmt: skip
+            "--port", str(port), "--tokens", "4", "--token-delay", "0.001"]  # fmt: skip
     with child(argv, work / "fake.log"):
         url = f"http://127.0.0.1:{port}"
         asyncio.run(wait_http(url + "/health"))
@@ -237,9 +359,13 @@ def vllm_router_rows(
     """The same measurement with a ``vllm-router`` process in place of Scepsy's router."""
     port = free_port()
     argv = [binary, "--worker-urls", upstream_url, "--port", str(port), "--host", "127.0.0.1"]
-    with child(argv, work / f"vllm-router-{upstream}.log"):
+    with child(argv, work / f"vllm-router-{upstream}.log") as process:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(wait_http(url + "/health"))
+        if upstream == "fake":
+            args.cpu_rows += cpu_rows("vllm-router", process.pid, upstream_url, url, args)
+        if args.cpu_only:
+            return []
         rows = asyncio.run(measure(upstream, upstream_url, url, body, args))
     for row in rows:
         row["upstream"] = f"{upstream} (vllm-router)"
@@ -268,11 +394,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         http_port = free_port()
         router_url = f"http://127.0.0.1:{http_port}"
-        with child(router_argv(redis.url, http_port, args), work / "router.log"):
+        with child(router_argv(redis.url, http_port, args), work / "router.log") as router:
             asyncio.run(wait_http(router_url + "/health"))
             for fake_url in fake_upstream(work, redis.url, router_url):
                 body = {"model": "fake", "prompt": "hello", "max_tokens": 4}
-                rows += asyncio.run(measure("fake", fake_url, router_url, body, args))
+                if args.cpu_calls:
+                    args.cpu_rows += cpu_rows("scepsy", router.pid, fake_url, router_url, args)
+                if not args.cpu_only:
+                    rows += asyncio.run(measure("fake", fake_url, router_url, body, args))
                 if args.vllm_router:
                     rows += vllm_router_rows(args.vllm_router, work, "fake", fake_url, body, args)
             if args.engine:
@@ -296,8 +425,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         redis.stop()
     return {
         "rows": rows,
+        "cpu": args.cpu_rows,
         "notes": notes,
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "cpu_rows")},
         "machine": {"cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
     }
 
@@ -312,13 +442,26 @@ def main() -> int:
     parser.add_argument("--no-engine", dest="engine", action="store_false",
                         help="skip the real vLLM engine")  # fmt: skip
     parser.add_argument("--vllm-router", metavar="PATH", help="also measure this vllm-router")
+    parser.add_argument("--cpu-calls", type=int, default=2000,
+                        help="calls per CPU measurement (0: none)")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=100.0, help="the fixed rate, calls/s")
+    parser.add_argument("--cpu-only", action="store_true", help="only the CPU measurement")
+    parser.add_argument("--router-source", metavar="DIR",
+                        help="run the router of this checkout (default: this one)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
+    args.cpu_rows = []
+    if args.router_source:
+        global REPO  # the router process runs from that checkout (cwd and PYTHONPATH)
+        REPO = Path(args.router_source).resolve()
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(table(result["rows"]))
+        if result["rows"]:
+            print(table(result["rows"]))
+        if result["cpu"]:
+            print(cpu_table(result["cpu"]))
         for note in result["notes"]:
             print("note:", note)
     return 0

@@ -420,13 +420,18 @@ class Dispatcher:
         loads = [ReplicaLoad(r.id, r.in_flight, r.endpoint.weight) for r in free]
         replica = by_id[self._policy.choose(loads, info)]
         replica.in_flight += 1
-        self._metrics.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+        self._metrics.child(self._metrics.in_flight, replica.model, replica.id).set(
+            replica.in_flight
+        )
         return replica
 
     def _release(self, replica: Replica) -> None:
         replica.in_flight -= 1
+        replica.activity += 1
         if self._registry.is_registered(replica):  # a removed replica's series stays removed
-            self._metrics.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+            self._metrics.child(self._metrics.in_flight, replica.model, replica.id).set(
+            replica.in_flight
+        )
         self._wake(replica.model)
 
     def _wake(self, model: str) -> None:
@@ -466,15 +471,15 @@ class Dispatcher:
     ) -> None:
         elapsed = time.monotonic() - started
         model = spec.model
-        self._metrics.requests.labels(model, spec.api, outcome.status).inc()
+        self._metrics.child(self._metrics.requests, model, spec.api, outcome.status).inc()
         if outcome.kind is not None and outcome.status != "cancelled":
             self._metrics.errors.labels(model, outcome.kind).inc()
         if outcome.status != "rejected":
-            self._metrics.latency.labels(model).observe(elapsed)
+            self._metrics.child(self._metrics.latency, model).observe(elapsed)
         ttft = upstream.ttft if upstream is not None and spec.stream else None
         if ttft is not None:
             ttft = min(ttft, elapsed)
-            self._metrics.ttft.labels(model).observe(ttft)
+            self._metrics.child(self._metrics.ttft, model).observe(ttft)
         identity = spec.identity
         status: Status = (
             "ok"

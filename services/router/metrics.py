@@ -4,6 +4,7 @@ as in tests). ``render`` gives the text exposition served on ``GET /metrics``.""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -102,11 +103,24 @@ class RouterMetrics:
             registry=r,
         )  # fmt: skip
 
+        # Label children by label values: ``labels()`` converts and looks up its values under
+        # a lock on every use, a large part of the router's own cost per call.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def forget_replica(self, model: str, replica: str) -> None:
         """Drop the per-replica series of a deregistered replica."""
         for metric in (self.in_flight, self.replica_healthy, self.replica_failures):
+            self._children.pop((metric, (model, replica)), None)
             with contextlib.suppress(KeyError):
                 metric.remove(model, replica)

@@ -9,7 +9,8 @@ written back: see ``refresh``.
 Health: a replica starts admitted. A call that cannot connect to it ejects it at once (passive
 check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
 ``eject_after`` failed probes in a row eject (one slow answer from a busy engine is not a dead
-replica) and a passing one re-admits. ``on_change`` is called whenever a replica
+replica; nor is a probe that timed out while calls on the replica finished or streamed since
+the last probe: the check adapts to load) and a passing one re-admits. ``on_change`` is called whenever a replica
 becomes usable (added or re-admitted), so that queued calls can take it; ``on_eject`` when one
 is ejected, so that the calls in flight on it end at once (the dispatcher's).
 """
@@ -39,13 +40,17 @@ ENDPOINTS_EVENT = "endpoints_changed"
 class Replica:
     """Runtime state of one registered endpoint; mutated only on the event loop."""
 
-    __slots__ = ("endpoint", "failed_checks", "healthy", "in_flight")
+    __slots__ = ("activity", "endpoint", "failed_checks", "healthy", "in_flight", "probed_activity")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.in_flight = 0
         self.healthy = True
         self.failed_checks = 0  # consecutive failed health checks
+        # calls finished and stream reads on this replica; a busy replica that answers calls
+        # is not dead when its /health is slow
+        self.activity = 0
+        self.probed_activity = 0  # ``activity`` when the last health check ended
 
     @property
     def id(self) -> str:
@@ -237,17 +242,26 @@ class ReplicaRegistry:
         """One ``GET {url}/health``: re-admit on success, eject on the ``eject_after``-th failure
         in a row; True when this check passed."""
         assert self._session is not None, "registry not started"
+        timed_out = False
         try:
             async with self._session.get(
                 f"{replica.url}/health", timeout=self._health_timeout
             ) as reply:
                 healthy = reply.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except TimeoutError:
+            healthy, timed_out = False, True
+        except (aiohttp.ClientError, OSError):
             healthy = False
+        busy = replica.activity != replica.probed_activity
+        replica.probed_activity = replica.activity
         if healthy:
             replica.failed_checks = 0
             self._set_health(replica, True, "health check passed")
             return True
+        if timed_out and busy and replica.healthy:
+            # Slow, but calls on it finished or streamed since the last check: a loaded
+            # replica (or a loaded router), not a dead one. Not a miss.
+            return False
         replica.failed_checks += 1
         if replica.healthy and replica.failed_checks >= self._eject_after:
             self._metrics.replica_failures.labels(replica.model, replica.id).inc()

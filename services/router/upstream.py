@@ -114,6 +114,7 @@ class Upstream:
                 if not data:
                     break
                 self.progress += 1
+                self.replica.activity += 1
                 if b"\r" in data:
                     data = data.replace(b"\r\n", b"\n")
                 buffer += data

@@ -92,3 +92,31 @@ async def test_a_call_waiting_on_an_ejected_replica_goes_to_another(
     assert fast.calls == 1
     assert time.monotonic() - started < 5.0
     assert handle.metric('scepsy_router_retries_total{model="m"}') == 1
+
+
+async def test_slow_health_checks_of_a_replica_that_answers_calls_are_not_misses(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    """The check adapts to load: a timed-out /health counts as a miss only when no call on the
+    replica finished or streamed since the last check. Checks run by hand."""
+    upstream = await start_upstream("m")
+    await register(store, "m", upstream)
+    handle = await start_router(health_interval_s=30.0, health_timeout_s=0.1, eject_after=2)
+    registry = handle.router.registry
+    replica = registry.replicas("m")[0]
+    async with aiohttp.ClientSession() as session:
+
+        async def call() -> int:
+            body = {"model": "m", "prompt": "p"}
+            async with session.post(handle.http_url + "/v1/completions", json=body) as reply:
+                return reply.status
+
+        for _ in range(4):  # busy: a call finishes between slow checks
+            upstream.health_delays = [0.5]
+            assert await call() == 200
+            assert not await registry.probe(replica)
+            assert replica.healthy and replica.failed_checks == 0
+        upstream.health_delays = [0.5, 0.5]  # idle and slow twice: ejected
+        assert not await registry.probe(replica)
+        assert not await registry.probe(replica)
+        assert not replica.healthy
