@@ -430,8 +430,8 @@ class Dispatcher:
         replica.activity += 1
         if self._registry.is_registered(replica):  # a removed replica's series stays removed
             self._metrics.child(self._metrics.in_flight, replica.model, replica.id).set(
-            replica.in_flight
-        )
+                replica.in_flight
+            )
         self._wake(replica.model)
 
     def _wake(self, model: str) -> None:

@@ -10,9 +10,10 @@ Health: a replica starts admitted. A call that cannot connect to it ejects it at
 check, ``report_failure``); every ``health_interval_s`` each replica's ``GET /health`` is probed,
 ``eject_after`` failed probes in a row eject (one slow answer from a busy engine is not a dead
 replica; nor is a probe that timed out while calls on the replica finished or streamed since
-the last probe: the check adapts to load) and a passing one re-admits. ``on_change`` is called whenever a replica
-becomes usable (added or re-admitted), so that queued calls can take it; ``on_eject`` when one
-is ejected, so that the calls in flight on it end at once (the dispatcher's).
+the last probe: the check adapts to load) and a passing one re-admits. ``on_change`` is called
+whenever a replica becomes usable (added or re-admitted), so that queued calls can take it;
+``on_eject`` when one is ejected, so that the calls in flight on it end at once (the
+dispatcher's).
 """
 
 from __future__ import annotations
