@@ -317,8 +317,10 @@ class Sweep:
         config: SweepConfig,
         seed: int = 0,
         progress: Progress | None = None,
+        fallback_version: str = "unknown",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.fallback_version = fallback_version
         self.served_name = served_name
         self.mix = mix
         self.config = config
@@ -394,6 +396,8 @@ class Sweep:
         started = time.monotonic()
         async with direct_session() as session:
             version = await engine_version(session, self.base_url, 10.0)
+            if version == "unknown":  # a router in front: the installed engine's version
+                version = self.fallback_version
             key = key_of(f"{ENGINE_PREFIX}-{public_version(version)}")
             self._progress(f"{key.redis_field()}: warm-up")
             await self._burst(session, 4)
@@ -546,7 +550,15 @@ class VllmBackend:
         """Measure one configuration (blocking: runs its own event loop; call it from a worker
         thread in asyncio code)."""
         with self._engine(model, gpu, tp, fraction, mix) as (base_url, served):
-            sweep = Sweep(base_url, served, mix, self.config, seed, self.progress)
+            sweep = Sweep(
+                base_url,
+                served,
+                mix,
+                self.config,
+                seed,
+                self.progress,
+                fallback_version=installed_version() or "unknown",
+            )
             return asyncio.run(
                 sweep.run(
                     lambda engine: ProfileKey(model.name, gpu.name, tp, fraction, engine, mix.id)
