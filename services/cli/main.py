@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loop",
     "bench",
     "serve",
+    "fuzz",
 )
 
 
