@@ -109,6 +109,7 @@ async def test_redis_restarted_while_calls_run(
         await planner.stop_keeping()
         await store.close()
 
+    print(f"chaos redis restart ({'with' if keep_data else 'without'} data): {dict(outcomes)}")
     assert set(outcomes) == {"200"}, outcomes  # every call answered, none hung
     assert sum(outcomes.values()) > calls_before_stop > 0
     assert node_back_s <= 1.2
