@@ -64,7 +64,7 @@ proto-check: venv
 	if diff -r -q -x '__init__.py' -x '*.proto' -x '__pycache__' -x 'py.typed' $$tmp/protos protos; then echo "protos: up to date"; \
 	else echo "protos: generated code is stale; run 'make proto'"; rm -rf $$tmp; exit 1; fi; rm -rf $$tmp
 
-## bench: every scripts/bench_*.py, sized for a small machine (about 8 min on 2 cores): model
+## bench: every scripts/bench_*.py, sized for a small machine (about 10 min on 2 cores): model
 ## accuracy, search time, placement vs the exact MILP and at 8,000 GPUs, simulator speed, the ALP
 ## against the simulator, GPUs at equal latency, router
 ## overhead (its real vLLM engine part only when the engine venv is there, else a note says so)
