@@ -2,7 +2,8 @@
 ``scepsy apply``, and OpenAI clients talking to the engines through the router.
 
 The node has three ``cpu`` devices and k = 1, so every plan runs three engines (this machine's
-limit). At 0.2 req/s the plan runs gen x1 and rerank x2; at 0.5 req/s gen x2 and rerank x1: the
+limit). At a low rate the plan runs gen x1 and rerank x2, at a higher one gen x2 and rerank x1 (the
+rates are read off offline plans): the
 change keeps two engines, stops one rerank and starts one gen, with a rerank and a gen serving
 throughout. Each test starts by applying the state it needs, so none depends on another's.
 """
@@ -80,6 +81,9 @@ class Suite:
     tiny: Path
     agent_argv: list[str] = field(default_factory=list)
     agent_environ: dict[str, str] = field(default_factory=dict)
+    restarted: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    low: float = 0.2  # a rate the planner serves with gen x1, rerank x2
+    high: float = 0.5  # and one with gen x2, rerank x1
 
     def scepsy(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -138,15 +142,17 @@ class Suite:
         pid = self.agent_pid
         if pid and _alive(pid):
             return
-        process = subprocess.Popen(
-            self.agent_argv,
-            env=self.agent_environ,
-            cwd=self.home,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.home / "agent-restarted.log", "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with open(self.home / "agent-restarted.log", "ab") as log:
+            process = subprocess.Popen(
+                self.agent_argv,
+                env=self.agent_environ,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
+        self.restarted.append(process)
         state = self.state()
         state["services"]["agent/local"]["pid"] = process.pid
         state["processes"].append({"role": "agent", "node": "local", "pid": process.pid})
@@ -181,7 +187,14 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 def _restart_agent_record(suite: Suite, pid: int) -> None:
     """Remember how the agent was started, from /proc, to start it again later."""
     raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    suite.agent_argv = [a.decode() for a in raw if a]
+    argv = [a.decode() for a in raw if a]
+    # the same address again, so that the suite's state file stays true
+    port = suite.agent_address.rsplit(":", 1)[1]
+    if "--port" in argv:
+        argv[argv.index("--port") + 1] = port
+    else:
+        argv += ["--port", port]
+    suite.agent_argv = argv
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     suite.agent_environ = dict(e.decode().split("=", 1) for e in environ if e and b"=" in e)
 
@@ -197,6 +210,7 @@ def suite(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suit
     env.pop("SCEPSY_REDIS_URL", None)
     env.pop("REDIS_URL", None)
     s = Suite(home, env, tiny)
+    s.low, s.high = _rates(s)
     up = s.scepsy("up", "--cluster", str(home / "cluster.yaml"), timeout=180)
     assert up.returncode == 0, up.stderr
     _restart_agent_record(s, s.agent_pid)
@@ -204,12 +218,33 @@ def suite(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suit
         yield s
     finally:
         s.scepsy("down", timeout=180)
+        for process in s.restarted:
+            process.wait(timeout=60)
         leftover = [
             p
             for p in Path("/proc").iterdir()
             if p.name.isdigit() and str(home).encode() in _cmdline(p)
         ]
         assert not leftover, f"processes left after down: {[p.name for p in leftover]}"
+
+
+def _rates(suite: Suite) -> tuple[float, float]:
+    """A low and a high rate whose plans are gen x1 + rerank x2 and gen x2 + rerank x1 (read
+    off offline plans, so the tests follow the performance model wherever it goes)."""
+    found: dict[float, dict[str, int]] = {}
+    for rate in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0):
+        spec = suite.spec(rate)
+        with_cluster = spec.with_suffix(".offline.yaml")
+        with_cluster.write_text(spec.read_text() + "cluster: cluster.yaml\n")
+        done = suite.scepsy("plan", "--offline", "--spec", str(with_cluster), "--json")
+        if done.returncode == 0:
+            allocation = json.loads(done.stdout)["allocation"]
+            found[rate] = {m: a["replicas"] for m, a in sorted(allocation.items())}
+    low = [r for r, a in found.items() if a == {"gen": 1, "rerank": 2}]
+    high = [r for r, a in found.items() if a == {"gen": 2, "rerank": 1}]
+    if not low or not high:
+        pytest.fail(f"no rates give gen x1/rerank x2 and gen x2/rerank x1: {found}")
+    return max(low), min(high)
 
 
 def _cmdline(proc: Path) -> bytes:
@@ -266,7 +301,7 @@ def _apply_ok(suite: Suite, rate: float) -> dict[str, Any]:
 def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
     suite: Suite,
 ) -> None:
-    first = _apply_ok(suite, 0.2)
+    first = _apply_ok(suite, suite.low)
     ready = suite.ready()
     assert sorted(e.model for e in ready.values()) == ["gen", "rerank", "rerank"]
     assert all(e.endpoint.startswith("http://127.0.0.1:") for e in ready.values())
@@ -279,7 +314,7 @@ def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
         reply = client.completions.create(model=model, prompt="hello", max_tokens=4)
         assert reply.usage is not None and reply.usage.completion_tokens == 4
 
-    again = suite.apply(0.2, "--wait", "--timeout", "60")
+    again = suite.apply(suite.low, "--wait", "--timeout", "60")
     assert again.returncode == 0, again.stderr
     change = json.loads(again.stdout)["change"]
     assert (change["started"], change["stopped"]) == ([], [])
@@ -287,7 +322,7 @@ def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
 
     with Load(suite.router) as load:
         time.sleep(2)
-        second = _apply_ok(suite, 0.5)
+        second = _apply_ok(suite, suite.high)
         time.sleep(2)
     change = second["change"]
     assert len(change["kept"]) == 2 and set(change["kept"]) < set(ready)
@@ -301,7 +336,7 @@ def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
 
 
 def test_killed_engine_is_restarted_while_the_other_replica_serves(suite: Suite) -> None:
-    _apply_ok(suite, 0.5)
+    _apply_ok(suite, suite.high)
     gens = sorted((e for e in suite.ready().values() if e.model == "gen"), key=lambda e: e.id)
     victim = gens[0]
     with Load(suite.router) as load:
@@ -320,10 +355,10 @@ def test_killed_engine_is_restarted_while_the_other_replica_serves(suite: Suite)
 
 
 def test_engine_that_cannot_start_is_failed_and_named(suite: Suite) -> None:
-    _apply_ok(suite, 0.5)
+    _apply_ok(suite, suite.high)
     empty = suite.home / "not-a-model"
     empty.mkdir(exist_ok=True)
-    done = suite.apply(0.5, "--wait", "--timeout", "420", rerank_weights=str(empty))
+    done = suite.apply(suite.high, "--wait", "--timeout", "420", rerank_weights=str(empty))
     assert done.returncode == 1
     failed = [e for e in suite.engines() if e.state == pb.ENGINE_STATE_FAILED]
     assert [e.model for e in failed] == ["rerank"]
@@ -334,7 +369,7 @@ def test_engine_that_cannot_start_is_failed_and_named(suite: Suite) -> None:
 
 
 def test_agent_crash_adopts_engines_and_sigterm_stops_them(suite: Suite) -> None:
-    _apply_ok(suite, 0.2)
+    _apply_ok(suite, suite.low)
     before = suite.ready()
     pids = {e.id: e.pid for e in before.values()}
     os.kill(suite.agent_pid, signal.SIGKILL)
