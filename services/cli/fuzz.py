@@ -128,7 +128,7 @@ def json_values() -> SearchStrategy[Any]:
         st.integers(),
         st.floats(allow_nan=True, allow_infinity=True),
         st.text(max_size=20),
-        st.sampled_from(EDGES),
+        st.sampled_from(EDGES).map(copy.deepcopy),  # a copy: later edits may change it
     )
     return st.recursive(
         scalars,
@@ -170,7 +170,7 @@ def mutated(base: Any) -> SearchStrategy[Any]:
             if action == "replace":
                 container[key] = draw(json_values())
             elif action == "edge":
-                container[key] = draw(st.sampled_from(EDGES))
+                container[key] = copy.deepcopy(draw(st.sampled_from(EDGES)))
             elif action == "drop":
                 del container[key]
             elif isinstance(container, dict):
