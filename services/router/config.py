@@ -1,13 +1,17 @@
 """The router's configuration: front ends, dispatch limits, health checks, tracing, API keys.
 
-API keys come from ``api_keys`` (comma-separated) and/or ``api_keys_file`` (one key per line);
-neither is ever shown in the config's repr or in logs.
+API keys come from ``api_keys`` (comma-separated; environment ``SCEPSY_API_KEYS`` only, never a
+flag, which ``ps`` would show) and/or ``api_keys_file`` (one key per line); neither is ever shown
+in the config's repr or in logs.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from services.core.errors import ConfigError
 from services.core.routing import ALIASES, DEFAULT_POLICY, POLICIES
@@ -75,8 +79,28 @@ class RouterConfig(ServiceConfig):
     trace_buffer: int = option(
         100_000, "trace records held while Redis is slow; more are dropped", in_range(1, 1 << 30)
     )
-    api_keys: str = _secret("comma-separated bearer tokens; empty: no authentication")
+    api_keys: str = _secret(
+        "comma-separated bearer tokens; empty: no authentication. Environment only: the flag is "
+        "refused, since `ps` shows command lines"
+    )
     api_keys_file: str = option("", "file with one bearer token per line")
+
+    @classmethod
+    def load(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        prog: str | None = None,
+        required: Sequence[str] = (),
+    ) -> Self:
+        """As ``ServiceConfig.load``; API keys on the command line are refused."""
+        given = sys.argv[1:] if argv is None else argv
+        if any(a == "--api-keys" or a.startswith("--api-keys=") for a in given):
+            raise ConfigError(
+                "api_keys: not on the command line, where `ps` shows it: set SCEPSY_API_KEYS "
+                "or use --api-keys-file"
+            )
+        return super().load(argv, environ, prog, required)
 
     def validate(self) -> None:
         super().validate()

@@ -38,3 +38,12 @@ def test_an_unknown_policy_names_the_field_and_the_choices(
         f"policy ({origin}): must be one of "
         "affinity, capacity-weighted, least-outstanding, power-of-two, got "
     )
+
+
+def test_api_keys_are_refused_on_the_command_line() -> None:
+    for argv in (["--api-keys", "k1"], ["--api-keys=k1"]):
+        with pytest.raises(ConfigError, match="api_keys: not on the command line") as caught:
+            RouterConfig.load([*argv, "--redis-url", "redis://127.0.0.1:1/0"], environ={})
+        assert "k1" not in str(caught.value)
+    config = RouterConfig.load(["--redis-url", "redis://127.0.0.1:1/0"], {"SCEPSY_API_KEYS": "k1"})
+    assert config.keys() == frozenset({"k1"})

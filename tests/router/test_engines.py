@@ -1046,7 +1046,9 @@ async def test_engine_killed_mid_run_later_calls_go_to_the_survivor(
                 assert "data: [DONE]" in events
             else:
                 assert '{"error"' in events[-2]  # the stream broke off, or ended early
-                assert "broke off" in events[-2] or "without [DONE]" in events[-2]
+                assert any(
+                    why in events[-2] for why in ("broke off", "without [DONE]", "ejected")
+                ), events[-2]
         served = []
         for _ in range(6):
             body = {"model": "tiny-a", "prompt": "after", **GREEDY}
@@ -1062,3 +1064,48 @@ async def test_engine_killed_mid_run_later_calls_go_to_the_survivor(
     prefix = 'scepsy_router_replica_failures_total{model="tiny-a",replica="tiny-a-1"} '
     failures = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix)]
     assert failures and failures[0] >= 1
+
+
+async def test_engine_sigterm_under_load_ends_its_streams_and_calls_move_on(
+    engines: dict[str, LocalEngine],
+    own_engine: LocalEngine,
+    start_router: StartRouter,
+    store: Store,
+) -> None:
+    """A vLLM engine given SIGTERM stops generating but may keep its connections open: its
+    streams must end with a clear error once the replica is ejected (not at the 60 s upstream
+    deadline), and later calls go to the survivor."""
+    victim = own_engine
+    await register(store, "tiny-a", engines["tiny-a"].base_url, victim.base_url)
+    routed = await start_router(health_interval_s=0.2, upstream_timeout_s=60)
+    assert victim.pid is not None
+    call = {"model": "tiny-a", **LONG, "n": 64, "stream": True}
+    url = routed.http_url + "/v1/completions"
+    streaming = asyncio.Event()
+
+    async def streamed(session: aiohttp.ClientSession) -> tuple[str, bytes, float]:
+        async with session.post(url, json=call) as reply:
+            replica = reply.headers["x-scepsy-replica"]
+            first = await reply.content.readany()
+            if replica == "tiny-a-1" and not reply.content.at_eof():
+                streaming.set()
+            rest = await reply.read()
+            return replica, first + rest, time.monotonic()
+
+    async with aiohttp.ClientSession() as session:
+        in_flight = [asyncio.create_task(streamed(session)) for _ in range(4)]
+        await asyncio.wait_for(streaming.wait(), timeout=30)
+        os.kill(victim.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        finished = await asyncio.wait_for(asyncio.gather(*in_flight), timeout=45)
+        for replica, body, ended in finished:
+            events = body.decode().split("\n\n")
+            assert "data: [DONE]" in events or '{"error"' in events[-2], events[-3:]
+            if replica == "tiny-a-1" and "data: [DONE]" not in events:
+                assert ended - signalled < 30  # ended by the router, not the 60 s deadline
+        await wait_until(lambda: not routed.router.registry.replicas("tiny-a")[1].healthy, 30)
+        for _ in range(4):
+            body = {"model": "tiny-a", "prompt": "after", **GREEDY}
+            async with session.post(url, json=body) as reply:
+                assert reply.status == 200
+                assert reply.headers["x-scepsy-replica"] == "tiny-a-0"
