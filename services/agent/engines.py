@@ -218,6 +218,7 @@ class EngineManager:
             else None
         )
         self.steps = 0
+        self._stopping = False
 
     # ------------------------------------------------------------------ public
     @property
@@ -258,6 +259,7 @@ class EngineManager:
 
     async def stop(self) -> None:
         """Drain every engine (deregister, wait for in-flight calls, bounded), stop them all."""
+        self._stopping = True
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -295,6 +297,8 @@ class EngineManager:
     async def publish(self) -> None:
         """Write the records to Redis and re-register READY engines whose endpoint is gone (a
         Redis that came back empty). Called on every heartbeat; Redis errors propagate."""
+        if self._stopping:
+            return  # draining everything: nothing to re-register
         await self._store.put_engines(self._s.node, self.engines(), self._s.records_ttl_s)
         ready = [e for e in self._engines.values() if e.state == S.ENGINE_STATE_READY]
         if not ready:

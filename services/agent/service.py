@@ -88,6 +88,7 @@ class Agent:
     async def stop(self, server: Server | None = None) -> None:
         """Stop heartbeating, drain and stop the engines, deregister (a crash instead lets the
         TTL remove the node; the restarted agent adopts or stops its engines)."""
+        await self.stop_heartbeat()  # first: a beat would re-register draining engines
         if self.engines is not None:
             await self._resync.stop()
             if self._watcher is not None:
@@ -95,7 +96,6 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._watcher
             await self.engines.stop()
-        await self.stop_heartbeat()
         with contextlib.suppress(UnavailableError):
             await self._store.remove_node(self._config.resolved_node_name)
         self._source.close()

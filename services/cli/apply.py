@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ from services.cli.plan import planner_address
 from services.core.errors import InvalidInputError, UnavailableError
 from services.core.planning.plan import Plan
 from services.core.serving import EngineIntent, Occupant, Rollout, intended_engines, rollout
-from services.core.workload.spec import load_spec
+from services.core.workload.spec import DiskFiles, parse_spec
+from services.runtime import channels
 from services.runtime.convert import assignment_from_pb, plan_from_pb
 from services.runtime.errors import error_from_rpc
 from services.runtime.store import Store
@@ -71,6 +73,10 @@ def register(sub: Any) -> None:
     apply.add_argument(
         "--rpc-timeout", type=float, default=120.0, help="deadline of each RPC (120)"
     )
+    apply.add_argument(
+        "--planner",
+        help="Planner HOST:PORT (default: $SCEPSY_PLANNER_ADDRESS, else `scepsy up`'s)",
+    )
     apply.add_argument("--redis-url", help="Redis of the suite (default: `scepsy up`'s)")
     apply.add_argument("--json", action="store_true", help="print the result as JSON")
     apply.set_defaults(func=cmd_apply)
@@ -79,9 +85,12 @@ def register(sub: Any) -> None:
 def cmd_apply(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise InvalidInputError(f"--timeout: must be > 0, got {args.timeout:g}")
-    address = planner_address()
-    if address is None:
-        raise UnavailableError("no suite is up here: run `scepsy up` first (apply needs it)")
+    address = args.planner or os.environ.get("SCEPSY_PLANNER_ADDRESS") or planner_address()
+    if not address:
+        raise UnavailableError(
+            "no Planner: run `scepsy up` first, or give --planner HOST:PORT "
+            "(or SCEPSY_PLANNER_ADDRESS) of a deployed one"
+        )
     spec_text = self_contained(Path(args.spec))
     return asyncio.run(_apply(args, address, spec_text))
 
@@ -90,8 +99,10 @@ def self_contained(path: Path) -> str:
     """The spec at ``path`` as text the Planner service can plan on its own: weights paths made
     absolute (checked here), model configs read from disk inlined. ``InvalidInputError`` names
     the field of anything wrong."""
-    spec = load_spec(path)  # validates everything, weights paths included
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc = _read_doc(path)
+    checked = doc if "cluster" in doc else {**doc, "cluster": {"gpu_type": "cpu", "gpus": 1}}
+    # validates everything, weights paths included (the cluster is the live one: any will do)
+    spec = parse_spec(checked, source=path.name, files=DiskFiles(path.parent))
     models: dict[str, Any] = {}
     for name, ref in doc["models"].items():
         serving = spec.serving[name]
@@ -110,10 +121,22 @@ def self_contained(path: Path) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def _read_doc(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidInputError(f"--spec: cannot read {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{path.name}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"{path.name}: top level: must be a mapping")
+    return doc
+
+
 async def _apply(args: argparse.Namespace, address: str, spec_text: str) -> int:
     store = Store.connect(resolve_redis_url(args.redis_url))
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channels.aio_channel(address) as channel:
             planner = planner_pb2_grpc.PlannerStub(channel)
             try:
                 reply = await planner.Plan(
@@ -170,7 +193,7 @@ async def running_engines(store: Store, timeout_s: float) -> list[pb.Engine]:
         engines = None
         if node.agent_address:
             try:
-                async with grpc.aio.insecure_channel(node.agent_address) as channel:
+                async with channels.aio_channel(node.agent_address) as channel:
                     reply = await agent_pb2_grpc.NodeAgentStub(channel).ListEngines(
                         agent_pb2.ListEnginesRequest(), timeout=min(timeout_s, 10.0)
                     )
