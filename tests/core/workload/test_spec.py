@@ -344,5 +344,5 @@ def test_missing_local_weights_name_the_model_and_path(tmp_path: Path) -> None:
 def test_relative_weights_without_a_spec_file_are_refused() -> None:
     doc = yaml.safe_load(SERVED)
     doc["models"] = {"gen": {"model": "Qwen/Qwen3-0.6B", "weights": "./w"}}
-    with pytest.raises(InvalidInputError, match="models.gen.weights: .*needs the spec file"):
+    with pytest.raises(InvalidInputError, match=r"models.gen.weights: .*needs the spec file"):
         parse_spec(doc)
