@@ -3,9 +3,9 @@
 Layers follow the pipeline: errors <- allocation, routing, cluster <- workload, perf <- placement
 <- planning <- sim, serving, control. A layer imports only the layers listed for it (and itself).
 No file in core imports a service, the runtime, the generated protos or an I/O library, at module
-level or inside a function. ``layer_violations`` reads the import statements (ast), so it needs no import of the
-checked code; the last test also imports every module in a fresh interpreter to catch what a
-third-party import pulls in.
+level or inside a function. ``layer_violations`` reads the import statements (ast), so it needs no
+import of the checked code; the last test also imports every module in a fresh interpreter to
+catch what a third-party import pulls in.
 """
 
 from __future__ import annotations
