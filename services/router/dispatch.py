@@ -118,6 +118,7 @@ class Dispatcher:
         self._policy = policy
         self._clock = clock
         self._seq = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:12]
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._connect_timeout = aiohttp.ClientTimeout(
@@ -217,8 +218,10 @@ class Dispatcher:
         if self.draining:
             raise DrainingError("router is shutting down", self._config.retry_after_s)
         self.check_model(spec.model)
-        call_id = uuid.uuid4().hex[:20]
-        info = CallInfo(next(self._seq), spec.identity.affinity)
+        seq = next(self._seq)
+        # unique across routers (a random prefix per router) without a syscall per call
+        call_id = f"{self._id_prefix}{seq:08x}"
+        info = CallInfo(seq, spec.identity.affinity)
         started_wall, started = self._clock(), time.monotonic()
         outcome = _Outcome()
         upstream: Upstream | None = None

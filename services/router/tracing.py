@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 from collections import deque
 
+import orjson
 from redis.exceptions import RedisError
 
 from services.core.errors import UnavailableError
-from services.core.workload.trace import TraceCall, dumps
+from services.core.workload.trace import TraceCall, record_dict
 from services.router.metrics import RouterMetrics
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
@@ -101,7 +102,7 @@ class TraceRecorder:
         batch = [self._buffer.popleft() for _ in range(min(self._batch, len(self._buffer)))]
         if not batch:
             return True
-        lines = [dumps(c) for c in batch]
+        lines = [orjson.dumps(record_dict(c)).decode() for c in batch]  # as ``dumps``, faster
         try:
             try:
                 length = await self._store.append_trace(lines, self._max_len)
