@@ -174,8 +174,15 @@ class HttpFrontEnd:
 
     async def _models(self, request: web.Request) -> web.Response:
         self._keys.check(request.headers.get("Authorization"))
+        # the engine's own entry (max_model_len, root, ...) once a health check has read it
         data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "scepsy"}
+            {
+                "object": "model",
+                "created": 0,
+                "owned_by": "scepsy",
+                **(self._registry.model_info(m) or {}),
+                "id": m,
+            }
             for m in self._registry.models()
         ]
         return web.json_response({"object": "list", "data": data})

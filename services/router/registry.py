@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import aiohttp
+import orjson
 from redis.exceptions import RedisError
 
 from services.core.errors import UnavailableError
@@ -41,7 +42,15 @@ ENDPOINTS_EVENT = "endpoints_changed"
 class Replica:
     """Runtime state of one registered endpoint; mutated only on the event loop."""
 
-    __slots__ = ("activity", "endpoint", "failed_checks", "healthy", "in_flight", "probed_activity")
+    __slots__ = (
+        "activity",
+        "endpoint",
+        "failed_checks",
+        "healthy",
+        "in_flight",
+        "info",
+        "probed_activity",
+    )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -52,6 +61,9 @@ class Replica:
         # is not dead when its /health is slow
         self.activity = 0
         self.probed_activity = 0  # ``activity`` when the last health check ended
+        # the engine's own ``/v1/models`` entry for the model (max_model_len, root, ...), read
+        # once by a passing health check
+        self.info: dict[str, object] | None = None
 
     @property
     def id(self) -> str:
@@ -258,6 +270,8 @@ class ReplicaRegistry:
         if healthy:
             replica.failed_checks = 0
             self._set_health(replica, True, "health check passed")
+            if replica.info is None:
+                await self._read_info(replica)
             return True
         if timed_out and busy and replica.healthy:
             # Slow, but calls on it finished or streamed since the last check: a loaded
@@ -270,6 +284,29 @@ class ReplicaRegistry:
                 replica, False, f"{replica.failed_checks} health checks failed in a row"
             )
         return False
+
+    def model_info(self, model: str) -> dict[str, object] | None:
+        """The engine's ``/v1/models`` entry of ``model``, as one of its replicas gave it."""
+        for replica in self.replicas(model):
+            if replica.info is not None:
+                return replica.info
+        return None
+
+    async def _read_info(self, replica: Replica) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{replica.url}/v1/models", timeout=self._health_timeout
+            ) as reply:
+                doc = orjson.loads(await reply.read()) if reply.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
+            return  # asked again at the next passing check
+        data = doc.get("data") if isinstance(doc, dict) else None
+        for entry in data if isinstance(data, list) else ():
+            if isinstance(entry, dict) and entry.get("id") == replica.model:
+                replica.info = entry
+                return
+        replica.info = {}  # the engine does not list it: nothing to add
 
 
 def _is_endpoints_event(data: object) -> bool:

@@ -90,7 +90,9 @@ class ScriptedUpstream:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model}]})
+        entry = {"id": self.model, "object": "model", "created": 1, "owned_by": "vllm",
+                 "root": f"/models/{self.model}", "parent": None, "max_model_len": 256}  # fmt: skip
+        return web.json_response({"object": "list", "data": [entry]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, chat=False)

@@ -139,3 +139,21 @@ async def test_metrics_can_be_put_behind_the_api_key(start_router: StartRouter) 
             assert reply.status == 200
             text = await reply.text()
     assert "scepsy_router_requests" in text and "k1" not in text
+
+
+async def test_models_carry_the_fields_the_engine_returns(
+    start_upstream: Any, start_router: StartRouter, store: Any
+) -> None:
+    from tests.router.conftest import register, wait_until
+
+    upstream = await start_upstream("m")
+    await register(store, "m", upstream)
+    handle = await start_router()
+    await wait_until(lambda: handle.router.registry.model_info("m") is not None)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(handle.http_url + "/v1/models") as reply,
+    ):
+        (entry,) = (await reply.json())["data"]
+    assert entry["id"] == "m" and entry["max_model_len"] == 256
+    assert entry["root"] == "/models/m" and entry["owned_by"] == "vllm"
