@@ -4,6 +4,10 @@
 output; ``checked`` raises ``ConfigError`` naming the field ``redis_url`` and the redacted value
 when a URL cannot be a Redis URL.
 
+A Sentinel URL names the sentinels and the master's service name:
+``redis+sentinel://[user:password@]host:26379[,host:26379...]/SERVICE[/DB]`` (``rediss+`` for TLS;
+the password is the master's; ``?sentinel_password=`` the sentinels' own, if they have one).
+
 The password is the one in the user info (``redis://user:secret@host:6379/0``) or in the query
 (``?password=secret``, which redis-py also reads); the user, host, port and database stay, so the
 shown URL still says which Redis is meant.
@@ -15,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.core.errors import ConfigError
 
-SCHEMES = ("redis://", "rediss://", "unix://")
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 HIDDEN = "***"
 
 
@@ -33,7 +37,10 @@ def redact(url: str) -> str:
     query = parts.query
     if "password" in query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, HIDDEN if k == "password" else v) for k, v in pairs], safe="*")
+        query = urlencode(
+            [(k, HIDDEN if k in ("password", "sentinel_password") else v) for k, v in pairs],
+            safe="*",
+        )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -41,6 +48,7 @@ def checked(url: str) -> str:
     """``url``, when it can be a Redis URL; else ``ConfigError``."""
     if not url.startswith(SCHEMES):
         raise ConfigError(
-            f"redis_url: must start with redis://, rediss:// or unix://, got {redact(url)!r}"
+            "redis_url: must start with redis://, rediss://, unix://, redis+sentinel:// or "
+            f"rediss+sentinel://, got {redact(url)!r}"
         )
     return url

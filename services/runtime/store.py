@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from protos.scepsy.v1 import planner_pb2 as planner_pb
 from protos.scepsy.v1 import types_pb2 as pb
 from services.core.cluster.inventory import NodeInventory
-from services.core.errors import InvalidInputError, UnavailableError
+from services.core.errors import ConfigError, InvalidInputError, UnavailableError
 from services.core.perf.profile import Profile, ProfileKey
 from services.core.planning.plan import Plan
 from services.core.routing import Endpoint
@@ -88,6 +88,7 @@ class Store:
         self._r = client
         self.url = redact(url)  # as shown in errors: without the password
         self.keys = keys or Keys()
+        self._also_close: list[aioredis.Redis] = []  # a sentinel URL's sentinel clients
 
     @classmethod
     def connect(
@@ -101,19 +102,25 @@ class Store:
         carries none. A call that finds its pooled connection closed (Redis restarted) is tried
         once more on a new one, so the first call after a restart succeeds."""
         extra: dict[str, Any] = {"password": password} if password else {}
-        client = aioredis.Redis.from_url(
-            checked(url),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=30,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-            **extra,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "health_check_interval": 30,
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError],
+        }
+        if "+sentinel://" in checked(url):
+            master, sentinels = _sentinel_master(url, options, password)
+            store = cls(master, url, Keys(namespace))
+            store._also_close = sentinels
+            return store
+        client = aioredis.Redis.from_url(url, **options, **extra)
         return cls(client, url, Keys(namespace))
 
     async def close(self) -> None:
         await self._r.aclose()
+        for client in self._also_close:
+            await client.aclose()
 
     async def ping(self) -> bool:
         return bool(await self._call(self._r.ping))
@@ -620,6 +627,47 @@ class EndpointTable:
 
     epoch: str | None
     endpoints: tuple[Endpoint, ...]
+
+
+def _sentinel_master(
+    url: str, options: dict[str, Any], password: str | None
+) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """The master behind the sentinels of a ``redis+sentinel://`` URL (``redis_url``); redis-py
+    asks the sentinels again for the master after a failover."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, secret = userinfo.partition(":")
+    sentinels: list[tuple[str, int]] = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ConfigError(f"redis_url: sentinel {host!r} is not host:port in {redact(url)!r}")
+        sentinels.append((name.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"redis_url: a sentinel URL ends with /SERVICE[/DB], got {redact(url)!r}")
+    query = parse_qs(parts.query)
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": options["socket_timeout"]}
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"][0]
+    master_options = dict(options)
+    if parts.scheme.startswith("rediss"):
+        master_options["ssl"] = True
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_kwargs, **master_options
+    )
+    master: aioredis.Redis = sentinel.master_for(
+        path[0],
+        redis_class=aioredis.Redis,
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(user) or None,
+        password=unquote(secret) or password or None,
+    )
+    return master, list(sentinel.sentinels)
 
 
 def _new_epoch() -> str:

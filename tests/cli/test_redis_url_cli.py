@@ -99,7 +99,8 @@ def test_errors_hide_the_password(tmp_path: Path, password_redis: RedisServer) -
 )
 def test_a_bad_scheme_is_a_named_error_not_a_traceback(tmp_path: Path, args: list[str]) -> None:
     expected = (
-        "error: redis_url: must start with redis://, rediss:// or unix://, got 'http://u:***@x'\n"
+        "error: redis_url: must start with redis://, rediss://, unix://, redis+sentinel:// or "
+        "rediss+sentinel://, got 'http://u:***@x'\n"
     )
     flag = scepsy(tmp_path, *args, "--redis-url", f"http://u:{SECRET}@x")
     assert (flag.returncode, flag.stdout, flag.stderr) == (2, "", expected)

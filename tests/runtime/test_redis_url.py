@@ -48,7 +48,8 @@ def test_checked_names_the_field_and_hides_the_password() -> None:
     with pytest.raises(ConfigError) as info:
         checked("http://user:s3cret@x")
     assert str(info.value) == (
-        "redis_url: must start with redis://, rediss:// or unix://, got 'http://user:***@x'"
+        "redis_url: must start with redis://, rediss://, unix://, redis+sentinel:// or "
+        "rediss+sentinel://, got 'http://user:***@x'"
     )
 
 
@@ -123,7 +124,8 @@ def test_service_with_a_bad_scheme_exits_2_naming_the_field() -> None:
     code, out = run_placer(f"http://user:{SECRET}@x", 10.0)
     assert code == 2
     assert out.strip() == (
-        "error: redis_url: must start with redis://, rediss:// or unix://, got 'http://user:***@x'"
+        "error: redis_url: must start with redis://, rediss://, unix://, redis+sentinel:// or "
+        "rediss+sentinel://, got 'http://user:***@x'"
     )
 
 
