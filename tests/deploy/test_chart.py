@@ -11,6 +11,7 @@ import base64
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import helm_python as helm
 import pytest
@@ -19,6 +20,7 @@ import yaml
 from scripts.check_deploy import CHART, manifests, render
 from services.core.cluster.declared import parse_cluster
 from services.runtime.redis_server import RedisServer, free_port
+from services.runtime.redis_url import checked, redact
 from services.runtime.store import Store
 from tests.deploy.deployfiles import DEPLOY, Container, Local, plan, read_image
 
@@ -40,7 +42,7 @@ KEYS = {"apiKeys": {"keys": ["k"]}}
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"router": KEYS, "redis": {"mode": "sentinel"}}, "redis.mode: sentinel is not supported"),
+        ({"router": KEYS, "redis": {"mode": "sentinel"}}, "redis.sentinel.hosts: required"),
         (
             {"router": KEYS, "redis": {"mode": "cluster"}},
             'redis.mode: must be internal, external or sentinel, got "cluster"',
@@ -98,8 +100,20 @@ def test_agent_daemonset_holds_the_gpus_of_gpu_nodes_with_what_mps_needs() -> No
 def test_external_redis_url_is_encoded_into_the_secret() -> None:
     secret = by_kind(rendered("external-url.yaml"), "Secret")["scepsy-redis"]
     url = base64.b64decode(secret["data"]["redis-url"]).decode()
-    # the password "p@ss/word with spaces" must not break the URL apart
-    assert url == "rediss://scepsy:p%40ss%2Fword+with+spaces@redis.example.internal:6380/2"
+    # the password "p@ss/word with spaces" must not break the URL apart (a space is %20 in a
+    # URL's user info: Redis clients unquote it, they do not read + as a space)
+    assert url == "rediss://scepsy:p%40ss%2Fword%20with%20spaces@redis.example.internal:6380/2"
+    assert unquote(urlsplit(url).password or "") == "p@ss/word with spaces"
+
+
+def test_sentinel_redis_url_is_one_the_services_read() -> None:
+    secret = by_kind(rendered("sentinel.yaml"), "Secret")["scepsy-redis"]
+    url = base64.b64decode(secret["data"]["redis-url"]).decode()
+    assert url == (
+        "redis+sentinel://:master%20pw%2F1@sentinel-0.redis:26379,sentinel-1.redis:26379,"
+        "sentinel-2.redis:26379/scepsy-main/1?sentinel_password=sentinel%20pw"
+    )
+    assert checked(url) == url and "master" not in redact(url).split("@")[0]
 
 
 async def test_every_workload_serves(tmp_path: Path) -> None:

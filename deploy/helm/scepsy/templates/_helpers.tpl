@@ -26,7 +26,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The Secret and key holding the Redis URL every service reads (SCEPSY_REDIS_URL). */}}
 {{- define "scepsy.redisSecretName" -}}
-{{- if and (eq .Values.redis.mode "external") .Values.redis.existingSecret -}}
+{{- if and (has .Values.redis.mode (list "external" "sentinel")) .Values.redis.existingSecret -}}
 {{- .Values.redis.existingSecret -}}
 {{- else -}}
 {{- printf "%s-redis" (include "scepsy.fullname" .) -}}
@@ -34,7 +34,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "scepsy.redisSecretKey" -}}
-{{- if and (eq .Values.redis.mode "external") .Values.redis.existingSecret -}}
+{{- if and (has .Values.redis.mode (list "external" "sentinel")) .Values.redis.existingSecret -}}
 {{- .Values.redis.existingSecretKey -}}
 {{- else -}}
 redis-url
@@ -56,10 +56,10 @@ redis-url
 {{- end -}}
 
 {{- define "scepsy.checkValues" -}}
-{{- if eq .Values.redis.mode "sentinel" -}}
-{{- fail "redis.mode: sentinel is not supported by the Scepsy services yet (they take one redis:// or rediss:// URL); use redis.mode external with a proxy that follows the Sentinel master" -}}
+{{- if and (eq .Values.redis.mode "sentinel") (not .Values.redis.existingSecret) (not .Values.redis.sentinel.hosts) -}}
+{{- fail "redis.sentinel.hosts: required with redis.mode sentinel (host:port of each sentinel; or set redis.existingSecret)" -}}
 {{- end -}}
-{{- if not (has .Values.redis.mode (list "internal" "external")) -}}
+{{- if not (has .Values.redis.mode (list "internal" "external" "sentinel")) -}}
 {{- fail (printf "redis.mode: must be internal, external or sentinel, got %q" .Values.redis.mode) -}}
 {{- end -}}
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.existingSecret) (not .Values.redis.external.host) -}}
