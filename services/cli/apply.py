@@ -128,6 +128,8 @@ def _read_doc(path: Path) -> dict[str, Any]:
         raise InvalidInputError(f"--spec: cannot read {str(path)!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{path.name}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: nested too deeply to be a spec") from None
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{path.name}: top level: must be a mapping")
     return doc

@@ -181,6 +181,8 @@ def _load(path: str, what: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{path}: not valid YAML or JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path}: nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------- output

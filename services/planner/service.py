@@ -101,7 +101,7 @@ def _wants_recorded_trace(spec_text: str) -> bool:
 
     try:
         doc = yaml.safe_load(spec_text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return False
     workflows = doc.get("workflows") if isinstance(doc, dict) else None
     return isinstance(workflows, list) and any(

@@ -78,6 +78,8 @@ def cluster_from_text(
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InventoryError(f"{where or source}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise InventoryError(f"{where or source}: nested too deeply to be a cluster") from None
     return parse_cluster(doc, source=source)
 
 

@@ -147,6 +147,8 @@ def spec_from_text(
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{source}: nested too deeply to be a spec") from None
     if nodes is None:
         return parse_spec(doc, source=source, files=files)
     gpu_type = gpu_type_of(nodes)

@@ -209,6 +209,8 @@ def load_spec(path: str | Path) -> Spec:
         raise InvalidInputError(f"{p}: cannot read spec: {exc.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{p}: nested too deeply to be a spec") from None
     return parse_spec(doc, source=p.name, files=DiskFiles(p.parent))
 
 

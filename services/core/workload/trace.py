@@ -210,6 +210,8 @@ def parse_trace_lines(lines: Iterable[str], source: str = "trace") -> Trace:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"{where}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise InvalidInputError(f"{where}: nested too deeply to be a trace record") from None
         if not isinstance(record, dict):
             raise InvalidInputError(f"{where}: must be a JSON object, got {type(record).__name__}")
         line = _Line(where, record)
