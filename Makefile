@@ -21,14 +21,13 @@ $(STAMP): pyproject.toml
 engine-venv:
 	ENGINE_VENV=$(abspath $(ENGINE_VENV)) deploy/engine/install.sh
 
-## demo: the suite on one host (embedded Redis, the agents of a declared two-node H100 cluster, the
-## profiler, placer, planner and router), a plan of the example RAG spec through the Planner
-## service, the suite's status, then stop (the whole loop on real CPU engines: the demo issue)
-demo: venv
-	@export SCEPSY_HOME=$$(mktemp -d); trap '$(VENV)/bin/scepsy down >/dev/null' EXIT; \
-	$(VENV)/bin/scepsy up --cluster deploy/examples/cluster-2xh100.yaml && \
-	$(VENV)/bin/scepsy plan --spec deploy/examples/spec-rag.yaml && \
-	$(VENV)/bin/scepsy status
+## demo: the whole loop on this host with real vLLM CPU engines (about 5 min on 2 cores): scepsy up
+## on a declared `cpu` node, apply a RAG spec, drive it through the router (predicted vs measured),
+## double the rate, the control loop re-plans by itself, drive again, down (scripts/demo.py;
+## DEMO_ARGS=--quick or --json; the plot goes to out/demo/)
+demo: venv engine-venv
+	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) flock /tmp/scepsy-engines.lock \
+		$(PY) scripts/demo.py $(DEMO_ARGS)
 
 ## test: what CI runs: the static checks, the whole suite (real vLLM CPU engines included), then
 ## the performance model's accuracy table on the validation split (printed, not gated)
