@@ -103,6 +103,9 @@ def engine_spec(intent: EngineIntent, host: LaunchHost, port: int, cpu_slot: int
         env = dict(CPU_ENV)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, r)) for r in ranks)
+        if _shares_cores(intent, host):
+            # OpenMP threads that spin while waiting starve another engine on the same core
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         return EngineSpec(
             model=serving.weights,
             served_model_name=serving.served_name,
@@ -136,6 +139,12 @@ def engine_spec(intent: EngineIntent, host: LaunchHost, port: int, cpu_slot: int
         extra_args=extra,
         env=tuple(sorted(env.items())),
     )
+
+
+def _shares_cores(intent: EngineIntent, host: LaunchHost) -> bool:
+    """Whether a cpu engine's cores may run another engine too: a share of a device, or more
+    devices than cores."""
+    return intent.shares_gpus or host.devices > len(host.cpus)
 
 
 def engine_cpus(spec: EngineSpec) -> tuple[int, ...]:

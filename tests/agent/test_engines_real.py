@@ -277,7 +277,7 @@ class Load:
                 self.ok += 1
             except Exception as exc:  # every failure is a finding
                 self.errors.append(f"{model}: {exc!r}")
-            time.sleep(0.05)
+            time.sleep(0.5)  # bounded: a few calls/s, leaving the 2 cores room for a new engine
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -331,7 +331,7 @@ def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
     now = suite.ready()
     assert sorted(e.model for e in now.values()) == ["gen", "gen", "rerank"]
     assert set(change["kept"]) < set(now)
-    assert load.errors == [] and load.ok > 10, (load.ok, load.errors[:5])
+    assert load.errors == [] and load.ok > 4, (load.ok, load.errors[:5])
     assert first["plan"] != second["plan"]
 
 
@@ -351,7 +351,7 @@ def test_killed_engine_is_restarted_while_the_other_replica_serves(suite: Suite)
         time.sleep(1)
     engine = suite.ready()[victim.id]
     assert "exited" in engine.last_error
-    assert load.errors == [] and load.ok > 10, (load.ok, load.errors[:5])
+    assert load.errors == [] and load.ok > 4, (load.ok, load.errors[:5])
 
 
 def test_engine_that_cannot_start_is_failed_and_named(suite: Suite) -> None:

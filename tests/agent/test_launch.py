@@ -99,10 +99,12 @@ def test_cpu_engines_get_their_cores_and_kv_space() -> None:
     env = spec.environment({})
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "6,7" and engine_cpus(spec) == (6, 7)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # floor(0.475 x 8 GiB)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # a half device: its cores are shared
     assert tuple(spec.argv()[spec.argv().index("--dtype") :][:2]) == ("--dtype", "float32")
     assert "--enforce-eager" in spec.argv() and "CUDA_VISIBLE_DEVICES" not in env
     # TP over two devices: one core list per rank; a small share still gets a core
     two = cpu_intent((0, 1), 4, 0.95)
+    assert "OMP_WAIT_POLICY" not in engine_spec(two, host, 9001).environment({})
     assert engine_spec(two, host, 9001).environment({})["VLLM_CPU_OMP_THREADS_BIND"] == (
         "0,1,2,3|4,5,6,7"
     )
