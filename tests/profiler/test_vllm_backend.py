@@ -137,7 +137,11 @@ def test_the_curve_rises_with_rate_until_saturation(measured: Measurement) -> No
     points = measured.points
     assert measured.stop_reason == "saturated" and points[-1].saturated
     assert [p.rate for p in points] == sorted(p.rate for p in points)
-    assert all(p.errors == 0 and p.calls > 0 for p in points)
+    assert all(p.calls > 0 for p in points)
+    # at light load nothing fails; near saturation a failed call is a result, not the end
+    assert (
+        points[0].errors == 0 and sum(p.errors for p in points) < sum(p.calls for p in points) / 2
+    )
     # queueing at the overloaded rate: slower calls than on the nearly idle engine
     assert points[-1].mean_latency > points[0].mean_latency
     profile = measured.profile()
