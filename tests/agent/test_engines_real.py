@@ -27,8 +27,7 @@ import pytest
 
 from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
 from protos.scepsy.v1 import types_pb2 as pb
-from services.core.errors import NotFoundError
-from services.runtime.engines import process_group_alive, run_engine_module, vllm_executable
+from services.runtime.engines import process_group_alive, run_engine_module
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -62,16 +61,6 @@ workflows:
         rerank: {{n: 2, p: 2, prompt_tokens: 40, completion_tokens: 1}}
         gen: {{n: 1, p: 1, prompt_tokens: 60, completion_tokens: 16}}
 """
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Path:
-    try:
-        return vllm_executable()
-    except NotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the engine tests: {exc}")
-        pytest.skip(f"no engine venv ({exc})")
 
 
 @dataclass

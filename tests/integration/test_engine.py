@@ -8,7 +8,6 @@ lines are checked without an engine.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from services.core.errors import ConfigError, NotFoundError, UnavailableError
+from services.core.errors import ConfigError, UnavailableError
 from services.runtime.engines import (
     EngineSpec,
     LocalEngine,
@@ -25,7 +24,6 @@ from services.runtime.engines import (
     run_engine_module,
     start_engines,
     stop_engines,
-    vllm_executable,
 )
 
 pytestmark = pytest.mark.engine
@@ -86,16 +84,6 @@ def test_spec_rejects_bad_field(field: str, changes: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------- real engines
-@pytest.fixture(scope="session")
-def vllm() -> Path:
-    try:
-        return vllm_executable()
-    except NotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the engine tests: {exc}")
-        pytest.skip(f"no engine venv ({exc})")
-
-
 @pytest.fixture(scope="session")
 def tiny_model(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"

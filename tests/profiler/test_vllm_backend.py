@@ -21,7 +21,7 @@ from protos.scepsy.v1 import profiler_pb2, profiler_pb2_grpc
 from services.cli.main import main
 from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import resolve_model
-from services.core.errors import InfeasibleError, InvalidInputError, NotFoundError
+from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.calibrate import MeasuredProfile, run_calibration
 from services.core.perf.fit import REFERENCE_GPU
@@ -43,7 +43,6 @@ from services.runtime.engines import (
     EngineSpec,
     LocalEngine,
     run_engine_module,
-    vllm_executable,
 )
 from services.runtime.server import Server
 from services.runtime.store import Store, profiles_from_thread
@@ -101,16 +100,6 @@ def test_engines_are_launched_by_the_agents_rules() -> None:
 
 
 # ------------------------------------------------------------------------------- real engine
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Path:
-    try:
-        return vllm_executable()
-    except NotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the engine tests: {exc}")
-        pytest.skip(f"no engine venv ({exc})")
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,6 @@ from structlog.testing import capture_logs
 
 from protos.scepsy.v1 import router_pb2
 from services.cli import trace as trace_cli
-from services.core.errors import NotFoundError
 from services.core.routing import Endpoint
 from services.core.workload.stats import workflow_stats
 from services.core.workload.trace import parse_trace_lines, read_trace
@@ -58,7 +57,6 @@ from services.runtime.engines import (
     LocalEngine,
     run_engine_module,
     stop_engines,
-    vllm_executable,
 )
 from services.runtime.redis_server import RedisServer, free_port
 from services.runtime.store import Store
@@ -78,16 +76,6 @@ LONG: dict[str, Any] = {
     "n": 128,
 }  # fmt: skip
 LONG_TOKENS = 128 * 240
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Path:
-    try:
-        return vllm_executable()
-    except NotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the engine tests: {exc}")
-        pytest.skip(f"no engine venv ({exc})")
 
 
 @pytest.fixture(scope="module")
