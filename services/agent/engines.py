@@ -481,7 +481,8 @@ class EngineManager:
                 e.intent.shares_gpus for e in self._engines.values() if e.state in LIVE
             )
             try:
-                await asyncio.to_thread(self._mps.start if shared else self._mps.stop)
+                if shared != self._mps.running:
+                    await asyncio.to_thread(self._mps.start if shared else self._mps.stop)
             except UnavailableError as exc:
                 for intent in self._intended.values():
                     if intent.shares_gpus and intent.id not in self._engines:

@@ -189,7 +189,7 @@ async def running_engines(store: Store, timeout_s: float) -> list[pb.Engine]:
     """Every node's engines, asked of its agent (``NodeAgent.ListEngines``); a node whose agent
     does not answer counts with its last records in Redis."""
     nodes = await store.list_nodes()
-    recorded = await store.list_engines()
+    recorded: list[pb.Engine] | None = None  # read only for an agent that does not answer
     out: list[pb.Engine] = []
     for node in nodes:
         engines = None
@@ -203,6 +203,8 @@ async def running_engines(store: Store, timeout_s: float) -> list[pb.Engine]:
             except grpc.aio.AioRpcError:
                 engines = None
         if engines is None:
+            if recorded is None:
+                recorded = await store.list_engines()
             engines = [e for e in recorded if e.node == node.name]
         out.extend(engines)
     return out
