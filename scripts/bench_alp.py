@@ -12,10 +12,15 @@ makes them (``systems.Context.prepare`` on the smallest GPU count); then
   under-state capacity (the drain after the last arrival and the ramp of the backlog weigh in);
   so does the evaluation's ``check_throughput`` (all requests / busy span of a short run).
 
-Error = (predicted - simulated) / simulated. Prints one row per point and a summary per
-workflow and GPU count (median and worst |error|).
+Two predictions per point: the closed-form ALP's, and the refined one Scepsy plans with by
+default (``services.core.planning.refine``: its best closed-form candidates simulated on a replay
+of the warm-up trace, ``services.core.sim.replay``; for throughput the replay's completion rate
+when offered ``--overload`` x the closed-form throughput). ``--closed`` plans with the closed
+form only (the refined column is then empty). Error = (predicted - simulated) / simulated.
+Prints one row per point and a summary per workflow (median and worst |error| of each).
 
-    .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--json]
+    .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--closed]
+                                          [--json]
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def measure_workflow(
     kinds: Sequence[str] = ("latency", "throughput"),
     overload: float = 1.3,
     span: float = 60.0,
+    closed: bool = False,
 ) -> list[dict[str, Any]]:
     ctx = Context.prepare(
         workflow(name),
@@ -62,6 +68,8 @@ def measure_workflow(
         warmup_requests=settings.warmup_requests,
         options=replace(settings.options, seed=settings.seed),
     )
+    if closed:
+        ctx = replace(ctx, refine=None)
     counter = Counter()
     rows: list[dict[str, Any]] = []
     for gpus in gpu_counts:
@@ -75,7 +83,7 @@ def measure_workflow(
             point = run_point(
                 ctx, plan, load_at(ctx, rate, SEED_POINT + i, settings), gpus, settings, counter
             )
-            if point.predicted_latency is None or not point.sustainable:
+            if plan.prediction is None or plan.planned_rate is not None or not point.sustainable:
                 continue
             rows.append(
                 _row(
@@ -84,8 +92,9 @@ def measure_workflow(
                     "latency",
                     rate,
                     point.allocation,
-                    point.predicted_latency,
+                    plan.prediction.workflow(name).latency,
                     point.mean_latency,
+                    plan.simulated_latency,
                 )
             )
         if "throughput" in kinds:
@@ -97,7 +106,7 @@ def measure_workflow(
 
 def capacity_check(
     ctx: Context, gpus: int, capacity: float, overload: float, span: float
-) -> tuple[float, str, float, float] | None:
+) -> tuple[float, str, float, float, float | None] | None:
     """(offered rate, allocation, predicted, simulated throughput) of Scepsy's
     maximum-throughput plan: Poisson arrivals at ``overload`` x the prediction for ``span``
     isolated request latencies (at least 400 requests, at most ``MAX_CALLS`` LLM calls); the
@@ -114,7 +123,8 @@ def capacity_check(
     requests = min(max(400, round(rate * span * ctx.isolated_latency)), most)
     result = ctx.serve(plan, poisson(rate, requests, SEED_THROUGHPUT), gpus=gpus)
     point = measure(result, rate)
-    return rate, describe(plan.allocation), predicted, point.throughput
+    refined = ctx.replay_capacity(plan.allocation, rate) if ctx.refine is not None else None
+    return rate, describe(plan.allocation), predicted, point.throughput, refined
 
 
 def _row(
@@ -125,6 +135,7 @@ def _row(
     allocation: str,
     predicted: float,
     simulated: float,
+    refined: float | None = None,
 ) -> dict[str, Any]:
     return {
         "workflow": name,
@@ -133,8 +144,10 @@ def _row(
         "rate": rate,
         "allocation": allocation,
         "predicted": predicted,
+        "refined": refined,
         "simulated": simulated,
         "error": (predicted - simulated) / simulated,
+        "refined_error": None if refined is None else (refined - simulated) / simulated,
     }
 
 
@@ -142,7 +155,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     keys = dict.fromkeys((r["workflow"], r["kind"]) for r in rows)
     for name, kind in keys:
-        errs = [abs(r["error"]) for r in rows if r["workflow"] == name and r["kind"] == kind]
+        mine = [r for r in rows if r["workflow"] == name and r["kind"] == kind]
+        errs = [abs(r["error"]) for r in mine]
+        refined = [abs(r["refined_error"]) for r in mine if r["refined_error"] is not None]
         out.append(
             {
                 "workflow": name,
@@ -150,9 +165,16 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "points": len(errs),
                 "median_abs_error": statistics.median(errs),
                 "worst_abs_error": max(errs),
+                "refined_median_abs_error": statistics.median(refined) if refined else None,
+                "refined_worst_abs_error": max(refined) if refined else None,
             }
         )
     return out
+
+
+def _num(value: float | None, fmt: str) -> str:
+    width = fmt.lstrip("+")[0]
+    return f"{'-':>{width}}" if value is None else f"{value:{fmt}}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--span", type=float, default=60.0, help="throughput runs: isolated latencies of arrivals"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--closed", action="store_true", help="plan with the closed form only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     gpus = [int(g) for g in args.gpus.split(",")]
@@ -176,7 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in args.workflows.split(","):
             rows += measure_workflow(
-                name, gpus, fractions, settings, args.kinds.split(","), args.overload, args.span
+                name,
+                gpus,
+                fractions,
+                settings,
+                args.kinds.split(","),
+                args.overload,
+                args.span,
+                args.closed,
             )
             print(f"[{time.perf_counter() - started:6.1f}s] {name} done", file=sys.stderr)
     except ScepsyError as exc:
@@ -186,21 +216,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"points": rows, "summary": summary(rows)}))
         return 0
     print(
-        f"{'workflow':10} {'GPUs':>4} {'kind':10} {'req/s':>7} {'pred':>8} {'sim':>8} "
-        f"{'error':>7}  allocation"
+        f"{'workflow':10} {'GPUs':>4} {'kind':10} {'req/s':>7} {'closed':>8} {'refined':>8} "
+        f"{'sim':>8} {'err':>6} {'r.err':>6}  allocation"
     )
     for r in rows:
         print(
             f"{r['workflow']:10} {r['gpus']:>4} {r['kind']:10} {r['rate']:>7.3g} "
-            f"{r['predicted']:>8.3g} {r['simulated']:>8.3g} {r['error']:>+7.0%}  {r['allocation']}"
+            f"{r['predicted']:>8.3g} {_num(r['refined'], '8.3g')} {r['simulated']:>8.3g} "
+            f"{r['error']:>+6.0%} {_num(r['refined_error'], '+6.0%')}  {r['allocation']}"
         )
     print()
-    print(f"{'workflow':10} {'kind':10} {'points':>6} {'median |err|':>12} {'worst |err|':>11}")
+    print(
+        f"{'workflow':10} {'kind':10} {'points':>6} {'closed median/worst':>20} "
+        f"{'refined median/worst':>21}"
+    )
     for s in summary(rows):
-        print(
-            f"{s['workflow']:10} {s['kind']:10} {s['points']:>6} {s['median_abs_error']:>12.0%} "
-            f"{s['worst_abs_error']:>11.0%}"
+        closed = f"{s['median_abs_error']:.0%}/{s['worst_abs_error']:.0%}"
+        refined = (
+            "-"
+            if s["refined_median_abs_error"] is None
+            else f"{s['refined_median_abs_error']:.0%}/{s['refined_worst_abs_error']:.0%}"
         )
+        print(f"{s['workflow']:10} {s['kind']:10} {s['points']:>6} {closed:>20} {refined:>21}")
     print(f"\n{time.perf_counter() - started:.1f} s")
     return 0
 

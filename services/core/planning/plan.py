@@ -33,10 +33,13 @@ from services.core.errors import InvalidInputError
 from services.core.placement.heuristic import (
     Assignment,
     Placement,
+    PlacementInfeasible,
     place_allocation,
 )
+from services.core.planning.alp import predict
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
 from services.core.planning.profiles import SpecProfiles
+from services.core.planning.refine import Refiner, Trial, refine
 from services.core.planning.space import Problem
 from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
 
@@ -85,6 +88,9 @@ class Plan:
     rounds: int  # searches run (placement feedback)
     constraints: tuple[str, ...]  # the constraints placement feedback added, why each
     serving: tuple[ModelServing, ...] = ()  # what the engines serve, by model (from the spec)
+    # refinement by simulation (``PlanInputs.refiner``): one line per candidate, the chosen first
+    refinement: tuple[str, ...] = ()
+    simulated_latency_s: float | None = None  # the chosen candidate's, when refined
 
     @property
     def gpus(self) -> float:
@@ -178,6 +184,8 @@ class PlanInputs:
     place: PlaceFn | None = None  # default: ``placer_for(nodes, k, running)``
     clock: Callable[[], float] = time.time  # reads the plan's creation time
     max_rounds: int = DEFAULT_MAX_ROUNDS
+    # when given, the closed form's best candidates are simulated and the best kept (``refine``)
+    refiner: Refiner | None = None
 
 
 def make_plan(inputs: PlanInputs) -> Plan:
@@ -199,12 +207,79 @@ def make_plan(inputs: PlanInputs) -> Plan:
     placed = search_placed(
         problem, profiles.profile, place, max_rounds=inputs.max_rounds, bursts=profiles.burst
     )
+    notes: tuple[str, ...] = ()
+    simulated: float | None = None
+    if inputs.refiner is not None:
+        placed, notes, simulated = refine_placed(problem, profiles, place, placed, inputs.refiner)
     plan = assemble(
         inputs.spec_text, spec, problem, placed, inputs.clock(), profiles.seconds - before
     )
+    if notes:
+        plan = replace(plan, refinement=notes, simulated_latency_s=simulated)
+        plan = replace(plan, id=plan_id(plan))
     origins = profiles.origins()
     llms = tuple(replace(m, profile_sources=origins.get(m.model, {})) for m in plan.llms)
     return replace(plan, llms=llms)
+
+
+def refine_placed(
+    problem: Problem,
+    profiles: SpecProfiles,
+    place: PlaceFn,
+    placed: PlacedResult,
+    refiner: Refiner,
+) -> tuple[PlacedResult, tuple[str, ...], float | None]:
+    """The best simulated candidate that places (``refine``) instead of the closed-form
+    optimum, one note per candidate and the chosen one's simulated latency."""
+    started = time.perf_counter()
+    refined = refine(
+        problem, profiles.profile, refiner, constraints=placed.constraints, bursts=profiles.burst
+    )
+    for trial in refined.order:
+        try:
+            placement = (
+                placed.placement
+                if trial.allocation == placed.result.allocation
+                else place(trial.allocation)
+            )
+        except PlacementInfeasible:
+            continue
+        prediction = predict(
+            problem.workflows,
+            profiles.profile,
+            trial.allocation,
+            problem.rates,
+            rho=problem.rho,
+            bursts=profiles.burst,
+        )
+        units = round(sum(a.gpus for a in trial.allocation.values()) * problem.fraction_unit)
+        result = replace(
+            placed.result,
+            allocation=dict(sorted(trial.allocation.items())),
+            objective=trial.objective,
+            units=units,
+            prediction=prediction,
+        )
+        seconds = placed.seconds + time.perf_counter() - started
+        notes = tuple(_note(t, t is trial) for t in refined.trials)
+        simulated = trial.scored.latency if trial.scored is not None else None
+        done = replace(placed, result=result, placement=placement, seconds=seconds)
+        return done, notes, simulated
+    return placed, (), None
+
+
+def _note(trial: Trial, chosen: bool) -> str:
+    alloc = ", ".join(
+        f"{m} {a.replicas}x {'tp' + str(a.tp) if a.fraction == 1 else f'{a.fraction:g}'}"
+        for m, a in sorted(trial.allocation.items())
+    )
+    mark = "chosen " if chosen else ""
+    head = f"{mark}{trial.origin}: {alloc}: closed form {trial.objective:.4g} s"
+    s = trial.scored
+    if s is None:
+        return f"{head}, not simulated (time budget)"
+    steady = "steady" if s.steady else "falling behind"
+    return f"{head}, simulated {s.latency:.4g} s, {s.throughput:.4g} req/s, {steady}"
 
 
 def assemble(
@@ -268,7 +343,7 @@ def content(plan: Plan) -> dict[str, Any]:
         "placement": [asdict(a) for a in plan.placement.assignments],
         "rounds": plan.rounds,
         "constraints": list(plan.constraints),
-    }
+    } | ({"refinement": list(plan.refinement)} if plan.refinement else {})
 
 
 def _forecast(m: LlmForecast) -> dict[str, Any]:

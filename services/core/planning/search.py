@@ -327,9 +327,7 @@ def search(
     budget = cons.budget(problem.budget)
     frontiers, evaluated = llm_frontiers(problem, profiles, fits, cons, budget, bursts)
     constant, components = objective_structure(problem)
-    floor = {c.models: sum(frontiers[m][0].cost for m in c.models) for c in components}
-    spare = budget - sum(floor.values())
-    fronts = [component_frontier(c, frontiers, floor[c.models] + spare) for c in components]
+    fronts = _component_fronts(frontiers, components, budget)
     points = [[(cost, value) for cost, value, _ in f] for f in fronts]
     limit = None if problem.latency_slo is None else problem.latency_slo - constant
     solved = knapsack(points, budget, limit)
@@ -370,6 +368,62 @@ def search(
         components=len(components),
         seconds=clock() - started,
     )
+
+
+def _component_fronts(
+    frontiers: Mapping[str, Sequence[Candidate]], components: Sequence[Component], budget: int
+) -> list[list[tuple[int, float, tuple[Candidate, ...]]]]:
+    floor = {c.models: sum(frontiers[m][0].cost for m in c.models) for c in components}
+    spare = budget - sum(floor.values())
+    return [component_frontier(c, frontiers, floor[c.models] + spare) for c in components]
+
+
+def ranked(
+    problem: Problem,
+    profiles: ProfileLookup,
+    count: int,
+    *,
+    fits: FitCheck | None = None,
+    constraints: Constraints | None = None,
+    bursts: BurstLookup | None = None,
+) -> list[tuple[float, dict[str, Allocation]]]:
+    """Up to ``count`` distinct allocations by rising predicted objective: the optimum, then
+    for every component and every point of its frontier the best allocation that uses that
+    point (a knapsack over the others). So the second entry is the best allocation of frontier
+    points that differs from the optimum (allocations with a dominated candidate, no cheaper
+    and no faster than another, are left out); later ones are the best of their
+    neighbourhoods, not necessarily the k-th best. For
+    refining by simulation (``services.core.planning.refine``); the minimum-latency objective
+    only.
+
+    Raises ``AllocationInfeasible`` as ``search`` does.
+    """
+    cons = constraints or Constraints()
+    budget = cons.budget(problem.budget)
+    frontiers, _ = llm_frontiers(problem, profiles, fits, cons, budget, bursts)
+    constant, components = objective_structure(problem)
+    fronts = _component_fronts(frontiers, components, budget)
+    points = [[(cost, value) for cost, value, _ in f] for f in fronts]
+    found: dict[tuple[int, ...], float] = {}
+    solved = knapsack(points, budget)
+    if solved is None:
+        raise InfeasibleError("internal: the cheapest configurations exceed the budget")
+    found[tuple(solved[1])] = solved[0]
+    for i, front in enumerate(points):
+        for j, point in enumerate(front):
+            fixed = [*points[:i], [point], *points[i + 1 :]]
+            alt = knapsack(fixed, budget)
+            if alt is None:
+                continue
+            key = (*alt[1][:i], j, *alt[1][i + 1 :])
+            found.setdefault(key, alt[0])
+    best = sorted(found.items(), key=lambda kv: (kv[1], kv[0]))[:count]
+    out = []
+    for key, value in best:
+        picks = [cand for f, j in zip(fronts, key, strict=True) for cand in f[j][2]]
+        allocation = {c.model: c.allocation(problem.fraction_unit) for c in picks}
+        out.append((constant + value, allocation))
+    return out
 
 
 def llm_frontiers(

@@ -10,7 +10,10 @@ on demand and kept (``services.core.planning.profiles``, analytic).
 Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 - ``scepsy`` - the one plan path (``services.core.planning.plan.make_plan``: the ALP search
-  with placement feedback) for the target rate; above the highest
+  with placement feedback) for the target rate, its best closed-form candidates refined by
+  simulating them on a replay of the warm-up trace (``services.core.planning.refine``,
+  ``services.core.sim.replay``: what Scepsy knows is the trace, not the workflow's program;
+  ``Context.refine`` None turns it off); above the highest
   rate it can plan (throughput >= rate / rho), the plan for that highest rate (its
   maximum-throughput allocation);
 - ``static`` - ``baselines.even_split``;
@@ -21,6 +24,7 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 - ``shares`` / ``shares-frac`` - ``baselines.time_shares``: GPUs in proportion to each LLM's
   share of the warm-up trace's LLM time (its calls' summed durations per request), whole GPUs
   or fractions of 1/k (a hand-made allocation from a trace);
+- ``scepsy-closed`` - ablation: Scepsy with the closed-form ALP only (no refinement);
 - ``scepsy-whole`` - ablation: Scepsy without GPU fractions (k = 1);
 - ``scepsy-blind`` - ablation: Scepsy without workflow awareness, the same search sizing every
   LLM for its own calls as if each were alone (no fan-out, stages or tool time).
@@ -43,11 +47,15 @@ from services.core.perf.model import PerfModel
 from services.core.planning.alp import Prediction, predict
 from services.core.planning.plan import PlanInputs, make_plan, max_tp_of
 from services.core.planning.profiles import SpecProfiles
+from services.core.planning.refine import Refiner, Scored
 from services.core.planning.search import AllocationInfeasible, best_scale
 from services.core.planning.space import Problem
 from services.core.sim import baselines
+from services.core.sim.arrivals import poisson
 from services.core.sim.control import Controller
+from services.core.sim.measure import MeasureConfig, measure
 from services.core.sim.program import Workflow
+from services.core.sim.replay import TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO, Spec, WorkflowTarget
@@ -67,6 +75,7 @@ class Setup:
     controller: Controller | None = None
     prediction: Prediction | None = None  # at the offered rate
     planned_rate: float | None = None  # the rate the plan was made for, when not the offered one
+    simulated_latency: float | None = None  # the refinement's (replayed trace) at the target
 
 
 def cluster_nodes(gpu_type: str, gpus: int) -> tuple[NodeInventory, ...]:
@@ -91,6 +100,27 @@ def describe(allocation: Mapping[str, Allocation]) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class RefineSettings:
+    """Refinement by simulation in the Scepsy system (``Context.refiner``): how many
+    closed-form candidates, the headroom plans, the wall-time budget per plan, and the size of
+    each replay run (at least ``latency_multiple`` isolated latencies or ``min_seconds`` of
+    arrivals, at least ``min_requests``, at most about ``calls`` LLM calls)."""
+
+    candidates: int = 4
+    headroom: tuple[float, ...] = (1.15, 1.3)
+    seconds: float = 20.0
+    calls: int = 12_000
+    min_requests: int = 60
+    latency_multiple: float = 30.0
+    min_seconds: float = 30.0
+    max_backlog_growth: float = 0.05
+    seed: int = 4242
+
+
+REFINE_MEASURE = MeasureConfig(min_span_latencies=6.0)
+
+
 @dataclass
 class Context:
     """A workflow's planning inputs on one GPU type (mutable: profiles are computed lazily)."""
@@ -105,6 +135,9 @@ class Context:
     fraction_unit: int = DEFAULT_FRACTION_UNIT
     rho: float = DEFAULT_RHO
     options: SimOptions = field(default_factory=SimOptions)
+    refine: RefineSettings | None = field(default_factory=RefineSettings)
+    scores: dict[tuple[str, float], Scored] = field(default_factory=dict)
+    replays: dict[str, TraceReplay] = field(default_factory=dict)
 
     @classmethod
     def prepare(
@@ -166,6 +199,66 @@ class Context:
             {self.workflow.name: rate},
             bursts=self.profiles.burst,
         )
+
+    @property
+    def replay(self) -> TraceReplay:
+        """The warm-up trace as a workflow (``services.core.sim.replay``)."""
+        name = self.workflow.name
+        if name not in self.replays:
+            self.replays[name] = TraceReplay.of(self.warmup, name, self.workflow.models)
+        return self.replays[name]
+
+    def refiner(self, rate: float) -> Refiner | None:
+        """The refinement of plans for ``rate`` (``score_replay``), None when off."""
+        cfg = self.refine
+        if cfg is None:
+            return None
+        return Refiner(
+            lambda allocation: self.score_replay(allocation, rate),
+            candidates=cfg.candidates,
+            headroom=cfg.headroom,
+            seconds=cfg.seconds,
+        )
+
+    def score_replay(self, allocation: Mapping[str, Allocation], rate: float) -> Scored:
+        """The replayed trace served by ``allocation`` at ``rate``: a short run with a fixed seed
+        (every candidate serves the same requests); remembered per allocation and rate."""
+        cfg = self.refine or RefineSettings()
+        key = (describe(allocation), round(rate, 9))
+        found = self.scores.get(key)
+        if found is not None:
+            return found
+        replay = self.replay
+        per_request = max(sum(replay.mean_calls().values()), 1.0)
+        span = max(cfg.latency_multiple * self.isolated_latency, cfg.min_seconds)
+        most = max(cfg.min_requests, int(cfg.calls / per_request))
+        requests = max(cfg.min_requests, min(round(rate * span), most))
+        arrivals = poisson(rate, requests, cfg.seed)
+        opts = replace(self.options, seed=self.options.seed + cfg.seed)
+        result = simulate(replay, self.deployment(allocation), arrivals, opts)
+        point = measure(result, rate, REFINE_MEASURE)
+        scored = Scored(
+            point.mean_latency,
+            point.throughput,
+            point.settled and point.backlog_growth <= cfg.max_backlog_growth,
+        )
+        self.scores[key] = scored
+        return scored
+
+    def replay_capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
+        """The replayed trace's completion rate in the measurement window when ``allocation``
+        is offered ``rate`` (above its capacity): the refined throughput prediction."""
+        cfg = self.refine or RefineSettings()
+        replay = self.replay
+        per_request = max(sum(replay.mean_calls().values()), 1.0)
+        requests = max(cfg.min_requests, int(2 * cfg.calls / per_request))
+        result = simulate(
+            replay,
+            self.deployment(allocation),
+            poisson(rate, requests, cfg.seed + 1),
+            replace(self.options, seed=self.options.seed + cfg.seed),
+        )
+        return measure(result, rate, REFINE_MEASURE).throughput
 
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))
@@ -236,9 +329,11 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
             nodes,
             ctx.profiles,
             clock=lambda: 0.0,
+            refiner=ctx.refiner(target),
         )
         try:
-            allocation = make_plan(inputs).allocation
+            made = make_plan(inputs)
+            allocation = made.allocation
         except AllocationInfeasible as exc:
             best = exc.best_throughput.get(ctx.workflow.name, 0.0) * ctx.rho
             if not best > 0:
@@ -250,8 +345,14 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
             allocation,
             prediction=ctx.predict(allocation, rate),
             planned_rate=None if target == rate else target,
+            simulated_latency=made.simulated_latency_s,
         )
     raise InfeasibleError(f"scepsy: no plan for {ctx.workflow.name} on {gpus} GPUs")
+
+
+def plan_scepsy_closed(ctx: Context, gpus: int, rate: float) -> Setup:
+    """Scepsy with the closed-form ALP only: no refinement by simulation."""
+    return replace(plan_scepsy(replace(ctx, refine=None), gpus, rate), system="scepsy-closed")
 
 
 def plan_scepsy_whole(ctx: Context, gpus: int, rate: float) -> Setup:
@@ -277,7 +378,7 @@ def plan_scepsy_blind(ctx: Context, gpus: int, rate: float) -> Setup:
         for w in spec.workflows
     )
     blind = replace(ctx, profiles=_respec(ctx, replace(spec, workflows=workflows)))
-    setup = plan_scepsy(blind, gpus, rate)
+    setup = plan_scepsy(replace(blind, refine=None), gpus, rate)
     return Setup("scepsy-blind", setup.allocation, prediction=ctx.predict(setup.allocation, rate))
 
 
@@ -352,6 +453,7 @@ SYSTEMS: Mapping[str, SetupFn] = {
     "autoscaler": autoscaler_plan(baselines.HpaAutoscaler()),
     "shares": plan_shares(fractions=False),
     "shares-frac": plan_shares(fractions=True),
+    "scepsy-closed": plan_scepsy_closed,
     "scepsy-whole": plan_scepsy_whole,
     "scepsy-blind": plan_scepsy_blind,
 }

@@ -1,0 +1,116 @@
+"""A workflow made from a trace: traced requests replayed wave by wave.
+
+What a planner knows of a workflow is its trace, not its program. ``TraceReplay.of(trace,
+workflow)`` turns every traced request into a sequence of **waves**: calls of one request that
+started before any of them ended cannot depend on one another, so they form one wave (a
+``Parallel``); a call that starts after some call of the wave ended opens the next wave. Between
+waves the request waits the traced gap (tool time: from the previous wave's last end to the next
+wave's first start), and before its first wave and after its last the traced gaps to the
+request's own start and end (retrieval, a final tool). A replayed request is one traced request
+drawn uniformly by the simulator's per-request generator, with its calls' token counts.
+
+The waves keep what the ALP's closed form loses: fan-outs arriving together, and stages that
+alternate behind a barrier each round (beam search's policy and reward model). They lose
+dependencies finer than a wave (a branch of a ``Parallel`` that goes on alone while another
+still runs waits for the whole wave here), so the replay errs towards more latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.errors import InvalidInputError
+from services.core.sim.program import Llm, Parallel, Program, Tool
+from services.core.workload.trace import Trace, TraceCall
+
+# (gap before the wave in s, the wave's calls as (model, prompt tokens, completion tokens))
+Wave = tuple[float, tuple[tuple[str, int, int], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    waves: tuple[Wave, ...]
+    tail: float  # s after the last wave until the request ended
+
+
+def waves_of(calls: list[TraceCall], start: float | None, end: float | None) -> ReplayRequest:
+    """The waves of one request's calls (module docstring); ``start``/``end`` of the request
+    when traced (else the first call's start and the last call's end)."""
+    ordered = sorted(calls, key=lambda c: (c.start, c.end))
+    waves: list[Wave] = []
+    current: list[TraceCall] = []
+    previous_end = ordered[0].start if start is None else min(start, ordered[0].start)
+    for call in ordered:
+        if current and call.start >= min(c.end for c in current):
+            waves.append(_wave(current, previous_end))
+            previous_end = max(c.end for c in current)
+            current = []
+        current.append(call)
+    waves.append(_wave(current, previous_end))
+    last = max(c.end for c in current)
+    tail = max(0.0, (end if end is not None else last) - last)
+    return ReplayRequest(tuple(waves), tail)
+
+
+def _wave(calls: list[TraceCall], previous_end: float) -> Wave:
+    gap = max(0.0, min(c.start for c in calls) - previous_end)
+    return gap, tuple((c.model, c.prompt_tokens, c.completion_tokens) for c in calls)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceReplay:
+    """A ``program.Workflow`` that replays traced requests (module docstring)."""
+
+    name: str
+    models: Mapping[str, str]  # deployment name -> catalogue model, as the traced workflow's
+    requests: tuple[ReplayRequest, ...]
+
+    @classmethod
+    def of(cls, trace: Trace, workflow: str, models: Mapping[str, str]) -> TraceReplay:
+        """The replay of ``workflow``'s successful requests in ``trace``.
+
+        Raises ``InvalidInputError`` when the trace has no call of that workflow or calls a
+        model that ``models`` does not name.
+        """
+        by_request: dict[str, list[TraceCall]] = {}
+        for c in trace.calls:
+            if c.workflow == workflow and c.status == "ok":
+                by_request.setdefault(c.request_id, []).append(c)
+        if not by_request:
+            raise InvalidInputError(f"trace: no successful call of workflow {workflow!r}")
+        unknown = sorted({c.model for cs in by_request.values() for c in cs} - set(models))
+        if unknown:
+            raise InvalidInputError(f"trace: {workflow} calls models {unknown} not in the spec")
+        spans = {r.request_id: r for r in trace.requests if r.workflow == workflow}
+        requests = []
+        for rid in sorted(by_request):
+            span = spans.get(rid)
+            requests.append(
+                waves_of(
+                    by_request[rid],
+                    span.start if span is not None else None,
+                    span.end if span is not None else None,
+                )
+            )
+        return cls(workflow, dict(models), tuple(requests))
+
+    def program(self, rng: np.random.Generator) -> Program:
+        request = self.requests[int(rng.integers(len(self.requests)))]
+        for gap, calls in request.waves:
+            if gap > 0:
+                yield Tool("gap", gap)
+            steps = tuple(Llm(m, p, c) for m, p, c in calls)
+            yield steps[0] if len(steps) == 1 else Parallel(steps)
+        if request.tail > 0:
+            yield Tool("gap", request.tail)
+
+    def mean_calls(self) -> dict[str, float]:
+        counts: dict[str, float] = dict.fromkeys(self.models, 0.0)
+        for r in self.requests:
+            for _, calls in r.waves:
+                for m, _, _ in calls:
+                    counts[m] += 1
+        return {m: n / len(self.requests) for m, n in counts.items()}

@@ -1,0 +1,92 @@
+"""A traced workflow replayed wave by wave (services/core/sim/replay.py) and the Scepsy system's
+refinement by simulating the replay (services/core/sim/systems.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.core.allocation import Allocation
+from services.core.errors import InvalidInputError
+from services.core.sim.program import run_instantly
+from services.core.sim.replay import TraceReplay, waves_of
+from services.core.sim.systems import SYSTEMS, Context
+from services.core.sim.workflows import BeamSearch
+from services.core.workload.trace import Trace, TraceCall, TraceRequest
+
+BEAM = BeamSearch(max_rounds=6, p_answer=0.4)
+
+
+def call(rid: str, model: str, start: float, end: float, prompt: int = 10) -> TraceCall:
+    return TraceCall("w", rid, f"{rid}-{model}-{start}", model, start, end, prompt, 2)
+
+
+def test_calls_that_overlap_form_one_wave_and_gaps_are_tool_time() -> None:
+    calls = [
+        call("r", "a", 1.0, 2.0),
+        call("r", "a", 1.0, 2.5),  # a fan-out of two
+        call("r", "b", 3.0, 4.0),  # after a 0.5 s tool: a new wave
+        call("r", "b", 3.5, 4.2),  # started before the first b ended: same wave
+    ]
+    request = waves_of(calls, 0.2, 5.0)
+    assert [gap for gap, _ in request.waves] == pytest.approx([0.8, 0.5])
+    assert [[m for m, _, _ in wave] for _, wave in request.waves] == [["a", "a"], ["b", "b"]]
+    assert request.tail == pytest.approx(0.8)
+
+
+def test_replay_program_makes_the_traced_calls() -> None:
+    trace = Trace(
+        (call("r1", "a", 0.0, 1.0, 7), call("r1", "b", 1.5, 2.0, 9)),
+        (TraceRequest("w", "r1", 0.0, 2.0),),
+    )
+    replay = TraceReplay.of(trace, "w", {"a": "m1", "b": "m2"})
+    calls, tools = run_instantly(replay.program(np.random.default_rng(0)))
+    assert [(c.model, c.prompt_tokens) for c in calls] == [("a", 7), ("b", 9)]
+    assert [t.seconds for t in tools] == pytest.approx([0.5])
+    assert replay.mean_calls() == {"a": 1.0, "b": 1.0}
+
+
+def test_a_trace_without_the_workflow_or_with_unknown_models_is_refused() -> None:
+    trace = Trace((call("r1", "a", 0.0, 1.0),))
+    with pytest.raises(InvalidInputError, match="no successful call of workflow 'x'"):
+        TraceReplay.of(trace, "x", {"a": "m"})
+    with pytest.raises(InvalidInputError, match=r"\['a'\] not in the spec"):
+        TraceReplay.of(trace, "w", {"b": "m"})
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Context:
+    return Context.prepare(BEAM, "H100-SXM", 4, warmup_requests=40)
+
+
+def test_beam_replay_alternates_policy_and_prm_behind_a_barrier(ctx: Context) -> None:
+    replay = ctx.replay
+    traced = {m.model: m.n for m in ctx.stats.llms}
+    for model, n in replay.mean_calls().items():
+        assert n == pytest.approx(traced[model], rel=1e-9)
+    for request in replay.requests:
+        models = [{m for m, _, _ in wave} for _, wave in request.waves]
+        assert all(len(s) == 1 for s in models)  # a wave holds one LLM's fan-out
+        assert [next(iter(s)) for s in models] == ["policy", "prm"] * (len(models) // 2)
+
+
+def test_replay_scores_follow_the_capacity(ctx: Context) -> None:
+    small = {"policy": Allocation(0.25, 1, 1), "prm": Allocation(0.25, 1, 1)}
+    large = {"policy": Allocation(1.0, 1, 2), "prm": Allocation(1.0, 1, 2)}
+    rate = 0.4 * ctx.capacity(4)
+    fast, slow = ctx.score_replay(large, rate), ctx.score_replay(small, rate)
+    assert fast.steady
+    assert not slow.steady or slow.latency > fast.latency
+    assert fast.latency < slow.latency
+    assert ctx.score_replay(large, rate) is fast  # remembered
+
+
+def test_scepsy_plans_are_refined_and_the_closed_ablation_is_not(ctx: Context) -> None:
+    rate = 0.5 * ctx.capacity(4)
+    refined = SYSTEMS["scepsy"](ctx, 4, rate)
+    closed = SYSTEMS["scepsy-closed"](ctx, 4, rate)
+    assert refined.simulated_latency is not None and refined.simulated_latency > 0
+    assert closed.simulated_latency is None
+    # the refined plan is the one whose replay was fastest among those scored
+    scored = ctx.score_replay(refined.allocation, rate)
+    assert scored.latency == pytest.approx(refined.simulated_latency)
