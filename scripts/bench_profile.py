@@ -35,17 +35,23 @@ from services.core.cluster.hardware import gpu_spec  # noqa: E402
 from services.core.cluster.models import resolve_model  # noqa: E402
 from services.core.errors import NotFoundError  # noqa: E402
 from services.core.perf.analytic import RequestMix  # noqa: E402
-from services.core.perf.calibrate import CALIBRATED, MeasuredProfile, run_calibration  # noqa: E402
+from services.core.perf.calibrate import (  # noqa: E402
+    CALIBRATED,
+    MeasuredProfile,
+    latency_errors,
+    median,
+    run_calibration,
+)
 from services.core.perf.fit import REFERENCE_GPU  # noqa: E402
 from services.core.perf.model import load_params  # noqa: E402
 from services.profiler.vllm_backend import (  # noqa: E402
     Measurement,
     SweepConfig,
     VllmBackend,
+    engine_spec,
     stderr_progress,
 )
 from services.runtime.engines import (  # noqa: E402
-    EngineSpec,
     LocalEngine,
     run_engine_module,
     vllm_executable,
@@ -62,6 +68,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the measurement documents (JSON list)")
     parser.add_argument("--write-params", action="store_true", help="write the fitted cpu entry")
     parser.add_argument("--iterations", type=int, default=150, help="Nelder-Mead steps")
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=2,
+        help="cpu devices the host declares: the engine binds to one device's cores, as a "
+        "plan's engine does (2 on a 2-core host: one core; 1: every core)",
+    )
     args = parser.parse_args()
 
     try:
@@ -79,13 +92,20 @@ def main() -> int:
     # 1. end to end: the backend starts and stops its own engine
     started = time.monotonic()
     first = VllmBackend(
-        model_dir=model_dir, config=config, log_dir=work / "logs", progress=stderr_progress
+        model_dir=model_dir,
+        config=config,
+        log_dir=work / "logs",
+        progress=stderr_progress,
+        cpu_devices=args.cpu_devices,
     ).measure(model, cpu, 1, 1.0, RequestMix.fixed(*mixes[0]), seed=0)
     end_to_end = time.monotonic() - started
     measurements: list[Measurement] = [first]
 
     # 2. more mixes on one engine
-    spec = EngineSpec.cpu(model_dir, "tiny-llama")
+    # the same binding as the backend's own engine (one device's cores)
+    spec = engine_spec(
+        model, cpu, 1, 1.0, str(model_dir), "tiny-llama", config.max_model_len, args.cpu_devices
+    )
     with LocalEngine(spec, work / "logs" / "shared.log") as engine:
         engine.start()
         engine.wait_ready(time.monotonic() + 300)
@@ -106,7 +126,10 @@ def main() -> int:
     if args.out is not None:
         args.out.write_text(json.dumps(docs, indent=2) + "\n")
 
-    print("\nmeasured profiles (tiny-llama, vLLM CPU engine, 1 engine)")
+    print(
+        f"\nmeasured profiles (tiny-llama, vLLM CPU engine, 1 engine on "
+        f"{spec.env and dict(spec.env).get('VLLM_CPU_OMP_THREADS_BIND')} core(s))"
+    )
     print(f"{'mix':<16} {'rates':>5} {'sat/s':>7} {'idle s':>7} {'stop':>10} {'sweep s':>8}")
     for m in measurements:
         print(
@@ -133,6 +156,7 @@ def main() -> int:
     profiles = [MeasuredProfile.from_measurement(d) for d in docs]
     committed = load_params()[REFERENCE_GPU]
     result = run_calibration(profiles, committed, iterations=args.iterations)
+    previous = latency_errors(result.held_out, load_params()["cpu"])
     print(
         f"\ncalibration of cpu: {result.fit_points} points fitted, {len(result.held_out)} held out"
     )
@@ -143,6 +167,11 @@ def main() -> int:
     print(
         f"median held-out latency error: before {result.median_before:.1f}%, after "
         f"{result.median_after:.1f}% (target <= {TARGET_ERROR_PCT:.0f}%: {verdict})"
+    )
+    print(
+        f"  (the committed cpu entry before this run: median {median(previous):.1f}% on the same "
+        f"held-out rates; profiles bound to one of {args.cpu_devices} cpu device(s); point "
+        "latency = median of the window's 3 sub-window means)"
     )
     for name in CALIBRATED:
         print(f"  {name:<16} {getattr(committed, name):.4g} -> {getattr(result.after, name):.4g}")

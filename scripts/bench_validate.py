@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.cli.validate import (  # noqa: E402
+    PROFILE_SOURCES,
     Validation,
     format_result,
     summary,
@@ -120,7 +121,7 @@ def main() -> int:
     parser.add_argument("--pilot-requests", type=int, default=10)
     parser.add_argument("--capacity-requests", type=int, default=30)
     parser.add_argument("--profile-budget", type=float, default=100.0)
-    parser.add_argument("--profiles", choices=("measured", "analytic"), default="measured")
+    parser.add_argument("--profiles", choices=PROFILE_SOURCES, default="joint")
     parser.add_argument("--profile-via", choices=("router", "engine"), default="router")
     parser.add_argument("--out", type=Path, help="validate.csv / validate.png per workflow")
     args = parser.parse_args()
@@ -173,7 +174,8 @@ def main() -> int:
     print("\nALP vs real vLLM CPU engines (tiny model, 2 engines, 1 core each)")
     print(
         f"{'workflow':<9} {'rate/s':>7} {'load':>5} {'pred s':>7} {'meas s':>7} {'lat err%':>8} "
-        f"{'pred/s':>7} {'meas/s':>7} {'thr err%':>8}"
+        f"{'pred/s':>7} {'meas/s':>7} {'thr err%':>8} {'win pred':>8} {'win meas':>8} "
+        f"{'win err%':>8}"
     )
     for r in results:
         for row in r["rows"]:
@@ -181,7 +183,8 @@ def main() -> int:
                 f"{r['workflow']:<9} {row.rate:7.3f} {row.load:5.2f} {row.predicted_latency:7.3f} "
                 f"{row.measured_latency:7.3f} {row.latency_error:8.1f} "
                 f"{row.predicted_throughput:7.3f} {row.measured_throughput:7.3f} "
-                f"{row.throughput_error:8.1f}"
+                f"{row.throughput_error:8.1f} {row.predicted_window:8.3f} "
+                f"{row.measured_window:8.3f} {row.window_error:8.1f}"
             )
         print(
             f"{r['workflow']:<9} {'capacity':>7} {'':>5} {'':>7} {'':>7} {'':>8} "
@@ -189,8 +192,8 @@ def main() -> int:
             f"{r['throughput_error']:8.1f}"
         )
     print(
-        f"\n{'workflow':<9} {'median lat err%':>15} {'median thr err%':>15} "
-        f"{'capacity err%':>13} target"
+        f"\n{'workflow':<9} {'median lat err%':>15} {'(window medians)':>16} "
+        f"{'median thr err%':>15} {'capacity err%':>13} target"
     )
     for r in results:
         s = summary(r)
@@ -200,6 +203,7 @@ def main() -> int:
         )
         print(
             f"{r['workflow']:<9} {s['median_latency_error']:15.1f} "
+            f"{s['median_window_latency_error']:16.1f} "
             f"{s['median_throughput_error']:15.1f} {s['capacity_error']:13.1f} "
             f"{'ok' if ok else 'OVER TARGET'}"
         )

@@ -94,6 +94,13 @@ def register(sub: Any) -> None:
     vllm.add_argument("--window", type=float, default=4.0, help="s measured per rate")
     vllm.add_argument("--budget", type=float, default=170.0, help="s per profile (170)")
     vllm.add_argument("--log-dir", type=Path, help="engine logs (default: a temp dir)")
+    vllm.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="cpu devices this host declares (its cluster node): the engine binds to one "
+        "device's slice of the cores, as a plan's engine does (1: every core)",
+    )
     vllm.add_argument("--store", action="store_true", help="store the profiles in Redis")
     add_store_flags(parser)
     parser.set_defaults(func=cmd_profile)
@@ -150,6 +157,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         config=sweep_config(args),
         log_dir=args.log_dir,
         progress=stderr_progress,
+        cpu_devices=args.cpu_devices,
     )
     results: list[Measurement] = []
     for tp in tps:

@@ -57,11 +57,13 @@ from services.core.sim.program import Workflow
 from services.core.sim.workflows import workflow as full_workflow
 from services.core.workload.demand import WorkflowDemand
 from services.core.workload.stats import WorkflowStats, workflow_stats
+from services.profiler.joint import JointLlm, JointMeasurement, JointSweep
 from services.profiler.vllm_backend import SweepConfig, VllmBackend, stderr_progress
 from services.runtime.driver import DriveResult, WorkflowDriver, direct_session, tiny_workflow
 from services.runtime.store import Store
 
 DEFAULT_LOADS = (0.2, 0.4, 0.6, 0.8)
+PROFILE_SOURCES = ("joint", "measured", "analytic")
 OVERLOAD = 1.5  # the capacity run offers this times the predicted throughput
 
 
@@ -75,9 +77,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--gpu", default="cpu", help="device type of the engines (cpu)")
     parser.add_argument(
         "--profiles",
-        choices=("measured", "analytic"),
-        default="measured",
-        help="where the ALP's profiles come from (measured: the vllm backend on the engines)",
+        choices=PROFILE_SOURCES,
+        default="joint",
+        help="where the ALP's profiles come from (joint: every LLM measured at once through "
+        "the router at the workflow's shares and fan-outs; measured: each LLM alone by the "
+        "vllm backend; analytic: the device's committed parameters)",
     )
     parser.add_argument("--load", help="rates as fractions of the predicted throughput")
     parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
@@ -129,6 +133,14 @@ class RateRow:
     errors: int
     llm_predicted: dict[str, float]  # per-call latency
     llm_measured: dict[str, float]
+    # the same with each side's robust statistic: profiles whose points are medians of
+    # sub-window means, the run's median of 3 stretches' means (``DriveResult.window_latency``)
+    predicted_window: float = math.nan
+    measured_window: float = math.nan
+
+    @property
+    def window_error(self) -> float:
+        return _ape(self.predicted_window, self.measured_window)
 
     @property
     def latency_error(self) -> float:
@@ -165,6 +177,9 @@ class Validation:
             tiny_workflow(args.workflow) if args.scale == "tiny" else full_workflow(args.workflow)
         )
         self.sources: dict[str, str] = {}
+        self.allocation_source = ""
+        self.joint: JointMeasurement | None = None
+        self.robust: dict[str, Profile] = {}  # joint profiles of sub-window medians
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -181,6 +196,17 @@ class Validation:
                 f"{self.workflow.name}); register them with `scepsy endpoints add MODEL URL`"
             )
         return {m: found[m] for m in self.workflow.models}
+
+    async def allocation(self, urls: Mapping[str, list[str]]) -> dict[str, Allocation]:
+        """The allocation the ALP predicts for: the current plan's entry of each LLM when the
+        store has a current plan that allocates every LLM of the workflow (its replicas, TP and
+        fraction: what the agents run), else each LLM's registered engines as whole devices."""
+        plan = await self.store.get_current_plan()
+        if plan is not None and all(m in plan.allocation for m in self.workflow.models):
+            self.allocation_source = f"plan {plan.id}"
+            return {m: plan.allocation[m] for m in self.workflow.models}
+        self.allocation_source = "registered endpoints"
+        return {m: Allocation(1.0, 1, len(urls[m])) for m in self.workflow.models}
 
     async def profile(self, name: str, mix: RequestMix, url: str) -> Profile:
         model = resolve_model(self.workflow.models[name])
@@ -208,18 +234,62 @@ class Validation:
         self.sources[name] = f"measured {profile.key.engine}"
         return profile
 
+    async def joint_profiles(
+        self, stats: WorkflowStats, demand: WorkflowDemand, allocation: Mapping[str, Allocation]
+    ) -> dict[str, Profile]:
+        """Every LLM measured at once through the router at the workflow's shares and fan-outs
+        (``services.profiler.joint``)."""
+        llms = [
+            JointLlm(
+                d.model,
+                RequestMix.from_samples(stats.llm(d.model).sample),
+                d.n,
+                max(1, round(d.p)),
+                allocation[d.model].replicas,
+            )
+            for d in demand.llms
+        ]
+        self.log(
+            "joint profile through the router: "
+            + ", ".join(f"{j.name} n={j.calls:.2f} group={j.group} x{j.replicas}" for j in llms)
+        )
+        sweep = JointSweep(
+            self.args.router,
+            llms,
+            SweepConfig(budget_s=self.args.profile_budget),
+            seed=self.args.seed,
+            progress=stderr_progress,
+        )
+        self.joint = await sweep.run()
+        out: dict[str, Profile] = {}
+        for j in llms:
+            a = allocation[j.name]
+            key = ProfileKey(
+                resolve_model(self.workflow.models[j.name]).name,
+                self.gpu.name,
+                a.tp,
+                a.fraction,
+                "vllm-joint",
+                j.mix.id,
+            )
+            out[j.name] = self.joint.profile(j.name, key)
+            self.robust[j.name] = self.joint.profile(j.name, key, robust=True)
+            self.sources[j.name] = (
+                f"joint ({self.joint.stop_reason}, binding {self.joint.binding or '-'})"
+            )
+        return out
+
     def predict_at(
         self,
         demand: WorkflowDemand,
         profiles: Mapping[str, Profile],
-        replicas: Mapping[str, int],
+        allocation: Mapping[str, Allocation],
         rate: float,
     ) -> Prediction:
-        allocation = {m: Allocation(1.0, 1, replicas[m]) for m in profiles}
         return predict(
             [demand],
             lambda model, tp, fraction: profiles[model],
-            allocation,
+            {m: allocation[m] for m in profiles},
             {demand.name: rate},
         )
 
@@ -233,12 +303,16 @@ class Validation:
             pilot = await driver.run(args.pilot_rate, args.pilot_requests, seed=args.seed + 1)
             stats = _stats_of(pilot, self.workflow.name)
             demand = WorkflowDemand.from_stats(stats)
+            allocation = await self.allocation(urls)
             profiles: dict[str, Profile] = {}
-            for d in demand.llms:
-                mix = RequestMix.from_samples(stats.llm(d.model).sample)
-                profiles[d.model] = await self.profile(d.model, mix, urls[d.model][0])
-            replicas = {m: len(urls[m]) for m in profiles}
-            capacity = self.predict_at(demand, profiles, replicas, 1e-6).workflows[0].throughput
+            if args.profiles == "joint":
+                profiles = await self.joint_profiles(stats, demand, allocation)
+            else:
+                for d in demand.llms:
+                    mix = RequestMix.from_samples(stats.llm(d.model).sample)
+                    profiles[d.model] = await self.profile(d.model, mix, urls[d.model][0])
+            replicas = {m: allocation[m].replicas for m in profiles}
+            capacity = self.predict_at(demand, profiles, allocation, 1e-6).workflows[0].throughput
             if args.rates:
                 rates = _positive_list("--rates", args.rates)
             else:
@@ -249,7 +323,8 @@ class Validation:
                 count = min(args.requests, max(8, round(rate * args.seconds)))
                 self.log(f"rate {i + 1}/{len(rates)}: {count} requests at {rate:.3f}/s")
                 run = await driver.run(rate, count, seed=args.seed + 10 + i, warmup=count // 10)
-                prediction = self.predict_at(demand, profiles, replicas, rate)
+                prediction = self.predict_at(demand, profiles, allocation, rate)
+                robust = self.predict_at(demand, self.robust or profiles, allocation, rate)
                 stats_ = run.latency_stats()
                 rows.append(
                     RateRow(
@@ -265,6 +340,8 @@ class Validation:
                         errors=run.errors,
                         llm_predicted={m.model: m.call_latency for m in prediction.llms},
                         llm_measured=_llm_latency(run),
+                        predicted_window=robust.workflows[0].latency,
+                        measured_window=run.window_latency(),
                     )
                 )
             measured_capacity = math.nan
@@ -279,6 +356,7 @@ class Validation:
             "device": self.gpu.name,
             "profiles": self.sources,
             "replicas": replicas,
+            "allocation_source": self.allocation_source,
             "demand": {
                 "llms": {d.model: {"n": d.n, "p": d.p} for d in demand.llms},
                 "stages": [list(s) for s in demand.stages],
@@ -288,6 +366,7 @@ class Validation:
             "measured_throughput": measured_capacity,
             "throughput_error": _ape(capacity, measured_capacity),
             "rows": rows,
+            "joint": self.joint.to_dict() if self.joint is not None else None,
             "seconds": round(time.monotonic() - started, 1),
         }
 
@@ -312,6 +391,7 @@ def summary(result: Mapping[str, Any]) -> dict[str, float]:
     rows: list[RateRow] = result["rows"]
     return {
         "median_latency_error": _median([r.latency_error for r in rows]),
+        "median_window_latency_error": _median([r.window_error for r in rows]),
         "median_throughput_error": _median([r.throughput_error for r in rows]),
         "capacity_error": result["throughput_error"],
     }
@@ -323,7 +403,7 @@ def format_result(result: Mapping[str, Any]) -> str:
     lines = [
         f"workflow {result['workflow']} ({result['scale']}) on {result['device']}: replicas "
         + ", ".join(f"{m} x{r}" for m, r in result["replicas"].items())
-        + "; profiles "
+        + f" ({result.get('allocation_source', '')}); profiles "
         + ", ".join(f"{m}: {s}" for m, s in result["profiles"].items()),
         "demand (pilot trace): "
         + ", ".join(f"{m} n={v['n']:.2f} p={v['p']:.2f}" for m, v in demand["llms"].items())
@@ -336,6 +416,12 @@ def format_result(result: Mapping[str, Any]) -> str:
             f"  {r.rate:7.3f} {r.load:5.2f} {r.predicted_latency:7.3f} {r.measured_latency:7.3f} "
             f"{r.latency_error:6.1f} {r.p50:6.3f} {r.p99:6.3f} {r.predicted_throughput:7.3f} "
             f"{r.measured_throughput:7.3f} {r.throughput_error:6.1f} {r.errors:3d}/{r.requests}"
+        )
+    lines.append("  medians of window means (robust to a stall), predicted / measured (s):")
+    for r in rows:
+        lines.append(
+            f"    rate {r.rate:.3f}: {r.predicted_window:.3f} / {r.measured_window:.3f} "
+            f"(error {r.window_error:.1f}%)"
         )
     lines.append("  per-LLM call latency, predicted / measured (s):")
     for r in rows:
@@ -350,7 +436,8 @@ def format_result(result: Mapping[str, Any]) -> str:
         f"{result['measured_throughput']:.3f}/s, error {s['capacity_error']:.1f}%"
     )
     lines.append(
-        f"median error: latency {s['median_latency_error']:.1f}%, throughput "
+        f"median error: latency {s['median_latency_error']:.1f}% (medians of window means: "
+        f"{s['median_window_latency_error']:.1f}%), throughput "
         f"{s['median_throughput_error']:.1f}% ({result['seconds']:.0f} s)"
     )
     return "\n".join(lines)

@@ -90,6 +90,7 @@ class SweepConfig:
     drain_s: float = 10.0  # how long measured calls may run past the window
     start_timeout_s: float = 300.0
     max_model_len: int = 256  # context of engines this backend starts on CPU
+    sub_windows: int = 3  # parts of the window whose mean latencies give the median (RatePoint)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,6 +107,8 @@ class SweepConfig:
             raise InvalidInputError(f"rate_steps: must be > 0 and rising, got {steps}")
         if self.confirm < 1:
             raise InvalidInputError(f"confirm: must be >= 1, got {self.confirm}")
+        if self.sub_windows < 1:
+            raise InvalidInputError(f"sub_windows: must be >= 1, got {self.sub_windows}")
         if self.probe_calls < 2:
             raise InvalidInputError(f"probe_calls: must be >= 2, got {self.probe_calls}")
 
@@ -127,6 +130,11 @@ class RatePoint:
     error_kinds: dict[str, int] = field(default_factory=dict)
     saturated: bool = False
     window_s: float = 0.0  # length of the measured window
+    # mean latency of the calls arriving in each of ``SweepConfig.sub_windows`` equal parts of
+    # the window, and their median: one slow stretch of a shared host moves the mean of the
+    # window but not the median of its parts (calibration fits this one)
+    window_means: tuple[float, ...] = ()
+    median_window_latency: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,13 +229,20 @@ def engine_spec(
     path: str,
     served_name: str,
     max_model_len: int,
+    cpu_devices: int = 1,
 ) -> EngineSpec:
     """The engine of one profiled configuration, by the agent's launch rules
     (``services.runtime.launch.engine_spec``) for an instance placed alone on this host's first
     ``tp`` devices: on GPUs ``CUDA_VISIBLE_DEVICES``, TP, the memory cap and, for a share, an MPS
     thread percentage (the node's MPS daemon must run, as the agent runs it); on the CPU device
     a share binds the engine to that share of the host's cores. The CPU engine has no TP here
-    (``InfeasibleError``, so that a planner skips those configurations)."""
+    (``InfeasibleError``, so that a planner skips those configurations).
+
+    ``cpu_devices``: the ``cpu`` devices this host declares (a node of the cluster file): one
+    device is that slice of the host's cores, as the agent binds a plan's engine (with 2 cores
+    and 2 devices a whole device is one core). A profile of the ``cpu`` device must be measured
+    on the cores a plan's engine gets: an engine measured on every core serves faster than one
+    bound to its slice."""
     device = device_of(gpu.name)
     if device == "cpu" and tp != 1:
         raise InfeasibleError(
@@ -247,8 +262,11 @@ def engine_spec(
         model.name, path, served_name, max_model_len if device == "cpu" else None
     )
     intent = EngineIntent("profile", serving, assignment, FRACTION_UNITS, gpu.name)
+    if cpu_devices < 1:
+        raise InvalidInputError(f"cpu_devices: must be >= 1, got {cpu_devices}")
     cpus = tuple(sorted(os.sched_getaffinity(0))) if device == "cpu" else (0,)
-    return launch_spec(intent, LaunchHost(device=device, cpus=cpus, devices=tp), port=0)
+    devices = max(tp, cpu_devices) if device == "cpu" else tp
+    return launch_spec(intent, LaunchHost(device=device, cpus=cpus, devices=devices), port=0)
 
 
 # ------------------------------------------------------------------------------- the sweep
@@ -279,11 +297,18 @@ def _point(
     measured: list[CallOutcome],
     finished: list[CallOutcome],
     window: tuple[float, float],
+    sub_windows: int = 1,
 ) -> RatePoint:
     """``measured``: the calls that arrived in the window; ``finished``: every call that ended
-    (for the completions inside the window)."""
+    (for the completions inside the window); ``sub_windows``: parts of the window for
+    ``RatePoint.window_means``."""
     lo, hi = window
     ok = [c for c in measured if c.ok]
+    parts: list[list[float]] = [[] for _ in range(sub_windows)]
+    for c in ok:
+        i = int((c.start - lo) / (hi - lo) * sub_windows)
+        parts[min(max(i, 0), sub_windows - 1)].append(c.latency)
+    means = tuple(float(np.mean(part)) for part in parts if part)
     kinds = Counter(c.error.split(":")[0] for c in measured if not c.ok)
     latency = np.asarray([c.latency for c in ok], dtype=float)
     ttft = [c.ttft for c in ok if c.ttft is not None]
@@ -303,6 +328,8 @@ def _point(
         tpot=float(np.mean(tpot)) if tpot else 0.0,
         throughput=done / (hi - lo),
         error_kinds=dict(kinds),
+        window_means=means,
+        median_window_latency=float(np.median(means)) if means else nan,
     )
 
 
@@ -389,7 +416,7 @@ class Sweep:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        return _point(rate, outcomes, finished, window)
+        return _point(rate, outcomes, finished, window, cfg.sub_windows)
 
     async def run(self, key_of: Callable[[str], ProfileKey]) -> Measurement:
         cfg = self.config
@@ -464,6 +491,7 @@ class Sweep:
             "fanout": cfg.fanout,
             "warmup_s": cfg.warmup_s,
             "window_s": cfg.window_s,
+            "sub_windows": cfg.sub_windows,
             "probe_calls": cfg.probe_calls,
             "probe_rate": capacity,
             "idle_latency_s": idle_latency,
@@ -477,16 +505,19 @@ class Sweep:
         return Measurement(key, tuple(points), saturation, idle_latency, stop, method)
 
     def _saturated(self, point: RatePoint, idle: float) -> bool:
-        """Behind the calls that really arrived in the window (a Poisson window holds more or
-        fewer than rate x window), or latency past the bound (module docstring)."""
-        cfg = self.config
-        # Calls that failed at once are answered, not queued; unfinished ones are the backlog.
-        answered = point.errors - point.error_kinds.get("unfinished", 0)
-        expected = point.calls - answered
-        behind = expected - point.throughput * point.window_s
-        if behind > max((1 - cfg.keep_up) * expected, cfg.min_behind - 0.5):
-            return True
-        return bool(point.ok and point.mean_latency > cfg.latency_bound * idle)
+        return saturated(point, idle, self.config)
+
+
+def saturated(point: RatePoint, idle: float, cfg: SweepConfig) -> bool:
+    """Behind the calls that really arrived in the window (a Poisson window holds more or
+    fewer than rate x window), or latency past the bound (module docstring)."""
+    # Calls that failed at once are answered, not queued; unfinished ones are the backlog.
+    answered = point.errors - point.error_kinds.get("unfinished", 0)
+    expected = point.calls - answered
+    behind = expected - point.throughput * point.window_s
+    if behind > max((1 - cfg.keep_up) * expected, cfg.min_behind - 0.5):
+        return True
+    return bool(point.ok and point.mean_latency > cfg.latency_bound * idle)
 
 
 def _repeat(values: list[float], times: int) -> Iterator[float]:
@@ -527,6 +558,7 @@ class VllmBackend:
         progress: Progress | None = None,
         vllm: Path | None = None,
         served_name: str | None = None,
+        cpu_devices: int = 1,
     ) -> None:
         self.endpoint = endpoint.rstrip("/") if endpoint else None
         self.served_name = served_name
@@ -535,6 +567,7 @@ class VllmBackend:
         self.log_dir = log_dir
         self.progress = progress
         self.vllm = vllm
+        self.cpu_devices = cpu_devices
         # The key's engine: ``vllm-<version>`` of the engine venv. A measured key names the
         # version the engine itself reports (the same, for engines started from that venv).
         self.engine = f"{ENGINE_PREFIX}-{installed_version() or 'unknown'}"
@@ -580,7 +613,16 @@ class VllmBackend:
             )
         path = self.model_dir or model_dirs().get(model.name) or model.name
         served = model.name.replace("/", "--")
-        spec = engine_spec(model, gpu, tp, fraction, path, served, self.config.max_model_len)
+        spec = engine_spec(
+            model,
+            gpu,
+            tp,
+            fraction,
+            path,
+            served,
+            self.config.max_model_len,
+            self.cpu_devices,
+        )
         log_dir = self.log_dir or Path(tempfile.gettempdir()) / "scepsy-profiler"
         log = log_dir / f"{served}-tp{tp}-f{fraction:g}-{os.getpid()}.log"
         if self.progress:

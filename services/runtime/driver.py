@@ -230,6 +230,23 @@ class DriveResult:
             "p99": float(np.percentile(values, 99)),
         }
 
+    def window_latency(self, parts: int = 3) -> float:
+        """The median over ``parts`` equal stretches of the run (by request start) of the mean
+        latency of the ok requests starting in each: on a shared host one slow stretch (another
+        tenant's burst) moves the run's mean, not this median. NaN without ok requests."""
+        if parts < 1:
+            raise InvalidInputError(f"parts: must be >= 1, got {parts}")
+        ok = [r for r in self.measured if r.status == "ok"]
+        if not ok:
+            return math.nan
+        lo = min(r.start for r in ok)
+        hi = max(r.start for r in ok)
+        groups: list[list[float]] = [[] for _ in range(parts)]
+        for r in ok:
+            i = int((r.start - lo) / (hi - lo) * parts) if hi > lo else 0
+            groups[min(i, parts - 1)].append(r.latency)
+        return float(np.median([np.mean(g) for g in groups if g]))
+
     def throughput(self) -> float:
         """Requests/s completed (ok) by the measured requests: (n - 1) over the time from the
         first one's start to the last completion, less the mean latency (the tail a system that

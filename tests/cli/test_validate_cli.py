@@ -4,7 +4,9 @@ measured latency and throughput and writes the CSV and the plot."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +19,10 @@ import pytest
 
 from services.cli.main import main
 from services.core.errors import NotFoundError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.profile import ProfileKey
+from services.profiler.joint import JointLlm, JointSweep
+from services.profiler.vllm_backend import SweepConfig
 from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module, vllm_executable
 from services.runtime.redis_server import free_port
 
@@ -134,3 +140,75 @@ def test_validate_prints_predicted_against_measured_and_writes_the_plot(
             abs(predicted / measured - 1) * 100, rel=1e-3
         )
     assert (tmp_path / "out" / "validate.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------- joint profiles
+QUICK = SweepConfig(
+    warmup_s=0.5,
+    window_s=2.0,
+    drain_s=3.0,
+    budget_s=60.0,
+    rate_steps=(0.1, 0.3, 0.6, 1.0, 1.6, 2.5, 4.0),  # unused by the joint sweep's own steps
+)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_joint_sweep_measures_every_llm_at_its_share_and_fanout(engine: LocalEngine) -> None:
+    rerank = JointLlm("reranker", RequestMix.fixed(40, 1), calls=4.0, group=4)
+    generate = JointLlm("generator", RequestMix.fixed(40, 16), calls=1.0, group=1)
+    sweep = JointSweep(
+        engine.base_url,
+        [rerank, generate],
+        QUICK,
+        probe_requests=4,
+        rate_steps=(0.2, 0.6, 1.2, 2.0, 3.0, 4.5),
+    )
+    result = asyncio.run(sweep.run())
+    assert len(result.rates) >= 2 and list(result.rates) == sorted(result.rates)
+    for step, lam in enumerate(result.rates):
+        # each LLM is offered its share of the workflow rate: lam x n calls/s
+        assert result.points["reranker"][step].rate == pytest.approx(4 * lam)
+        assert result.points["generator"][step].rate == pytest.approx(lam)
+        # reranker calls arrive in groups of 4: the window holds whole groups
+        assert result.points["reranker"][step].calls % 4 == 0
+    assert result.stop_reason == "saturated" and result.binding in {"reranker", "generator"}
+    # the workflow's capacity is the binding LLM's: min over LLMs of saturation x r / n
+    caps = {d.name: result.saturation_rate(d.name) * d.replicas / d.calls for d in result.llms}
+    assert result.capacity() == min(caps.values()) == caps[result.binding]
+    key = ProfileKey("tiny-llama", "cpu", 1, 1.0, "vllm-joint", rerank.mix.id)
+    profile = result.profile("reranker", key)
+    assert all(p.rate < profile.saturation_rate for p in profile.points)
+    assert profile.points[0].mean_latency > 0
+    doc = result.to_dict()
+    assert doc["binding"] == result.binding and set(doc["points"]) == {"reranker", "generator"}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_validate_with_joint_profiles_names_them(
+    engine: LocalEngine,
+    router: str,
+    redis_url: str,
+    namespace: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store_flags = ["--redis-url", redis_url, "--namespace", namespace]
+    for model in ("reranker", "generator"):
+        assert main(["endpoints", "add", model, engine.base_url, *store_flags]) == 0
+    time.sleep(1.0)
+    capsys.readouterr()
+    argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "joint"]
+    argv += ["--load", "0.3", "--requests", "6", "--pilot-requests", "4", "--json"]
+    argv += ["--capacity-requests", "0", "--profile-budget", "30", *store_flags]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["allocation_source"] == "registered endpoints"
+    assert result["replicas"] == {"reranker": 1, "generator": 1}
+    assert all(s.startswith("joint (") for s in result["profiles"].values())
+    joint = result["joint"]
+    assert {d["name"] for d in joint["llms"]} == {"reranker", "generator"}
+    # the joint sweep's capacity is the throughput the ALP predicts (same profiles)
+    assert result["predicted_throughput"] == pytest.approx(joint["capacity"], rel=1e-6)
+    (row,) = result["rows"]
+    assert row["load"] == pytest.approx(0.3) and row["errors"] == 0

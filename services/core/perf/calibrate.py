@@ -93,11 +93,20 @@ class MeasuredProfile:
                 fraction=float(key["fraction"]),
                 mix=RequestMix.from_samples(samples, id=key["mix"]),
                 rates=tuple(float(p["rate"]) for p in points),
-                latencies=tuple(float(p["mean_latency"]) for p in points),
+                latencies=tuple(_latency(p) for p in points),
                 saturation_rate=saturation,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"{source}: not a measurement document ({exc})") from None
+
+
+def _latency(point: Mapping[str, Any]) -> float:
+    """A measured point's latency: the median of its sub-window means when the sweep recorded
+    them (robust to one slow stretch of a shared host), else its mean."""
+    robust = point.get("median_window_latency")
+    if robust is not None and math.isfinite(float(robust)):
+        return float(robust)
+    return float(point["mean_latency"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,368 @@
+"""Joint (co-located) profiles: every LLM of a deployment measured at once, at the shares of load
+a workflow puts on them.
+
+A profile of one engine alone (``vllm_backend.Sweep``) says how that engine serves when nothing
+else runs. Engines that share a host's cores (the ``cpu`` device: fractions of a few cores, the
+engines' API servers, the router and the clients all on the same cores), or a GPU under MPS, do
+not serve like that: on this project's 2-core host a tiny-model call of 32 output tokens took
+0.10 s with the engine on the other core idle and 0.55 s (median of 3 windows) while that engine
+served 4 streams (issue 11's notes). A profile measured alone then under-predicts every call of
+the workflow.
+
+``JointSweep`` drives all of a workflow's LLMs through one endpoint (the router) at once: at a
+workflow rate ``lam`` (requests/s) LLM m gets calls at ``lam x n_m`` per s, sent in groups of
+``group_m`` calls at once (its fan-out, ``round(p_m)``; the groups are Poisson at
+``lam x n_m / group_m``), prompt and completion lengths drawn from its mix. Per step every LLM
+gets a ``RatePoint`` (as the single-engine sweep measures it: warm-up, a window, mean/p50/p99,
+TTFT, TPOT, completions inside the window, errors). The workflow rates rise as
+``SweepConfig.rate_steps`` x a probe's estimate of the capacity (a burst of ``probe_requests``
+requests' worth of calls of every LLM at once); the sweep stops when any LLM falls behind at
+``confirm`` measurements in a row (falling behind its offered rate; no latency bound; a step
+that falls behind is measured again at the same rate first, and the stalled window is dropped:
+a shared host stalls now and then), or at the time budget. Points that fell behind are not
+part of the profile.
+
+Each LLM's points become a ``Profile`` at per-replica rates (``lam x n_m / replicas_m``), its
+saturation rate is the best per-replica throughput it reached when it was the one that fell
+behind, else the highest per-replica rate it kept up with (a lower bound: another LLM bound the
+workflow first). The ALP then reads each LLM's latency at its share of the workflow's load from a
+curve measured under the load the other LLMs put on the host at that same workflow rate.
+
+The calls are independent (no request's calls wait for each other): the ALP still composes
+stages, fan-outs (n_m / p_m) and tool time itself, so a joint profile is an input of the
+prediction, not the prediction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from services.core.errors import InvalidInputError, UnavailableError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
+from services.profiler.vllm_backend import (
+    Progress,
+    RatePoint,
+    SweepConfig,
+    _point,
+    saturated,
+)
+from services.runtime.driver import CallOutcome, direct_session, send_completion
+
+JOINT_RATE_STEPS: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1, 1.3, 1.5)
+
+
+@dataclass(frozen=True, slots=True)
+class JointLlm:
+    """One LLM of the deployment as the workflow uses it."""
+
+    name: str  # the model name its calls carry (the router's model)
+    mix: RequestMix
+    calls: float  # n_m: calls per workflow request
+    group: int = 1  # calls sent at once (the fan-out, round(p_m))
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.calls > 0 and math.isfinite(self.calls)):
+            raise InvalidInputError(f"{self.name}: calls: must be > 0, got {self.calls}")
+        if self.group < 1:
+            raise InvalidInputError(f"{self.name}: group: must be >= 1, got {self.group}")
+        if self.replicas < 1:
+            raise InvalidInputError(f"{self.name}: replicas: must be >= 1, got {self.replicas}")
+
+
+@dataclass(frozen=True, slots=True)
+class JointMeasurement:
+    """A joint sweep's result: per step the workflow rate, per LLM its points."""
+
+    llms: tuple[JointLlm, ...]
+    rates: tuple[float, ...]  # workflow requests/s offered at each step
+    points: dict[str, tuple[RatePoint, ...]]  # per LLM; rate = calls/s over all its replicas
+    idle: dict[str, float]  # per LLM, s
+    binding: str  # the LLM that fell behind first ("" when none did)
+    stop_reason: str  # "saturated", "budget" or "rates"
+    method: dict[str, Any]
+
+    def llm(self, name: str) -> JointLlm:
+        for d in self.llms:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def saturation_rate(self, name: str) -> float:
+        """Per-replica calls/s (module docstring)."""
+        d = self.llm(name)
+        pts = self.points[name]
+        if name == self.binding:
+            best = max((p.throughput for p in pts), default=0.0)
+        else:
+            best = max((p.rate for p in pts if p.ok and not p.saturated), default=0.0)
+            best = max(best, max((p.throughput for p in pts), default=0.0))
+        return best / d.replicas
+
+    def capacity(self) -> float:
+        """Workflow requests/s: the least over LLMs of replicas x saturation / n."""
+        return min(self.saturation_rate(d.name) * d.replicas / d.calls for d in self.llms)
+
+    def profile(self, name: str, key: ProfileKey, *, robust: bool = False) -> Profile:
+        """``name``'s profile at per-replica rates. ``robust``: each point's mean latency is the
+        median of its sub-window means (``RatePoint.median_window_latency``), as
+        ``DriveResult.window_latency`` measures a workflow run."""
+        d = self.llm(name)
+        sat = self.saturation_rate(name)
+        kept = [
+            p
+            for p in self.points[name]
+            if p.ok > 0
+            and not p.saturated
+            and math.isfinite(p.mean_latency)
+            and p.rate / d.replicas < sat
+        ]
+        if not kept:
+            raise UnavailableError(f"joint profile of {name}: no step below saturation succeeded")
+        points = tuple(
+            ProfilePoint(
+                p.rate / d.replicas,
+                p.median_window_latency
+                if robust and math.isfinite(p.median_window_latency)
+                else p.mean_latency,
+                p.p50_latency,
+                p.p99_latency,
+                p.ttft,
+                p.tpot,
+            )
+            for p in kept
+        )
+        return Profile(key, points, sat)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from services.profiler.vllm_backend import _finite
+
+        return {
+            "llms": [
+                {
+                    "name": d.name,
+                    "mix": d.mix.id,
+                    "calls": d.calls,
+                    "group": d.group,
+                    "replicas": d.replicas,
+                }
+                for d in self.llms
+            ],
+            "rates": list(self.rates),
+            "points": {m: [_finite(asdict(p)) for p in pts] for m, pts in self.points.items()},
+            "idle": self.idle,
+            "binding": self.binding,
+            "stop_reason": self.stop_reason,
+            "capacity": self.capacity(),
+            "method": self.method,
+        }
+
+
+class JointSweep:
+    """Every LLM of ``llms`` at once through ``base_url`` (module docstring)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        llms: Sequence[JointLlm],
+        config: SweepConfig | None = None,
+        *,
+        seed: int = 0,
+        probe_requests: int = 8,
+        rate_steps: Sequence[float] = JOINT_RATE_STEPS,
+        progress: Progress | None = None,
+    ) -> None:
+        if not llms:
+            raise InvalidInputError("joint sweep: no LLMs")
+        names = [d.name for d in llms]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"joint sweep: an LLM is listed twice ({names})")
+        if probe_requests < 1:
+            raise InvalidInputError(f"probe_requests: must be >= 1, got {probe_requests}")
+        self.base_url = base_url.rstrip("/")
+        self.llms = tuple(llms)
+        self.config = config or SweepConfig()
+        self.probe_requests = probe_requests
+        self.rate_steps = tuple(rate_steps)
+        self._rng = np.random.default_rng([seed, 11])
+        self._progress = progress or (lambda _: None)
+
+    async def _call(self, session: aiohttp.ClientSession, d: JointLlm) -> CallOutcome:
+        prompt, completion = d.mix.draw(1, self._rng)
+        return await send_completion(
+            session,
+            self.base_url,
+            d.name,
+            int(prompt[0]),
+            int(completion[0]),
+            np.random.default_rng(),
+            timeout_s=self.config.call_timeout_s,
+            clock=time.monotonic,
+        )
+
+    async def _burst(
+        self, session: aiohttp.ClientSession, d: JointLlm, n: int
+    ) -> list[CallOutcome]:
+        return list(await asyncio.gather(*(self._call(session, d) for _ in range(n))))
+
+    async def _step(self, session: aiohttp.ClientSession, lam: float) -> dict[str, RatePoint]:
+        cfg = self.config
+        # a window long enough for a few groups of the sparsest LLM, up to 3x the configured
+        sparsest = min(lam * d.calls / d.group for d in self.llms)
+        length = min(max(cfg.window_s, cfg.min_groups / sparsest), 3 * cfg.window_s)
+        span = cfg.warmup_s + length
+        t0 = time.monotonic()
+        plans: list[tuple[float, JointLlm]] = []
+        for d in self.llms:
+            gap = d.group / (lam * d.calls)
+            at = float(self._rng.exponential(gap))
+            while at < span:
+                plans.append((at, d))
+                at += float(self._rng.exponential(gap))
+        plans.sort(key=lambda x: x[0])
+        tasks: list[tuple[asyncio.Task[CallOutcome], float, JointLlm]] = []
+        for offset, d in plans:
+            delay = t0 + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for _ in range(d.group):
+                tasks.append((asyncio.create_task(self._call(session, d)), offset, d))
+        window = (t0 + cfg.warmup_s, t0 + span)
+        measured = [(task, off, d) for task, off, d in tasks if off >= cfg.warmup_s]
+        if measured:
+            remaining = t0 + span + cfg.drain_s - time.monotonic()
+            await asyncio.wait([t for t, _, _ in measured], timeout=max(remaining, 0.1))
+        now = time.monotonic()
+        out: dict[str, RatePoint] = {}
+        for d in self.llms:
+            mine = [(t, off) for t, off, dd in measured if dd is d]
+            outcomes = [
+                t.result()
+                if t.done()
+                else CallOutcome(t0 + off, now, None, 0, 0, "unfinished: still running")
+                for t, off in mine
+            ]
+            finished = [t.result() for t, _, dd in tasks if dd is d and t.done()]
+            out[d.name] = _point(lam * d.calls, outcomes, finished, window, cfg.sub_windows)
+        for t, _, _ in tasks:
+            t.cancel()
+        await asyncio.gather(*(t for t, _, _ in tasks), return_exceptions=True)
+        return out
+
+    async def run(self) -> JointMeasurement:
+        cfg = self.config
+        started = time.monotonic()
+        async with direct_session() as session:
+            idle: dict[str, float] = {}
+            for d in self.llms:
+                await self._burst(session, d, 2)  # warm-up
+                calls = [await self._call(session, d) for _ in range(cfg.idle_calls)]
+                ok = [c.latency for c in calls if c.ok]
+                if not ok:
+                    kinds = Counter(c.error for c in calls)
+                    raise UnavailableError(f"{d.name}: every idle call failed ({dict(kinds)})")
+                idle[d.name] = float(np.mean(ok))
+            # probe: probe_requests requests' worth of every LLM's calls at once
+            probe = await asyncio.gather(
+                *(
+                    self._burst(session, d, max(1, round(self.probe_requests * d.calls)))
+                    for d in self.llms
+                )
+            )
+            flat = [c for group in probe for c in group]
+            ok_calls = [c for c in flat if c.ok]
+            if len(ok_calls) >= 2:
+                span = max(c.end for c in ok_calls) - min(c.start for c in flat)
+                capacity = self.probe_requests * len(ok_calls) / len(flat) / span
+            else:
+                capacity = 1.0 / sum(idle.values())
+            self._progress(
+                "joint: idle "
+                + ", ".join(f"{m} {v:.3f} s" for m, v in idle.items())
+                + f"; probe {capacity:.2f} requests/s"
+            )
+            unbounded = replace(cfg, latency_bound=math.inf)
+            rates: list[float] = []
+            points: dict[str, list[RatePoint]] = {d.name: [] for d in self.llms}
+            behind: dict[str, int] = dict.fromkeys(points, 0)
+            stop, binding = "rates", ""
+            steps = list(self.rate_steps)
+            i = 0
+            repeated = False
+            while i < len(steps):
+                step = steps[i]
+                elapsed = time.monotonic() - started
+                if elapsed + cfg.warmup_s + 2 * cfg.window_s + cfg.drain_s > cfg.budget_s:
+                    stop = "budget"
+                    break
+                lam = step * capacity
+                step_points = await self._step(session, lam)
+                marked = {
+                    # falling behind only: a latency bound over the idle latency stops a sweep
+                    # of short calls (a 1-token call idles at 0.02 s) at the first slow window
+                    name: replace(point, saturated=saturated(point, idle[name], unbounded))
+                    for name, point in step_points.items()
+                }
+                if any(p.saturated for p in marked.values()) and not repeated:
+                    # a shared host stalls now and then: a step that falls behind is measured
+                    # again at the same rate before it counts (the stalled window is dropped)
+                    self._progress(f"joint: step {i + 1} fell behind; measuring it again")
+                    repeated = True
+                    continue
+                rates.append(lam)
+                for name, point in marked.items():
+                    points[name].append(point)
+                    behind[name] = behind[name] + 1 if point.saturated else 0
+                self._progress(
+                    f"joint: step {i + 1}/{len(self.rate_steps)} {lam:.2f} requests/s: "
+                    + ", ".join(
+                        f"{m} {p.rate:.1f}/s done {p.throughput:.1f}/s mean "
+                        f"{p.mean_latency:.3f} s err {p.errors}"
+                        for m, p in step_points.items()
+                    )
+                    + f" [{time.monotonic() - started:.0f}/{cfg.budget_s:.0f} s]"
+                )
+                # the repeat already confirmed this step: one more saturated step is enough
+                done = [m for m, b in behind.items() if b >= max(1, cfg.confirm - 1)]
+                if done:
+                    # the LLM furthest behind its offered rate binds the workflow
+                    binding = min(
+                        done,
+                        key=lambda m: points[m][-1].throughput / max(points[m][-1].rate, 1e-9),
+                    )
+                    stop = "saturated"
+                    break
+                i += 1
+                repeated = False
+        method = {
+            "backend": "vllm-joint",
+            "endpoint": self.base_url,
+            "warmup_s": cfg.warmup_s,
+            "window_s": cfg.window_s,
+            "probe_requests": self.probe_requests,
+            "probe_rate": capacity,
+            "rate_steps": list(self.rate_steps),
+            "seconds": round(time.monotonic() - started, 2),
+            "measured_at": time.time(),
+        }
+        return JointMeasurement(
+            self.llms,
+            tuple(rates),
+            {m: tuple(p) for m, p in points.items()},
+            idle,
+            binding,
+            stop,
+            method,
+        )
