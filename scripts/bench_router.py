@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +66,23 @@ Body = dict[str, Any]
 
 # --------------------------------------------------------------------------- processes
 @contextmanager
-def child(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process (stopped by its own PID on the way out)."""
+def child(
+    argv: list[str], log: Path, source: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process run from checkout ``source`` (default: this one), stopped by its own PID
+    on the way out."""
+    source = source or REPO
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            argv, cwd=source, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(source)},
         )  # fmt: skip
     try:
         yield process
     finally:
         process.terminate()
         try:
-            process.wait(15)
+            process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -201,7 +205,7 @@ Measure = Callable[[str, str], Awaitable[list[dict[str, Any]]]]
 def router_argv(redis_url: str, http_port: int, args: argparse.Namespace) -> list[str]:
     return [
         sys.executable, "-m", "services.router", "--redis-url", redis_url, "--namespace",
-        "bench", "--http-port", str(http_port), "--log-level", "warning",
+        "bench", "--http-port", str(http_port), "--port", "0", "--log-level", "warning",
         "--max-in-flight", "10000", "--queue-size", "10000",
     ]  # fmt: skip
 
@@ -233,15 +237,23 @@ async def timed_call(
 
 
 async def load(
-    url: str, body: Body, calls: int, concurrency: int, rate: float | None
-) -> tuple[float, list[tuple[float, float | None]]]:
+    url: str,
+    body: Body,
+    calls: int,
+    concurrency: int,
+    rate: float | None,
+    pid: int | None = None,
+    warm_up: int = 20,
+) -> tuple[float, list[tuple[float, float | None]], float]:
     """``calls`` calls at rate inf (``concurrency`` clients in a closed loop) or at ``rate``
-    calls/s (an open loop); (seconds taken, each call's timings)."""
+    calls/s (an open loop), after ``warm_up`` calls; (seconds taken, each call's timings, CPU
+    seconds process ``pid`` used for them, else 0)."""
     timings: list[tuple[float, float | None]] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(20):  # warm-up: connections open, code paths hot
+        for _ in range(warm_up):  # connections open, code paths hot
             await timed_call(session, url, body)
+        cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         started = time.perf_counter()
         if rate is None:
             left = calls
@@ -260,7 +272,9 @@ async def load(
                 timings.append(await timed_call(session, url, body))
 
             await asyncio.gather(*(one(i / rate) for i in range(calls)))
-        return time.perf_counter() - started, timings
+        took = time.perf_counter() - started
+        cpu = cpu_seconds(pid) - cpu_before if pid is not None else 0.0
+        return took, timings, cpu
 
 
 def cpu_rows(
@@ -276,10 +290,10 @@ def cpu_rows(
         for rate in (None, args.rate):
             label = "inf" if rate is None else f"{rate:g}/s"
             print(f"cpu: {name} {kind} rate {label}...", file=sys.stderr)
-            _, direct_t = asyncio.run(load(direct, body, args.cpu_calls, args.concurrency, rate))
-            before = cpu_seconds(pid)
-            took, routed_t = asyncio.run(load(routed, body, args.cpu_calls, args.concurrency, rate))
-            used = cpu_seconds(pid) - before
+            _, direct_t, _ = asyncio.run(load(direct, body, args.cpu_calls, args.concurrency, rate))
+            took, routed_t, used = asyncio.run(
+                load(routed, body, args.cpu_calls, args.concurrency, rate, pid)
+            )
             row: dict[str, Any] = {
                 "router": name, "calls": kind, "rate": label,
                 "cpu_s_per_1000": used / args.cpu_calls * 1000,
@@ -372,6 +386,223 @@ def vllm_router_rows(
     return rows
 
 
+# --------------------------------------------------------------------------- before and after
+BODIES: dict[str, Body] = {
+    "plain": {"model": "fake", "prompt": "hello", "max_tokens": 4},
+    "stream": {"model": "fake", "prompt": "hello", "max_tokens": 16, "stream": True},
+}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """``--baseline DIR``: the router of checkout DIR ("before") and this one ("after") run side
+    by side, as two processes over the same Redis and upstream, measured in alternating rounds
+    (so that the machine's load hits both alike): CPU seconds per 1,000 calls on the instant
+    upstream, or (``--callgrind``) instructions per call under valgrind, which do not depend
+    on the load; with the engine venv, also both routers, ``vllm-router`` (``--vllm-router``)
+    and the engine called directly on one real vLLM CPU engine."""
+    work = Path(tempfile.mkdtemp(prefix="scepsy-bench-"))
+    redis = RedisServer(workdir=work).start()
+    sources = {"before": Path(args.baseline).resolve(), "after": REPO}
+    result: dict[str, Any] = {"cpu": [], "instructions": [], "engine": [], "notes": []}
+    try:
+        with ExitStack() as stack:
+            port = free_port()
+            fake = f"http://127.0.0.1:{port}"
+            argv = [sys.executable, "-m", "services.router.scripted_upstream", "--model", "fake",
+                    "--port", str(port), "--tokens", "4", "--token-delay", "0"]  # fmt: skip
+            stack.enter_context(child(argv, work / "fake.log"))
+            asyncio.run(wait_http(fake + "/health"))
+            asyncio.run(register(redis.url, "bench", [Endpoint("fake", "fake-0", fake)]))
+            routers: dict[str, tuple[int, str]] = {}
+            for name, source in sources.items():
+                port = free_port()
+                argv = router_argv(redis.url, port, args)
+                if args.callgrind:
+                    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                            f"--callgrind-out-file={work}/callgrind-{name}.%p", *argv]  # fmt: skip
+                process = stack.enter_context(child(argv, work / f"router-{name}.log", source))
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(wait_http(url + "/health", 900 if args.callgrind else 60))
+                asyncio.run(wait_http_model(url, "fake", 900 if args.callgrind else 60))
+                routers[name] = (process.pid, url)
+            if args.callgrind:
+                result["instructions"] = instruction_rows(routers, work, args)
+                return result
+            if args.vllm_router:
+                port = free_port()
+                argv = [args.vllm_router, "--worker-urls", fake, "--port", str(port),
+                        "--host", "127.0.0.1", "--log-level", "warning"]  # fmt: skip
+                process = stack.enter_context(child(argv, work / "vllm-router.log"))
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(wait_http(url + "/health"))
+                routers["vllm-router"] = (process.pid, url)
+            result["cpu"] = cpu_compare(routers, fake, args)
+            if args.engine:
+                try:
+                    result["engine"] = engine_compare(routers, redis.url, work, args)
+                except ScepsyError as exc:
+                    result["notes"].append(f"vllm engine not measured: {exc}")
+    finally:
+        redis.stop()
+    return result
+
+
+def cpu_compare(
+    routers: dict[str, tuple[int, str]], direct: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """CPU seconds per 1,000 calls of each router process, plain and streamed, at rate inf and
+    ``--rate``; ``--rounds`` alternating rounds of ``--cpu-calls / rounds`` calls each."""
+    rows = []
+    per_round = max(1, args.cpu_calls // args.rounds)
+    for kind, body in BODIES.items():
+        for rate in (None, args.rate):
+            label = "inf" if rate is None else f"{rate:g}/s"
+            used = dict.fromkeys(routers, 0.0)
+            took = dict.fromkeys(routers, 0.0)
+            p50 = {name: [] for name in ["direct", *routers]}  # type: dict[str, list[float]]
+            for round_ in range(args.rounds):
+                print(f"cpu: {kind} rate {label} round {round_ + 1}...", file=sys.stderr)
+                names = list(routers) if round_ % 2 == 0 else list(reversed(routers))
+                _, timings, _ = asyncio.run(load(direct, body, per_round, args.concurrency, rate))
+                p50["direct"] += [_first_or_end(t, body) for t in timings]
+                for name in names:
+                    pid, url = routers[name]
+                    seconds, timings, cpu = asyncio.run(
+                        load(url, body, per_round, args.concurrency, rate, pid)
+                    )
+                    used[name] += cpu
+                    took[name] += seconds
+                    p50[name] += [_first_or_end(t, body) for t in timings]
+            calls = per_round * args.rounds
+            row: dict[str, Any] = {"calls": kind, "rate": label}
+            for name in routers:
+                row[f"cpu_s_per_1000 {name}"] = used[name] / calls * 1000
+                row[f"calls/s {name}"] = calls / took[name]
+            for name, values in p50.items():
+                row[f"p50 ms {name}"] = _p50(values)
+            row["cpu ratio after/before"] = used["after"] / used["before"]
+            rows.append(row)
+    return rows
+
+
+def instruction_rows(
+    routers: dict[str, tuple[int, str]], work: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Instructions per call of each router under callgrind: instrumentation switched on after
+    a warm-up, ``--callgrind-calls`` calls (4 clients), dumped, switched off."""
+    rows = []
+    for kind, body in BODIES.items():
+        row: dict[str, Any] = {"calls": kind}
+        for name, (pid, url) in routers.items():
+            print(f"callgrind: {name} {kind}...", file=sys.stderr)
+            asyncio.run(load(url, body, 0, 1, None, warm_up=30))
+            subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            asyncio.run(load(url, body, args.callgrind_calls, 4, None, warm_up=0))
+            dumps = set(work.glob(f"callgrind-{name}.{pid}*"))
+            subprocess.run(["callgrind_control", "-d", str(pid)], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            (dump,) = set(work.glob(f"callgrind-{name}.{pid}*")) - dumps
+            row[f"instructions/call {name}"] = _callgrind_total(dump) / args.callgrind_calls
+        row["ratio after/before"] = row["instructions/call after"] / row["instructions/call before"]
+        rows.append(row)
+    return rows
+
+
+def _first_or_end(timing: tuple[float, float | None], body: Body) -> float:
+    """A stream's time to its first chunk, else the call's end-to-end time."""
+    return (timing[1] or 0.0) if body.get("stream") else timing[0]
+
+
+def _callgrind_total(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"{dump}: no totals line")
+
+
+def engine_compare(
+    routers: dict[str, tuple[int, str]], redis_url: str, work: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Streamed calls to one real vLLM CPU engine: directly, through each router and through
+    ``vllm-router``, at rate inf (``--engine-concurrency`` clients) and at ``--engine-rate``,
+    ``--engine-calls`` calls per side and round, in alternating rounds."""
+    vllm = vllm_executable()
+    model_dir = work / "tiny-model"
+    run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])
+    spec = EngineSpec.cpu(model_dir, "tiny")
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    rows = []
+    with ExitStack() as stack:
+        engine = stack.enter_context(LocalEngine(spec, work / "engine.log", vllm=vllm))
+        engine.start()
+        engine.wait_ready(time.monotonic() + 300)
+        asyncio.run(register(redis_url, "bench", [Endpoint("tiny", "tiny-0", engine.base_url)]))
+        sides: dict[str, tuple[int | None, str]] = {"direct": (None, engine.base_url)}
+        for name, (router_pid, router_url) in routers.items():
+            if name == "vllm-router":
+                port = free_port()
+                argv = [args.vllm_router, "--worker-urls", engine.base_url, "--port", str(port),
+                        "--host", "127.0.0.1", "--log-level", "warning"]  # fmt: skip
+                process = stack.enter_context(child(argv, work / "vllm-router-engine.log"))
+                sides[name] = (process.pid, f"http://127.0.0.1:{port}")
+                asyncio.run(wait_http(sides[name][1] + "/health"))
+            else:
+                asyncio.run(wait_http_model(router_url, "tiny"))
+                sides[name] = (router_pid, router_url)
+        for rate in (None, args.engine_rate):
+            label = "inf" if rate is None else f"{rate:g}/s"
+            stats: dict[str, dict[str, Any]] = {
+                n: {"took": 0.0, "cpu": 0.0, "e2e": [], "ttft": []} for n in sides
+            }
+            for round_ in range(2):
+                print(f"engine: rate {label} round {round_ + 1}...", file=sys.stderr)
+                names = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+                for name in names:
+                    pid, url = sides[name]
+                    took, timings, cpu = asyncio.run(
+                        load(url, body, args.engine_calls, args.engine_concurrency, rate, pid,
+                             warm_up=5)
+                    )  # fmt: skip
+                    stats[name]["took"] += took
+                    stats[name]["cpu"] += cpu
+                    stats[name]["e2e"] += [t[0] for t in timings]
+                    stats[name]["ttft"] += [t[1] or 0.0 for t in timings]
+            calls = 2 * args.engine_calls
+            direct_rate = calls / stats["direct"]["took"]
+            for name, st in stats.items():
+                rows.append({
+                    "side": name, "rate": label, "calls/s": calls / st["took"],
+                    "vs direct": calls / st["took"] / direct_rate,
+                    "p50 ttft ms": _p50(st["ttft"]), "p50 e2e ms": _p50(st["e2e"]),
+                    "cpu_s_per_1000": st["cpu"] / calls * 1000 if name != "direct" else None,
+                })  # fmt: skip
+    return rows
+
+
+def compare_tables(result: dict[str, Any]) -> str:
+    out = []
+    for key in ("instructions", "cpu", "engine"):
+        rows = result[key]
+        if not rows:
+            continue
+        columns = list(rows[0])
+        out.append(f"{key}:")
+        out.append("  ".join(f"{c:>14}" for c in columns))
+        for r in rows:
+            out.append(
+                "  ".join(
+                    f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{r[c]!s:>14}"
+                    for c in columns
+                )
+            )
+    out += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- report
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
@@ -448,9 +679,22 @@ def main() -> int:
     parser.add_argument("--cpu-only", action="store_true", help="only the CPU measurement")
     parser.add_argument("--router-source", metavar="DIR",
                         help="run the router of this checkout (default: this one)")  # fmt: skip
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="compare this checkout's router with DIR's, side by side")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per comparison (--baseline)")  # fmt: skip
+    parser.add_argument("--callgrind", action="store_true",
+                        help="with --baseline: instructions per call under valgrind")  # fmt: skip
+    parser.add_argument("--callgrind-calls", type=int, default=300, help="calls counted")
+    parser.add_argument("--engine-rate", type=float, default=8.0,
+                        help="the fixed rate on the real engine, calls/s (--baseline)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     args.cpu_rows = []
+    if args.baseline:
+        compared = compare(args)
+        print(json.dumps(compared, indent=1) if args.json else compare_tables(compared))
+        return 0
     if args.router_source:
         global REPO  # the router process runs from that checkout (cwd and PYTHONPATH)
         REPO = Path(args.router_source).resolve()

@@ -39,7 +39,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from services.core.routing import CallInfo, ReplicaLoad, RoutingPolicy
@@ -54,6 +53,7 @@ from services.router.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from services.router.http1 import Http1ConnectError, Http1Error, Http1Pool
 from services.router.metrics import RouterMetrics
 from services.router.registry import Replica, ReplicaRegistry
 from services.router.schema import Identity
@@ -62,8 +62,6 @@ from services.router.upstream import Upstream
 from services.runtime.logging import get_logger
 
 log = get_logger(__name__)
-
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +118,7 @@ class Dispatcher:
         self._seq = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:12]
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._connect_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s
-        )
+        self._pool: Http1Pool | None = None
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -133,8 +128,9 @@ class Dispatcher:
         registry.on_change = self._wake_all
         registry.on_eject = self.abort_replica
 
-    def start(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def start(self, pool: Http1Pool) -> None:
+        """Start with the connection pool for engine calls (``services.router.http1``)."""
+        self._pool = pool
         self._watchdog = asyncio.create_task(self._watch_streams(), name="router-idle-streams")
 
     async def stop(self) -> None:
@@ -277,19 +273,15 @@ class Dispatcher:
     async def _open(
         self, spec: CallSpec, info: CallInfo, started: float, call_id: str
     ) -> tuple[Upstream, _Flight]:
-        assert self._session is not None, "dispatcher not started"
+        pool = self._pool
+        assert pool is not None, "dispatcher not started"
         excluded: set[str] = set()
         body = orjson.dumps(spec.body)
         while True:
             replica = await self._acquire(spec.model, info, excluded)
             flight = self._board(replica, spec.stream)
             try:
-                response = await self._session.post(
-                    replica.url + spec.path,
-                    data=body,
-                    headers=_JSON_HEADERS,
-                    timeout=self._connect_timeout,
-                )
+                response = await pool.post(replica.url, spec.path, body)
             except asyncio.CancelledError:
                 self._land(flight)
                 self._release(replica)
@@ -304,7 +296,7 @@ class Dispatcher:
                 raise UpstreamAbortedError(
                     f"model {spec.model}: replica {replica.id}: {flight.reason}"
                 ) from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientResponseError) as exc:
+            except Http1Error as exc:
                 self._land(flight)
                 self._release(replica)
                 self._note_connect_failure(replica, exc)
@@ -343,8 +335,8 @@ class Dispatcher:
 
     def _note_connect_failure(self, replica: Replica, exc: Exception) -> None:
         self._metrics.errors.labels(replica.model, "connect").inc()
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            self._registry.report_failure(replica, f"cannot connect: {exc}")
+        if isinstance(exc, Http1ConnectError):
+            self._registry.report_failure(replica, str(exc))
         else:
             # A dropped connection may be a stale keep-alive one: count it, let the health
             # check decide whether the replica is gone.

@@ -228,22 +228,17 @@ class HttpFrontEnd:
                     return web.Response(
                         body=answer, status=upstream.status, headers=_headers(upstream)
                     )
-                response = web.StreamResponse(
-                    headers={
-                        **_headers(upstream),
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                    }
-                )
-                await response.prepare(request)
-                # the events of each network read are forwarded together, as they arrive
+                response = _EventStream(headers=_stream_headers(upstream))
+                await response.prepare(request)  # the headers go out with the first events
+                # the events of each network read are forwarded together, as they arrive; the
+                # last ones with the end of the body, in one write
                 async for batch in upstream.batches():
-                    if client_wants_usage:
-                        await response.write(b"".join([e.raw for e in batch]))
-                        continue
-                    kept = [e.raw for e in batch if not (e.has_usage and _usage_only(e.payload))]
-                    if kept:
-                        await response.write(b"".join(kept))
+                    data = batch.raw if client_wants_usage else batch.without_usage_only()
+                    if batch.done:
+                        await response.write_eof(data)
+                        return response
+                    if data:
+                        await response.write(data)
         except ScepsyError as exc:
             if response is None:
                 raise
@@ -259,6 +254,13 @@ class HttpFrontEnd:
         return response
 
 
+class _EventStream(web.StreamResponse):
+    """A streamed answer whose headers wait for its first bytes, so that they leave in one
+    socket write (aiohttp sends a plain ``StreamResponse``'s headers on ``prepare``)."""
+
+    _send_headers_immediately = False
+
+
 def _headers(upstream: Upstream) -> dict[str, str]:
     return {
         "Content-Type": upstream.content_type,
@@ -267,5 +269,10 @@ def _headers(upstream: Upstream) -> dict[str, str]:
     }
 
 
-def _usage_only(payload: dict[str, Any] | None) -> bool:
-    return payload is not None and not payload.get("choices") and payload.get("usage") is not None
+def _stream_headers(upstream: Upstream) -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "x-scepsy-call-id": upstream.call_id,
+        "x-scepsy-replica": upstream.replica.id,
+    }

@@ -47,13 +47,19 @@ class Replica:
         "endpoint",
         "failed_checks",
         "healthy",
+        "id",
         "in_flight",
         "info",
+        "model",
         "probed_activity",
+        "url",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # never changes: a changed endpoint is a new Replica
+        self.id = endpoint.replica
+        self.model = endpoint.model
+        self.url = endpoint.url
         self.in_flight = 0
         self.healthy = True
         self.failed_checks = 0  # consecutive failed health checks
@@ -64,18 +70,6 @@ class Replica:
         # the engine's own ``/v1/models`` entry for the model (max_model_len, root, ...), read
         # once by a passing health check
         self.info: dict[str, object] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.endpoint.replica
-
-    @property
-    def model(self) -> str:
-        return self.endpoint.model
-
-    @property
-    def url(self) -> str:
-        return self.endpoint.url
 
 
 class ReplicaRegistry:
@@ -98,6 +92,7 @@ class ReplicaRegistry:
         self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
         self._eject_after = eject_after
         self._models: dict[str, dict[str, Replica]] = {}
+        self._sorted: dict[str, list[Replica]] = {}  # replicas(model), kept until apply
         self._epoch: str | None = None  # of the endpoint table last applied
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -112,8 +107,13 @@ class ReplicaRegistry:
         return sorted(m for m, replicas in self._models.items() if replicas)
 
     def replicas(self, model: str) -> list[Replica]:
-        """All registered replicas of ``model`` (healthy or not), sorted by id."""
-        return sorted(self._models.get(model, {}).values(), key=lambda r: r.id)
+        """All registered replicas of ``model`` (healthy or not), sorted by id (the same list
+        until the registry changes: not to be modified)."""
+        replicas = self._sorted.get(model)
+        if replicas is None:
+            replicas = sorted(self._models.get(model, {}).values(), key=lambda r: r.id)
+            self._sorted[model] = replicas
+        return replicas
 
     def is_registered(self, replica: Replica) -> bool:
         """True while ``replica`` (this very object) is in the registry."""
@@ -123,6 +123,7 @@ class ReplicaRegistry:
     def apply(self, endpoints: Sequence[Endpoint]) -> None:
         """Make the registry hold exactly ``endpoints``; replicas whose endpoint is unchanged
         keep their state (in-flight count, health)."""
+        self._sorted.clear()
         wanted: dict[str, dict[str, Endpoint]] = {}
         for endpoint in endpoints:
             wanted.setdefault(endpoint.model, {})[endpoint.replica] = endpoint

@@ -54,7 +54,13 @@ class ScriptedUpstream:
         self.health_delays: list[float] = []  # the next /health answers wait this long, in turn
         self.fail_status: int | None = None  # answer every call with this HTTP status
         self.calls = 0
+        self.peers: set[tuple[str, int]] = set()  # client addresses of the generation calls
         self._runner: web.AppRunner | None = None
+
+    @property
+    def connections(self) -> int:
+        """Connections the generation calls came on."""
+        return len(self.peers)
 
     @property
     def url(self) -> str:
@@ -101,6 +107,8 @@ class ScriptedUpstream:
         return await self._answer(request, chat=True)
 
     async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if request.transport is not None:
+            self.peers.add(request.transport.get_extra_info("peername"))
         body = await request.json()
         if body.get("model") != self.model:
             return web.json_response(

@@ -1,12 +1,12 @@
 """The router service: both front ends, the dispatcher, the replica registry and the trace
 recorder, started and stopped with the gRPC server (``router_binding``).
 
-Start: open the connection pool (one ``aiohttp.ClientSession`` for every engine call and health
-check), read the replicas, start the trace writer, then the HTTP server. Stop (after the
-server's health went NOT_SERVING and ``drain_s`` passed): refuse new calls (HTTP 503 with
-``Retry-After``, ``/health`` 503; gRPC UNAVAILABLE with ``retry-after-ms``), give in-flight calls
-of both front ends ``grace_s`` to finish, stop the HTTP server, then stop watching Redis, write
-the last trace records and close the pool.
+Start: open the connection pools (``services.router.http1`` for engine calls, an
+``aiohttp.ClientSession`` for health checks), read the replicas, start the trace writer, then
+the HTTP server. Stop (after the server's health went NOT_SERVING and ``drain_s`` passed):
+refuse new calls (HTTP 503 with ``Retry-After``, ``/health`` 503; gRPC UNAVAILABLE with
+``retry-after-ms``), give in-flight calls of both front ends ``grace_s`` to finish, stop the HTTP
+server, then stop watching Redis, write the last trace records and close the pools.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from services.router.auth import ApiKeys
 from services.router.config import RouterConfig
 from services.router.dispatch import Dispatcher
 from services.router.grpc_api import RouterServicer
+from services.router.http1 import Http1Pool
 from services.router.http_api import HttpFrontEnd
 from services.router.metrics import RouterMetrics
 from services.router.registry import ReplicaRegistry
@@ -59,6 +60,7 @@ class Router:
         self.http = HttpFrontEnd(config, self.dispatcher, self.registry, self.metrics, self.keys)
         self.servicer = RouterServicer(self.dispatcher, self.registry, self.keys)
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
 
     @property
     def http_port(self) -> int:
@@ -75,7 +77,8 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             trust_env=False,
         )
-        self.dispatcher.start(self._session)
+        self._pool = Http1Pool(self.config.connect_timeout_s, keepalive_s=30.0)
+        self.dispatcher.start(self._pool)
         await self.registry.start(self._session)
         await self.recorder.start()
         try:
@@ -119,6 +122,9 @@ class Router:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def router_binding(router: Router) -> ServiceBinding:

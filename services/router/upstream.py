@@ -1,12 +1,14 @@
 """One HTTP call to an engine's OpenAI-compatible API, and what the router learns from it.
 
-``Upstream`` wraps an open aiohttp response. Non-streamed answers are read whole (``read``);
-streamed ones are read as server-sent events, a network read at a time (``batches``: the
-complete events that arrived together, forwarded together) or one by one (``events``). Each
-event keeps its raw bytes; its JSON payload is parsed only when asked for (``Event.payload``),
-so forwarding a stream costs a few byte searches per chunk. On the way, token usage (the events
-that carry a ``usage`` object) and the time of the first token are noted for the trace. An
-answer is ``complete`` once the whole body (or the ``[DONE]`` event) was read.
+``Upstream`` wraps an open ``Http1Response`` (``services.router.http1``). Non-streamed answers are
+read whole (``read``); streamed ones as server-sent events, a network read at a time
+(``batches``: the complete events that arrived together, as one ``Batch`` of raw bytes, forwarded
+as they are) or one by one (``events``). A batch is not split into events unless something in
+it must be looked at: the events before the first token (its time is noted for the trace) and an
+event carrying a ``usage`` object (token counts for the trace; a client that did not ask for
+usage does not get the usage-only event the router asked for). The ``[DONE]`` event is the
+last one, so it is found at the end of a batch. An answer is ``complete`` once the whole body
+(or the ``[DONE]`` event) was read.
 
 The dispatcher can end a call from outside (``abort``: its replica was ejected, or its stream
 sat idle too long); the reader then gets ``UpstreamAbortedError`` naming the reason.
@@ -18,13 +20,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from services.router.errors import UpstreamAbortedError, UpstreamError
+from services.router.http1 import Http1Error, Http1Response
 from services.router.registry import Replica
 
 DONE = b"[DONE]"
+_USAGE = b'"usage"'
 _NULL_USAGE = (b'"usage":null', b'"usage": null')
 
 
@@ -34,10 +37,15 @@ class Event:
 
     __slots__ = ("_parsed", "data", "done", "raw")
 
-    def __init__(self, raw: bytes, data: bytes, done: bool = False) -> None:
+    def __init__(self, raw: bytes) -> None:
         self.raw = raw
+        if raw.startswith(b"data:") and raw.count(b"\n") <= 2:
+            data = raw[5:].strip()  # the usual event: one data line
+        else:
+            lines = raw.split(b"\n")
+            data = b"\n".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
         self.data = data
-        self.done = done
+        self.done = data == DONE
         self._parsed: dict[str, Any] | bool | None = False  # False: not parsed yet
 
     @property
@@ -49,19 +57,55 @@ class Event:
     @property
     def has_usage(self) -> bool:
         """True when the event may carry a ``usage`` object (not ``"usage": null``)."""
-        data = self.data
-        return b'"usage"' in data and not any(null in data for null in _NULL_USAGE)
+        return _has_usage(self.data)
+
+    @property
+    def usage_only(self) -> bool:
+        """A usage event without choices (the one ``include_usage`` asks for)."""
+        payload = self.payload
+        return (
+            payload is not None and not payload.get("choices") and payload.get("usage") is not None
+        )
+
+
+def _has_usage(data: bytes) -> bool:
+    count = data.count(_USAGE)
+    return count > 0 and count > sum(data.count(null) for null in _NULL_USAGE)
+
+
+class Batch:
+    """The complete SSE events of one network read, as bytes (``raw``); ``done`` when the
+    ``[DONE]`` event is among them; ``events`` splits them when asked."""
+
+    __slots__ = ("_events", "done", "raw")
+
+    def __init__(self, raw: bytes, done: bool, events: list[Event] | None = None) -> None:
+        self.raw = raw
+        self.done = done
+        self._events = events
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            self._events = [Event(part + b"\n\n") for part in self.raw.split(b"\n\n") if part]
+        return self._events
+
+    def without_usage_only(self) -> bytes:
+        """The raw bytes without the usage-only event (for a client that did not ask for it)."""
+        if not _has_usage(self.raw):
+            return self.raw
+        return b"".join([e.raw for e in self.events if not (e.has_usage and e.usage_only)])
 
 
 class Upstream:
     def __init__(
-        self, replica: Replica, response: aiohttp.ClientResponse, started: float, call_id: str
+        self, replica: Replica, response: Http1Response, started: float, call_id: str
     ) -> None:
         self.replica = replica
         self.call_id = call_id
         self.response = response
         self.status = response.status
-        self.content_type = response.headers.get("Content-Type", "application/json")
+        self.content_type = response.headers.get("content-type", "application/json")
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.first_token_at: float | None = None
@@ -94,64 +138,90 @@ class Upstream:
         """The whole body; usage is taken from it when it is a JSON completion."""
         try:
             body = await self.response.read()
-        except aiohttp.ClientError as exc:
+        except Http1Error as exc:
             raise self._broken("answer broke off", exc) from exc
         if self.abort_reason is not None:
             raise self._broken("answer broke off")
         self.complete = True
-        if self.ok:
+        if self.ok and _USAGE in body:
             self._note_usage(_json_object(body))
         return body
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
+    async def batches(self) -> AsyncIterator[Batch]:
         """The SSE events of a streamed answer, as they arrive: the complete events of each
-        network read together (never an empty list)."""
+        network read together (never an empty batch). The answer is ``complete`` when the
+        batch holding ``[DONE]`` is handed out."""
         buffer = b""
-        content = self.response.content
+        response = self.response
+        replica = self.replica
         try:
             while True:
-                data = await content.readany()
+                data = await response.readany()
                 if not data:
                     break
                 self.progress += 1
-                self.replica.activity += 1
+                replica.activity += 1
                 if b"\r" in data:
                     data = data.replace(b"\r\n", b"\n")
-                buffer += data
-                end = buffer.rfind(b"\n\n")
+                if buffer:
+                    data = buffer + data
+                end = data.rfind(b"\n\n")
                 if end < 0:
+                    buffer = data
                     continue
-                ready, buffer = buffer[: end + 2], buffer[end + 2 :]
-                events = [self._event(part + b"\n\n") for part in ready.split(b"\n\n") if part]
-                if not events:
+                end += 2
+                if end == len(data):
+                    ready, buffer = data, b""
+                else:
+                    ready, buffer = data[:end], data[end:]
+                batch = self._batch(ready)
+                if batch is None:
                     continue
-                yield events
-                if events[-1].done or any(e.done for e in events):
+                if batch.done:
                     self.complete = True
+                    yield batch
                     return
-        except aiohttp.ClientError as exc:
+                yield batch
+        except Http1Error as exc:
             raise self._broken("stream broke off", exc) from exc
         if buffer.strip():
-            yield [self._event(buffer.rstrip(b"\n") + b"\n\n")]
+            batch = self._batch(buffer.rstrip(b"\n") + b"\n\n")
+            if batch is not None:
+                if batch.done:
+                    self.complete = True
+                yield batch
+                if batch.done:
+                    return
         raise self._broken("stream ended without [DONE]")
+
+    def _batch(self, ready: bytes) -> Batch | None:
+        """A batch of ``ready`` (complete events), noting the first token and usage."""
+        done = ready.endswith(b"[DONE]\n\n")
+        events: list[Event] | None = None
+        if self.first_token_at is None:
+            events = [Event(part + b"\n\n") for part in ready.split(b"\n\n") if part]
+            if not events:
+                return None
+            if any(_has_token(e.payload) for e in events if not e.done):
+                self.first_token_at = time.monotonic()
+        if _has_usage(ready):
+            if events is None:
+                events = [Event(part + b"\n\n") for part in ready.split(b"\n\n") if part]
+            for event in events:
+                if event.has_usage:
+                    self._note_usage(event.payload)
+        if events is not None:
+            done = any(e.done for e in events)
+        elif done:  # [DONE] is the last event: only the last one is looked at
+            start = ready.rfind(b"\n\n", 0, len(ready) - 2)
+            done = Event(ready[start + 2 if start >= 0 else 0 :]).done
+        return Batch(ready, done, events)
 
     async def events(self) -> AsyncIterator[Event]:
         """The SSE events of a streamed answer, one by one, as they arrive."""
         async for batch in self.batches():
-            for event in batch:
+            for event in batch.events:
                 yield event
-
-    def _event(self, raw: bytes) -> Event:
-        lines = raw.split(b"\n")
-        data = b"".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
-        if data == DONE:
-            return Event(raw, data, done=True)
-        event = Event(raw, data)
-        if self.first_token_at is None and _has_token(event.payload):
-            self.first_token_at = time.monotonic()
-        if event.has_usage:
-            self._note_usage(event.payload)
-        return event
 
     def _note_usage(self, payload: Any) -> None:
         usage = payload.get("usage") if isinstance(payload, dict) else None
