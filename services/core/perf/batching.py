@@ -79,7 +79,10 @@ def simulate(
     if len(arr) > 1 and np.any(np.diff(arr) < 0):
         raise InvalidInputError("simulate: arrival times must be non-decreasing")
     engine = BatchEngine(perf, config, kv_capacity)
-    _replay(engine, arr.tolist(), p_len.tolist(), o_len.tolist())
+    # each call reaches the scheduler ``call_overhead_s`` after it was sent (a constant shift:
+    # the engine's queueing is unchanged, every latency and TTFT grows by it)
+    overhead = perf.params.call_overhead_s
+    _replay(engine, (arr + overhead).tolist(), p_len.tolist(), o_len.tolist())
     if engine.outstanding:
         raise InvalidInputError("simulate: requests can never be scheduled (limits too small)")
     return SimResult(

@@ -37,9 +37,16 @@ from services.core.perf.batching import SchedulerConfig, simulate
 from services.core.perf.fit import BOUNDS, nelder_mead
 from services.core.perf.model import FloatArray, PerfModel, PerfParams
 
-# The parameters a TP-1 profile constrains: CPU-side overheads and the achievable compute and
-# bandwidth. Attention and all-reduce terms keep their starting values.
-CALIBRATED: tuple[str, ...] = ("compute_eff", "bandwidth_eff", "step_overhead_s", "seq_overhead_s")
+# The parameters a TP-1 profile constrains: CPU-side overheads (per iteration, per sequence, per
+# call) and the achievable compute and bandwidth. Attention and all-reduce terms keep their
+# starting values.
+CALIBRATED: tuple[str, ...] = (
+    "compute_eff",
+    "bandwidth_eff",
+    "step_overhead_s",
+    "seq_overhead_s",
+    "call_overhead_s",
+)
 REQUESTS_PER_POINT = 200
 WARMUP_SHARE = 0.1
 
@@ -190,7 +197,8 @@ def _params(x: FloatArray, start: PerfParams, names: Sequence[str]) -> PerfParam
 
 def _unit(params: PerfParams, names: Sequence[str]) -> FloatArray:
     lo, hi = _box(names)
-    values = np.log([getattr(params, n) for n in names])
+    # a parameter at 0 (the GPUs' call overhead) starts at its lower bound
+    values = np.log([max(getattr(params, n), BOUNDS[n][0]) for n in names])
     unit: FloatArray = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
     return unit
 

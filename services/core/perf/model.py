@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ class PerfParams:
     seq_overhead_s: float  # per sequence in the iteration, CPU side (sampling, bookkeeping)
     allreduce_latency_s: float  # fixed latency of one all-reduce in a TP group of 2
     allreduce_hop_s: float  # added latency per further GPU in the group
+    # per call, outside the engine's iterations: the client's request reaching the scheduler
+    # and the last token reaching the client (HTTP, tokenisation, the router's hop). Calibrated
+    # for the ``cpu`` device, whose frontends share the cores; 0 (not fitted) for the GPUs.
+    call_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -85,10 +89,11 @@ class PerfParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PerfParams:
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = names - optional - data.keys()
         if missing:
             raise InvalidInputError(f"perf params: missing {', '.join(sorted(missing))}")
-        return cls(**{name: float(data[name]) for name in names})
+        return cls(**{name: float(data[name]) for name in names if name in data})
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, PerfParams]:

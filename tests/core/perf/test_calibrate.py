@@ -78,3 +78,28 @@ def test_profiles_of_several_devices_are_refused() -> None:
     b = replace(a, gpu=gpu_spec("H100-SXM"))
     with pytest.raises(InvalidInputError, match="one device at a time"):
         run_calibration([a, b], COMMITTED)
+
+
+def test_the_call_overhead_adds_to_every_latency_and_leaves_the_capacity() -> None:
+    probe = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 8), (1.0,), (1.0,), 1.0)
+    slow = replace(TRUE, call_overhead_s=0.05)
+    point = Point(probe, 5.0, 1.0)
+    assert predict_latency(point, slow) == pytest.approx(predict_latency(point, TRUE) + 0.05)
+    assert predict_saturation(probe, slow) == pytest.approx(predict_saturation(probe, TRUE))
+    # params.json entries written before the field existed read as 0
+    values = TRUE.to_dict()
+    del values["call_overhead_s"]
+    assert type(TRUE).from_dict(values).call_overhead_s == 0.0
+
+
+def test_calibration_recovers_a_call_overhead() -> None:
+    truth = replace(TRUE, call_overhead_s=0.02)
+    probe = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(24, 4), (1.0,), (1.0,), 1.0)
+    saturation = predict_saturation(probe, truth)
+    rates = tuple(f * saturation for f in (0.1, 0.3, 0.5, 0.7))
+    latencies = tuple(predict_latency(Point(probe, r, 1.0), truth) for r in rates)
+    profile = replace(probe, rates=rates, latencies=latencies, saturation_rate=saturation)
+    fit, held = split([profile])
+    fitted = calibrate(fit, TRUE, names=("call_overhead_s",), iterations=40)
+    assert fitted.call_overhead_s == pytest.approx(0.02, rel=0.1)
+    assert max(latency_errors(held, fitted)) < 5.0
