@@ -2,8 +2,9 @@
 
 ``start`` runs N replicas of one model in the foreground with the engine venv's ``vllm``
 (``$SCEPSY_ENGINE_VENV``, default ``<repo>/.venv-engine``; ``make engine-venv`` installs it), prints
-their URLs, and stops them on Ctrl-C or SIGTERM. ``build-model`` builds the tiny random Llama that
-tests and demos serve on CPU.
+their URLs, and stops them on Ctrl-C or SIGTERM. A replica that dies is reported and started again
+on its port after a backoff (``--no-restart``: left stopped) while the others keep serving.
+``build-model`` builds the tiny random Llama that tests and demos serve on CPU.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from services.core.errors import UnavailableError
+from services.core.errors import InvalidInputError, UnavailableError
 from services.runtime.engines import (
     EngineSpec,
+    EngineSupervisor,
     LocalEngine,
     run_engine_module,
     start_engines,
@@ -57,7 +59,22 @@ def register(sub: Any) -> None:
         type=Path,
         help="engine logs (default: $SCEPSY_HOME/engines, ./.scepsy/engines)",
     )
-    start.add_argument("--json", action="store_true", help="print the engines as JSON")
+    start.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start a replica that died again, after a backoff (default; --no-restart: report "
+        "it and keep the others; the command ends when none is left)",
+    )
+    start.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        help="seconds before a dead replica starts again, doubled after each exit up to 60 (1)",
+    )
+    start.add_argument(
+        "--json", action="store_true", help="print the engines, then each event, as JSON lines"
+    )
     start.set_defaults(func=cmd_start)
 
     build = engine_sub.add_parser("build-model", help="build the tiny random Llama test model")
@@ -99,7 +116,23 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def event_line(event: dict[str, Any]) -> str:
+    """One supervisor event as a line for people."""
+    what = {
+        "engine_exited": f"exited with code {event.get('code')}",
+        "engine_restarting": f"starting again (restart {event['restarts']}, pid {event['pid']})",
+        "engine_serving": f"serving again (pid {event['pid']})",
+        "engine_start_failed": f"failed to start again: {event.get('error', event.get('code'))}",
+    }[event["event"]]
+    return (
+        f"engine {event['name']} replica {event['replica']} at {event['url']} {what}; "
+        f"log {event['log']}"
+    )
+
+
 def cmd_start(args: argparse.Namespace) -> int:
+    if args.restart_backoff <= 0:
+        raise InvalidInputError(f"--restart-backoff: must be > 0, got {args.restart_backoff}")
     vllm = vllm_executable()
     spec = EngineSpec.cpu(
         args.model_dir.resolve(),
@@ -109,26 +142,37 @@ def cmd_start(args: argparse.Namespace) -> int:
         port=args.port,
     )
     log_dir = args.log_dir.resolve() if args.log_dir else _default_log_dir()
+
+    def report(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        print(event_line(event), file=sys.stderr, flush=True)
+
     # SIGTERM behaves like Ctrl-C, so that both stop the engines on the way out.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     engines: list[LocalEngine] = []
+    supervisor: EngineSupervisor | None = None
     try:
         engines = start_engines(spec, args.replicas, log_dir, timeout_s=args.timeout, vllm=vllm)
         rows = [engine_json(engine, i) for i, engine in enumerate(engines)]
         print(json.dumps({"engines": rows}) if args.json else engines_table(rows), flush=True)
         print("engines running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
-        while True:
-            for engine in engines:
-                if not engine.running():
-                    raise UnavailableError(
-                        f"engine {engine.spec.served_model_name} at {engine.base_url} exited; "
-                        f"log {engine.log_path}"
-                    )
+        supervisor = EngineSupervisor(
+            engines,
+            report,
+            restart=args.restart,
+            backoff_s=args.restart_backoff,
+            ready_timeout_s=args.timeout,
+            vllm=vllm,
+        )
+        while supervisor.alive:
+            supervisor.tick()
             time.sleep(1.0)
+        raise UnavailableError(f"every engine of {args.name} exited (--no-restart)")
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_engines(engines)
+        stop_engines(supervisor.engines if supervisor is not None else engines)
         signal.signal(signal.SIGTERM, previous)
 
 

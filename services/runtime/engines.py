@@ -23,7 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -449,3 +449,137 @@ def stop_engines(engines: Sequence[LocalEngine], grace_s: float = 15.0) -> None:
         engine.terminate()
     for engine in engines:
         engine.stop(grace_s)
+
+
+class EngineSupervisor:
+    """Keeps replicas of one engine running: a replica that exits is reported and started again
+    on its port after a backoff, while the others keep serving.
+
+    ``tick`` (called every second or so) looks at every replica once and never waits for an
+    engine to load: a restarted replica is polled on later ticks until ``/health`` answers
+    (``ready_timeout_s``). The backoff starts at ``backoff_s`` and doubles after each exit or
+    failed start of that replica up to ``max_backoff_s``; a replica that served for
+    ``max_backoff_s`` gets the initial backoff again. With ``restart`` False a dead replica is
+    reported and left stopped. ``report`` receives each event as a dict (``event``: one of
+    ``engine_exited``, ``engine_restarting``, ``engine_serving``, ``engine_start_failed``).
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[LocalEngine],
+        report: Callable[[dict[str, Any]], None],
+        *,
+        restart: bool = True,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        ready_timeout_s: float = 300.0,
+        vllm: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if backoff_s <= 0:
+            raise ConfigError(f"engine restart backoff: {backoff_s:g} is not > 0")
+        self._report = report
+        self._restart = restart
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max(max_backoff_s, backoff_s)
+        self._ready_timeout_s = ready_timeout_s
+        self._vllm = vllm
+        self._clock = clock
+        now = clock()
+        self._slots = [_Slot(engine, backoff_s, since=now) for engine in engines]
+
+    @property
+    def engines(self) -> list[LocalEngine]:
+        """The current engine of every replica (running or not)."""
+        return [slot.engine for slot in self._slots]
+
+    @property
+    def alive(self) -> bool:
+        """False once every replica is stopped for good (only without ``restart``)."""
+        return any(slot.state != "stopped" for slot in self._slots)
+
+    def tick(self) -> None:
+        for replica, slot in enumerate(self._slots):
+            self._tick(replica, slot, self._clock())
+
+    def _event(self, event: str, replica: int, slot: _Slot, **fields: Any) -> None:
+        engine = slot.engine
+        self._report(
+            {
+                "event": event,
+                "name": engine.spec.served_model_name,
+                "replica": replica,
+                "url": engine.base_url,
+                "port": engine.spec.port,
+                "pid": engine.pid,
+                "log": str(engine.log_path),
+                "restarts": slot.restarts,
+                **fields,
+            }
+        )
+
+    def _tick(self, replica: int, slot: _Slot, now: float) -> None:
+        engine = slot.engine
+        if slot.state == "serving":
+            if engine.running():
+                if now - slot.since >= self._max_backoff_s:
+                    slot.backoff_s = self._backoff_s  # it stayed up: forget earlier exits
+                return
+            code = engine.exit_code()
+            engine.stop()  # its engine core and workers may outlive it: end the group
+            self._event("engine_exited", replica, slot, code=code)
+            self._retry_later(replica, slot, now)
+        elif slot.state == "waiting" and now >= slot.next_start:
+            slot.restarts += 1
+            slot.engine = LocalEngine(
+                engine.spec, _restart_log(engine.log_path, slot.restarts), vllm=self._vllm
+            )
+            try:
+                slot.engine.start()
+            except (OSError, ScepsyError) as exc:
+                slot.engine.stop()
+                self._event("engine_start_failed", replica, slot, error=str(exc))
+                self._retry_later(replica, slot, now)
+                return
+            slot.state, slot.since = "starting", now
+            self._event("engine_restarting", replica, slot)
+        elif slot.state == "starting":
+            if not engine.running():
+                code = engine.exit_code()
+                engine.stop()
+                self._event("engine_start_failed", replica, slot, code=code)
+                self._retry_later(replica, slot, now)
+            elif engine.healthy(timeout_s=1.0):
+                slot.state, slot.since = "serving", now
+                self._event("engine_serving", replica, slot)
+            elif now - slot.since >= self._ready_timeout_s:
+                engine.stop()
+                self._event(
+                    "engine_start_failed",
+                    replica,
+                    slot,
+                    error=f"not healthy within {self._ready_timeout_s:g} s",
+                )
+                self._retry_later(replica, slot, now)
+
+    def _retry_later(self, replica: int, slot: _Slot, now: float) -> None:
+        if not self._restart:
+            slot.state = "stopped"
+            return
+        slot.state, slot.next_start = "waiting", now + slot.backoff_s
+        slot.backoff_s = min(slot.backoff_s * 2, self._max_backoff_s)
+
+
+@dataclass
+class _Slot:
+    engine: LocalEngine
+    backoff_s: float
+    since: float
+    state: str = "serving"  # serving | waiting | starting | stopped
+    next_start: float = 0.0
+    restarts: int = 0
+
+
+def _restart_log(first: Path, restarts: int) -> Path:
+    """``<name>-<i>.log`` -> ``<name>-<i>.restart<k>.log``: the dead engine's log is kept."""
+    return first.with_name(f"{first.stem.split('.restart')[0]}.restart{restarts}{first.suffix}")
