@@ -99,6 +99,19 @@ def test_engines_are_launched_by_the_agents_rules() -> None:
     )
 
 
+def test_a_cpu_profile_binds_to_one_declared_devices_cores() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    # a host declaring as many cpu devices as it has cores: a whole device is one core, the
+    # core a plan's engine on device 0 gets from the agent's launch rules
+    one = dict(engine_spec(TINY, CPU, 1, 1.0, "/m", "tiny", 256, cpu_devices=len(cores)).env)
+    assert one["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[0])
+    # more devices than cores: engines share cores and wait passively, as the agent runs them
+    many = dict(engine_spec(TINY, CPU, 1, 1.0, "/m", "tiny", 256, len(cores) + 1).env)
+    assert many["OMP_WAIT_POLICY"] == "PASSIVE"
+    with pytest.raises(InvalidInputError, match="cpu_devices: must be >= 1, got 0"):
+        engine_spec(TINY, CPU, 1, 1.0, "/m", "tiny", 256, cpu_devices=0)
+
+
 # ------------------------------------------------------------------------------- real engine
 
 
