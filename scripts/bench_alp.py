@@ -189,11 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--closed", action="store_true", help="plan with the closed form only")
+    parser.add_argument("--max-calls", type=int, default=120_000, help="LLM calls per run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     gpus = [int(g) for g in args.gpus.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
-    settings = replace(BenchSettings(), seed=args.seed, max_calls=30_000, duration=40.0)
+    # long runs: the reference is the steady state (short runs near capacity under-state it)
+    settings = replace(
+        BenchSettings(), seed=args.seed, max_calls=args.max_calls, duration=120.0, min_requests=300
+    )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:

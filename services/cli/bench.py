@@ -2,7 +2,8 @@
 
     scepsy bench [eval] [--workflows rag,beam,composite] [--gpus 4,8,16] [--gpu-type H100-SXM]
                  [--systems scepsy,static,independent,autoscaler] [--quick] [--no-oracle]
-                 [--seed S] [--json] [--out DIR]
+                 [--seed S] [--seeds N] [--json] [--out DIR]
+    scepsy bench gpus [--workflows ...] [--gpus 8] [--load 0.5] [--slack 0.1] [--json]
 
 The evaluation (``services.core.sim.evaluation``) is the default action of ``bench`` and also
 its ``eval`` sub-command; other benchmarks add sub-commands through ``BENCH_MODULES`` (each such
@@ -12,6 +13,11 @@ per workflow the ALP's errors, the oracle and the time-share stability; ``--json
 everything as one object instead. Progress goes to stderr. ``--out DIR`` writes ``bench.json``,
 ``curves.csv`` (every curve point), ``report.txt`` and one ``<workflow>.png`` of
 throughput-latency curves per workflow (matplotlib). ``--quick`` is a CI-sized run.
+``--seeds N`` repeats the evaluation with seeds S..S+N-1 and adds a table of the ratios' means
+and 95% confidence intervals over the seeds (``report.seed_rows``).
+
+``bench gpus``: the GPUs Scepsy's fewest-GPUs objective needs at the latency of each baseline
+(and of its own minimum-latency plan plus ``--slack``), simulated (``services.core.sim.gpus``).
 """
 
 from __future__ import annotations
@@ -23,15 +29,24 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from services.core.errors import InvalidInputError
 from services.core.sim.evaluation import run_bench
-from services.core.sim.report import CURVE_COLUMNS, curve_rows, format_report, report_dict
+from services.core.sim.gpus import BASELINES, fewest_gpus, format_rows
+from services.core.sim.report import (
+    CURVE_COLUMNS,
+    clean,
+    curve_rows,
+    format_report,
+    format_seed_rows,
+    report_dict,
+    seed_rows,
+)
 from services.core.sim.results import BenchResult, BenchSettings
-from services.core.sim.systems import SYSTEMS
+from services.core.sim.systems import SYSTEMS, Context
 from services.core.sim.workflows import WORKFLOWS, workflow
 
 DEFAULT_WORKFLOWS = ("rag", "beam", "composite")
@@ -47,6 +62,17 @@ def register(sub: Any) -> None:
     evaluation = bench_sub.add_parser("eval", help="the head-to-head evaluation (the default)")
     add_eval_args(evaluation)
     evaluation.set_defaults(func=cmd_eval)
+    gpus = bench_sub.add_parser("gpus", help="GPUs needed at each baseline's latency")
+    gpus.add_argument("--workflows", default=",".join(DEFAULT_WORKFLOWS))
+    gpus.add_argument("--gpus", default="8", help="comma-separated cluster sizes")
+    gpus.add_argument("--gpu-type", default="H100-SXM")
+    gpus.add_argument("--load", type=float, default=0.5, help="x the ALP's highest throughput")
+    gpus.add_argument("--slack", type=float, default=0.1, help="over Scepsy's min latency")
+    gpus.add_argument(
+        "--baselines", default=",".join(BASELINES), help="comma-separated systems to match"
+    )
+    gpus.add_argument("--json", action="store_true")
+    gpus.set_defaults(func=cmd_gpus)
     for name in BENCH_MODULES:
         importlib.import_module(f"services.cli.{name}").register_bench(bench_sub)
 
@@ -67,6 +93,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a CI-sized run (well under 60 s)")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="write JSON, CSV, text and PNG plots here")
 
@@ -104,20 +131,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
 
+    if args.seeds < 1:
+        raise InvalidInputError(f"--seeds: must be >= 1, got {args.seeds}")
     result = run_bench(flows, settings, progress)
+    others = [
+        run_bench(flows, replace(settings, seed=settings.seed + i), progress)
+        for i in range(1, args.seeds)
+    ]
     wall = time.perf_counter() - started
-    text = format_report(result) + (
-        f"\n\n{result.calls} LLM calls simulated in {wall:.1f} s "
-        f"({result.calls / wall:,.0f} calls/s of wall time)"
+    calls = result.calls + sum(r.calls for r in others)
+    text = format_report(result)
+    if others:
+        text += f"\n\nover {args.seeds} seeds (means, 95% confidence intervals):\n" + "\n".join(
+            format_seed_rows(seed_rows([result, *others]))
+        )
+    text += (
+        f"\n\n{calls} LLM calls simulated in {wall:.1f} s "
+        f"({calls / wall:,.0f} calls/s of wall time)"
     )
     if args.out is not None:
         write_outputs(result, text, args.out)
     if args.json:
         doc = report_dict(result)
         doc["wall_seconds"] = wall
+        if others:
+            doc["seeds"] = [clean(asdict(r)) for r in seed_rows([result, *others])]
         print(json.dumps(doc))
     else:
         print(text)
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    try:
+        counts = [int(g) for g in _list(args.gpus, "--gpus")]
+    except ValueError:
+        raise InvalidInputError(f"--gpus: comma-separated integers, got {args.gpus!r}") from None
+    baselines = _list(args.baselines, "--baselines")
+    unknown = sorted(set(baselines) - set(SYSTEMS))
+    if unknown:
+        raise InvalidInputError(f"--baselines: unknown {unknown} (choose from {sorted(SYSTEMS)})")
+    if not 0 < args.load <= 1:
+        raise InvalidInputError(f"--load: must be in (0, 1], got {args.load}")
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    rows = []
+    for name in _list(args.workflows, "--workflows"):
+        ctx = Context.prepare(workflow(name), args.gpu_type, min(counts), warmup_requests=150)
+        for g in counts:
+            rows += fewest_gpus(ctx, g, args.load, args.slack, baselines, say=progress)
+    if args.json:
+        print(json.dumps({"rows": [clean({**asdict(r), "saved": r.saved}) for r in rows]}))
+    else:
+        print("\n".join(format_rows(rows)))
+        print(f"\n{time.perf_counter() - started:.1f} s")
     return 0
 
 

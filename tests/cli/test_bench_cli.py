@@ -94,3 +94,30 @@ def test_simulate_as_a_system_plans_first(capsys: pytest.CaptureFixture[str]) ->
     assert code == 0
     text = capsys.readouterr().out
     assert "generator 2x tp1, reranker 2x tp1 (static)" in text
+
+
+def test_bench_gpus_reports_scepsys_gpus_at_each_baselines_latency(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = scepsy(
+        "bench", "gpus", "--workflows", "rag", "--gpus", "4", "--load", "0.3",
+        "--baselines", "static", "--json",
+    )  # fmt: skip
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["against"] for r in rows] == ["scepsy min-latency +10%", "static"]
+    for r in rows:
+        assert 0 < r["scepsy_gpus"] <= 4 and r["their_gpus"] <= 4
+        assert r["saved"] == pytest.approx(r["their_gpus"] - r["scepsy_gpus"])
+        # met is the simulator's verdict on the objective
+        objective = r["their_latency"] * (1.1 if r["against"].startswith("scepsy") else 1.0)
+        assert r["met"] == (r["scepsy_latency"] <= objective * 1.03)
+
+
+def test_bench_gpus_and_seeds_reject_bad_values() -> None:
+    with pytest.raises(InvalidInputError, match="--baselines: unknown"):
+        scepsy("bench", "gpus", "--baselines", "nope")
+    with pytest.raises(InvalidInputError, match="--load"):
+        scepsy("bench", "gpus", "--load", "2")
+    with pytest.raises(InvalidInputError, match="--seeds"):
+        scepsy("bench", "--quick", "--seeds", "0")

@@ -64,6 +64,7 @@ def evaluate_workflow(wf: Workflow, settings: BenchSettings, say: Progress) -> W
         rho=settings.rho,
         options=replace(settings.options, seed=settings.seed),
     )
+    ctx = replace(ctx, refine=settings.refine)
     say(f"{wf.name}: warm-up traced, isolated request latency {ctx.isolated_latency:.2f} s")
     counter = Counter()
     results = tuple(
@@ -97,6 +98,11 @@ def evaluate_gpus(
         for p in scepsy
         if p.sustainable and p.predicted_latency is not None and math.isfinite(p.predicted_latency)
     )
+    alp_refined = tuple(
+        AlpCheck(p.rate, p.allocation, p.refined_latency, p.mean_latency)
+        for p in scepsy
+        if p.sustainable and p.refined_latency is not None
+    )
     oracle = None
     if gpus == settings.oracle_gpus:
         oracle = checks.run_oracle(ctx, gpus, scepsy, loads, settings, say, counter)
@@ -107,6 +113,7 @@ def evaluate_gpus(
         alp_latency=alp_latency,
         alp_throughput=checks.check_throughput(ctx, gpus, capacity, settings, counter),
         oracle=oracle,
+        alp_refined=alp_refined,
     )
 
 

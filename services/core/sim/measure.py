@@ -44,7 +44,7 @@ class MeasureConfig:
 
     warmup_share: float = 0.2
     warmup_latencies: float = 3.0
-    max_backlog_growth: float = 0.1
+    max_backlog_growth: float = 0.02  # strict steady state (backlog growth <= 2%)
     min_span_latencies: float = 10.0
 
     def __post_init__(self) -> None:
@@ -71,6 +71,7 @@ class Point:
     allocation: str = ""  # compact description of what served it
     gpus: float = 0.0  # GPUs the allocation uses
     predicted_latency: float | None = None  # the ALP's, for plans that come with one
+    refined_latency: float | None = None  # the refinement's simulated latency, when refined
     run_throughput: float = 0.0  # all requests / (last finish - first arrival)
     calls: int = 0  # LLM calls simulated (all requests)
 

@@ -8,7 +8,7 @@ from services.core.errors import InvalidInputError
 from services.core.sim import baselines
 from services.core.sim.measure import MeasureConfig, Point
 from services.core.sim.simulator import SimOptions
-from services.core.sim.systems import SYSTEMS
+from services.core.sim.systems import SYSTEMS, RefineSettings
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO
 
 
@@ -32,7 +32,7 @@ class BenchSettings:
     extend_factor: float = 1.2
     max_extra_rates: int = 3
     stop_after: int = 1
-    refine_steps: int = 1
+    refine_steps: int = 3  # a finer grid near each system's own peak
     duration: float = 45.0  # s of arrivals per run, at least
     latency_multiple: float = 25.0  # ... and at least this many isolated request latencies
     min_requests: int = 250
@@ -50,6 +50,8 @@ class BenchSettings:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     autoscaler: baselines.HpaAutoscaler = field(default_factory=baselines.HpaAutoscaler)
     options: SimOptions = field(default_factory=SimOptions)
+    # Scepsy's refinement by simulation (``systems.Context.refine``); None: closed form only
+    refine: RefineSettings | None = field(default_factory=RefineSettings)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.systems) - set(SYSTEMS))
@@ -65,7 +67,8 @@ class BenchSettings:
 
     @classmethod
     def quick(cls, **changes: object) -> BenchSettings:
-        """A CI-sized run: four rates, short runs, no refinement, no oracle."""
+        """A CI-sized run: four rates, short runs, no peak bisection, no oracle, a small
+        refinement by simulation."""
         base = cls(
             rate_fractions=(0.3, 0.6, 0.9, 1.2),
             max_extra_rates=1,
@@ -78,7 +81,11 @@ class BenchSettings:
             warmup_requests=60,
             oracle_gpus=0,
             measure=MeasureConfig(min_span_latencies=4.0, max_backlog_growth=0.2),
-        )
+            refine=RefineSettings(
+                candidates=2, headroom=(), calls=4_000, min_requests=40, latency_multiple=15.0,
+                min_seconds=20.0, capacity_calls=20_000,
+            ),
+        )  # fmt: skip
         return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -122,6 +129,8 @@ class GpuResult:
     alp_latency: tuple[AlpCheck, ...]
     alp_throughput: AlpCheck | None
     oracle: OracleResult | None
+    # the refined prediction (Scepsy's simulated candidates) against the same points
+    alp_refined: tuple[AlpCheck, ...] = ()
 
     def curve(self, system: str) -> Curve:
         return next(c for c in self.curves if c.system == system)

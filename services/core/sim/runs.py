@@ -65,10 +65,15 @@ def run_point(
             break
         if attempt < settings.doublings:
             load = load.doubled()
-    predicted = None
+    predicted = refined = None
     if plan.prediction is not None and plan.planned_rate is None:
         predicted = plan.prediction.workflow(ctx.workflow.name).latency
+        refined = plan.simulated_latency
     used = sum(a.gpus for a in plan.allocation.values())
     return replace(
-        point, allocation=describe(plan.allocation), gpus=used, predicted_latency=predicted
+        point,
+        allocation=describe(plan.allocation),
+        gpus=used,
+        predicted_latency=predicted,
+        refined_latency=refined,
     )

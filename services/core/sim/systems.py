@@ -105,17 +105,21 @@ class RefineSettings:
     """Refinement by simulation in the Scepsy system (``Context.refiner``): how many
     closed-form candidates, the headroom plans, the wall-time budget per plan, and the size of
     each replay run (at least ``latency_multiple`` isolated latencies or ``min_seconds`` of
-    arrivals, at least ``min_requests``, at most about ``calls`` LLM calls)."""
+    arrivals, at least ``min_requests``, at most about ``calls`` LLM calls: shorter runs
+    under-state latency near capacity, the queues have not built up), and of the capacity run
+    (``replay_capacity``)."""
 
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
     seconds: float = 20.0
-    calls: int = 12_000
-    min_requests: int = 60
-    latency_multiple: float = 30.0
-    min_seconds: float = 30.0
+    calls: int = 60_000
+    min_requests: int = 100
+    latency_multiple: float = 60.0
+    min_seconds: float = 60.0
     max_backlog_growth: float = 0.05
     seed: int = 4242
+    capacity_calls: int = 250_000
+    capacity_latencies: float = 60.0
 
 
 REFINE_MEASURE = MeasureConfig(min_span_latencies=6.0)
@@ -247,18 +251,22 @@ class Context:
 
     def replay_capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
         """The replayed trace's completion rate in the measurement window when ``allocation``
-        is offered ``rate`` (above its capacity): the refined throughput prediction."""
+        is offered ``rate`` (above its capacity) for ``capacity_latencies`` isolated request
+        latencies (at least 400 requests, at most about ``capacity_calls`` LLM calls): the
+        refined throughput prediction."""
         cfg = self.refine or RefineSettings()
         replay = self.replay
         per_request = max(sum(replay.mean_calls().values()), 1.0)
-        requests = max(cfg.min_requests, int(2 * cfg.calls / per_request))
+        most = max(400, int(cfg.capacity_calls / per_request))
+        wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
+        requests = min(max(400, wanted), most)
         result = simulate(
             replay,
             self.deployment(allocation),
             poisson(rate, requests, cfg.seed + 1),
             replace(self.options, seed=self.options.seed + cfg.seed),
         )
-        return measure(result, rate, REFINE_MEASURE).throughput
+        return measure(result, rate).throughput
 
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))

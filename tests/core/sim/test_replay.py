@@ -3,6 +3,8 @@ refinement by simulating the replay (services/core/sim/systems.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from services.core.allocation import Allocation
 from services.core.errors import InvalidInputError
 from services.core.sim.program import run_instantly
 from services.core.sim.replay import TraceReplay, waves_of
-from services.core.sim.systems import SYSTEMS, Context
+from services.core.sim.systems import SYSTEMS, Context, RefineSettings
 from services.core.sim.workflows import BeamSearch
 from services.core.workload.trace import Trace, TraceCall, TraceRequest
 
@@ -56,7 +58,8 @@ def test_a_trace_without_the_workflow_or_with_unknown_models_is_refused() -> Non
 
 @pytest.fixture(scope="module")
 def ctx() -> Context:
-    return Context.prepare(BEAM, "H100-SXM", 4, warmup_requests=40)
+    small = RefineSettings(candidates=3, headroom=(1.3,), calls=8_000, min_requests=60)
+    return replace(Context.prepare(BEAM, "H100-SXM", 4, warmup_requests=40), refine=small)
 
 
 def test_beam_replay_alternates_policy_and_prm_behind_a_barrier(ctx: Context) -> None:

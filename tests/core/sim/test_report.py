@@ -13,8 +13,14 @@ from services.core.sim.report import (
     comparisons,
     curve_rows,
     format_report,
+    format_seed_rows,
+    interval,
+    monotone_violations,
+    past_peak,
     peak,
     report_dict,
+    seed_rows,
+    shared_ratios,
 )
 from services.core.sim.results import (
     BenchResult,
@@ -146,3 +152,44 @@ def test_report_text_and_json() -> None:
     doc = report_dict(result)
     json.dumps(doc, allow_nan=False)  # infinities and NaN became null
     assert doc["comparisons"][0]["peak_ratio"] == pytest.approx(1.2)
+
+
+def test_latency_at_every_shared_rate_and_past_the_baselines_peak() -> None:
+    static = comparisons(bench())[0]
+    # shared steady rates 1 and 2: static / scepsy = 1.1 and 3.0
+    assert static.shared_rates == 2
+    assert static.median_mean_ratio == pytest.approx((1.1 + 3.0) / 2)
+    assert static.min_mean_ratio == pytest.approx(1.1)
+    assert static.worse_rates == 0
+    # rate 3: scepsy steady (1.5 s), static falling behind (8 s): labelled apart
+    assert static.past_peak_rate == 3
+    assert static.past_peak_ratio == pytest.approx(8 / 1.5)
+    a = Curve("a", (point(1, 1.0, 1), point(2, 2.0, 2)))
+    b = Curve("b", (point(1, 0.9, 1), point(2, 2.1, 2)))
+    assert [r for r, _ in shared_ratios(a, b)] == [1, 2]
+    assert past_peak(a, b) is None
+
+
+def test_a_curve_that_gets_faster_at_a_higher_rate_is_not_monotone() -> None:
+    curve = Curve(
+        "scepsy",
+        (point(1, 2.0, 3), point(2, 1.5, 3), point(3, 2.05, 3), point(4, 1.0, 2, ok=False)),
+    )
+    # 1.5 s at rate 2 is more than 3% below 2.0 s at rate 1; 2.05 at rate 3 is not below;
+    # the unsustainable point does not count
+    assert monotone_violations(curve) == [2]
+    assert "not monotone" not in format_report(bench())
+
+
+def test_seed_intervals_pool_the_comparisons() -> None:
+    assert interval([]) is None
+    assert interval([2.0]) == (2.0, 0.0)
+    mean, half = interval([1.0, 2.0, 3.0])  # type: ignore[misc]
+    assert mean == pytest.approx(2.0)
+    assert half == pytest.approx(4.303 * 1.0 / np.sqrt(3))
+    rows = seed_rows([bench(), bench()])
+    static = next(r for r in rows if r.baseline == "static")
+    assert static.seeds == 2
+    assert static.peak_ratio == pytest.approx((1.2, 0.0))
+    assert static.shared_rates == 4
+    assert any("peak ratio" in line for line in format_seed_rows(rows))
