@@ -901,18 +901,34 @@ async def test_redis_outage_keeps_serving_counts_drops_and_resumes(
             await wait_until(lambda: recorder.dropped >= 5, timeout_s=20)
             assert handle.metric("scepsy_router_trace_dropped_total") == 5
 
-            redis = RedisServer(port=redis.port).start()  # restarted empty: no persistence
+            # Restarted empty (no persistence), and nobody registers the endpoint again: the
+            # router keeps its replica (the table's epoch is gone, not a removal) and writes it
+            # back to the store.
+            redis = RedisServer(port=redis.port).start()
             await store.close()
             store = Store.connect(redis.url, timeout_s=1.0, namespace="outage")
-            await register(store, "tiny-a", url)
-            await wait_until(lambda: handle.router.registry.models() == ["tiny-a"], timeout_s=10)
+            restores = handle.metric("scepsy_router_endpoint_restores_total")
+            for _ in range(3):
+                reply = await client.completions.create(model="tiny-a", prompt="after", **GREEDY)
+                assert reply.choices[0].text
+            assert handle.router.registry.models() == ["tiny-a"]
+            models = await client.models.list()
+            assert [m.id for m in models.data] == ["tiny-a"]
+
+            deadline = time.monotonic() + 15  # the router writes the endpoint back
+            while [(e.model, e.url) for e in await store.list_endpoints()] != [("tiny-a", url)]:
+                assert time.monotonic() < deadline, "the router did not write the endpoint back"
+                await asyncio.sleep(0.1)
+            assert handle.metric("scepsy_router_endpoint_restores_total") == restores + 1
             for _ in range(2):
-                await client.completions.create(model="tiny-a", prompt="after", **GREEDY)
-            calls = await handle.trace(2, timeout_s=10)
-        assert [c["status"] for c in calls] == ["ok", "ok"]
+                await client.completions.create(model="tiny-a", prompt="later", **GREEDY)
+            calls = await handle.trace(5, timeout_s=10)
+        assert [c["status"] for c in calls] == ["ok"] * 5
         assert recorder.dropped == 5
         # the count follows the stream write the trace read above already saw
-        await wait_until(lambda: recorder.recorded == 5, timeout_s=10)
+        await wait_until(lambda: recorder.recorded == 8, timeout_s=10)
+        # the 3 records written before the restart vanished with Redis, and are counted
+        await wait_until(lambda: recorder.lost == 3, timeout_s=10)
     finally:
         await store.close()
         redis.stop()
