@@ -92,7 +92,7 @@ def measure_workflow(
                     "latency",
                     rate,
                     point.allocation,
-                    plan.prediction.workflow(name).latency,
+                    ctx.latency_of(plan.prediction),
                     point.mean_latency,
                     plan.simulated_latency,
                 )
@@ -117,7 +117,7 @@ def capacity_check(
         plan = SYSTEMS["scepsy"](ctx, gpus, capacity)
     except InfeasibleError:
         return None
-    predicted = ctx.predict(plan.allocation, capacity).workflow(ctx.workflow.name).throughput
+    predicted = ctx.throughput_of(ctx.predict(plan.allocation, capacity))
     rate = predicted * overload
     most = max(400, int(MAX_CALLS / max(ctx.calls_per_request, 1.0)))
     requests = min(max(400, round(rate * span * ctx.isolated_latency)), most)

@@ -35,10 +35,10 @@ def stable_rate(ctx: Context, gpus: int, load: float) -> float:
     """Requests/s at which the even split's busiest LLM runs at ``load`` of its capacity."""
     plan = SYSTEMS["static"](ctx, gpus, 1.0)
     capacity = min(
-        plan.allocation[d.model].replicas
-        * ctx.profiles.profile(d.model, plan.allocation[d.model].tp, 1.0).saturation_rate
-        / d.n
-        for d in ctx.demand.llms
+        plan.allocation[m].replicas
+        * ctx.profiles.profile(m, plan.allocation[m].tp, 1.0).saturation_rate
+        / calls
+        for m, calls in ctx.loads(1.0).items()
     )
     return load * capacity
 

@@ -43,7 +43,7 @@ def check_throughput(
         plan = SYSTEMS["scepsy"](ctx, gpus, capacity)
     except InfeasibleError:
         return None
-    predicted = ctx.predict(plan.allocation, capacity).workflow(ctx.workflow.name).throughput
+    predicted = ctx.throughput_of(ctx.predict(plan.allocation, capacity))
     load = load_at(ctx, predicted * settings.overload, SEED_OVERLOAD, settings)
     point = run_point(ctx, plan, load, gpus, settings, counter)
     return AlpCheck(load.rate, point.allocation, predicted, point.run_throughput)
@@ -69,7 +69,7 @@ def run_oracle(
     rate = point.rate
     k = settings.fraction_unit
     candidates = list(baselines.oracle_candidates(sorted(ctx.models), gpus, k, ctx.fits))
-    demand = {d.model: rate * d.n for d in ctx.demand.llms}
+    demand = ctx.loads(rate)
     covered = [a for a in candidates if _covers(ctx, a, demand)]
     if not covered or len(covered) > settings.oracle_max_candidates:
         say(f"{ctx.workflow.name} oracle: {len(covered)} candidates, skipped")

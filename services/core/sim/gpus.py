@@ -106,7 +106,7 @@ def fewest_gpus(
         except AllocationInfeasible:  # below the closed form's minimum: the min-latency plan
             mine = SYSTEMS["scepsy"](ctx, gpus, rate).allocation
         my_gpus, my_latency, described = simulate(Setup("scepsy-fewest", mine))
-        predicted = ctx.predict(mine, rate).workflows[0].latency
+        predicted = ctx.latency_of(ctx.predict(mine, rate))
         return GpuRow(
             name, gpus, rate, against, their[0], their[1], my_gpus, predicted, my_latency,
             my_latency <= slo * MET, described,

@@ -67,7 +67,7 @@ def run_point(
             load = load.doubled()
     predicted = refined = None
     if plan.prediction is not None and plan.planned_rate is None:
-        predicted = plan.prediction.workflow(ctx.workflow.name).latency
+        predicted = ctx.latency_of(plan.prediction)
         refined = plan.simulated_latency
     used = sum(a.gpus for a in plan.allocation.values())
     return replace(

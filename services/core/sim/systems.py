@@ -57,6 +57,7 @@ from services.core.sim.measure import MeasureConfig, measure
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
+from services.core.sim.workflows import Mix
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO, Spec, WorkflowTarget
 from services.core.workload.stats import WorkflowStats, workflow_stats
@@ -161,21 +162,61 @@ class Context:
         models = {m: model_spec(c) for m, c in sorted(workflow.models.items())}
         trace, alone = warmup_trace(workflow, gpu, models, gpus, warmup_requests, opts)
         stats = next(s for s in workflow_stats(trace) if s.workflow == workflow.name)
-        demand = WorkflowDemand.from_stats(stats)
-        target = WorkflowTarget(
-            workflow.name, 1.0, 1.0, demand, {m.model: m.sample for m in stats.llms if m.n > 0}
-        )
-        spec = Spec((target,), models, cluster_nodes(gpu_type, gpus), fraction_unit, rho)
+        targets = []
+        for part, share in _parts(workflow):
+            found = stats
+            if isinstance(workflow, Mix):  # each part's statistics from its requests
+                tagged = tag_parts(trace, workflow, opts.seed + 1)
+                found = next(s for s in workflow_stats(tagged) if s.workflow == part)
+            samples = {m.model: m.sample for m in found.llms if m.n > 0}
+            demand = WorkflowDemand.from_stats(found)
+            targets.append(WorkflowTarget(part, share, share, demand, samples))
+        spec = Spec(tuple(targets), models, cluster_nodes(gpu_type, gpus), fraction_unit, rho)
         profiles = SpecProfiles(spec)
         return cls(workflow, gpu, models, stats, trace, alone, profiles, fraction_unit, rho, opts)
 
     @property
     def demand(self) -> WorkflowDemand:
+        """The demand of the first (for a plain workflow the only) workflow served."""
         return self.profiles.spec.workflows[0].demand
 
     @property
+    def demands(self) -> tuple[WorkflowDemand, ...]:
+        return tuple(w.demand for w in self.profiles.spec.workflows)
+
+    @property
+    def shares(self) -> dict[str, float]:
+        """Share of the requests per workflow served (``Mix`` parts; else 1.0 for the one)."""
+        return {w.name: w.rate for w in self.profiles.spec.workflows}
+
+    def rates(self, rate: float) -> dict[str, float]:
+        """Per workflow served, its rate when the whole arrives at ``rate`` requests/s."""
+        return {name: rate * share for name, share in self.shares.items()}
+
+    def loads(self, rate: float) -> dict[str, float]:
+        """Calls/s per LLM at ``rate`` requests/s of the whole."""
+        rates = self.rates(rate)
+        loads: dict[str, float] = {}
+        for d in self.demands:
+            for m in d.llms:
+                loads[m.model] = loads.get(m.model, 0.0) + rates[d.name] * m.n
+        return loads
+
+    @property
     def calls_per_request(self) -> float:
-        return sum(d.n for d in self.demand.llms)
+        return sum(self.loads(1.0).values())
+
+    def latency_of(self, prediction: Prediction) -> float:
+        """Predicted mean request latency of the whole: the workflows' by share."""
+        return sum(share * prediction.workflow(w).latency for w, share in self.shares.items())
+
+    def throughput_of(self, prediction: Prediction) -> float:
+        """Predicted throughput of the whole (requests/s at the mix)."""
+        return sum(prediction.workflow(w).throughput for w in self.shares)
+
+    def total_rate(self, per_workflow: Mapping[str, float]) -> float:
+        """The whole's rate of per-workflow rates at the mix (their smallest ratio to shares)."""
+        return min(per_workflow.get(w, 0.0) / share for w, share in self.shares.items())
 
     def fits(self, model: str, tp: int, fraction: float) -> bool:
         """Whether an instance holds the weights, a minimum KV cache and the longest call."""
@@ -183,12 +224,13 @@ class Context:
 
     def problem(self, gpus: int, rate: float) -> Problem:
         return Problem(
-            (self.demand,),
-            {self.workflow.name: rate},
+            self.demands,
+            self.rates(rate),
             gpus,
             self.fraction_unit,
             max_tp=max_tp_of(cluster_nodes(self.gpu.name, gpus)),
             rho=self.rho,
+            weights=self.shares,
         )
 
     def capacity(self, gpus: int) -> float:
@@ -197,10 +239,10 @@ class Context:
 
     def predict(self, allocation: Mapping[str, Allocation], rate: float) -> Prediction:
         return predict(
-            [self.demand],
+            self.demands,
             self.profiles.profile,
             allocation,
-            {self.workflow.name: rate},
+            self.rates(rate),
             bursts=self.profiles.burst,
         )
 
@@ -286,6 +328,24 @@ class Context:
         )
 
 
+def _parts(workflow: Workflow) -> list[tuple[str, float]]:
+    if isinstance(workflow, Mix):
+        return [(p.name, share) for p, share in zip(workflow.parts, workflow.shares, strict=True)]
+    return [(workflow.name, 1.0)]
+
+
+def tag_parts(trace: Trace, mix: Mix, seed: int) -> Trace:
+    """``trace`` of a ``Mix`` simulated with ``seed``, each request under its part's name
+    (request ids ``r<index>`` as the simulator writes them)."""
+
+    def part(request_id: str) -> str:
+        return mix.part_of(seed, int(request_id[1:])).name
+
+    calls = tuple(replace(c, workflow=part(c.request_id)) for c in trace.calls)
+    requests = tuple(replace(r, workflow=part(r.request_id)) for r in trace.requests)
+    return Trace(calls, requests)
+
+
 def memory_fits(gpu: GpuSpec, models: Mapping[str, ModelSpec]) -> baselines.Fits:
     """Whether an instance holds its model's weights and a minimum KV cache."""
 
@@ -330,7 +390,7 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
     nodes = cluster_nodes(ctx.gpu.name, gpus)
     target = rate
     for _ in range(8):
-        workflows = tuple(replace(w, rate=target) for w in base.workflows)
+        workflows = tuple(replace(w, rate=target * w.rate) for w in base.workflows)
         inputs = PlanInputs(
             f"simulated {ctx.workflow.name}",
             replace(base, workflows=workflows),
@@ -343,7 +403,7 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
             made = make_plan(inputs)
             allocation = made.allocation
         except AllocationInfeasible as exc:
-            best = exc.best_throughput.get(ctx.workflow.name, 0.0) * ctx.rho
+            best = ctx.total_rate(exc.best_throughput) * ctx.rho
             if not best > 0:
                 raise
             target = min(best * 0.999, target * 0.98)
@@ -416,7 +476,7 @@ def plan_static(ctx: Context, gpus: int, rate: float) -> Setup:
 
 
 def plan_independent(ctx: Context, gpus: int, rate: float) -> Setup:
-    loads = {d.model: rate * d.n for d in ctx.demand.llms}
+    loads = ctx.loads(rate)
     allocation = baselines.independent(
         loads, ctx.profiles.profile, ctx.fits, gpus, min(gpus, NODE_GPUS)
     )

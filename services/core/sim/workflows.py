@@ -15,12 +15,17 @@ definition in its docstring.
    reviewer accepts or sends back; data-dependent number of turns.
 5. ``MapReduce`` - a document of C chunks summarised in parallel, then reduced in a tree of
    ``fan_in``-wide reduce calls.
+
+Co-serving: ``Mix`` serves several workflows on one cluster (each request is one of its parts,
+drawn by share), ``Renamed`` makes two workflows call the same deployed LLM. ``coserve`` is RAG
+and a beam search whose policy is RAG's generator (one shared Llama-3.1-8B deployment).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -323,12 +328,119 @@ class MapReduce:
         }
 
 
+# ------------------------------------------------------------------------------------- co-serving
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    """``base`` with its deployment names changed by ``names`` (others kept), so that two
+    workflows can call one deployed LLM; ``name`` is the workflow's own."""
+
+    base: Workflow
+    names: Mapping[str, str]
+    name: str
+
+    @property
+    def models(self) -> Mapping[str, str]:
+        return {self.names.get(k, k): v for k, v in self.base.models.items()}
+
+    def program(self, rng: np.random.Generator) -> Program:
+        return self._renamed(self.base.program(rng))
+
+    def _renamed(self, gen: Program) -> Program:
+        value = None
+        while True:
+            try:
+                step = gen.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value = yield self._step(step)
+
+    def _step(self, step: Any) -> Any:
+        if isinstance(step, Llm):
+            model = self.names.get(step.model, step.model)
+            return Llm(model, step.prompt_tokens, step.completion_tokens)
+        if isinstance(step, Parallel):
+            return Parallel(tuple(self._step(b) for b in step.branches))
+        if isinstance(step, Tool):
+            return step
+        return self._renamed(step)
+
+    def mean_calls(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in self.base.mean_calls().items():
+            key = self.names.get(k, k)
+            out[key] = out.get(key, 0.0) + v
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """Several workflows served at once: each request is part i with probability
+    ``shares[i]`` (Poisson arrivals of the mix are then independent Poisson arrivals of each
+    part). The part is the request generator's first draw (``part_of``), so it is known from
+    the seed and the request's index alone. Parts calling the same deployment name share that
+    LLM, which must then be the same catalogue model."""
+
+    name: str
+    parts: tuple[Workflow, ...]
+    shares: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.parts) != len(self.shares) or not self.parts:
+            raise InvalidInputError(f"{self.name}: one share per part, at least one part")
+        if abs(sum(self.shares) - 1) > 1e-9 or min(self.shares) <= 0:
+            raise InvalidInputError(f"{self.name}: shares must be > 0 and sum to 1")
+        names = [p.name for p in self.parts]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"{self.name}: part names repeat: {names}")
+        seen: dict[str, str] = {}
+        for part in self.parts:
+            for k, v in part.models.items():
+                if seen.setdefault(k, v) != v:
+                    raise InvalidInputError(
+                        f"{self.name}: {k!r} is {seen[k]} in one part and {v} in another"
+                    )
+
+    @property
+    def models(self) -> Mapping[str, str]:
+        out: dict[str, str] = {}
+        for part in self.parts:
+            out.update(part.models)
+        return dict(sorted(out.items()))
+
+    def part_index(self, rng: np.random.Generator) -> int:
+        draw = rng.random()
+        bounds = np.cumsum(self.shares)
+        return min(int(np.searchsorted(bounds, draw, side="right")), len(self.parts) - 1)
+
+    def part_of(self, seed: int, index: int) -> Workflow:
+        """The part that request ``index`` of a simulation with ``seed`` runs."""
+        return self.parts[self.part_index(np.random.default_rng([seed, index]))]
+
+    def program(self, rng: np.random.Generator) -> Program:
+        result = yield from self.parts[self.part_index(rng)].program(rng)
+        return result
+
+    def mean_calls(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part, share in zip(self.parts, self.shares, strict=True):
+            for k, v in part.mean_calls().items():
+                out[k] = out.get(k, 0.0) + share * v
+        return out
+
+
+def coserve(shares: tuple[float, float] = (0.75, 0.25)) -> Mix:
+    """RAG and beam search sharing the generator: beam's policy is RAG's Llama-3.1-8B."""
+    beam = BeamSearch(models={"policy": GENERATOR, "prm": PRM})
+    return Mix("coserve", (RagReranker(), Renamed(beam, {"policy": "generator"}, "beam")), shares)
+
+
 WORKFLOWS: Mapping[str, Workflow] = {
     "rag": RagReranker(),
     "beam": BeamSearch(),
     "composite": Composite(),
     "react": ReactAgent(),
     "mapreduce": MapReduce(),
+    "coserve": coserve(),
 }
 
 

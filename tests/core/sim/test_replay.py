@@ -13,7 +13,7 @@ from services.core.errors import InvalidInputError
 from services.core.sim.program import run_instantly
 from services.core.sim.replay import TraceReplay, waves_of
 from services.core.sim.systems import SYSTEMS, Context, RefineSettings
-from services.core.sim.workflows import BeamSearch
+from services.core.sim.workflows import BeamSearch, coserve
 from services.core.workload.trace import Trace, TraceCall, TraceRequest
 
 BEAM = BeamSearch(max_rounds=6, p_answer=0.4)
@@ -93,3 +93,27 @@ def test_scepsy_plans_are_refined_and_the_closed_ablation_is_not(ctx: Context) -
     # the refined plan is the one whose replay was fastest among those scored
     scored = ctx.score_replay(refined.allocation, rate)
     assert scored.latency == pytest.approx(refined.simulated_latency)
+
+
+def test_co_serving_plans_both_workflows_on_the_shared_llm() -> None:
+    mix = coserve((0.7, 0.3))
+    ctx = replace(
+        Context.prepare(mix, "H100-SXM", 4, warmup_requests=40),
+        refine=RefineSettings(candidates=2, headroom=(), calls=6_000, min_requests=40),
+    )
+    assert ctx.shares == {"rag": 0.7, "beam": 0.3}
+    by_name = {d.name: {m.model: m.n for m in d.llms} for d in ctx.demands}
+    assert set(by_name["rag"]) == {"generator", "reranker"}
+    assert set(by_name["beam"]) == {"generator", "prm"}
+    # the generator carries both workflows' calls
+    loads = ctx.loads(2.0)
+    assert loads["generator"] == pytest.approx(
+        2.0 * (0.7 * by_name["rag"]["generator"] + 0.3 * by_name["beam"]["generator"])
+    )
+    rate = 0.4 * ctx.capacity(4)
+    plan = SYSTEMS["scepsy"](ctx, 4, rate)
+    assert set(plan.allocation) == {"generator", "prm", "reranker"}
+    assert plan.prediction is not None
+    assert ctx.throughput_of(plan.prediction) >= rate
+    result = ctx.serve(plan, np.arange(20, dtype=np.float64) / rate)
+    assert np.all(np.isfinite(result.latency))

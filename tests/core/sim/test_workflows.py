@@ -10,11 +10,17 @@ import pytest
 from services.core.errors import InvalidInputError
 from services.core.sim.program import Lengths, Llm, Parallel, Program, Tool, run_instantly
 from services.core.sim.workflows import (
+    GENERATOR,
+    POLICY,
+    PRM,
+    RERANKER,
     WORKFLOWS,
     BeamSearch,
     MapReduce,
+    Mix,
     RagReranker,
     ReactAgent,
+    coserve,
     reduce_calls,
     workflow,
 )
@@ -148,5 +154,23 @@ def test_lengths_are_clipped_and_exact_without_spread() -> None:
 
 
 def test_unknown_workflow_names_the_choices() -> None:
-    with pytest.raises(InvalidInputError, match="beam, composite, mapreduce, rag, react"):
+    with pytest.raises(InvalidInputError, match="beam, composite, coserve, mapreduce, rag, react"):
         workflow("nope")
+
+
+def test_a_mix_runs_each_part_by_share_and_shares_renamed_llms() -> None:
+    mix = coserve((0.6, 0.4))
+    # beam's policy is served by RAG's generator deployment
+    assert mix.models == {"generator": GENERATOR, "prm": PRM, "reranker": RERANKER}
+    parts = [mix.part_of(5, i).name for i in range(400)]
+    assert parts.count("rag") / len(parts) == pytest.approx(0.6, abs=0.08)
+    for i in range(30):
+        calls, _ = run_instantly(mix.program(np.random.default_rng([5, i])))
+        models = {c.model for c in calls}
+        expected = {"generator", "reranker"} if parts[i] == "rag" else {"generator", "prm"}
+        assert models == expected
+    with pytest.raises(InvalidInputError, match="'generator' is"):
+        other = RagReranker(name="rag2", models={"generator": POLICY, "reranker": RERANKER})
+        Mix("bad", (RagReranker(), other), (0.5, 0.5))
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        Mix("bad", (RagReranker(),), (0.5,))
