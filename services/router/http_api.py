@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front end (aiohttp).
+"""The OpenAI-compatible HTTP front end (``services.router.http_server``).
 
 | route | |
 |---|---|
@@ -9,20 +9,18 @@
 
 Errors are OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
 status as ``code`` (as vLLM answers), for the router's own failures (bad input, JSON nested too
-deep, unknown model, 401, 413, 429 with ``Retry-After``, 502, 503 (with ``Retry-After`` while
-draining), 504); an engine's error answer
-is forwarded as it is. An error after a stream has begun is sent
-as a last ``data: {"error": ...}`` event. A client that disconnects cancels its handler, and with
-it the engine call.
+deep, unknown model or path, 401, 405, 413, 429 with ``Retry-After``, 502, 503 (with
+``Retry-After`` while draining), 504); an engine's error answer is forwarded as it is. An error
+after a stream has begun is sent as a last ``data: {"error": ...}`` event. A client that
+disconnects cancels its handler, and with it the engine call.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
-from aiohttp import web
+import orjson
 
 from services.core.errors import ScepsyError, UnavailableError
 from services.router.auth import ApiKeys
@@ -34,6 +32,7 @@ from services.router.errors import (
     OverloadedError,
     http_error,
 )
+from services.router.http_server import HttpError, HttpServer, Request, Response, Stream
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 from services.router.registry import ReplicaRegistry
 from services.router.schema import (
@@ -66,7 +65,7 @@ def error_body(message: str, type_: str, param: str | None, code: int) -> bytes:
     ).encode()
 
 
-def _error_response(exc: ScepsyError) -> web.Response:
+def _error_response(exc: ScepsyError) -> Response:
     mapped = http_error(exc)
     headers = {}
     if isinstance(exc, (OverloadedError, DrainingError)):
@@ -74,39 +73,32 @@ def _error_response(exc: ScepsyError) -> web.Response:
     param = exc.param if isinstance(exc, InvalidFieldError) else None
     if isinstance(exc, ModelNotFoundError):
         param = "model"
-    return web.Response(
-        status=mapped.status,
-        body=error_body(str(exc), mapped.type, param, mapped.status),
-        content_type="application/json",
-        headers=headers,
+    return Response(
+        mapped.status, error_body(str(exc), mapped.type, param, mapped.status), headers=headers
     )
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ScepsyError as exc:
+def _on_error(exc: BaseException) -> Response:
+    """The answer to an exception a handler raised (or a request the server refused)."""
+    if isinstance(exc, ScepsyError):
         return _error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.Response(
-            status=exc.status,
-            body=error_body(
-                exc.text or exc.reason, _STATUS_TYPES.get(exc.status, "error"), None, exc.status
-            ),
-            content_type="application/json",
-            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
-        )
-    except Exception:
-        log.exception("http_handler_failed", path=request.path)
-        return web.Response(
-            status=500,
-            body=error_body("internal error in the router", "server_error", None, 500),
-            content_type="application/json",
-        )
+    if isinstance(exc, HttpError):
+        type_ = _STATUS_TYPES.get(exc.status, "invalid_request_error")
+        return Response(exc.status, error_body(str(exc), type_, None, exc.status))
+    log.error("http_handler_failed", exc_info=exc)
+    return Response(500, error_body("internal error in the router", "server_error", None, 500))
+
+
+def _not_found(path: str) -> Response:
+    return Response(404, error_body(f"no route {path}", "invalid_request_error", None, 404))
+
+
+def _not_allowed(method: str, allowed: list[str]) -> Response:
+    return Response(
+        405,
+        error_body(f"method {method} not allowed", "invalid_request_error", None, 405),
+        headers={"Allow": ", ".join(allowed)},
+    )
 
 
 class HttpFrontEnd:
@@ -123,57 +115,47 @@ class HttpFrontEnd:
         self._registry = registry
         self._metrics = metrics
         self._keys = keys
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._server: HttpServer | None = None
         self.port = 0
         # False from the start of a drain: /health answers 503 while calls are still served
         self.serving = True
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._config.max_body_bytes, middlewares=[_errors])
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/metrics", self._render_metrics)
-        app.router.add_get("/health", self._health)
-        return app
+    def server(self) -> HttpServer:
+        server = HttpServer(_on_error, self._config.max_body_bytes, _not_found, _not_allowed)
+        server.add("POST", "/v1/chat/completions", self._chat)
+        server.add("POST", "/v1/completions", self._completions)
+        server.add("GET", "/v1/models", self._models)
+        server.add("GET", "/metrics", self._render_metrics)
+        server.add("GET", "/health", self._health)
+        return server
 
     async def start(self) -> int:
-        # handler_cancellation: a client that disconnects cancels its handler (and engine call).
-        self._runner = web.AppRunner(
-            self.app(),
-            handler_cancellation=True,
-            shutdown_timeout=self._config.grace_s,
-            access_log=None,
-        )
-        await self._runner.setup()
+        self._server = self.server()
         host, port = self._config.resolved_http_host, self._config.http_port
-        self._site = web.TCPSite(self._runner, host, port)
         try:
-            await self._site.start()
+            self.port = await self._server.start(host, port)  # the bound port, when 0 was asked
         except OSError as exc:
             await self.stop()
             raise UnavailableError(
                 f"http_port: cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
-        self.port = int(self._runner.addresses[0][1])  # the bound port, when 0 was asked for
         return self.port
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace_s``), close."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.stop(self._config.grace_s)
+            self._server = None
 
     # ------------------------------------------------------------------- routes
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: Request) -> Response | Stream:
         return await self._generate(request, "chat")
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completions(self, request: Request) -> Response | Stream:
         return await self._generate(request, "completions")
 
-    async def _models(self, request: web.Request) -> web.Response:
-        self._keys.check(request.headers.get("Authorization"))
+    async def _models(self, request: Request) -> Response:
+        self._keys.check(request.headers.get("authorization"))
         # the engine's own entry (max_model_len, root, ...) once a health check has read it
         data = [
             {
@@ -185,28 +167,25 @@ class HttpFrontEnd:
             }
             for m in self._registry.models()
         ]
-        return web.json_response({"object": "list", "data": data})
+        return Response(200, orjson.dumps({"object": "list", "data": data}))
 
-    async def _render_metrics(self, request: web.Request) -> web.Response:
+    async def _render_metrics(self, request: Request) -> Response:
         if self._config.metrics_auth:
-            self._keys.check(request.headers.get("Authorization"))
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+            self._keys.check(request.headers.get("authorization"))
+        return Response(200, self._metrics.render(), content_type=CONTENT_TYPE)
 
-    async def _health(self, request: web.Request) -> web.Response:
+    async def _health(self, request: Request) -> Response:
         if self._dispatcher.draining or not self.serving:
             retry_after = str(max(1, math.ceil(self._config.retry_after_s)))
-            return web.json_response(
-                {"status": "draining"}, status=503, headers={"Retry-After": retry_after}
-            )
-        return web.json_response({"status": "serving"})
+            return Response(503, b'{"status": "draining"}', headers={"Retry-After": retry_after})
+        return Response(200, b'{"status": "serving"}')
 
-    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        self._keys.check(request.headers.get("Authorization"))
-        body = parse_json_body(await request.read())
+    async def _generate(self, request: Request, kind: Kind) -> Response | Stream:
+        headers = request.headers
+        self._keys.check(headers.get("authorization"))
+        body = parse_json_body(request.body)
         validate_body(body, kind)
-        identity = identity_of(
-            request.headers.get(WORKFLOW_HEADER), request.headers.get(REQUEST_ID_HEADER)
-        )
+        identity = identity_of(headers.get(WORKFLOW_HEADER), headers.get(REQUEST_ID_HEADER))
         stream = body.get("stream") is True
         client_wants_usage = True
         if stream:
@@ -215,21 +194,19 @@ class HttpFrontEnd:
         if stream:
             return await self._stream(request, spec, client_wants_usage)
         upstream, answer = await self._dispatcher.fetch(spec)
-        return web.Response(body=answer, status=upstream.status, headers=_headers(upstream))
+        return Response(upstream.status, answer, None, _headers(upstream))
 
     async def _stream(
-        self, request: web.Request, spec: CallSpec, client_wants_usage: bool
-    ) -> web.StreamResponse:
-        response: web.StreamResponse | None = None
+        self, request: Request, spec: CallSpec, client_wants_usage: bool
+    ) -> Response | Stream:
+        response: Stream | None = None
         try:
             async with self._dispatcher.call(spec) as upstream:
                 if not upstream.ok:
                     answer = await upstream.read()
-                    return web.Response(
-                        body=answer, status=upstream.status, headers=_headers(upstream)
-                    )
-                response = _EventStream(headers=_stream_headers(upstream))
-                await response.prepare(request)  # the headers go out with the first events
+                    return Response(upstream.status, answer, None, _headers(upstream))
+                # the head goes out with the first events
+                response = request.stream(200, _stream_headers(upstream))
                 # the events of each network read are forwarded together, as they arrive; the
                 # last ones with the end of the body, in one write
                 async for batch in upstream.batches():
@@ -252,13 +229,6 @@ class HttpFrontEnd:
         assert response is not None
         await response.write_eof()
         return response
-
-
-class _EventStream(web.StreamResponse):
-    """A streamed answer whose headers wait for its first bytes, so that they leave in one
-    socket write (aiohttp sends a plain ``StreamResponse``'s headers on ``prepare``)."""
-
-    _send_headers_immediately = False
 
 
 def _headers(upstream: Upstream) -> dict[str, str]:
