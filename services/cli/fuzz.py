@@ -11,12 +11,14 @@ unknown fields added) and of arbitrary input (random documents, text, bytes):
 | trace | a trace file (``read_trace``) | anything but a ``ScepsyError`` |
 | allocation | an allocation file (``read_allocation``) | anything but a ``ScepsyError`` |
 | http | request bodies POSTed to a real router (HTTP on loopback, a stub engine) | a 5xx answer |
+| http-request | raw request bytes through the router's request parser | no 4xx refusal |
 | proto | every request message of every service, decoded from bytes, then the router's and the
   converters' readers of what decoded | anything but ``DecodeError`` / ``ScepsyError`` |
 
 ``scepsy fuzz [--cases 10000] [--target NAME ...] [--seed N] [--json]`` runs each target for
 ``--cases`` generated inputs (no shrinking: the failing inputs are reported as found) and exits
-1 when any crashed. The tests (``tests/fuzz``) run the same targets with a few cases each.
+1 when any crashed; the http target also counts the router's answers by status. The tests
+(``tests/fuzz``) run the same targets with a few cases each.
 Hypothesis is a development dependency (``pip install -e '.[dev]'``).
 """
 
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,6 +236,42 @@ def http_bodies() -> SearchStrategy[tuple[str, bytes]]:
     )
     paths = st.sampled_from(("/v1/chat/completions", "/v1/completions"))
     return st.tuples(paths, body)
+
+
+HTTP_PIECES: tuple[bytes, ...] = (
+    b"POST /v1/completions HTTP/1.1\r\n", b"GET /health HTTP/1.0\r\n", b"POST  HTTP/1.1\r\n",
+    b"Host: x\r\n", b"Content-Length: 5\r\n", b"Content-Length: -1\r\n",
+    b"Content-Length: 99999999999999999999\r\n", b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n", b"Connection: close\r\n",
+    b"Expect: 100-continue\r\n", b" folded\r\n", b"X: \xff\xfe\r\n", b":\r\n", b"\r\n",
+    b"5\r\nhello\r\n", b"0\r\n\r\n", b"ffffffffffffffffffff\r\n", b"3;ext\r\nabc\r\n", b"\n",
+)  # fmt: skip
+
+
+def http_requests() -> SearchStrategy[bytes]:
+    """Raw request bytes for the router's HTTP server parser: pieces of requests (valid and
+    not) in any order, and arbitrary bytes."""
+    from hypothesis import strategies as st
+
+    piece = st.one_of(st.sampled_from(HTTP_PIECES), st.binary(max_size=40))
+    return st.one_of(st.lists(piece, max_size=12).map(b"".join), st.binary(max_size=300))
+
+
+def check_http_request(data: bytes) -> None:
+    """The router's request head and chunked-body parsers on ``data``: a refusal
+    (``HttpError``, a 4xx) or a request, never another exception."""
+    from services.router.http_server import HttpError, _dechunk, _parse_head
+
+    head, _, rest = data.partition(b"\r\n\r\n")
+    try:
+        _parse_head(head)
+    except HttpError as exc:
+        assert 400 <= exc.status < 500, exc.status
+    try:
+        body, end = _dechunk(rest, 0, 1 << 20)
+        assert body is None or 0 < end <= len(rest)
+    except HttpError as exc:
+        assert 400 <= exc.status < 500, exc.status
 
 
 def proto_inputs() -> SearchStrategy[tuple[str, bytes]]:
@@ -475,6 +514,7 @@ class HttpCheck:
     def __init__(self, address: tuple[str, int]) -> None:
         self._address = address
         self._connection: HTTPConnection | None = None
+        self.statuses: Counter[int] = Counter()  # answers by HTTP status
 
     def __call__(self, case: tuple[str, bytes]) -> None:
         path, body = case
@@ -493,6 +533,7 @@ class HttpCheck:
                 self._connection = None
                 if attempt == 2:
                     raise
+        self.statuses[reply.status] += 1
         if reply.status >= 500:
             raise AssertionError(f"HTTP {reply.status}: {answer[:300]!r}")
         if reply.status >= 400:
@@ -521,6 +562,7 @@ TARGETS: dict[str, Target] = {
         Target("trace", trace_texts, check_trace),
         Target("allocation", lambda: documents(ALLOCATION), check_allocation),
         Target("http", http_bodies, lambda case: None),  # check: HttpCheck, bound at run time
+        Target("http-request", http_requests, check_http_request),
         Target("proto", proto_inputs, check_proto, (ScepsyError, DecodeError)),
     )
 }
@@ -533,6 +575,7 @@ class Result:
     crashes: int = 0
     seconds: float = 0.0
     examples: list[str] = field(default_factory=list)  # the first few crashes
+    statuses: dict[int, int] | None = None  # http: answers by status (5xx count as crashes)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -541,7 +584,14 @@ class Result:
             "crashes": self.crashes,
             "seconds": round(self.seconds, 2),
             "examples": self.examples,
+            **({"statuses": self.statuses} if self.statuses is not None else {}),
         }
+
+    @property
+    def status_5xx(self) -> int | None:
+        if self.statuses is None:
+            return None
+        return sum(count for status, count in self.statuses.items() if status >= 500)
 
 
 def run_target(
@@ -593,6 +643,7 @@ def run(names: list[str], cases: int, seed: int) -> list[Result]:
                 check = HttpCheck(address)
                 try:
                     results.append(run_target(target, cases, seed, check))
+                    results[-1].statuses = dict(sorted(check.statuses.items()))
                 finally:
                     check.close()
         else:
@@ -632,9 +683,10 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
     else:
-        print(f"{'target':<12} {'cases':>8} {'crashes':>8} {'seconds':>8}")
+        print(f"{'target':<12} {'cases':>8} {'crashes':>8} {'5xx':>6} {'seconds':>8}")
         for r in results:
-            print(f"{r.target:<12} {r.cases:>8} {r.crashes:>8} {r.seconds:>8.1f}")
+            fives = "-" if r.status_5xx is None else str(r.status_5xx)
+            print(f"{r.target:<12} {r.cases:>8} {r.crashes:>8} {fives:>6} {r.seconds:>8.1f}")
             for example in r.examples:
                 print(f"  {example}")
     return 1 if any(r.crashes for r in results) else 0

@@ -80,6 +80,37 @@ def test_http_bodies(http_check: fuzz.HttpCheck) -> None:
     property_()
 
 
+@FEW
+@given(fuzz.http_requests())
+def test_raw_http_requests(data: bytes) -> None:
+    fuzz.check_http_request(data)  # a 4xx refusal or a request, nothing else
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n",
+        b"POST / HTTP/1.1\r\n\xff: \xfe\r\n\r\n",
+        b"\r\n\r\n",
+    ],
+)
+def test_hostile_request_heads_are_refused_or_read(data: bytes) -> None:
+    fuzz.check_http_request(data)
+
+
+def test_the_http_target_counts_answers_by_status() -> None:
+    with fuzz.running_router() as address:
+        check = fuzz.HttpCheck(address)
+        try:
+            result = fuzz.run_target(fuzz.TARGETS["http"], 10, check=check)
+        finally:
+            check.close()
+    assert result.crashes == 0 and sum(check.statuses.values()) == 10
+    assert all(status < 500 for status in check.statuses)
+
+
 def test_the_fuzz_command_counts_cases_and_crashes(capsys: pytest.CaptureFixture[str]) -> None:
     from services.cli.main import main
 
