@@ -6,6 +6,7 @@ but keeps its connections open cannot be made on demand (the chaos tests do it w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
@@ -120,3 +121,43 @@ async def test_slow_health_checks_of_a_replica_that_answers_calls_are_not_misses
         assert not await registry.probe(replica)
         assert not await registry.probe(replica)
         assert not replica.healthy
+
+
+async def test_stream_chunks_reach_the_client_as_the_engine_sends_them_under_load(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    # One slow stream (a token every 0.3 s) beside 16 clients keeping the router busy with
+    # instant calls: each token reaches the client about when the engine sent it, not in one
+    # burst at the end (the router's read of a stream must not wait for more).
+    slow = await start_upstream("slow", tokens=5, token_delay_s=0.3)
+    fast = await start_upstream("fast", tokens=16)
+    await register(store, "slow", slow)
+    await register(store, "fast", fast)
+    handle = await start_router()
+    stop = asyncio.Event()
+
+    async def busy(session: aiohttp.ClientSession) -> None:
+        body = {"model": "fast", "prompt": "p", "stream": True}
+        while not stop.is_set():
+            async with session.post(handle.http_url + "/v1/completions", json=body) as reply:
+                await reply.read()
+
+    async with aiohttp.ClientSession() as session:
+        load = [asyncio.create_task(busy(session)) for _ in range(16)]
+        try:
+            await asyncio.sleep(0.3)
+            arrivals: list[float] = []
+            started = time.monotonic()
+            body = {"model": "slow", "prompt": "p", "stream": True}
+            async with session.post(handle.http_url + "/v1/completions", json=body) as reply:
+                async for line in reply.content:
+                    if line.startswith(b"data: {"):
+                        arrivals.append(time.monotonic() - started)
+        finally:
+            stop.set()
+            await asyncio.gather(*load)
+    assert len(arrivals) == 5
+    # the engine spreads the tokens over ~1.2 s; a burst would put them all at the end
+    assert arrivals[0] < arrivals[-1] - 0.6
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert sum(gap > 0.1 for gap in gaps) >= 3
