@@ -18,7 +18,9 @@ completion lengths from a trace, or fixed). A sweep:
    window, more than ``1 - keep_up`` of them and at least ``min_behind`` calls were not matched
    by completions inside it: the throughput stops following the rate), or mean latency passes
    ``latency_bound`` x the idle latency, at ``confirm`` rates in a row (on a shared host one
-   window can be a hiccup); or when the next rate would not fit ``budget_s``.
+   window can be a stall: with ``recheck`` a rate that looks saturated is measured once more
+   and the second window counts; windows that fell behind are not profile points); or when the
+   next rate would not fit ``budget_s``.
    Completions count every call finishing inside the window (warm-up arrivals too), so that at
    a sustainable rate they match the arrivals up to Poisson noise.
 
@@ -91,6 +93,7 @@ class SweepConfig:
     start_timeout_s: float = 300.0
     max_model_len: int = 256  # context of engines this backend starts on CPU
     sub_windows: int = 3  # parts of the window whose mean latencies give the median (RatePoint)
+    recheck: bool = True  # measure a rate that looks saturated once more (the second counts)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -149,8 +152,11 @@ class Measurement:
     method: dict[str, Any]
 
     def profile_points(self) -> tuple[RatePoint, ...]:
-        """The points that go into the profile: below saturation, with a successful call."""
-        return tuple(p for p in self.points if p.ok > 0 and p.rate < self.saturation_rate)
+        """The points that go into the profile: below saturation, with a successful call, not
+        behind (a window that fell behind below the saturation rate was a stall)."""
+        return tuple(
+            p for p in self.points if p.ok > 0 and p.rate < self.saturation_rate and not p.saturated
+        )
 
     def profile(self) -> Profile:
         kept = self.profile_points()
@@ -460,6 +466,17 @@ class Sweep:
                 rate = step * capacity
                 point = await self._rate(session, rate)
                 saturated = self._saturated(point, idle_latency)
+                if (
+                    saturated
+                    and cfg.recheck
+                    and elapsed + 2 * (cfg.warmup_s + 2 * cfg.window_s) + cfg.drain_s
+                    <= cfg.budget_s
+                ):
+                    # a shared host stalls now and then: a rate that looks saturated is
+                    # measured once more, and the second window counts
+                    self._progress(f"{key.redis_field()}: {rate:.2f}/s fell behind; again")
+                    point = await self._rate(session, rate)
+                    saturated = self._saturated(point, idle_latency)
                 points.append(replace(point, saturated=saturated))
                 self._progress(
                     f"{key.redis_field()}: rate {i + 1}/{len(cfg.rate_steps)} "

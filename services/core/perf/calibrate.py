@@ -80,7 +80,8 @@ class MeasuredProfile:
         cls, doc: Mapping[str, Any], source: str = "measurement"
     ) -> MeasuredProfile:
         """From a measurement document (``Measurement.to_dict`` of the vllm backend): its
-        profile points (below saturation, with successful calls) and its mix samples."""
+        profile points (below saturation, with successful calls, not behind) and its mix
+        samples."""
         try:
             key = doc["key"]
             method = doc["method"]
@@ -92,6 +93,7 @@ class MeasuredProfile:
                 if p.get("ok", 0) > 0
                 and p.get("mean_latency") is not None
                 and float(p["rate"]) < saturation
+                and not p.get("saturated", False)
             ]
             return cls(
                 model=resolve_model(key["model"]),
