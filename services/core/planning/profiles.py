@@ -129,8 +129,25 @@ _BURSTS: OrderedDict[tuple[str, str, int, float, str, int], BurstTable] = Ordere
 
 
 def clear_burst_cache() -> None:
-    """Forget every remembered burst table (benchmarks measure cold plans with it)."""
+    """Forget every remembered burst table and request mix (benchmarks measure cold plans)."""
     _BURSTS.clear()
+    _MIXES.clear()
+
+
+# token mix -> its RequestMix (hashing the id of a thousand samples costs a re-plan ~10 ms per
+# LLM otherwise); bounded: cleared when it grows past _MIXES_MAX entries
+_MIXES: dict[tuple[tuple[int, int], ...], RequestMix] = {}
+_MIXES_MAX = 4096
+
+
+def request_mix(samples: tuple[tuple[int, int], ...]) -> RequestMix:
+    """``RequestMix.from_samples`` remembered per process by the samples."""
+    found = _MIXES.get(samples)
+    if found is None:
+        if len(_MIXES) >= _MIXES_MAX:
+            _MIXES.clear()
+        found = _MIXES[samples] = RequestMix.from_samples(samples)
+    return found
 
 
 def fetch_one(provider: ProfileProvider, query: ProfileQuery) -> _Fetched:
@@ -177,7 +194,7 @@ class SpecProfiles:
             raise InvalidInputError(f"model: {model!r} is not in the spec's models")
         mix = self._mixes.get(model)
         if mix is None:
-            mix = RequestMix.from_samples(self.spec.token_mix(model) or (FALLBACK_MIX,))
+            mix = request_mix(tuple(self.spec.token_mix(model)) or (FALLBACK_MIX,))
             self._mixes[model] = mix
         spec = self.spec.models[model]
         return ProfileQuery(model, spec, self.gpu, tp, fraction, mix, self.backend)

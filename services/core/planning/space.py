@@ -256,12 +256,14 @@ def pareto(candidates: Sequence[Candidate], lone: bool = True) -> list[Candidate
                 kept.append(c)
                 best = value
         return kept
-    found = np.empty((0, len(vectors[0])))
-    for c, v in zip(ordered, vectors, strict=True):
-        row = np.asarray(v)
-        if not found.size or not np.any(np.all(found <= row, axis=1)):
+    rows = np.asarray(vectors, dtype=np.float64)
+    found = np.empty_like(rows)  # the kept rows, first n of them
+    n = 0
+    for c, row in zip(ordered, rows, strict=True):
+        if not n or not (found[:n] <= row).all(axis=1).any():
             kept.append(c)
-            found = np.vstack([found, row])
+            found[n] = row
+            n += 1
     return kept
 
 
