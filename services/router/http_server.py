@@ -298,7 +298,8 @@ class _Connection(asyncio.Protocol):
             if used == -1:  # the whole body is refused: dropped as it comes, then a 413
                 return
             if headers.get("expect", "").lower() == "100-continue" and len(buffer) == start:
-                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                with contextlib.suppress(ConnectionError):
+                    self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             return  # the body is not all here yet
         self._buffer = buffer[used:]
         request = Request(self, method, path, headers, body, keep_alive)
@@ -340,7 +341,8 @@ class _Connection(asyncio.Protocol):
             # the answer goes out once the rest of the body has been dropped
             self.task = asyncio.get_running_loop().create_task(self._after_discard(response))
         else:
-            self.send(_serialize(response, True))
+            with contextlib.suppress(ConnectionError):
+                self.send(_serialize(response, True))
             if self._buffer:
                 asyncio.get_running_loop().call_soon(self._next_if_idle)
 
@@ -354,7 +356,8 @@ class _Connection(asyncio.Protocol):
             await self._discarded
         self.task = None
         if not self._closed:
-            self.send(_serialize(response, True))
+            with contextlib.suppress(ConnectionError):
+                self.send(_serialize(response, True))
             if self._buffer:
                 self._next()
 
