@@ -24,9 +24,10 @@ part of the profile.
 
 Each LLM's points become a ``Profile`` at per-replica rates (``lam x n_m / replicas_m``), its
 saturation rate is the best per-replica throughput it reached when it was the one that fell
-behind, else the highest per-replica rate it kept up with (a lower bound: another LLM bound the
-workflow first). The ALP then reads each LLM's latency at its share of the workflow's load from a
-curve measured under the load the other LLMs put on the host at that same workflow rate.
+behind, else ``NOT_REACHED_MARGIN`` x the highest per-replica rate it kept up with (extrapolated
+from a lower bound: another LLM bound the workflow first, or the budget ended the sweep). The
+ALP then reads each LLM's latency at its share of the workflow's load from a curve measured
+under the load the other LLMs put on the host at that same workflow rate.
 
 The calls are independent (no request's calls wait for each other): the ALP still composes
 stages, fan-outs (n_m / p_m) and tool time itself, so a joint profile is an input of the
@@ -59,6 +60,7 @@ from services.profiler.vllm_backend import (
 from services.runtime.driver import CallOutcome, direct_session, send_completion
 
 JOINT_RATE_STEPS: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1, 1.3, 1.5)
+NOT_REACHED_MARGIN = 1.1  # saturation of an LLM that never fell behind: its highest rate x this
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +107,10 @@ class JointMeasurement:
         if name == self.binding:
             best = max((p.throughput for p in pts), default=0.0)
         else:
-            best = max((p.rate for p in pts if p.ok and not p.saturated), default=0.0)
-            best = max(best, max((p.throughput for p in pts), default=0.0))
+            # never seen falling behind: beyond the highest rate it kept up with, by a margin
+            # so that the ALP's curve ends past its last point (a lower bound, extrapolated)
+            kept = max((p.rate for p in pts if p.ok and not p.saturated), default=0.0)
+            best = max(NOT_REACHED_MARGIN * kept, max((p.throughput for p in pts), default=0.0))
         return best / d.replicas
 
     def capacity(self) -> float:

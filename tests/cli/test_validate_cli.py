@@ -200,7 +200,7 @@ def test_validate_with_joint_profiles_names_them(
     capsys.readouterr()
     argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "joint"]
     argv += ["--load", "0.3", "--requests", "6", "--pilot-requests", "4", "--json"]
-    argv += ["--capacity-requests", "0", "--profile-budget", "30", *store_flags]
+    argv += ["--capacity-requests", "0", "--profile-budget", "45", *store_flags]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["allocation_source"] == "registered endpoints"
