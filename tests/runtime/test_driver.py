@@ -9,6 +9,7 @@ seeds (n_m), the reranker's fan-out (p_m), the stage order, and tool time."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,8 @@ from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import parse_trace_lines
 from services.router.service import Router, router_binding
 from services.runtime.driver import (
+    DriveResult,
+    RequestOutcome,
     WorkflowDriver,
     direct_session,
     poisson_offsets,
@@ -67,6 +70,24 @@ def test_poisson_offsets_start_at_zero_and_name_bad_input() -> None:
     assert 400 / offsets[-1] == pytest.approx(4.0, rel=0.2)
     with pytest.raises(InvalidInputError, match="rate"):
         poisson_offsets(0.0, 3, np.random.default_rng(0))
+
+
+def test_window_latency_is_the_median_of_the_stretches_means() -> None:
+    def request(start: float, latency: float, status: str = "ok") -> RequestOutcome:
+        return RequestOutcome(f"r{start}", start, start, start + latency, status, (), 0.0)  # type: ignore[arg-type]
+
+    # three stretches of the run (by start): 1 s requests, a stall of 9 s ones, 2 s ones
+    requests = [request(t, 1.0) for t in (0, 1, 2)] + [request(t, 9.0) for t in (4, 5)]
+    requests += [request(t, 2.0) for t in (8, 9)] + [request(3.0, 50.0, "error")]
+    run = DriveResult("rag", 1.0, tuple(requests))
+    # the mean counts the stall, the median of the stretches' means (1, 9, 2) does not; the
+    # failed request counts in neither
+    assert run.latency_stats()["mean"] == pytest.approx(25 / 7)
+    assert run.window_latency() == pytest.approx(2.0)
+    assert run.window_latency(parts=1) == pytest.approx(25 / 7)
+    assert math.isnan(DriveResult("rag", 1.0, (request(0.0, 1.0, "error"),)).window_latency())
+    with pytest.raises(InvalidInputError, match="parts: must be >= 1, got 0"):
+        run.window_latency(parts=0)
 
 
 def test_tiny_variants_fit_the_tiny_context_and_keep_the_structure() -> None:
