@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -218,6 +219,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CallFailed(RuntimeError):
+    """A measured call that did not succeed (counted by ``load`` when ``tolerate``)."""
+
+
 async def timed_call(
     session: aiohttp.ClientSession, url: str, body: Body
 ) -> tuple[float, float | None]:
@@ -226,7 +231,8 @@ async def timed_call(
     first: float | None = None
     async with session.post(url + "/v1/completions", json=body) as reply:
         if reply.status != 200:
-            raise RuntimeError(f"{url}: HTTP {reply.status}")
+            await reply.read()
+            raise CallFailed(f"{url}: HTTP {reply.status}")
         if body.get("stream"):
             async for _ in reply.content.iter_any():
                 if first is None:
@@ -244,11 +250,22 @@ async def load(
     rate: float | None,
     pid: int | None = None,
     warm_up: int = 20,
+    failed: list[str] | None = None,
 ) -> tuple[float, list[tuple[float, float | None]], float]:
     """``calls`` calls at rate inf (``concurrency`` clients in a closed loop) or at ``rate``
     calls/s (an open loop), after ``warm_up`` calls; (seconds taken, each call's timings, CPU
-    seconds process ``pid`` used for them, else 0)."""
+    seconds process ``pid`` used for them, else 0). With ``failed``, a call that fails is
+    noted there instead of ending the measurement."""
     timings: list[tuple[float, float | None]] = []
+
+    async def timed(session: aiohttp.ClientSession) -> None:
+        try:
+            timings.append(await timed_call(session, url, body))
+        except (CallFailed, aiohttp.ClientError) as exc:
+            if failed is None:
+                raise
+            failed.append(str(exc))
+
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(warm_up):  # connections open, code paths hot
@@ -262,14 +279,14 @@ async def load(
                 nonlocal left
                 while left > 0:
                     left -= 1
-                    timings.append(await timed_call(session, url, body))
+                    await timed(session)
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
         else:
 
             async def one(at: float) -> None:
                 await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
-                timings.append(await timed_call(session, url, body))
+                await timed(session)
 
             await asyncio.gather(*(one(i / rate) for i in range(calls)))
         took = time.perf_counter() - started
@@ -460,16 +477,20 @@ def cpu_compare(
             used = dict.fromkeys(routers, 0.0)
             took = dict.fromkeys(routers, 0.0)
             p50 = {name: [] for name in ["direct", *routers]}  # type: dict[str, list[float]]
+            failed: dict[str, list[str]] = {name: [] for name in ["direct", *routers]}
             for round_ in range(args.rounds):
                 print(f"cpu: {kind} rate {label} round {round_ + 1}...", file=sys.stderr)
                 names = list(routers) if round_ % 2 == 0 else list(reversed(routers))
-                _, timings, _ = asyncio.run(load(direct, body, per_round, args.concurrency, rate))
+                _, timings, _ = asyncio.run(
+                    load(direct, body, per_round, args.concurrency, rate, failed=failed["direct"])
+                )
                 p50["direct"] += [_first_or_end(t, body) for t in timings]
                 for name in names:
                     pid, url = routers[name]
                     seconds, timings, cpu = asyncio.run(
-                        load(url, body, per_round, args.concurrency, rate, pid)
-                    )
+                        load(url, body, per_round, args.concurrency, rate, pid,
+                             failed=failed[name])
+                    )  # fmt: skip
                     used[name] += cpu
                     took[name] += seconds
                     p50[name] += [_first_or_end(t, body) for t in timings]
@@ -479,7 +500,9 @@ def cpu_compare(
                 row[f"cpu_s_per_1000 {name}"] = used[name] / calls * 1000
                 row[f"calls/s {name}"] = calls / took[name]
             for name, values in p50.items():
-                row[f"p50 ms {name}"] = _p50(values)
+                row[f"p50 ms {name}"] = _p50(values) if values else math.nan
+            for name, errors in failed.items():
+                row[f"failed {name}"] = len(errors)
             row["cpu ratio after/before"] = used["after"] / used["before"]
             rows.append(row)
     return rows
@@ -556,7 +579,7 @@ def engine_compare(
         for rate in (None, args.engine_rate):
             label = "inf" if rate is None else f"{rate:g}/s"
             stats: dict[str, dict[str, Any]] = {
-                n: {"took": 0.0, "cpu": 0.0, "e2e": [], "ttft": []} for n in sides
+                n: {"took": 0.0, "cpu": 0.0, "e2e": [], "ttft": [], "failed": []} for n in sides
             }
             for round_ in range(2):
                 print(f"engine: rate {label} round {round_ + 1}...", file=sys.stderr)
@@ -565,20 +588,22 @@ def engine_compare(
                     pid, url = sides[name]
                     took, timings, cpu = asyncio.run(
                         load(url, body, args.engine_calls, args.engine_concurrency, rate, pid,
-                             warm_up=5)
+                             warm_up=5, failed=stats[name]["failed"])
                     )  # fmt: skip
                     stats[name]["took"] += took
                     stats[name]["cpu"] += cpu
                     stats[name]["e2e"] += [t[0] for t in timings]
                     stats[name]["ttft"] += [t[1] or 0.0 for t in timings]
-            calls = 2 * args.engine_calls
-            direct_rate = calls / stats["direct"]["took"]
+            direct_rate = len(stats["direct"]["e2e"]) / stats["direct"]["took"]
             for name, st in stats.items():
+                done = len(st["e2e"])
                 rows.append({
-                    "side": name, "rate": label, "calls/s": calls / st["took"],
-                    "vs direct": calls / st["took"] / direct_rate,
-                    "p50 ttft ms": _p50(st["ttft"]), "p50 e2e ms": _p50(st["e2e"]),
-                    "cpu_s_per_1000": st["cpu"] / calls * 1000 if name != "direct" else None,
+                    "side": name, "rate": label, "calls/s": done / st["took"],
+                    "vs direct": done / st["took"] / direct_rate,
+                    "p50 ttft ms": _p50(st["ttft"]) if done else math.nan,
+                    "p50 e2e ms": _p50(st["e2e"]) if done else math.nan,
+                    "cpu_s_per_1000": st["cpu"] / max(done, 1) * 1000 if name != "direct" else None,
+                    "failed": len(st["failed"]),
                 })  # fmt: skip
     return rows
 
