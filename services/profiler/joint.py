@@ -118,8 +118,9 @@ class JointMeasurement:
         return min(self.saturation_rate(d.name) * d.replicas / d.calls for d in self.llms)
 
     def profile(self, name: str, key: ProfileKey, *, robust: bool = False) -> Profile:
-        """``name``'s profile at per-replica rates. ``robust``: each point's mean latency is the
-        median of its sub-window means (``RatePoint.median_window_latency``), as
+        """``name``'s profile at per-replica rates, its latencies made non-decreasing in the rate
+        (``monotone``, weighted by the calls). ``robust``: each point's latency is the median of
+        its sub-window means (``RatePoint.median_window_latency``), as
         ``DriveResult.window_latency`` measures a workflow run."""
         d = self.llm(name)
         sat = self.saturation_rate(name)
@@ -133,18 +134,18 @@ class JointMeasurement:
         ]
         if not kept:
             raise UnavailableError(f"joint profile of {name}: no step below saturation succeeded")
-        points = tuple(
-            ProfilePoint(
-                p.rate / d.replicas,
+        latency = monotone(
+            [
                 p.median_window_latency
                 if robust and math.isfinite(p.median_window_latency)
-                else p.mean_latency,
-                p.p50_latency,
-                p.p99_latency,
-                p.ttft,
-                p.tpot,
-            )
-            for p in kept
+                else p.mean_latency
+                for p in kept
+            ],
+            [float(p.ok) for p in kept],
+        )
+        points = tuple(
+            ProfilePoint(p.rate / d.replicas, value, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
+            for p, value in zip(kept, latency, strict=True)
         )
         return Profile(key, points, sat)
 
@@ -172,6 +173,28 @@ class JointMeasurement:
             "capacity": self.capacity(),
             "method": self.method,
         }
+
+
+def monotone(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The weighted least-squares non-decreasing fit of ``values`` (pool adjacent violators).
+
+    Latency does not fall as load rises; on a shared host single windows do (a stall, then a
+    quiet one). Pooling a violating run into its weighted mean keeps the curve's level without
+    carrying one stalled window forward as a running maximum would."""
+    blocks: list[list[float]] = []  # [weighted mean, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([v, max(w, 1e-9), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            b = blocks.pop()
+            a = blocks[-1]
+            total = a[1] + b[1]
+            a[0] = (a[0] * a[1] + b[0] * b[1]) / total
+            a[1] = total
+            a[2] += b[2]
+    out: list[float] = []
+    for mean, _, count in blocks:
+        out.extend([mean] * int(count))
+    return out
 
 
 class JointSweep:

@@ -21,7 +21,7 @@ from services.cli.main import main
 from services.core.errors import NotFoundError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
-from services.profiler.joint import JointLlm, JointSweep
+from services.profiler.joint import JointLlm, JointSweep, monotone
 from services.profiler.vllm_backend import SweepConfig
 from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module, vllm_executable
 from services.runtime.redis_server import free_port
@@ -212,3 +212,12 @@ def test_validate_with_joint_profiles_names_them(
     assert result["predicted_throughput"] == pytest.approx(joint["capacity"], rel=1e-6)
     (row,) = result["rows"]
     assert row["load"] == pytest.approx(0.3) and row["errors"] == 0
+
+
+def test_monotone_pools_a_stalled_window_with_its_neighbours() -> None:
+    # a stall at the third rate, a quiet fourth: pooled into their weighted mean
+    assert monotone([1.0, 2.0, 9.0, 3.0, 10.0], [1, 1, 1, 2, 1]) == pytest.approx(
+        [1.0, 2.0, 5.0, 5.0, 10.0]
+    )
+    assert monotone([3.0, 2.0, 1.0], [1, 1, 1]) == pytest.approx([2.0, 2.0, 2.0])
+    assert monotone([1.0, 2.0], [5, 1]) == [1.0, 2.0]
