@@ -16,10 +16,11 @@ graph invocation inside ``workflow_request(name)``: every call the graph makes c
 request's tags. Native clients use gRPC ``scepsy.v1.Router`` (``RouterClient``).
 
 Modules: ``config`` (RouterConfig), ``service`` (composition, start/stop), ``http_api`` and
-``grpc_api`` (front ends), ``schema`` (request validation, workflow identity), ``dispatch``
-(admission, queue, failover, deadlines, tracing of each call), ``upstream`` (one engine call,
-SSE), ``registry`` (replicas from Redis, health), ``tracing`` (batched trace writer),
-``metrics``, ``auth``, ``errors``, ``client`` (workflow tagging, gRPC clients),
+``grpc_api`` (front ends), ``http_server`` (the lean HTTP/1.1 server under ``http_api``),
+``schema`` (request validation, workflow identity), ``dispatch`` (admission, queue, failover,
+deadlines, tracing of each call), ``upstream`` (one engine call, SSE), ``http1`` (the lean
+HTTP/1.1 client under it), ``registry`` (replicas from Redis, health), ``tracing`` (batched
+trace writer), ``metrics``, ``auth``, ``errors``, ``client`` (workflow tagging, gRPC clients),
 ``scripted_upstream`` (an upstream that answers at once, for the benchmark and for failures a
 real engine cannot produce on demand). Routing policies are pure code in ``services.core.routing``.
 """
