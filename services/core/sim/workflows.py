@@ -428,7 +428,7 @@ class Mix:
         return out
 
 
-def coserve(shares: tuple[float, float] = (0.75, 0.25)) -> Mix:
+def coserve(shares: tuple[float, float] = (0.9, 0.1)) -> Mix:
     """RAG and beam search sharing the generator: beam's policy is RAG's Llama-3.1-8B."""
     beam = BeamSearch(models={"policy": GENERATOR, "prm": PRM})
     return Mix("coserve", (RagReranker(), Renamed(beam, {"policy": "generator"}, "beam")), shares)
