@@ -663,6 +663,13 @@ def register(sub: Any) -> None:
         help="a target to run (repeatable; default: all)",
     )
     fuzz.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    fuzz.add_argument(
+        "--max-memory-gib",
+        type=float,
+        help="cap this process's address space (e.g. 4): a parser that blows up memory fails "
+        "its case with a MemoryError (a crash) instead of taking the host's memory; processes "
+        "it starts inherit the cap",
+    )
     fuzz.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fuzz.set_defaults(func=cmd_fuzz)
 
@@ -678,6 +685,14 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             "fuzz: needs hypothesis (a development dependency): pip install -e '.[dev]'"
         ) from None
+    if args.max_memory_gib is not None:
+        if args.max_memory_gib <= 0:
+            raise InvalidInputError(f"--max-memory-gib: must be > 0, got {args.max_memory_gib}")
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = int(args.max_memory_gib * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
     names = args.target or list(TARGETS)
     results = run(names, args.cases, args.seed)
     if args.json:

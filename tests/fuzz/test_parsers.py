@@ -130,3 +130,34 @@ def test_the_fuzz_command_counts_cases_and_crashes(capsys: pytest.CaptureFixture
     target = fuzz.Target("boom", fuzz.json_values, boom)
     crashed = fuzz.run_target(target, 10)
     assert crashed.cases == 10 and crashed.crashes == 10 and "IndexError" in crashed.examples[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by `scepsy fuzz --target cluster`: services/core/cluster/declared.py bounds no "
+    "node's gpus, so a cluster file builds that many devices (MemoryError; 17.9 GB before the "
+    "fuzz run was stopped) or overflows; the fix belongs to the core's owner",
+)
+@pytest.mark.parametrize("gpus", [2**31, 2**63])
+def test_a_cluster_file_with_an_absurd_gpu_count_is_a_clear_error(gpus: int) -> None:
+    # in a child whose address space is capped at 2 GiB, so that the blow-up cannot take the
+    # host's memory (a cap here would also bind every process this test session starts)
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from services.cli import fuzz\n"
+        "from services.core.errors import ScepsyError\n"
+        "import copy\n"
+        f"doc = copy.deepcopy(fuzz.CLUSTER); doc['nodes'][0]['gpus'] = {gpus}\n"
+        "text = fuzz._yaml(doc)\n"
+        "try:\n    fuzz.check_cluster(text)\nexcept ScepsyError as exc:\n"
+        "    print('clear error:', exc)\nexcept BaseException as exc:\n"
+        "    print('crash:', type(exc).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.startswith("clear error:") and "gpus" in done.stdout, done.stdout
