@@ -455,7 +455,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(wait_http(url + "/health"))
                 routers["vllm-router"] = (process.pid, url)
-            result["cpu"] = cpu_compare(routers, fake, args)
+            if args.cpu_calls:
+                result["cpu"] = cpu_compare(routers, fake, args)
             if args.engine:
                 try:
                     result["engine"] = engine_compare(routers, redis.url, work, args)
