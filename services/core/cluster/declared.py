@@ -45,6 +45,12 @@ from services.core.cluster.inventory import (
 from services.core.errors import InventoryError, UnknownGpuError
 
 FORMAT_VERSION = 1
+# Bounds on what a file may declare, so that a typo or hostile file is a clear error instead of
+# millions of devices built in memory: the largest NVLink/PCIe nodes hold 16 GPUs, a cpu node
+# declares devices as shares of its cores.
+MAX_NODE_GPUS = 64
+MAX_NODE_COUNT = 1024
+MAX_CLUSTER_GPUS = 16384
 INTERCONNECTS = ("nvswitch", "nvlink-pairs", "pcie")
 _NODE_FIELDS = {
     "name",
@@ -98,8 +104,11 @@ def parse_cluster(doc: Any, *, source: str = "cluster") -> tuple[NodeInventory, 
         raise InventoryError(f"{source}: nodes: must be a non-empty list, got {nodes!r}")
     result: list[NodeInventory] = []
     seen: set[str] = set()
+    total = 0
     for i, raw in enumerate(nodes):
-        for node in _parse_node(raw, f"{source}: nodes[{i}]"):
+        parsed = _parse_node(raw, f"{source}: nodes[{i}]", MAX_CLUSTER_GPUS - total)
+        total += sum(len(node.gpus) for node in parsed)
+        for node in parsed:
             if node.name in seen:
                 raise InventoryError(f"{source}: nodes[{i}].name: duplicate node {node.name!r}")
             seen.add(node.name)
@@ -107,7 +116,8 @@ def parse_cluster(doc: Any, *, source: str = "cluster") -> tuple[NodeInventory, 
     return tuple(result)
 
 
-def _parse_node(raw: Any, where: str) -> list[NodeInventory]:
+def _parse_node(raw: Any, where: str, budget: int) -> list[NodeInventory]:
+    """The node entry's nodes; ``budget``: GPUs the cluster may still declare."""
     if not isinstance(raw, Mapping):
         raise InventoryError(f"{where}: must be a mapping, got {_kind(raw)}")
     unknown = set(raw) - _NODE_FIELDS
@@ -123,11 +133,15 @@ def _parse_node(raw: Any, where: str) -> list[NodeInventory]:
         spec = gpu_spec(gpu_type)
     except UnknownGpuError as exc:
         raise InventoryError(f"{where}.gpu_type: {exc}") from exc
-    gpus = _positive_int(raw.get("gpus"), f"{where}.gpus")
-    numa = _positive_int(raw.get("numa_nodes", 1), f"{where}.numa_nodes")
+    gpus = _positive_int(raw.get("gpus"), f"{where}.gpus", MAX_NODE_GPUS)
+    numa = _positive_int(raw.get("numa_nodes", 1), f"{where}.numa_nodes", MAX_NODE_GPUS)
     if numa > gpus:
         raise InventoryError(f"{where}.numa_nodes: must be <= gpus ({gpus}), got {numa}")
-    count = _positive_int(raw.get("count", 1), f"{where}.count")
+    count = _positive_int(raw.get("count", 1), f"{where}.count", MAX_NODE_COUNT)
+    if gpus * count > budget:
+        raise InventoryError(
+            f"{where}: {count} x {gpus} GPUs take the cluster past {MAX_CLUSTER_GPUS} GPUs in all"
+        )
     memory_gib = raw.get("memory_gib", spec.memory_gib)
     if isinstance(memory_gib, bool) or not isinstance(memory_gib, int | float) or memory_gib <= 0:
         raise InventoryError(f"{where}.memory_gib: must be a positive number, got {memory_gib!r}")
@@ -227,9 +241,11 @@ def _build_node(
     )
 
 
-def _positive_int(value: Any, where: str) -> int:
+def _positive_int(value: Any, where: str, most: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InventoryError(f"{where}: must be a positive integer, got {value!r}")
+    if value > most:
+        raise InventoryError(f"{where}: must be at most {most}, got {value}")
     return value
 
 

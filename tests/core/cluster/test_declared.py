@@ -75,6 +75,12 @@ def test_memory_override_and_count() -> None:
         (doc(gpus="eight"), "nodes[0].gpus: must be a positive integer, got 'eight'"),
         (doc(gpus=0), "nodes[0].gpus: must be a positive integer, got 0"),
         (doc(gpus=True), "nodes[0].gpus: must be a positive integer, got True"),
+        (doc(gpus=2**31), "nodes[0].gpus: must be at most 64, got 2147483648"),
+        (doc(count=2**63), "nodes[0].count: must be at most 1024, got 9223372036854775808"),
+        (
+            doc(gpus=64, count=1000),
+            "nodes[0]: 1000 x 64 GPUs take the cluster past 16384 GPUs in all",
+        ),
         (doc(name=""), "nodes[0].name: must be a non-empty string, got ''"),
         (doc(gpu_type="B300"), "nodes[0].gpu_type: gpu type 'B300' is not in the catalogue"),
         (doc(interconnect="infiniband"), "nodes[0].interconnect: must be one of"),
