@@ -127,8 +127,8 @@ def main() -> int:
         args.out.write_text(json.dumps(docs, indent=2) + "\n")
 
     print(
-        f"\nmeasured profiles (tiny-llama, vLLM CPU engine, 1 engine on "
-        f"{spec.env and dict(spec.env).get('VLLM_CPU_OMP_THREADS_BIND')} core(s))"
+        f"\nmeasured profiles (tiny-llama, vLLM CPU engine, 1 engine bound to "
+        f"core(s) {dict(spec.env).get('VLLM_CPU_OMP_THREADS_BIND')})"
     )
     print(f"{'mix':<16} {'rates':>5} {'sat/s':>7} {'idle s':>7} {'stop':>10} {'sweep s':>8}")
     for m in measurements:
