@@ -19,8 +19,8 @@ completion lengths from a trace, or fixed). A sweep:
    by completions inside it: the throughput stops following the rate), or mean latency passes
    ``latency_bound`` x the idle latency, at ``confirm`` rates in a row (on a shared host one
    window can be a stall: with ``recheck`` a rate that looks saturated is measured once more
-   and the second window counts; windows that fell behind are not profile points); or when the
-   next rate would not fit ``budget_s``.
+   and the second window counts, twice when it fell behind too; windows that fell behind are
+   not profile points); or when the next rate would not fit ``budget_s``.
    Completions count every call finishing inside the window (warm-up arrivals too), so that at
    a sustainable rate they match the arrivals up to Poisson noise.
 
@@ -466,6 +466,7 @@ class Sweep:
                 rate = step * capacity
                 point = await self._rate(session, rate)
                 saturated = self._saturated(point, idle_latency)
+                windows = 1  # windows at this rate that fell behind (a recheck confirms)
                 if (
                     saturated
                     and cfg.recheck
@@ -477,6 +478,7 @@ class Sweep:
                     self._progress(f"{key.redis_field()}: {rate:.2f}/s fell behind; again")
                     point = await self._rate(session, rate)
                     saturated = self._saturated(point, idle_latency)
+                    windows = 2
                 points.append(replace(point, saturated=saturated))
                 self._progress(
                     f"{key.redis_field()}: rate {i + 1}/{len(cfg.rate_steps)} "
@@ -485,7 +487,7 @@ class Sweep:
                     f"errors {point.errors} [{time.monotonic() - started:.0f}/"
                     f"{cfg.budget_s:.0f} s]"
                 )
-                behind = behind + 1 if saturated else 0
+                behind = behind + windows if saturated else 0
                 if behind >= cfg.confirm:
                     stop = "saturated"
                     break
