@@ -4,6 +4,7 @@ measured latency and throughput and writes the CSV and the plot."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import json
@@ -18,13 +19,17 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import main
+from services.cli.validate import Validation
 from services.core.errors import NotFoundError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
+from services.core.planning.plan import PlanInputs, make_plan, spec_from_text
+from services.core.planning.profiles import SpecProfiles
 from services.profiler.joint import JointLlm, JointSweep, monotone
 from services.profiler.vllm_backend import SweepConfig
 from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module, vllm_executable
 from services.runtime.redis_server import free_port
+from services.runtime.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,3 +226,37 @@ def test_monotone_pools_a_stalled_window_with_its_neighbours() -> None:
     )
     assert monotone([3.0, 2.0, 1.0], [1, 1, 1]) == pytest.approx([2.0, 2.0, 2.0])
     assert monotone([1.0, 2.0], [5, 1]) == [1.0, 2.0]
+
+
+PLAN_SPEC = """
+version: 1
+fraction_unit: 1
+cluster: {gpu_type: cpu, gpus: 3}
+models: {reranker: tiny-llama, generator: tiny-llama}
+workflows:
+  - name: rag
+    rate: 2.0
+    stats:
+      stages: [[reranker], [generator]]
+      llms:
+        reranker: {n: 6, p: 6, prompt_tokens: 60, completion_tokens: 1}
+        generator: {n: 1, p: 1, prompt_tokens: 100, completion_tokens: 32}
+"""
+
+
+async def test_validate_predicts_for_the_current_plans_allocation(store: Store) -> None:
+    spec = spec_from_text(PLAN_SPEC)
+    plan = await asyncio.to_thread(
+        make_plan, PlanInputs(PLAN_SPEC, spec, spec.nodes, SpecProfiles(spec))
+    )
+    args = argparse.Namespace(workflow="rag", scale="tiny", gpu="cpu")
+    validation = Validation(args, store)
+    urls = {"reranker": ["http://a"], "generator": ["http://b"]}
+    # no plan yet: the registered endpoints, whole devices
+    found = await validation.allocation(urls)
+    assert validation.allocation_source == "registered endpoints"
+    assert {m: a.replicas for m, a in found.items()} == {"reranker": 1, "generator": 1}
+    await store.put_plan(plan)
+    found = await validation.allocation(urls)
+    assert validation.allocation_source == f"plan {plan.id}"
+    assert found == {m: plan.allocation[m] for m in ("reranker", "generator")}
