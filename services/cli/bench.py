@@ -206,7 +206,17 @@ def write_outputs(result: BenchResult, text: str, out: Path) -> None:
     plot_curves(curve_rows(result), out)
 
 
-COLORS = {"scepsy": "tab:red", "static": "tab:blue", "independent": "tab:green"}
+COLORS = {
+    "scepsy": "tab:red",
+    "static": "tab:blue",
+    "independent": "tab:green",
+    "autoscaler": "tab:orange",
+    "shares": "tab:brown",
+    "shares-frac": "tab:pink",
+    "scepsy-whole": "tab:gray",
+    "scepsy-blind": "tab:olive",
+    "scepsy-closed": "tab:cyan",
+}
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
