@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import pytest
 
+from services.core.allocation import Allocation
 from services.core.cluster.declared import parse_cluster
 from services.core.errors import InvalidInputError
 from services.core.placement.heuristic import cluster_state, instances_of, validate
@@ -23,6 +25,7 @@ from services.core.planning.plan import (
     spec_from_text,
 )
 from services.core.planning.profiles import COMPUTED, Found, ProfileQuery, SpecProfiles
+from services.core.planning.refine import Refiner, Scored
 from services.core.workload.spec import Spec
 from tests.core.planning.test_search import synthetic
 
@@ -189,3 +192,31 @@ def test_replanning_keeps_every_instance_the_new_allocation_still_has() -> None:
     grown = build_plan(more, spec_from_text(more), created_at=3.0, running=running)
     assert grown.allocation["A"] == first.allocation["A"]
     assert ("A", 0, a.node, (4, 5, 6, 7)) in where(grown)
+
+
+def test_a_refiner_replaces_the_closed_form_optimum_by_the_fastest_simulated_candidate() -> None:
+    text = SPEC.format(rate=1.0)
+    spec = spec_from_text(text)
+    plain = build_plan(text, spec, created_at=1.0)
+    scored: list[dict[str, Allocation]] = []
+
+    def score(allocation: Mapping[str, Allocation]) -> Scored:
+        # a stand-in for the simulator: the closed-form optimum measures slow
+        scored.append(dict(allocation))
+        slow = dict(allocation) == plain.allocation
+        return Scored(9.0 if slow else 1.0 + len(scored) / 100, 1.0, True)
+
+    refined = build_plan(
+        text, spec, created_at=1.0, refiner=Refiner(score, candidates=3, headroom=())
+    )
+    assert scored[0] == plain.allocation  # the closed-form optimum is simulated first
+    assert refined.allocation != plain.allocation
+    assert refined.allocation == scored[1]  # the fastest simulated one
+    assert refined.simulated_latency_s == pytest.approx(1.02)
+    assert refined.refinement[0].startswith("rank 1") and "simulated 9 s" in refined.refinement[0]
+    assert any(note.startswith("chosen rank 2") for note in refined.refinement)
+    assert refined.objective_s >= plain.objective_s  # by the closed form it is no better
+    state = cluster_state(refined.nodes, 4)
+    assert validate(refined.placement, state, instances_of(refined.allocation, 4)) == ()
+    assert refined.id == plan_id(refined) and refined.id != plain.id
+    assert "refinement" not in content(plain)
