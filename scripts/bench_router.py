@@ -450,7 +450,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             if args.vllm_router:
                 port = free_port()
                 argv = [args.vllm_router, "--worker-urls", fake, "--port", str(port),
-                        "--host", "127.0.0.1", "--log-level", "warning"]  # fmt: skip
+                        "--host", "127.0.0.1", "--log-level", "warning",
+                        "--prometheus-port", str(free_port())]  # fmt: skip
                 process = stack.enter_context(child(argv, work / "vllm-router.log"))
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(wait_http(url + "/health"))
@@ -572,7 +573,8 @@ def engine_compare(
             if name == "vllm-router":
                 port = free_port()
                 argv = [args.vllm_router, "--worker-urls", engine.base_url, "--port", str(port),
-                        "--host", "127.0.0.1", "--log-level", "warning"]  # fmt: skip
+                        "--host", "127.0.0.1", "--log-level", "warning",
+                        "--prometheus-port", str(free_port())]  # fmt: skip
                 process = stack.enter_context(child(argv, work / "vllm-router-engine.log"))
                 sides[name] = (process.pid, f"http://127.0.0.1:{port}")
                 asyncio.run(wait_http(sides[name][1] + "/health"))
