@@ -71,6 +71,8 @@ def load_cluster(path: str | Path) -> tuple[NodeInventory, ...]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InventoryError(f"{p}: cannot read cluster file: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte, or characters the file system cannot encode
+        raise InventoryError(f"{str(path)!r}: not a usable cluster file path: {exc}") from exc
     return cluster_from_text(text, source=p.name, where=str(p))
 
 
