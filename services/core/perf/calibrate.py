@@ -40,12 +40,14 @@ from services.core.perf.model import FloatArray, PerfModel, PerfParams
 # The parameters a TP-1 profile constrains: CPU-side overheads (per iteration, per sequence, per
 # call) and the achievable compute and bandwidth. Attention and all-reduce terms keep their
 # starting values.
+# In the order they are freed (``run_calibration`` fits no more parameters than it has fit
+# terms less one): a tiny or small model on a CPU is dominated by the overheads.
 CALIBRATED: tuple[str, ...] = (
-    "compute_eff",
-    "bandwidth_eff",
     "step_overhead_s",
     "seq_overhead_s",
     "call_overhead_s",
+    "compute_eff",
+    "bandwidth_eff",
 )
 REQUESTS_PER_POINT = 200
 WARMUP_SHARE = 0.1
@@ -294,6 +296,10 @@ def run_calibration(
     if len(devices) != 1:
         raise InvalidInputError(f"calibrate: profiles of one device at a time, got {devices}")
     fit, held = split(profiles)
+    # no more free parameters than fit terms (points and saturation rates) less one: a short
+    # sweep's 3 points and 1 saturation rate fitted 5 parameters to any values and extrapolated
+    # the held-out rates worse than the starting ones
+    names = tuple(names)[: max(1, len(fit) + len(profiles) - 1)]
     after = calibrate(fit, start, names=names, config=config, iterations=iterations)
     return Calibration(
         device=devices[0],
