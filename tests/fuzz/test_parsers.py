@@ -168,3 +168,35 @@ def test_a_spec_naming_an_impossible_cluster_path_is_a_clear_error(path: str) ->
     doc["cluster"] = path
     with pytest.raises(ScepsyError, match="cluster"):
         fuzz.check_spec(fuzz._json(doc))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by `scepsy fuzz --target allocation`: an allocation file with replicas 2**31 "
+    "builds one instance per replica (services/cli/place.py read_allocation -> "
+    "services/core/placement/rules.py instances_of) until memory runs out (the 10,000-case run "
+    "sat at its 4 GiB cap); replicas needs an upper bound, named in a clear error",
+)
+def test_an_allocation_file_with_an_absurd_replica_count_is_a_clear_error() -> None:
+    # in a child capped at 1 GiB and 20 s, so that the blow-up takes neither the host's memory
+    # nor the suite's time
+    import subprocess
+    import sys
+
+    code = (
+        "import copy, resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from services.cli import fuzz\n"
+        "from services.core.errors import ScepsyError\n"
+        "doc = copy.deepcopy(fuzz.ALLOCATION); doc['models']['a']['replicas'] = 2**31\n"
+        "try:\n    fuzz.check_allocation(fuzz._yaml(doc))\nexcept ScepsyError as exc:\n"
+        "    print('clear error:', exc)\nexcept BaseException as exc:\n"
+        "    print('crash:', type(exc).__name__)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("no answer within 20 s") from None
+    assert done.stdout.startswith("clear error:") and "replicas" in done.stdout, done.stdout
