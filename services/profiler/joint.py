@@ -147,7 +147,7 @@ class JointMeasurement:
             ProfilePoint(p.rate / d.replicas, value, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
             for p, value in zip(kept, latency, strict=True)
         )
-        return Profile(key, points, sat)
+        return Profile(key, points, sat, group=max(1.0, d.group / d.replicas))
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

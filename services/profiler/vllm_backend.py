@@ -169,7 +169,8 @@ class Measurement:
             ProfilePoint(p.rate, p.mean_latency, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
             for p in kept
         )
-        return Profile(self.key, points, self.saturation_rate)
+        group = float(self.method.get("fanout", 1)) if self.method.get("mode") == "fanout" else 1.0
+        return Profile(self.key, points, self.saturation_rate, group=group)
 
     def stored_points(self) -> list[tuple[float, int, int]]:
         """(throughput, calls, errors) of each profile point, for ``put_measured_profile``."""

@@ -3,6 +3,7 @@ servicers, that imports generated code)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -152,6 +153,8 @@ def profile_to_pb(profile: Profile) -> pb.Profile:
 
 
 def profile_from_pb(msg: pb.Profile) -> Profile:
+    """A stored profile; one measured in fan-out groups (``method_json``: ``mode: fanout``)
+    carries its group size, so that the ALP does not count the fan-out twice."""
     return Profile(
         key=profile_key_from_pb(msg.key),
         points=tuple(
@@ -166,7 +169,21 @@ def profile_from_pb(msg: pb.Profile) -> Profile:
             for p in msg.points
         ),
         saturation_rate=msg.saturation_rate,
+        group=_measured_group(msg.method_json),
     )
+
+
+def _measured_group(method_json: str) -> float:
+    if not method_json:
+        return 1.0
+    try:
+        method = json.loads(method_json)
+    except ValueError:
+        return 1.0
+    if not isinstance(method, dict) or method.get("mode") != "fanout":
+        return 1.0
+    group = method.get("fanout", 1)
+    return float(group) if isinstance(group, int | float) and group >= 1 else 1.0
 
 
 # ---------------------------------------------------------------- allocation and placement

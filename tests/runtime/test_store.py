@@ -39,6 +39,16 @@ async def test_profile_round_trip_and_replace(store: Store) -> None:
     assert await store.get_profile(other) is None
 
 
+async def test_a_fan_out_profile_reads_back_with_its_group(store: Store) -> None:
+    measured = [(r, 10, 0) for r in (1.0, 2.0, 4.0)]
+    await store.put_measured_profile(profile(5.0), measured, {"mode": "fanout", "fanout": 6})
+    got = await store.get_profile(KEY)
+    assert got is not None and got.group == 6.0  # the ALP adds bursts beyond 6 calls only
+    await store.put_measured_profile(profile(5.0), measured, {"mode": "poisson", "fanout": 1})
+    got = await store.get_profile(KEY)
+    assert got is not None and got.group == 1.0
+
+
 async def test_node_join_heartbeat_and_removal(store: Store) -> None:
     node = parse_cluster({"version": 1, "nodes": [{"name": "n", "gpu_type": "L40S", "gpus": 1}]})[0]
     assert await store.put_node(node, ttl_s=5) is True  # a join

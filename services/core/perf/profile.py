@@ -48,6 +48,9 @@ class Profile:
     key: ProfileKey
     points: tuple[ProfilePoint, ...]
     saturation_rate: float  # calls/s; the ALP's T_m for this configuration
+    # calls that reached one instance together when it was measured (a fan-out profile's group;
+    # 1: single calls with Poisson arrivals); the ALP adds burst costs only beyond it
+    group: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -62,6 +65,10 @@ class Profile:
                 f"profile {self.key.redis_field()}: saturation_rate: must be > 0, "
                 f"got {self.saturation_rate}"
             )
+        if not self.group >= 1:
+            raise InvalidInputError(
+                f"profile {self.key.redis_field()}: group: must be >= 1, got {self.group}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``from_dict`` reads it back)."""
@@ -73,7 +80,12 @@ class Profile:
         try:
             key = ProfileKey(**data["key"])
             points = tuple(ProfilePoint(**p) for p in data["points"])
-            return cls(key=key, points=points, saturation_rate=float(data["saturation_rate"]))
+            return cls(
+                key=key,
+                points=points,
+                saturation_rate=float(data["saturation_rate"]),
+                group=float(data.get("group", 1.0)),
+            )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"profile: malformed document ({exc})") from None
 

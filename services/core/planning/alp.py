@@ -177,7 +177,8 @@ def call_latency(
     p replicas at once, so only calls arriving alone pool fully). With ``burst``, calls arrive in
     fan-outs of ``p`` spread over the replicas (``replica_burst``): the waiting part grows by
     (1 + b) / 2, as in a queue with batch arrivals of b, and the b calls share iterations
-    (``burst.extra``).
+    (``burst.extra``). A profile measured in groups of g calls (``Profile.group``, a fan-out
+    profile) has bursts of g in its curve: only the growth from g to b is added.
     """
     rate = load / replicas
     latency = profile.latency_at(rate)
@@ -196,8 +197,10 @@ def call_latency(
     extra = 0.0
     if burst is not None and p > 1:
         b = replica_burst(p, replicas)
-        waiting *= (1 + b) / 2
-        extra = burst.extra(b)
+        g = profile.group  # bursts of g calls are in the profile's curve already
+        if b > g:
+            waiting *= (1 + b) / (1 + g)
+            extra = max(burst.extra(b) - burst.extra(g), 0.0)
     return idle + waiting + extra
 
 
@@ -229,8 +232,10 @@ def call_latencies(
     extra = np.zeros_like(r)
     if burst is not None and p > 1:
         b = np.maximum(1.0, p / r)
-        waiting = waiting * (1 + b) / 2
-        extra = np.array([burst.extra(float(x)) for x in b])
+        g = profile.group  # bursts of g calls are in the profile's curve already
+        waiting = waiting * np.maximum(1 + b, 1 + g) / (1 + g)
+        base = burst.extra(g)
+        extra = np.array([max(burst.extra(float(x)) - base, 0.0) for x in b])
     return np.where(finite, idle + waiting + extra, np.inf)
 
 

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.cli import predict as predict_cli
@@ -17,6 +18,7 @@ from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
 from services.core.planning.alp import (
     BurstTable,
     Prediction,
+    call_latencies,
     call_latency,
     llm_loads,
     llm_term,
@@ -367,3 +369,23 @@ def test_pooled_routing_shrinks_only_the_wait() -> None:
     assert call_latency(profile, 1, 1.6, pooled=True) == pytest.approx(
         call_latency(profile, 1, 1.6)
     )
+
+
+def test_a_fan_out_profile_is_not_charged_its_own_bursts_twice() -> None:
+    # A at 2 calls/s per replica: 1.5 s, of which 0.5 s is waiting (idle 1.0 s)
+    single = CURVES["A"]
+    grouped = Profile(single.key, single.points, single.saturation_rate, group=4.0)
+    table = BurstTable.of([(1, 1.0), (4, 1.6), (8, 2.0)])
+    # p = 8 over 2 replicas: bursts of 4 per replica, the group the profile was measured with
+    assert call_latency(grouped, 2, 4.0, table, 8) == pytest.approx(1.5)
+    # a single-call profile gets the batch-arrival wait (1 + 4) / 2 and 0.6 s of shared iterations
+    assert call_latency(single, 2, 4.0, table, 8) == pytest.approx(1.0 + 0.5 * 2.5 + 0.6)
+    # p = 8 on one replica: only the growth from 4 to 8 is added (wait x 9/5, extra 2.0 - 1.6)
+    assert call_latency(grouped, 1, 2.0, table, 8) == pytest.approx(1.0 + 0.5 * 9 / 5 + 0.4)
+    # the search's vectorised form agrees on both
+    many = call_latencies(grouped, np.array([1.0, 2.0]), 2.0, table, 8)
+    assert many[0] == pytest.approx(call_latency(grouped, 1, 2.0, table, 8))
+    assert many[1] == pytest.approx(call_latency(grouped, 2, 2.0, table, 8))
+    with pytest.raises(InvalidInputError, match="group"):
+        Profile(single.key, single.points, single.saturation_rate, group=0.5)
+    assert Profile.from_dict(grouped.to_dict()) == grouped
