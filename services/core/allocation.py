@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from services.core.errors import InvalidInputError
 
 TP_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
+# the most instances one LLM can have: the largest cluster a file may declare (16,384 GPUs,
+# services/core/cluster/declared.py) in eighths; more is a typo or a hostile file, not a plan
+MAX_REPLICAS = 16384 * 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,10 @@ class Allocation:
             raise InvalidInputError(f"replicas: must be an integer, got {self.replicas!r}")
         if self.replicas < 1:
             raise InvalidInputError(f"replicas: must be >= 1, got {self.replicas}")
+        if self.replicas > MAX_REPLICAS:
+            raise InvalidInputError(
+                f"replicas: must be at most {MAX_REPLICAS}, got {self.replicas}"
+            )
         if not 0 < self.fraction <= 1:
             raise InvalidInputError(f"fraction: must be in (0, 1], got {self.fraction!r}")
         if self.fraction < 1 and self.tp != 1:

@@ -195,6 +195,7 @@ def test_gpu_budget() -> None:
     [
         (1.0, 3, 1, "tp: must be one of (1, 2, 4, 8), got 3"),
         (1.0, 1, 0, "replicas: must be >= 1, got 0"),
+        (1.0, 1, 2**31, "replicas: must be at most 131072, got 2147483648"),
         (0.0, 1, 1, "fraction: must be in (0, 1], got 0.0"),
         (1.5, 1, 1, "fraction: must be in (0, 1], got 1.5"),
         (0.5, 2, 1, "fraction: a fraction below 1 (0.5) needs tp 1, got tp 2"),
