@@ -458,6 +458,11 @@ def serve_before(demo: Demo) -> None:
         rec["measured"] = measured
         compare(demo, demo.doc["plan_before"], measured)
         demo.doc["measured_before"] = measured
+        # the trace: what the control loop computes from the router's trace stream (rate, n_m,
+        # p_m, time shares, token mix per workflow), against which it judges drift
+        demo.say("\nthe router's trace, as the control loop's statistics (`scepsy loop status`):")
+        demo.say(demo.must("loop", "status").rstrip())
+        rec["loop_status"] = json.loads(demo.must("loop", "status", "--json"))
         if measured["errors"]:
             raise StepFailed(
                 f"{measured['errors']} of {measured['requests']} requests failed, first: "
