@@ -24,6 +24,7 @@ from services.runtime.engines import (
     EngineSpec,
     EngineSupervisor,
     LocalEngine,
+    engine_record,
     run_engine_module,
     start_engines,
     stop_engines,
@@ -89,17 +90,6 @@ def _default_log_dir() -> Path:
     return Path(os.environ.get("SCEPSY_HOME", ".scepsy")).resolve() / "engines"
 
 
-def engine_json(engine: LocalEngine, replica: int) -> dict[str, Any]:
-    return {
-        "name": engine.spec.served_model_name,
-        "replica": replica,
-        "url": engine.base_url,
-        "port": engine.spec.port,
-        "pid": engine.pid,
-        "log": str(engine.log_path),
-    }
-
-
 def engines_table(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "REPLICA", "URL", "PID", "LOG")
     cells = [header] + [
@@ -154,7 +144,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     supervisor: EngineSupervisor | None = None
     try:
         engines = start_engines(spec, args.replicas, log_dir, timeout_s=args.timeout, vllm=vllm)
-        rows = [engine_json(engine, i) for i, engine in enumerate(engines)]
+        rows = [engine_record(engine, i) for i, engine in enumerate(engines)]
         print(json.dumps({"engines": rows}) if args.json else engines_table(rows), flush=True)
         print("engines running; Ctrl-C or SIGTERM stops them", file=sys.stderr, flush=True)
         supervisor = EngineSupervisor(

@@ -451,6 +451,18 @@ def stop_engines(engines: Sequence[LocalEngine], grace_s: float = 15.0) -> None:
         engine.stop(grace_s)
 
 
+def engine_record(engine: LocalEngine, replica: int) -> dict[str, Any]:
+    """A started engine as JSON (``scepsy engine start``'s table and its events)."""
+    return {
+        "name": engine.spec.served_model_name,
+        "replica": replica,
+        "url": engine.base_url,
+        "port": engine.spec.port,
+        "pid": engine.pid,
+        "log": str(engine.log_path),
+    }
+
+
 class EngineSupervisor:
     """Keeps replicas of one engine running: a replica that exits is reported and started again
     on its port after a backoff, while the others keep serving.
@@ -505,17 +517,7 @@ class EngineSupervisor:
     def _event(self, event: str, replica: int, slot: _Slot, **fields: Any) -> None:
         engine = slot.engine
         self._report(
-            {
-                "event": event,
-                "name": engine.spec.served_model_name,
-                "replica": replica,
-                "url": engine.base_url,
-                "port": engine.spec.port,
-                "pid": engine.pid,
-                "log": str(engine.log_path),
-                "restarts": slot.restarts,
-                **fields,
-            }
+            {"event": event, **engine_record(engine, replica), "restarts": slot.restarts, **fields}
         )
 
     def _tick(self, replica: int, slot: _Slot, now: float) -> None:
