@@ -28,8 +28,9 @@ from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InvalidInputError
 from services.core.sim.arrivals import load_timestamps, poisson, replay
 from services.core.sim.measure import measure
+from services.core.sim.scoring import describe
 from services.core.sim.simulator import SimResult
-from services.core.sim.systems import SYSTEMS, Context, Setup, describe
+from services.core.sim.systems import SYSTEMS, Context, Setup
 from services.core.sim.workflows import WORKFLOWS, workflow
 from services.core.workload.trace import write_trace
 

@@ -28,6 +28,15 @@ class PlannerConfig(ServiceConfig):
         "a spec's `trace: router` takes the router's calls of this many last seconds",
         positive,
     )
+    refine_seconds: float = option(
+        5.0,
+        "refine the closed form's best plans by simulating them on a replay of the recorded "
+        "trace for about this long (0: off; only specs whose workflows all use `trace: router`)",
+        in_range(0, 3600),
+    )
+    refine_calls: int = option(
+        20_000, "refinement: LLM calls per simulated candidate (at most)", in_range(1_000, 10**7)
+    )
     rpc_timeout_s: float = option(
         30.0, "deadline of each call to the Profiler and Placer services", positive
     )

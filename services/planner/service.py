@@ -24,13 +24,16 @@ import grpc
 
 from protos.scepsy.v1 import planner_pb2, planner_pb2_grpc
 from services.core.cluster.declared import cluster_from_text
+from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError, NotFoundError, UnavailableError
 from services.core.placement.heuristic import Assignment
 from services.core.planning.plan import Plan, PlanInputs, make_plan, spec_from_text
 from services.core.planning.profiles import ProfileProvider, SpecProfiles, StoreFirst
-from services.core.workload.spec import RECORDED_TRACE
+from services.core.planning.refine import Refiner
+from services.core.sim.scoring import RefineSettings, ReplayScorer
+from services.core.workload.spec import RECORDED_TRACE, Spec
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace, parse_trace_lines
 from services.planner.clients import PlacerClient, ProfilerClient
@@ -147,8 +150,11 @@ class Planner:
             raise InvalidInputError(f"trace_window_s: must be >= 0, got {trace_window_s:g}")
         window = trace_window_s or self._config.trace_window_s
         nodes = await self._nodes(cluster_text)
-        files = RecordedTrace(await self._recorded_stats(spec_text, window), window)
+        trace = await self._recorded_trace(spec_text, window)
+        stats = tuple(workflow_stats(trace)) if trace.calls else ()
+        files = RecordedTrace(stats, window)
         spec = spec_from_text(spec_text, nodes, source="spec_yaml", files=files)
+        refiner = self._refiner(spec, trace)
         running: tuple[Assignment, ...] = ()
         if not cluster_text:
             current = await self._store.get_current_plan()
@@ -174,6 +180,7 @@ class Planner:
                 placer.place if placer is not None else None,
                 self._clock,
                 self._config.max_rounds,
+                refiner,
             )
             try:
                 plan = await asyncio.to_thread(make_plan, inputs)
@@ -257,11 +264,11 @@ class Planner:
         get, put = profiles_from_thread(self._store, loop, self._config.rpc_timeout_s)
         return StoreFirst(BACKENDS, get=get, put=put)
 
-    async def _recorded_stats(self, spec_text: str, window_s: float) -> tuple[WorkflowStats, ...]:
-        """Statistics of the router's calls of the last ``window_s`` seconds, read only when the
-        spec asks for them (a workflow with ``trace: router``)."""
+    async def _recorded_trace(self, spec_text: str, window_s: float) -> Trace:
+        """The router's calls (and request spans) of the last ``window_s`` seconds, read only
+        when the spec asks for them (a workflow with ``trace: router``); empty otherwise."""
         if not _wants_recorded_trace(spec_text):
-            return ()
+            return Trace((), ())
         cutoff = self._clock() - window_s
         after = f"{max(0, int(cutoff * 1000))}-0"  # entries are appended when calls end
         lines: list[str] = []
@@ -275,7 +282,32 @@ class Planner:
         # a batch written late may hold calls that ended before the window
         calls = tuple(c for c in trace.calls if c.end >= cutoff)
         requests = tuple(r for r in trace.requests if r.end >= cutoff)
-        return tuple(workflow_stats(Trace(calls, requests))) if calls else ()
+        return Trace(calls, requests)
+
+    def _refiner(self, spec: Spec, trace: Trace) -> Refiner | None:
+        """Refinement by simulation (``services.core.sim.scoring``) on a replay of the recorded
+        trace, when it is on and every workflow with a rate takes its statistics from that
+        trace (a workflow known only by inline statistics has no requests to replay)."""
+        seconds = self._config.refine_seconds
+        targets = [w for w in spec.workflows if w.rate > 0]
+        if seconds <= 0 or not trace.calls or not targets:
+            return None
+        if any(w.source != RECORDED_TRACE for w in targets):
+            log.info("refine_skipped", reason="a workflow's statistics are not the router's trace")
+            return None
+        settings = RefineSettings(seconds=seconds, calls=self._config.refine_calls)
+        try:
+            scorer = ReplayScorer.of_trace(
+                trace,
+                {w.name: w.rate for w in targets},
+                gpu_spec(spec.gpu_type),
+                spec.models,
+                settings=settings,
+            )
+        except InvalidInputError as exc:
+            log.info("refine_skipped", reason=str(exc))
+            return None
+        return scorer.refiner(sum(w.rate for w in targets))
 
     async def _nodes(self, cluster_text: str) -> tuple[NodeInventory, ...] | None:
         """The declared cluster, else the live nodes, else None (the spec's own cluster)."""

@@ -403,6 +403,8 @@ def plan_to_pb(plan: Plan) -> planner_pb.Plan:
             )
             for m in plan.serving
         ],
+        refinement=list(plan.refinement),
+        simulated_latency_s=plan.simulated_latency_s,
     )
 
 
@@ -443,5 +445,9 @@ def plan_from_pb(msg: planner_pb.Plan) -> Plan:
                 m.model, m.weights, m.served_name, m.max_model_len or None, tuple(m.engine_args)
             )
             for m in msg.serving
+        ),
+        refinement=tuple(msg.refinement),
+        simulated_latency_s=(
+            msg.simulated_latency_s if msg.HasField("simulated_latency_s") else None
         ),
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.scepsy.v1 import types_pb2 as protos_dot_scepsy_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/scepsy/v1/planner.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"u\n\x12WorkflowPrediction\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\x16\n\x0ethroughput_rps\x18\x03 \x01(\x01\x12\x12\n\ntarget_rps\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"\xe9\x01\n\rLlmPrediction\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08load_cps\x18\x02 \x01(\x01\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x16\n\x0e\x63\x61ll_latency_s\x18\x04 \x01(\x01\x12\x0c\n\x04gpus\x18\x05 \x01(\x01\x12\x45\n\x0fprofile_sources\x18\x06 \x03(\x0b\x32,.scepsy.v1.LlmPrediction.ProfileSourcesEntry\x1a\x35\n\x13ProfileSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xab\x03\n\x04Plan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x11\n\tspec_yaml\x18\x03 \x01(\t\x12)\n\nallocation\x18\x04 \x01(\x0b\x32\x15.scepsy.v1.Allocation\x12\x32\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1d.scepsy.v1.WorkflowPrediction\x12\'\n\tplacement\x18\x06 \x01(\x0b\x32\x14.scepsy.v1.Placement\x12\x16\n\x0esearch_seconds\x18\x07 \x01(\x01\x12\x1e\n\x05nodes\x18\x08 \x03(\x0b\x32\x0f.scepsy.v1.Node\x12\x0b\n\x03rho\x18\t \x01(\x01\x12&\n\x04llms\x18\n \x03(\x0b\x32\x18.scepsy.v1.LlmPrediction\x12\x13\n\x0bobjective_s\x18\x0b \x01(\x01\x12\x0e\n\x06rounds\x18\x0c \x01(\r\x12\x13\n\x0b\x63onstraints\x18\r \x03(\t\x12\x17\n\x0fprofile_seconds\x18\x0e \x01(\x01\x12(\n\x07serving\x18\x0f \x03(\x0b\x32\x17.scepsy.v1.ModelServing\"o\n\x0cModelServing\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x13\n\x0b\x65ngine_args\x18\x05 \x03(\t\"_\n\x0bPlanRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x14\n\x0c\x63luster_yaml\x18\x02 \x01(\t\x12\x16\n\x0etrace_window_s\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"#\n\x15SetCurrentPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1c\n\x0eGetPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0cPlanResponse\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Plan2\xce\x01\n\x07Planner\x12\x37\n\x04Plan\x12\x16.scepsy.v1.PlanRequest\x1a\x17.scepsy.v1.PlanResponse\x12=\n\x07GetPlan\x12\x19.scepsy.v1.GetPlanRequest\x1a\x17.scepsy.v1.PlanResponse\x12K\n\x0eSetCurrentPlan\x12 .scepsy.v1.SetCurrentPlanRequest\x1a\x17.scepsy.v1.PlanResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/scepsy/v1/planner.proto\x12\tscepsy.v1\x1a\x1cprotos/scepsy/v1/types.proto\"u\n\x12WorkflowPrediction\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\x16\n\x0ethroughput_rps\x18\x03 \x01(\x01\x12\x12\n\ntarget_rps\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"\xe9\x01\n\rLlmPrediction\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08load_cps\x18\x02 \x01(\x01\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x16\n\x0e\x63\x61ll_latency_s\x18\x04 \x01(\x01\x12\x0c\n\x04gpus\x18\x05 \x01(\x01\x12\x45\n\x0fprofile_sources\x18\x06 \x03(\x0b\x32,.scepsy.v1.LlmPrediction.ProfileSourcesEntry\x1a\x35\n\x13ProfileSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xf9\x03\n\x04Plan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x11\n\tspec_yaml\x18\x03 \x01(\t\x12)\n\nallocation\x18\x04 \x01(\x0b\x32\x15.scepsy.v1.Allocation\x12\x32\n\x0bpredictions\x18\x05 \x03(\x0b\x32\x1d.scepsy.v1.WorkflowPrediction\x12\'\n\tplacement\x18\x06 \x01(\x0b\x32\x14.scepsy.v1.Placement\x12\x16\n\x0esearch_seconds\x18\x07 \x01(\x01\x12\x1e\n\x05nodes\x18\x08 \x03(\x0b\x32\x0f.scepsy.v1.Node\x12\x0b\n\x03rho\x18\t \x01(\x01\x12&\n\x04llms\x18\n \x03(\x0b\x32\x18.scepsy.v1.LlmPrediction\x12\x13\n\x0bobjective_s\x18\x0b \x01(\x01\x12\x0e\n\x06rounds\x18\x0c \x01(\r\x12\x13\n\x0b\x63onstraints\x18\r \x03(\t\x12\x17\n\x0fprofile_seconds\x18\x0e \x01(\x01\x12(\n\x07serving\x18\x0f \x03(\x0b\x32\x17.scepsy.v1.ModelServing\x12\x12\n\nrefinement\x18\x10 \x03(\t\x12 \n\x13simulated_latency_s\x18\x11 \x01(\x01H\x00\x88\x01\x01\x42\x16\n\x14_simulated_latency_s\"o\n\x0cModelServing\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x13\n\x0b\x65ngine_args\x18\x05 \x03(\t\"_\n\x0bPlanRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x14\n\x0c\x63luster_yaml\x18\x02 \x01(\t\x12\x16\n\x0etrace_window_s\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"#\n\x15SetCurrentPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1c\n\x0eGetPlanRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0cPlanResponse\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.scepsy.v1.Plan2\xce\x01\n\x07Planner\x12\x37\n\x04Plan\x12\x16.scepsy.v1.PlanRequest\x1a\x17.scepsy.v1.PlanResponse\x12=\n\x07GetPlan\x12\x19.scepsy.v1.GetPlanRequest\x1a\x17.scepsy.v1.PlanResponse\x12K\n\x0eSetCurrentPlan\x12 .scepsy.v1.SetCurrentPlanRequest\x1a\x17.scepsy.v1.PlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LLMPREDICTION_PROFILESOURCESENTRY']._serialized_start=375
   _globals['_LLMPREDICTION_PROFILESOURCESENTRY']._serialized_end=428
   _globals['_PLAN']._serialized_start=431
-  _globals['_PLAN']._serialized_end=858
-  _globals['_MODELSERVING']._serialized_start=860
-  _globals['_MODELSERVING']._serialized_end=971
-  _globals['_PLANREQUEST']._serialized_start=973
-  _globals['_PLANREQUEST']._serialized_end=1068
-  _globals['_SETCURRENTPLANREQUEST']._serialized_start=1070
-  _globals['_SETCURRENTPLANREQUEST']._serialized_end=1105
-  _globals['_GETPLANREQUEST']._serialized_start=1107
-  _globals['_GETPLANREQUEST']._serialized_end=1135
-  _globals['_PLANRESPONSE']._serialized_start=1137
-  _globals['_PLANRESPONSE']._serialized_end=1182
-  _globals['_PLANNER']._serialized_start=1185
-  _globals['_PLANNER']._serialized_end=1391
+  _globals['_PLAN']._serialized_end=936
+  _globals['_MODELSERVING']._serialized_start=938
+  _globals['_MODELSERVING']._serialized_end=1049
+  _globals['_PLANREQUEST']._serialized_start=1051
+  _globals['_PLANREQUEST']._serialized_end=1146
+  _globals['_SETCURRENTPLANREQUEST']._serialized_start=1148
+  _globals['_SETCURRENTPLANREQUEST']._serialized_end=1183
+  _globals['_GETPLANREQUEST']._serialized_start=1185
+  _globals['_GETPLANREQUEST']._serialized_end=1213
+  _globals['_PLANRESPONSE']._serialized_start=1215
+  _globals['_PLANRESPONSE']._serialized_end=1260
+  _globals['_PLANNER']._serialized_start=1263
+  _globals['_PLANNER']._serialized_end=1469
 # @@protoc_insertion_point(module_scope)

@@ -133,6 +133,8 @@ class Plan(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
     PROFILE_SECONDS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    REFINEMENT_FIELD_NUMBER: _builtins.int
+    SIMULATED_LATENCY_S_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """content hash of inputs and result"""
     created_at: _builtins.float
@@ -149,6 +151,8 @@ class Plan(_message.Message):
     """searches run: 1 + placement feedback rounds"""
     profile_seconds: _builtins.float
     """of search_seconds, spent computing profiles"""
+    simulated_latency_s: _builtins.float
+    """the chosen candidate's, when refined"""
     @_builtins.property
     def allocation(self) -> _types_pb2.Allocation: ...
     @_builtins.property
@@ -169,6 +173,10 @@ class Plan(_message.Message):
     def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelServing]:
         """what each model's engines serve, from the spec"""
 
+    @_builtins.property
+    def refinement(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """refinement by simulation on a replay of the trace: one line per candidate, the chosen first"""
+
     def __init__(
         self,
         *,
@@ -187,12 +195,16 @@ class Plan(_message.Message):
         constraints: _abc.Iterable[_builtins.str] | None = ...,
         profile_seconds: _builtins.float = ...,
         serving: _abc.Iterable[Global___ModelServing] | None = ...,
+        refinement: _abc.Iterable[_builtins.str] | None = ...,
+        simulated_latency_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_simulated_latency_s", b"_simulated_latency_s", "allocation", b"allocation", "placement", b"placement", "simulated_latency_s", b"simulated_latency_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "constraints", b"constraints", "created_at", b"created_at", "id", b"id", "llms", b"llms", "nodes", b"nodes", "objective_s", b"objective_s", "placement", b"placement", "predictions", b"predictions", "profile_seconds", b"profile_seconds", "rho", b"rho", "rounds", b"rounds", "search_seconds", b"search_seconds", "serving", b"serving", "spec_yaml", b"spec_yaml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_simulated_latency_s", b"_simulated_latency_s", "allocation", b"allocation", "constraints", b"constraints", "created_at", b"created_at", "id", b"id", "llms", b"llms", "nodes", b"nodes", "objective_s", b"objective_s", "placement", b"placement", "predictions", b"predictions", "profile_seconds", b"profile_seconds", "refinement", b"refinement", "rho", b"rho", "rounds", b"rounds", "search_seconds", b"search_seconds", "serving", b"serving", "simulated_latency_s", b"simulated_latency_s", "spec_yaml", b"spec_yaml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__simulated_latency_s: _TypeAlias = _typing.Literal["simulated_latency_s"]  # noqa: Y015
+    _WhichOneofArgType__simulated_latency_s: _TypeAlias = _typing.Literal["_simulated_latency_s", b"_simulated_latency_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__simulated_latency_s) -> _WhichOneofReturnType__simulated_latency_s | None: ...
 
 Global___Plan: _TypeAlias = Plan  # noqa: Y015
 

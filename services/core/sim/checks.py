@@ -25,7 +25,8 @@ from services.core.sim.arrivals import poisson
 from services.core.sim.measure import Point
 from services.core.sim.results import AlpCheck, BenchSettings, OracleResult, Stability
 from services.core.sim.runs import Counter, Load, load_at, run_point
-from services.core.sim.systems import SYSTEMS, Context, Setup, describe
+from services.core.sim.scoring import describe
+from services.core.sim.systems import SYSTEMS, Context, Setup
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.core.workload.trace import Trace
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field, replace
 from services.core.errors import InvalidInputError
 from services.core.sim import baselines
 from services.core.sim.measure import MeasureConfig, Point
+from services.core.sim.scoring import RefineSettings
 from services.core.sim.simulator import SimOptions
-from services.core.sim.systems import SYSTEMS, RefineSettings
+from services.core.sim.systems import SYSTEMS
 from services.core.workload.spec import DEFAULT_FRACTION_UNIT, DEFAULT_RHO
 
 

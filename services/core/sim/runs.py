@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from services.core.sim.arrivals import poisson
 from services.core.sim.measure import Point, measure
 from services.core.sim.results import BenchSettings
-from services.core.sim.systems import Context, Setup, describe
+from services.core.sim.scoring import describe
+from services.core.sim.systems import Context, Setup
 
 
 @dataclass(frozen=True, slots=True)

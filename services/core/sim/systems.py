@@ -51,11 +51,14 @@ from services.core.planning.refine import Refiner, Scored
 from services.core.planning.search import AllocationInfeasible, best_scale
 from services.core.planning.space import Problem
 from services.core.sim import baselines
-from services.core.sim.arrivals import poisson
 from services.core.sim.control import Controller
-from services.core.sim.measure import MeasureConfig, measure
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
+from services.core.sim.scoring import (
+    RefineSettings,
+    ReplayScorer,
+    describe,  # noqa: F401 (re-exported: scripts/bench_alp.py)
+)
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.demand import LlmDemand, WorkflowDemand
@@ -92,40 +95,6 @@ def cluster_nodes(gpu_type: str, gpus: int) -> tuple[NodeInventory, ...]:
     return parse_cluster({"version": 1, "nodes": nodes}, source="simulated cluster")
 
 
-def describe(allocation: Mapping[str, Allocation]) -> str:
-    """Compact text: ``generator 2x tp2, reranker 3x 0.5``."""
-    parts = []
-    for m, a in sorted(allocation.items()):
-        config = f"tp{a.tp}" if a.fraction == 1 else f"{a.fraction:g}"
-        parts.append(f"{m} {a.replicas}x {config}")
-    return ", ".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class RefineSettings:
-    """Refinement by simulation in the Scepsy system (``Context.refiner``): how many
-    closed-form candidates, the headroom plans, the wall-time budget per plan, and the size of
-    each replay run (at least ``latency_multiple`` isolated latencies or ``min_seconds`` of
-    arrivals, at least ``min_requests``, at most about ``calls`` LLM calls: shorter runs
-    under-state latency near capacity, the queues have not built up), and of the capacity run
-    (``replay_capacity``)."""
-
-    candidates: int = 4
-    headroom: tuple[float, ...] = (1.15, 1.3)
-    seconds: float = 20.0
-    calls: int = 60_000
-    min_requests: int = 100
-    latency_multiple: float = 60.0
-    min_seconds: float = 60.0
-    max_backlog_growth: float = 0.05
-    seed: int = 4242
-    capacity_calls: int = 250_000
-    capacity_latencies: float = 60.0
-
-
-REFINE_MEASURE = MeasureConfig(min_span_latencies=6.0)
-
-
 @dataclass
 class Context:
     """A workflow's planning inputs on one GPU type (mutable: profiles are computed lazily)."""
@@ -141,8 +110,7 @@ class Context:
     rho: float = DEFAULT_RHO
     options: SimOptions = field(default_factory=SimOptions)
     refine: RefineSettings | None = field(default_factory=RefineSettings)
-    scores: dict[tuple[str, float], Scored] = field(default_factory=dict)
-    replays: dict[str, TraceReplay] = field(default_factory=dict)
+    _scorer: ReplayScorer | None = field(default=None, repr=False)
 
     @classmethod
     def prepare(
@@ -249,66 +217,39 @@ class Context:
     @property
     def replay(self) -> TraceReplay:
         """The warm-up trace as a workflow (``services.core.sim.replay``)."""
-        name = self.workflow.name
-        if name not in self.replays:
-            self.replays[name] = TraceReplay.of(self.warmup, name, self.workflow.models)
-        return self.replays[name]
+        replay = self.scorer.workflow
+        assert isinstance(replay, TraceReplay)
+        return replay
+
+    @property
+    def scorer(self) -> ReplayScorer:
+        """Allocations scored on the replayed warm-up trace (``services.core.sim.scoring``):
+        the isolated latency of the warm-up probe sizes the runs."""
+        if self._scorer is None:
+            name = self.workflow.name
+            replay = TraceReplay.of(self.warmup, name, self.workflow.models)
+            self._scorer = ReplayScorer(
+                replay,
+                self.gpu,
+                self.models,
+                self.isolated_latency,
+                self.options,
+                self.refine or RefineSettings(),
+            )
+        return self._scorer
 
     def refiner(self, rate: float) -> Refiner | None:
         """The refinement of plans for ``rate`` (``score_replay``), None when off."""
-        cfg = self.refine
-        if cfg is None:
-            return None
-        return Refiner(
-            lambda allocation: self.score_replay(allocation, rate),
-            candidates=cfg.candidates,
-            headroom=cfg.headroom,
-            seconds=cfg.seconds,
-        )
+        return None if self.refine is None else self.scorer.refiner(rate)
 
     def score_replay(self, allocation: Mapping[str, Allocation], rate: float) -> Scored:
-        """The replayed trace served by ``allocation`` at ``rate``: a short run with a fixed seed
-        (every candidate serves the same requests); remembered per allocation and rate."""
-        cfg = self.refine or RefineSettings()
-        key = (describe(allocation), round(rate, 9))
-        found = self.scores.get(key)
-        if found is not None:
-            return found
-        replay = self.replay
-        per_request = max(sum(replay.mean_calls().values()), 1.0)
-        span = max(cfg.latency_multiple * self.isolated_latency, cfg.min_seconds)
-        most = max(cfg.min_requests, int(cfg.calls / per_request))
-        requests = max(cfg.min_requests, min(round(rate * span), most))
-        arrivals = poisson(rate, requests, cfg.seed)
-        opts = replace(self.options, seed=self.options.seed + cfg.seed)
-        result = simulate(replay, self.deployment(allocation), arrivals, opts)
-        point = measure(result, rate, REFINE_MEASURE)
-        scored = Scored(
-            point.mean_latency,
-            point.throughput,
-            point.settled and point.backlog_growth <= cfg.max_backlog_growth,
-        )
-        self.scores[key] = scored
-        return scored
+        """The replayed trace served by ``allocation`` at ``rate`` (``ReplayScorer.score``: a
+        short run with a fixed seed; remembered per allocation and rate)."""
+        return self.scorer.score(allocation, rate)
 
     def replay_capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
-        """The replayed trace's completion rate in the measurement window when ``allocation``
-        is offered ``rate`` (above its capacity) for ``capacity_latencies`` isolated request
-        latencies (at least 400 requests, at most about ``capacity_calls`` LLM calls): the
-        refined throughput prediction."""
-        cfg = self.refine or RefineSettings()
-        replay = self.replay
-        per_request = max(sum(replay.mean_calls().values()), 1.0)
-        most = max(400, int(cfg.capacity_calls / per_request))
-        wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
-        requests = min(max(400, wanted), most)
-        result = simulate(
-            replay,
-            self.deployment(allocation),
-            poisson(rate, requests, cfg.seed + 1),
-            replace(self.options, seed=self.options.seed + cfg.seed),
-        )
-        return measure(result, rate).throughput
+        """The refined throughput prediction (``ReplayScorer.capacity``)."""
+        return self.scorer.capacity(allocation, rate)
 
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))

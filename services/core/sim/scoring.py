@@ -1,0 +1,187 @@
+"""Allocations scored by simulating a replay of the traced requests: what refinement runs.
+
+The closed-form ALP misjudges fan-outs and per-round barriers; ``planning.refine`` re-ranks its
+best candidates by a score, and ``ReplayScorer`` is that score: the traced requests, replayed wave
+by wave (``services.core.sim.replay``), served by the candidate allocation in the simulator, with
+a fixed seed so that every candidate serves the same requests. It needs a trace and the spec's
+models, not the workflow's program, so the simulator's Scepsy system and the planner service
+(on the router's recorded trace) refine the same way.
+
+- ``score(allocation, rate)``: mean request latency, completion rate and whether the run kept up
+  (steady, and the backlog grew by at most ``max_backlog_growth``); remembered per allocation
+  and rate;
+- ``capacity(allocation, rate)``: the completion rate when offered ``rate`` above what the
+  allocation serves (the refined throughput prediction);
+- ``refiner(rate)``: the ``planning.refine.Refiner`` of plans for ``rate``.
+
+Several workflows are replayed as one ``Mix`` at their shares of the requests.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from services.core.allocation import Allocation
+from services.core.cluster.hardware import GpuSpec
+from services.core.cluster.models import ModelSpec
+from services.core.errors import InvalidInputError
+from services.core.planning.refine import Refiner, Scored
+from services.core.sim.arrivals import poisson
+from services.core.sim.measure import MeasureConfig, measure
+from services.core.sim.program import Workflow
+from services.core.sim.replay import TraceReplay
+from services.core.sim.simulator import Deployment, SimOptions, simulate
+from services.core.sim.workflows import Mix
+from services.core.workload.trace import Trace
+
+REFINE_MEASURE = MeasureConfig(min_span_latencies=6.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RefineSettings:
+    """How many closed-form candidates, the headroom plans, the wall-time budget per plan, and
+    the size of each replay run (at least ``latency_multiple`` isolated latencies or
+    ``min_seconds`` of arrivals, at least ``min_requests``, at most about ``calls`` LLM calls:
+    shorter runs under-state latency near capacity, the queues have not built up), and of the
+    capacity run."""
+
+    candidates: int = 4
+    headroom: tuple[float, ...] = (1.15, 1.3)
+    seconds: float = 20.0
+    calls: int = 60_000
+    min_requests: int = 100
+    latency_multiple: float = 60.0
+    min_seconds: float = 60.0
+    max_backlog_growth: float = 0.05
+    seed: int = 4242
+    capacity_calls: int = 250_000
+    capacity_latencies: float = 60.0
+
+
+def describe(allocation: Mapping[str, Allocation]) -> str:
+    """Compact text: ``generator 2x tp2, reranker 3x 0.5``."""
+    parts = []
+    for m, a in sorted(allocation.items()):
+        config = f"tp{a.tp}" if a.fraction == 1 else f"{a.fraction:g}"
+        parts.append(f"{m} {a.replicas}x {config}")
+    return ", ".join(parts)
+
+
+@dataclass
+class ReplayScorer:
+    """Scores of allocations on ``workflow`` (a replay, or a ``Mix`` of replays) served by
+    ``models`` on ``gpu`` (module docstring). ``isolated_latency`` (s, a request served alone)
+    sizes the runs."""
+
+    workflow: Workflow
+    gpu: GpuSpec
+    models: Mapping[str, ModelSpec]  # deployment name -> architecture
+    isolated_latency: float
+    options: SimOptions = field(default_factory=SimOptions)
+    settings: RefineSettings = field(default_factory=RefineSettings)
+    scores: dict[tuple[str, float], Scored] = field(default_factory=dict)
+
+    @classmethod
+    def of_trace(
+        cls,
+        trace: Trace,
+        shares: Mapping[str, float],
+        gpu: GpuSpec,
+        models: Mapping[str, ModelSpec],
+        *,
+        options: SimOptions | None = None,
+        settings: RefineSettings | None = None,
+    ) -> ReplayScorer:
+        """The scorer of the workflows ``shares`` names (name -> rate; normalised to shares of
+        the requests) replayed from ``trace``; the isolated latency is the median traced
+        request's duration (an upper bound when the trace was taken under load, which only
+        lengthens the runs). Raises ``InvalidInputError`` when a workflow has no successful
+        call in the trace or calls a model ``models`` does not name."""
+        total = sum(shares.values())
+        if not shares or not total > 0:
+            raise InvalidInputError(f"shares: need a workflow with a rate > 0, got {dict(shares)}")
+        names = {m: spec.name for m, spec in models.items()}
+        replays = [TraceReplay.of(trace, w, names) for w in sorted(shares)]
+        workflow: Workflow = replays[0]
+        if len(replays) > 1:
+            parts = tuple(shares[r.name] / total for r in replays)
+            workflow = Mix("+".join(r.name for r in replays), tuple(replays), parts)
+        durations = [r.end - r.start for r in trace.requests if r.workflow in shares]
+        if not durations:  # no request spans: the calls of each request, first start to last end
+            durations = [_request_span(trace, w) for w in shares]
+        isolated = max(statistics.median(durations), 1e-3)
+        opts, cfg = options or SimOptions(), settings or RefineSettings()
+        return cls(workflow, gpu, dict(models), isolated, opts, cfg)
+
+    def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
+        return Deployment(self.gpu, self.models, dict(allocation))
+
+    def _calls_per_request(self) -> float:
+        wf = self.workflow
+        parts = wf.parts if isinstance(wf, Mix) else (wf,)
+        shares = wf.shares if isinstance(wf, Mix) else (1.0,)
+        total = 0.0
+        for part, share in zip(parts, shares, strict=True):
+            if isinstance(part, TraceReplay):
+                total += share * sum(part.mean_calls().values())
+        return max(total, 1.0)
+
+    def score(self, allocation: Mapping[str, Allocation], rate: float) -> Scored:
+        """The replay served by ``allocation`` at ``rate`` requests/s (module docstring)."""
+        cfg = self.settings
+        key = (describe(allocation), round(rate, 9))
+        found = self.scores.get(key)
+        if found is not None:
+            return found
+        span = max(cfg.latency_multiple * self.isolated_latency, cfg.min_seconds)
+        most = max(cfg.min_requests, int(cfg.calls / self._calls_per_request()))
+        requests = max(cfg.min_requests, min(round(rate * span), most))
+        opts = replace(self.options, seed=self.options.seed + cfg.seed)
+        result = simulate(
+            self.workflow, self.deployment(allocation), poisson(rate, requests, cfg.seed), opts
+        )
+        point = measure(result, rate, REFINE_MEASURE)
+        scored = Scored(
+            point.mean_latency,
+            point.throughput,
+            point.settled and point.backlog_growth <= cfg.max_backlog_growth,
+        )
+        self.scores[key] = scored
+        return scored
+
+    def capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
+        """The completion rate in the measurement window when ``allocation`` is offered
+        ``rate`` (above its capacity) for ``capacity_latencies`` isolated latencies (at least
+        400 requests, at most about ``capacity_calls`` LLM calls)."""
+        cfg = self.settings
+        most = max(400, int(cfg.capacity_calls / self._calls_per_request()))
+        wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
+        requests = min(max(400, wanted), most)
+        result = simulate(
+            self.workflow,
+            self.deployment(allocation),
+            poisson(rate, requests, cfg.seed + 1),
+            replace(self.options, seed=self.options.seed + cfg.seed),
+        )
+        return measure(result, rate).throughput
+
+    def refiner(self, rate: float) -> Refiner:
+        """The refinement of plans for ``rate`` requests/s of the whole."""
+        cfg = self.settings
+        return Refiner(
+            lambda allocation: self.score(allocation, rate),
+            candidates=cfg.candidates,
+            headroom=cfg.headroom,
+            seconds=cfg.seconds,
+        )
+
+
+def _request_span(trace: Trace, workflow: str) -> float:
+    spans: dict[str, tuple[float, float]] = {}
+    for c in trace.calls:
+        if c.workflow == workflow:
+            lo, hi = spans.get(c.request_id, (c.start, c.end))
+            spans[c.request_id] = (min(lo, c.start), max(hi, c.end))
+    return statistics.median(hi - lo for lo, hi in spans.values()) if spans else 0.0
