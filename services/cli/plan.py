@@ -180,6 +180,7 @@ def format_plan(plan: Plan) -> str:
         f"{plan.rounds} round(s); weighted latency {plan.objective_s:.3f} s"
     )
     lines.extend(f"  constraint {note}" for note in plan.constraints)
+    lines.extend(f"  refined {note}" for note in plan.refinement)
     sources = [
         f"{m.model}: " + ", ".join(f"{n} {how}" for how, n in m.profile_sources.items())
         for m in plan.llms

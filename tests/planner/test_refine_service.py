@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from services.cli.plan import format_plan
 from services.core.workload.trace import TraceCall, TraceRequest, dumps
 from services.planner.config import PlannerConfig
 from services.planner.service import Planner
@@ -60,6 +61,7 @@ async def test_a_plan_on_the_recorded_trace_is_refined_and_keeps_its_candidates(
     assert stored is not None
     assert stored.refinement == plan.refinement
     assert stored.simulated_latency_s == pytest.approx(plan.simulated_latency_s)
+    assert "  refined chosen " in format_plan(stored)  # what `scepsy plan show` prints
 
 
 async def test_refinement_off_or_without_a_trace_to_replay_plans_the_closed_form(
