@@ -1,6 +1,6 @@
 """The planner service refines its plans on a replay of the router's recorded trace: the closed
 form's best candidates are simulated (``services.core.sim.scoring``) and the plan records them,
-through the store and the gRPC contract."""
+through the store (the contract's Plan message)."""
 
 from __future__ import annotations
 
