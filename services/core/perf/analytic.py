@@ -41,7 +41,9 @@ REQUESTS_PER_POINT = 400
 # full resolution's (``scripts/bench_search.py`` measures it).
 PLANNING_RATE_FRACTIONS: tuple[float, ...] = (0.1, 0.4, 0.6, 0.75, 0.85, 0.95)
 PLANNING_REQUESTS_PER_POINT = 200
+PLANNING_SATURATION_WINDOW = (0.2, 0.8)
 WARMUP_SHARE = 0.1
+SATURATION_WINDOW = (0.2, 0.8)  # completions measured by ``saturation_rate`` (shares)
 BURST_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 BURST_CALLS = 64  # calls simulated per burst size (bursts of b: BURST_CALLS // b trials, >= 3)
 
@@ -104,8 +106,14 @@ def saturation_rate(
     seed: int = 0,
     config: SchedulerConfig | None = None,
     requests: int | None = None,
+    window: tuple[float, float] = SATURATION_WINDOW,
 ) -> float:
-    """Calls/s the engine sustains when it always has work (see the module docstring)."""
+    """Calls/s the engine sustains when it always has work (see the module docstring).
+
+    ``window``: the completions measured, as shares of ``requests`` (the simulation stops at
+    the window's end: what follows cannot change the times inside it)."""
+    if not 0 <= window[0] < window[1] < 1:
+        raise InvalidInputError(f"saturation window: must be 0 <= lo < hi < 1, got {window}")
     cfg = config or SchedulerConfig()
     if requests is None:
         capacity = perf.kv_capacity_tokens(cfg.memory_utilization, cfg.max_batched_tokens)
@@ -114,16 +122,19 @@ def saturation_rate(
         requests = max(8 * concurrency, 200)
     rng = np.random.default_rng([seed, 0])
     prompt, completion = mix.draw(requests, rng)
-    result = simulate(perf, np.zeros(requests), prompt, completion, cfg)
-    # Completions between the 20th and 80th percentile: the engine is full and calls still
-    # queue (the queue empties only after about (requests - concurrency) completions), while the
-    # ramp-up and the drain tail (a few long calls finishing alone) stay outside the window.
+    # Completions between the 20th and 80th percentile (by default): the engine is full and
+    # calls still queue (the queue empties only after about (requests - concurrency)
+    # completions), while the ramp-up and the drain tail (a few long calls finishing alone) stay
+    # outside the window. Completions come in time order, so the run can stop at the window's
+    # end; the rest of the calls keep NaN times, which sort last.
+    lo, hi = int(window[0] * requests), int(window[1] * requests)
+    arrival = np.zeros(requests)
+    result = simulate(perf, arrival, prompt, completion, cfg, stop_after=hi + 1)
     finish = np.sort(result.finish)
-    lo, hi = int(0.2 * requests), int(0.8 * requests)
     span = float(finish[hi] - finish[lo])
     if span > 0:
         return (hi - lo) / span
-    return requests / result.makespan
+    return requests / simulate(perf, arrival, prompt, completion, cfg).makespan
 
 
 def _point(
@@ -211,6 +222,7 @@ def profile_analytic(
     params: PerfParams | None = None,
     rate_fractions: Sequence[float] = RATE_FRACTIONS,
     requests_per_point: int = REQUESTS_PER_POINT,
+    saturation_window: tuple[float, float] = SATURATION_WINDOW,
 ) -> Profile:
     """The latency-vs-rate profile of ``model`` on ``tp`` GPUs (or a ``fraction`` of one).
 
@@ -231,7 +243,7 @@ def profile_analytic(
             f"model {model.name} on {gpu.name} tp {tp} fraction {fraction:g}: the KV cache holds "
             f"{capacity} tokens, the mix {mix.id!r} has calls of {mix.longest} tokens"
         )
-    saturation = saturation_rate(perf, mix, seed, cfg)
+    saturation = saturation_rate(perf, mix, seed, cfg, window=saturation_window)
     # Common random numbers: every rate sees the same calls and the same arrival pattern, only
     # compressed in time, so the curve's differences come from the load and not from sampling.
     rng = np.random.default_rng([seed, 1])

@@ -20,6 +20,7 @@ from services.core.perf.analytic import ENGINE as ANALYTIC_ENGINE
 from services.core.perf.analytic import (
     PLANNING_RATE_FRACTIONS,
     PLANNING_REQUESTS_PER_POINT,
+    PLANNING_SATURATION_WINDOW,
     RequestMix,
     profile_analytic,
 )
@@ -40,7 +41,7 @@ class ProfileBackend(Protocol):
         ...
 
 
-_Key = tuple[str, str, int, float, str, int, tuple[float, ...], int]
+_Key = tuple[str, str, int, float, str, int, tuple[float, ...], int, tuple[float, float]]
 _CACHE: OrderedDict[_Key, Profile | InfeasibleError] = OrderedDict()
 
 
@@ -61,11 +62,13 @@ class AnalyticBackend:
         self,
         rate_fractions: Sequence[float] = PLANNING_RATE_FRACTIONS,
         requests_per_point: int = PLANNING_REQUESTS_PER_POINT,
+        saturation_window: tuple[float, float] = PLANNING_SATURATION_WINDOW,
         *,
         cache: bool = True,
     ) -> None:
         self.rate_fractions = tuple(rate_fractions)
         self.requests_per_point = requests_per_point
+        self.saturation_window = saturation_window
         self.cache = cache
 
     def profile(
@@ -80,6 +83,7 @@ class AnalyticBackend:
             seed,
             self.rate_fractions,
             self.requests_per_point,
+            self.saturation_window,
         )
         found = _CACHE.get(key) if self.cache else None
         if found is None:
@@ -93,6 +97,7 @@ class AnalyticBackend:
                     seed,
                     rate_fractions=self.rate_fractions,
                     requests_per_point=self.requests_per_point,
+                    saturation_window=self.saturation_window,
                 )
             except InfeasibleError as exc:
                 found = exc

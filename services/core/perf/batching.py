@@ -63,11 +63,14 @@ def simulate(
     completion: IntArray,
     config: SchedulerConfig | None = None,
     kv_capacity: int | None = None,
+    stop_after: int | None = None,
 ) -> SimResult:
     """Run the requests through the engine; deterministic for the same inputs.
 
     ``arrival`` must be non-decreasing; ``prompt`` >= 1 and ``completion`` >= 1 tokens each.
-    ``kv_capacity`` (tokens) overrides the perf model's KV-cache size. Raises
+    ``kv_capacity`` (tokens) overrides the perf model's KV-cache size. ``stop_after``: stop
+    once every request has arrived and at least this many have finished; the others keep NaN
+    times (the first ``stop_after`` finish times are exactly those of the whole run). Raises
     ``InvalidInputError`` for a request that can never fit the KV cache or the token budget,
     ``InfeasibleError`` when the model does not fit the memory at all.
     """
@@ -82,8 +85,8 @@ def simulate(
     # each call reaches the scheduler ``call_overhead_s`` after it was sent (a constant shift:
     # the engine's queueing is unchanged, every latency and TTFT grows by it)
     overhead = perf.params.call_overhead_s
-    _replay(engine, (arr + overhead).tolist(), p_len.tolist(), o_len.tolist())
-    if engine.outstanding:
+    _replay(engine, (arr + overhead).tolist(), p_len.tolist(), o_len.tolist(), stop_after)
+    if engine.outstanding and stop_after is None:
         raise InvalidInputError("simulate: requests can never be scheduled (limits too small)")
     return SimResult(
         arrival=arr,
@@ -95,28 +98,42 @@ def simulate(
 
 
 def _replay(
-    engine: BatchEngine, arrival: list[float], prompt: list[int], completion: list[int]
+    engine: BatchEngine,
+    arrival: list[float],
+    prompt: list[int],
+    completion: list[int],
+    stop_after: int | None = None,
 ) -> None:
-    """Submit the requests at their arrival times and run the engine until it is idle.
+    """Submit the requests at their arrival times and run the engine until it is idle (or,
+    after the last arrival, until ``stop_after`` requests have finished).
 
     Iterations ending at or before an arrival finish first; requests arriving together are
     handed over before the next iteration starts, so they join it together."""
+    finish_iteration, start_iteration, submit = (
+        engine.finish_iteration,
+        engine.start_iteration,
+        engine.submit,
+    )
     i, n = 0, len(arrival)
+    finished = 0
     while i < n:
         t = arrival[i]
-        while engine.wake is not None and engine.wake <= t:
-            now = engine.wake
-            engine.finish_iteration(now)
-            if now < t:
-                engine.start_iteration(now)
-        while i < n and arrival[i] == t:
-            engine.submit(t, prompt[i], completion[i], start=False)
-            i += 1
-        engine.start_iteration(t)
-    while engine.wake is not None:
         now = engine.wake
-        engine.finish_iteration(now)
-        engine.start_iteration(now)
+        while now is not None and now <= t:
+            finished += len(finish_iteration(now))
+            if now < t:
+                start_iteration(now)
+            now = engine.wake
+        while i < n and arrival[i] == t:
+            submit(t, prompt[i], completion[i], False)
+            i += 1
+        start_iteration(t)
+    goal = n if stop_after is None else stop_after
+    now = engine.wake
+    while now is not None and finished < goal:
+        finished += len(finish_iteration(now))
+        start_iteration(now)
+        now = engine.wake
 
 
 def static_batch(

@@ -113,6 +113,9 @@ class BatchEngine:
         self._run: tuple[float, int, float, float] | None = None  # lazy decode run
         self._run_cuttable = False
         self._coef: dict[int, tuple[float, float]] = {}
+        self._max_seqs = self.cfg.max_num_seqs
+        self._token_budget = self.cfg.max_batched_tokens
+        self._chunked = self.cfg.chunked_prefill
 
     @property
     def outstanding(self) -> int:
@@ -120,6 +123,8 @@ class BatchEngine:
         return len(self.waiting) + len(self.running) + len(self._done)
 
     # --- the event interface -----------------------------------------------------------------
+    # The hot paths (``submit``, ``_chunked_step``, runs and finishes) read the engine's state
+    # into locals and inline small helpers: a profile runs hundreds of thousands of iterations.
 
     def submit(self, now: float, prompt: int, completion: int, start: bool = True) -> int:
         """Hand a call to the engine at ``now``; returns its number. May change ``wake``.
@@ -135,24 +140,27 @@ class BatchEngine:
                 f"engine {self.perf.model.name}: a call of {prompt + completion} tokens exceeds "
                 f"the KV cache ({self.capacity} tokens)"
             )
-        if not self.cfg.chunked_prefill and prompt + completion > self.cfg.max_batched_tokens:
+        if not self._chunked and prompt + completion > self._token_budget:
             raise InvalidInputError(
                 f"engine: without chunked prefill a call must fit max_batched_tokens "
-                f"({self.cfg.max_batched_tokens}), got {prompt + completion} tokens"
+                f"({self._token_budget}), got {prompt + completion} tokens"
             )
         i = len(self.prompt)
         self.prompt.append(prompt)
         self.out.append(completion)
-        for column in (self.gen, self.need, self.prog, self.fin_at):
-            column.append(0)
+        self.gen.append(0)
+        self.need.append(0)
+        self.prog.append(0)
+        self.fin_at.append(0)
         self.first_token.append(math.nan)
         self.finish.append(math.nan)
-        was_empty = not self.waiting
-        self.waiting.append(i)
+        waiting = self.waiting
+        was_empty = not waiting
+        waiting.append(i)
         if self.wake is None:
             if start:
                 self.start_iteration(now)
-        elif self._run is not None and self._run_cuttable and was_empty:
+        elif was_empty and self._run_cuttable and self._run is not None:
             self._cut_run(now)
         return i
 
@@ -173,7 +181,7 @@ class BatchEngine:
             return
         self.clock = max(self.clock, now)
         if self.running or self.waiting:
-            if self.cfg.chunked_prefill:
+            if self._chunked:
                 self._chunked_step()
             else:
                 self._v0_step()
@@ -195,14 +203,17 @@ class BatchEngine:
     def _start_decoding(self, i: int) -> None:
         """Prefill of ``i`` finished at ``self.clock``: it emitted one token."""
         del self.prefilling[i]
-        self.gen[i] += 1
+        gen = self.gen[i] + 1
+        self.gen[i] = gen
         if math.isnan(self.first_token[i]):
             self.first_token[i] = self.clock
-        if self.gen[i] >= self.out[i]:
+        left = self.out[i] - gen
+        if left <= 0:
             self._finish(i, self.need[i])
             return
-        self.fin_at[i] = self.decode_counter + self.out[i] - self.gen[i]
-        heapq.heappush(self.heap, (self.fin_at[i], i))
+        fin = self.decode_counter + left
+        self.fin_at[i] = fin
+        heapq.heappush(self.heap, (fin, i))
         self.decoding.add(i)
         self.dec_context += self.need[i]
 
@@ -227,18 +238,27 @@ class BatchEngine:
         self.waiting.appendleft(i)
 
     def _pop_finished(self) -> None:
-        while self.heap and self.heap[0][0] <= self.decode_counter:
-            fin, i = heapq.heappop(self.heap)
-            if i not in self.decoding or self.fin_at[i] != fin:
+        heap = self.heap
+        counter = self.decode_counter
+        if not heap or heap[0][0] > counter:
+            return
+        decoding, fin_at, prompt, out = self.decoding, self.fin_at, self.prompt, self.out
+        finish, running, done, clock = self.finish, self.running, self._done, self.clock
+        while heap and heap[0][0] <= counter:
+            fin, i = heapq.heappop(heap)
+            if i not in decoding or fin_at[i] != fin:
                 continue  # stale entry of a preempted call
-            self.decoding.discard(i)
-            kv = self.prompt[i] + self.out[i] - 1
+            decoding.discard(i)
+            kv = prompt[i] + out[i] - 1
             self.dec_context -= kv
-            self.gen[i] = self.out[i]
-            self._finish(i, kv)
+            self.gen[i] = out[i]
+            finish[i] = clock
+            del running[i]
+            self.kv_used -= kv
+            done.append(i)
 
     def _head_admissible(self) -> bool:
-        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
+        if not self.waiting or len(self.running) >= self._max_seqs:
             return False
         i = self.waiting[0]
         return self.kv_used + self.prompt[i] + self.gen[i] + self.watermark <= self.capacity
@@ -257,7 +277,7 @@ class BatchEngine:
 
     def _v0_step(self) -> None:
         """vLLM V0: prefill-only iterations first, otherwise one decode iteration for all."""
-        budget = self.cfg.max_batched_tokens
+        budget = self._token_budget
         chunks: list[int] = []
         while self._head_admissible():
             i = self.waiting[0]
@@ -284,45 +304,69 @@ class BatchEngine:
 
     def _chunked_step(self) -> None:
         """vLLM V1: decodes first, then prompt chunks up to the token budget, in one iteration."""
-        self._make_room_for_decode()
-        budget = self.cfg.max_batched_tokens - len(self.decoding)
-        if not self.prefilling and not self._head_admissible():
-            if self.decoding:
+        decoding = self.decoding
+        if decoding and self.kv_used + len(decoding) > self.capacity:
+            self._make_room_for_decode()
+        prefilling, waiting, running = self.prefilling, self.waiting, self.running
+        prompt, gen = self.prompt, self.gen
+        max_seqs = self._max_seqs
+        room = self.capacity - self.watermark  # a prompt is admitted while kv_used + it <= room
+        if not prefilling and (
+            not waiting
+            or len(running) >= max_seqs
+            or self.kv_used + prompt[waiting[0]] + gen[waiting[0]] > room
+        ):
+            if decoding:
                 self._begin_run()
             return
+        n_dec = len(decoding)
+        budget = self._token_budget - n_dec
+        need, prog = self.need, self.prog
         chunks: list[tuple[int, int]] = []
-        for i in self.prefilling:
+        tokens = 0
+        pairs = 0.0  # causal (query, key) pairs of the chunks, summed in order
+        for i in prefilling:
             if budget <= 0:
                 break
-            take = min(self.need[i] - self.prog[i], budget)
+            done = prog[i]
+            take = min(need[i] - done, budget)
             chunks.append((i, take))
+            tokens += take
+            pairs += done * take + take * (take + 1) / 2
             budget -= take
-        while budget > 0 and self._head_admissible():
-            i = self.waiting[0]
-            self._admit(i)
-            take = min(self.need[i], budget)
+        kv_used = self.kv_used
+        while budget > 0 and waiting and len(running) < max_seqs:
+            i = waiting[0]
+            n = prompt[i] + gen[i]
+            if kv_used + n > room:
+                break
+            waiting.popleft()
+            need[i] = n
+            prog[i] = 0
+            kv_used += n
+            running[i] = None
+            prefilling[i] = None
+            take = min(n, budget)
             chunks.append((i, take))
+            tokens += take
+            pairs += take * (take + 1) / 2
             budget -= take
-        n_dec = len(self.decoding)
-        self._eager(
-            StepLoad(
-                prefill_tokens=sum(take for _, take in chunks),
-                prefill_pairs=sum(
-                    self.prog[i] * take + take * (take + 1) / 2 for i, take in chunks
-                ),
-                prefill_seqs=len(chunks),
-                decode_seqs=n_dec,
-                decode_context=self.dec_context + n_dec,
-            )
+        self.clock += self.perf.step_time(
+            StepLoad(tokens, pairs, len(chunks), n_dec, self.dec_context + n_dec)
         )
+        self.wake = self.clock
+        self.iterations += 1
         if n_dec:
             self.decode_counter += 1
-            self.kv_used += n_dec
+            kv_used += n_dec
             self.dec_context += n_dec
+        self.kv_used = kv_used
+        if n_dec:
             self._pop_finished()
         for i, take in chunks:
-            self.prog[i] += take
-            if self.prog[i] >= self.need[i]:
+            done = prog[i] + take
+            prog[i] = done
+            if done >= need[i]:
                 self._start_decoding(i)
 
     # --- decode runs ---------------------------------------------------------------------------
@@ -341,13 +385,15 @@ class BatchEngine:
         n_dec = len(self.decoding)
         steps = self.heap[0][0] - self.decode_counter
         steps = min(steps, max((self.capacity - self.kv_used) // n_dec, 1))
-        a, b = self._coefficients(n_dec)
+        found = self._coef.get(n_dec)
+        a, b = found if found is not None else self._coefficients(n_dec)
         # iteration j (1-based) attends over dec_context + n_dec * j tokens
         first = a + b * (self.dec_context + n_dec)
         slope = b * n_dec
-        self._run = (self.clock, steps, first, slope)
-        self._run_cuttable = len(self.running) < self.cfg.max_num_seqs and not self.waiting
-        self.wake = self._run_end(steps)
+        start = self.clock
+        self._run = (start, steps, first, slope)
+        self._run_cuttable = len(self.running) < self._max_seqs and not self.waiting
+        self.wake = start + steps * first + slope * (steps - 1) * steps / 2  # _run_end(steps)
 
     def _run_end(self, steps: int) -> float:
         """End of the ``steps``-th iteration of the current run."""
@@ -380,8 +426,10 @@ class BatchEngine:
             self.epoch += 1
 
     def _commit_run(self, steps: int) -> None:
+        assert self._run is not None
+        start, _, first, slope = self._run
         n_dec = len(self.decoding)
-        self.clock = self._run_end(steps)
+        self.clock = start + steps * first + slope * (steps - 1) * steps / 2  # _run_end(steps)
         self._run = None
         self.iterations += steps
         self.decode_counter += steps
