@@ -29,7 +29,7 @@ from typing import Any
 
 from services.core.allocation import TP_DEGREES, Allocation
 from services.core.cluster.inventory import NodeInventory
-from services.core.errors import InvalidInputError
+from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.placement.heuristic import (
     Assignment,
     Placement,
@@ -39,8 +39,10 @@ from services.core.placement.heuristic import (
 from services.core.planning.alp import predict
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
 from services.core.planning.profiles import SpecProfiles
-from services.core.planning.refine import Refiner, Trial, refine
+from services.core.planning.refine import Refiner, Trial, candidates, score_trials
+from services.core.planning.search import weighted_latency
 from services.core.planning.space import Problem
+from services.core.sim import baselines
 from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
 
 ID_LENGTH = 16  # hex digits of the sha256 kept as the plan id
@@ -232,9 +234,22 @@ def refine_placed(
     """The best simulated candidate that places (``refine``) instead of the closed-form
     optimum, one note per candidate and the chosen one's simulated latency."""
     started = time.perf_counter()
-    refined = refine(
+    trials = candidates(
         problem, profiles.profile, refiner, constraints=placed.constraints, bursts=profiles.burst
     )
+    if problem.latency_slo is None:  # the fewest-GPUs objective: hand-made splits use them all
+        seen = [t.allocation for t in trials]
+        extra: list[Trial] = []
+        for origin, allocation in handmade(problem, profiles):
+            if allocation not in seen:
+                seen.append(allocation)
+                extra.append(
+                    Trial(allocation, _closed_form(problem, profiles, allocation), origin, None)
+                )
+        # the hand-made ones are always scored, right after the closed-form optimum
+        trials = [*trials[:1], *extra, *trials[1:]]
+        refiner = replace(refiner, minimum=max(refiner.minimum, 1 + len(extra)))
+    refined = score_trials(trials, refiner)
     for trial in refined.order:
         try:
             placement = (
@@ -266,6 +281,65 @@ def refine_placed(
         done = replace(placed, result=result, placement=placement, seconds=seconds)
         return done, notes, simulated
     return placed, (), None
+
+
+def handmade(problem: Problem, profiles: SpecProfiles) -> list[tuple[str, dict[str, Allocation]]]:
+    """The allocations a user would make by hand, scored beside the closed form's candidates
+    when a plan is refined (so a refined plan is never one the simulation finds worse than
+    these): GPUs in proportion to each LLM's share of the LLM time (its calls/s x its idle call
+    latency on its smallest whole-GPU instance), in whole GPUs and in fractions of 1/k; the even
+    split; each LLM sized alone for its calls/s (``services.core.sim.baselines``). One that does
+    not fit the GPUs is left out."""
+    loads: dict[str, float] = {}
+    for w in problem.workflows:
+        for d in w.llms:
+            loads[d.model] = loads.get(d.model, 0.0) + problem.rates[w.name] * d.n
+    fits, gpus = profiles.fits, problem.gpus
+    max_tp = min(problem.max_tp, gpus)
+
+    def time_shares(k: int) -> dict[str, Allocation]:
+        shares = {}
+        for m, load in loads.items():
+            tp = baselines.least_tp(m, fits, max_tp)
+            shares[m] = load * profiles.profile(m, tp, 1.0).latency_at(0.0)
+        return baselines.time_shares(shares, gpus, fits, max_tp, k)
+
+    makers: list[tuple[str, Callable[[], dict[str, Allocation]]]] = [
+        ("time shares", lambda: time_shares(1)),
+        ("even split", lambda: baselines.even_split(
+            {m: profiles.spec.models[m] for m in loads}, gpus, fits, max_tp)),
+        ("per-LLM sizing", lambda: baselines.independent(
+            loads, profiles.profile, fits, gpus, max_tp)),
+    ]  # fmt: skip
+    if problem.fraction_unit > 1:
+        makers.insert(1, ("time shares in fractions", lambda: time_shares(problem.fraction_unit)))
+    out: list[tuple[str, dict[str, Allocation]]] = []
+    for origin, make in makers:
+        try:
+            allocation = make()
+        except (InfeasibleError, InvalidInputError):
+            continue
+        if all(a.replicas > 0 for a in allocation.values()) and set(allocation) == set(loads):
+            out.append((origin, allocation))
+    return out
+
+
+def _closed_form(
+    problem: Problem, profiles: SpecProfiles, allocation: Mapping[str, Allocation]
+) -> float:
+    """The closed form's weighted latency of ``allocation`` (inf when it cannot serve)."""
+    try:
+        prediction = predict(
+            problem.workflows,
+            profiles.profile,
+            allocation,
+            problem.rates,
+            rho=problem.rho,
+            bursts=profiles.burst,
+        )
+    except (InfeasibleError, InvalidInputError):
+        return math.inf
+    return weighted_latency(problem, prediction)
 
 
 def _note(trial: Trial, chosen: bool) -> str:

@@ -214,9 +214,34 @@ def test_a_refiner_replaces_the_closed_form_optimum_by_the_fastest_simulated_can
     assert refined.allocation == scored[1]  # the fastest simulated one
     assert refined.simulated_latency_s == pytest.approx(1.02)
     assert refined.refinement[0].startswith("rank 1") and "simulated 9 s" in refined.refinement[0]
-    assert any(note.startswith("chosen rank 2") for note in refined.refinement)
+    assert sum(note.startswith("chosen ") for note in refined.refinement) == 1
     assert refined.objective_s >= plain.objective_s  # by the closed form it is no better
     state = cluster_state(refined.nodes, 4)
     assert validate(refined.placement, state, instances_of(refined.allocation, 4)) == ()
     assert refined.id == plan_id(refined) and refined.id != plain.id
     assert "refinement" not in content(plain)
+
+
+def test_a_refined_plan_also_scores_the_hand_made_splits_and_takes_one_that_simulates_faster() -> (
+    None
+):
+    text = SPEC.format(rate=1.0)
+    spec = spec_from_text(text)
+    plain = build_plan(text, spec, created_at=1.0)
+    even = {"A": Allocation(1.0, 1, 2), "B": Allocation(1.0, 1, 2)}  # 4 GPUs split evenly
+    scored: list[dict[str, Allocation]] = []
+
+    def score(allocation: Mapping[str, Allocation]) -> Scored:
+        # a stand-in for the simulator in which the even split is fastest
+        scored.append(dict(allocation))
+        return Scored(1.0 if dict(allocation) == even else 5.0, 1.0, True)
+
+    refiner = Refiner(score, candidates=2, headroom=(), seconds=1e-9)  # budget: the minimum
+    refined = build_plan(text, spec, created_at=1.0, refiner=refiner)
+    origins = [note.split(":")[0].removeprefix("chosen ") for note in refined.refinement]
+    # the hand-made ones are scored right after the closed-form optimum, whatever the budget
+    assert origins[0] == "rank 1" and scored[0] == plain.allocation
+    assert {"time shares", "even split", "per-LLM sizing"} <= set(origins)
+    assert refined.allocation == even != plain.allocation
+    assert refined.refinement[origins.index("even split")].startswith("chosen even split")
+    assert len(scored) == len({repr(sorted(a.items())) for a in scored})  # each once
