@@ -124,6 +124,7 @@ class Dispatcher:
         self._idle.set()
         self.draining = False
         self._flights: dict[Replica, set[_Flight]] = {}
+        self._streaming = asyncio.Event()  # set while a stream may be in flight
         self._watchdog: asyncio.Task[None] | None = None
         registry.on_change = self._wake_all
         registry.on_eject = self.abort_replica
@@ -160,10 +161,15 @@ class Dispatcher:
             flight.task.cancel()  # waiting for the engine's answer: _open takes another replica
 
     async def _watch_streams(self) -> None:
-        """End streams that sent nothing for ``stream_idle_timeout_s``."""
+        """End streams that sent nothing for ``stream_idle_timeout_s``; asleep while no stream
+        is in flight."""
         idle = self._config.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
+        streaming = self._streaming
         while True:
+            if not any(f.stream for flights in self._flights.values() for f in flights):
+                streaming.clear()
+                await streaming.wait()  # ``_board`` sets it for a stream
             await asyncio.sleep(min(1.0, idle / 4))
             now = loop.time()
             for flights in list(self._flights.values()):
@@ -179,6 +185,8 @@ class Dispatcher:
     def _board(self, replica: Replica, stream: bool) -> _Flight:
         flight = _Flight(replica, asyncio.current_task(), stream)
         self._flights.setdefault(replica, set()).add(flight)
+        if stream and not self._streaming.is_set():
+            self._streaming.set()
         return flight
 
     def _land(self, flight: _Flight) -> None:

@@ -445,6 +445,25 @@ class Http1Pool:
                 body,
             )
         )
+        return await self._send(base_url, host, port, request)
+
+    async def get(self, base_url: str, path: str) -> tuple[int, bytes]:
+        """``GET base_url + path``, read whole: (status, body). A caller's deadline that ends
+        it closes its connection."""
+        if self._closed:
+            raise Http1ConnectError("connection pool closed")
+        host, port, netloc = self._address(base_url)
+        request = b"GET %b HTTP/1.1\r\nHost: %b\r\nAccept: */*\r\n\r\n" % (path.encode(), netloc)
+        response = await self._send(base_url, host, port, request)
+        try:
+            body = await response.read()
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        return response.status, body
+
+    async def _send(self, base_url: str, host: str, port: int, request: bytes) -> Http1Response:
         key = base_url
         while True:
             connection = self._take(key)

@@ -24,12 +24,12 @@ import json
 import time
 from collections.abc import Callable, Sequence
 
-import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
 from services.core.errors import UnavailableError
 from services.core.routing import Endpoint
+from services.router.http1 import Http1Error, Http1Pool
 from services.router.metrics import RouterMetrics
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
@@ -89,14 +89,14 @@ class ReplicaRegistry:
         # Pub/sub reads wait at most this long, so that stopping takes at most this long.
         self._read_timeout_s = min(refresh_s, 0.5)
         self._health_interval_s = health_interval_s
-        self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
+        self._health_timeout_s = health_timeout_s
         self._eject_after = eject_after
         self._models: dict[str, dict[str, Replica]] = {}
         self._sorted: dict[str, list[Replica]] = {}  # replicas(model), kept until apply
         self._epoch: str | None = None  # of the endpoint table last applied
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None  # its own connections, kept alive between checks
         self.on_change: Callable[[str], None] = lambda model: None
         # called when a replica is ejected, so that the calls in flight on it end at once
         self.on_eject: Callable[[Replica, str], None] = lambda replica, reason: None
@@ -195,10 +195,11 @@ class ReplicaRegistry:
             self.on_eject(replica, reason)
 
     # ---------------------------------------------------------------- lifecycle
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self) -> None:
         """Read the replicas once (Redis may be down: then start empty and keep trying), then
-        watch for changes and probe health in the background."""
-        self._session = session
+        watch for changes and probe health in the background (on the lean HTTP/1.1 client of
+        ``services.router.http1``, over connections kept alive between checks)."""
+        self._pool = Http1Pool(self._health_timeout_s, keepalive_s=30.0)
         try:
             await self.refresh()
         except UnavailableError as exc:
@@ -213,14 +214,18 @@ class ReplicaRegistry:
         pub/sub read, and a cancellation racing with a timeout (Python 3.11), can lose a
         cancellation and leave a task running; their short waits end them instead."""
         self._stopping.set()
-        limit = max(self._read_timeout_s, self._health_timeout.total or 0.0) + 2.0
-        done, pending = await asyncio.wait(self._tasks, timeout=limit)
-        for task in pending:
-            task.cancel()
-            log.warning("registry_task_stuck", task=task.get_name())
-        for task in done:
-            task.result()
+        limit = max(self._read_timeout_s, self._health_timeout_s) + 2.0
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=limit)
+            for task in pending:
+                task.cancel()
+                log.warning("registry_task_stuck", task=task.get_name())
+            for task in done:
+                task.result()
         self._tasks = []
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def _watch(self) -> None:
         while not self._stopping.is_set():
@@ -255,16 +260,15 @@ class ReplicaRegistry:
     async def probe(self, replica: Replica) -> bool:
         """One ``GET {url}/health``: re-admit on success, eject on the ``eject_after``-th failure
         in a row; True when this check passed."""
-        assert self._session is not None, "registry not started"
+        assert self._pool is not None, "registry not started"
         timed_out = False
         try:
-            async with self._session.get(
-                f"{replica.url}/health", timeout=self._health_timeout
-            ) as reply:
-                healthy = reply.status == 200
+            async with asyncio.timeout(self._health_timeout_s):
+                status, _ = await self._pool.get(replica.url, "/health")
+            healthy = status == 200
         except TimeoutError:
             healthy, timed_out = False, True
-        except (aiohttp.ClientError, OSError):
+        except (Http1Error, OSError):
             healthy = False
         busy = replica.activity != replica.probed_activity
         replica.probed_activity = replica.activity
@@ -294,13 +298,12 @@ class ReplicaRegistry:
         return None
 
     async def _read_info(self, replica: Replica) -> None:
-        assert self._session is not None
+        assert self._pool is not None
         try:
-            async with self._session.get(
-                f"{replica.url}/v1/models", timeout=self._health_timeout
-            ) as reply:
-                doc = orjson.loads(await reply.read()) if reply.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
+            async with asyncio.timeout(self._health_timeout_s):
+                status, body = await self._pool.get(replica.url, "/v1/models")
+            doc = orjson.loads(body) if status == 200 else None
+        except (Http1Error, TimeoutError, OSError, orjson.JSONDecodeError):
             return  # asked again at the next passing check
         data = doc.get("data") if isinstance(doc, dict) else None
         for entry in data if isinstance(data, list) else ():

@@ -1,8 +1,8 @@
 """The router service: both front ends, the dispatcher, the replica registry and the trace
 recorder, started and stopped with the gRPC server (``router_binding``).
 
-Start: open the connection pools (``services.router.http1`` for engine calls, an
-``aiohttp.ClientSession`` for health checks), read the replicas, start the trace writer, then
+Start: open the connection pool for engine calls (``services.router.http1``; the registry keeps
+its own for health checks), read the replicas, start the trace writer, then
 the HTTP server. Stop (after the server's health went NOT_SERVING and ``drain_s`` passed):
 refuse new calls (HTTP 503 with ``Retry-After``, ``/health`` 503; gRPC UNAVAILABLE with
 ``retry-after-ms``), give in-flight calls of both front ends ``grace_s`` to finish, stop the HTTP
@@ -10,8 +10,6 @@ server, then stop watching Redis, write the last trace records and close the poo
 """
 
 from __future__ import annotations
-
-import aiohttp
 
 from protos.scepsy.v1 import router_pb2, router_pb2_grpc
 from services.core.routing import PolicyOptions, make_policy
@@ -59,7 +57,6 @@ class Router:
         self.keys = ApiKeys(config.keys(), self.metrics)
         self.http = HttpFrontEnd(config, self.dispatcher, self.registry, self.metrics, self.keys)
         self.servicer = RouterServicer(self.dispatcher, self.registry, self.keys)
-        self._session: aiohttp.ClientSession | None = None
         self._pool: Http1Pool | None = None
 
     @property
@@ -71,15 +68,11 @@ class Router:
         return f"http://{self.config.resolved_http_host}:{self.http.port}"
 
     async def start(self, server: Server | None = None) -> None:
-        # No connection cap: the per-replica in-flight limit is the cap. trust_env=False: engines
-        # are reached directly, never through a proxy named in the environment.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            trust_env=False,
-        )
+        # No connection cap: the per-replica in-flight limit is the cap. Engines are reached
+        # directly, never through a proxy named in the environment.
         self._pool = Http1Pool(self.config.connect_timeout_s, keepalive_s=30.0)
         self.dispatcher.start(self._pool)
-        await self.registry.start(self._session)
+        await self.registry.start()
         await self.recorder.start()
         try:
             await self.http.start()
@@ -119,9 +112,6 @@ class Router:
         await self.registry.stop()
         await self.dispatcher.stop()
         await self.recorder.stop(timeout_s=self.config.redis_timeout_s)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -1,9 +1,10 @@
 """Trace recording: every call becomes a ``TraceCall`` appended to the capped Redis stream.
 
 ``record`` only appends to an in-memory buffer, so the request path never waits on Redis. A
-background task writes the buffer in batches of up to ``batch`` records, at least every
-``flush_s``. A batch that cannot be written (Redis down or slow) is dropped and counted, as is
-a record arriving while the buffer holds ``buffer`` records; writing resumes by itself when Redis
+background task writes the buffer in batches of up to ``batch`` records, a record at most
+``flush_s`` after it was buffered (it sleeps while nothing is buffered: no timer ticks in an idle
+router). A batch that cannot be written (Redis down or slow) is dropped and counted, as is a
+record arriving while the buffer holds ``buffer`` records; writing resumes by itself when Redis
 answers again. A failed write is tried once more at once, because every pooled connection fails
 once after a Redis restart; so a record may be stored twice (``scepsy trace export`` keeps one).
 ``stop`` writes what is left (within its deadline). Records already written that vanish with
@@ -69,9 +70,10 @@ class TraceRecorder:
         if len(self._buffer) >= self._buffer_max:
             self._drop(1)
             return
-        self._buffer.append(call)
-        if len(self._buffer) >= self._batch:
-            self._wake.set()
+        buffer = self._buffer
+        buffer.append(call)
+        if len(buffer) == 1 or len(buffer) >= self._batch:
+            self._wake.set()  # the writer sleeps while nothing is buffered
 
     async def start(self) -> None:
         if self._enabled:
@@ -141,11 +143,20 @@ class TraceRecorder:
         self._metrics.trace_dropped.inc(count)
 
     async def _run(self) -> None:
+        """Write batches: one at least ``flush_s`` after its first record, or at once when
+        ``batch`` records wait. With nothing buffered the writer sleeps until a record comes
+        (no timer ticks while the router is idle)."""
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_s):
-                    await self._wake.wait()
+            if not self._buffer:
+                self._wake.clear()
+                await self._wake.wait()  # ``record`` sets it for the first record
+                continue
+            self._wake.clear()
+            if len(self._buffer) < self._batch:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._flush_s):
+                        await self._wake.wait()  # set when the batch is full, or to stop
             self._wake.clear()
             while self._buffer and not self._stopping.is_set():
                 if not await self.flush():
-                    break  # Redis is down: wait for the next tick rather than spin
+                    break  # Redis is down: wait for the next period rather than spin
