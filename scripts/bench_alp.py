@@ -7,30 +7,38 @@ makes them (``systems.Context.prepare`` on the smallest GPU count); then
   rate, the simulator serves Poisson arrivals on the plan, and the ALP's predicted mean request
   latency is compared with the measured one (sustainable points only);
 - throughput: Scepsy's maximum-throughput plan, its predicted throughput against the simulated
-  capacity: the completion rate inside the measurement window of a run offered ``--overload``
-  x the prediction for ``--span`` isolated request latencies (``capacity_check``). Short runs
-  under-state capacity (the drain after the last arrival and the ramp of the backlog weigh in);
-  so does the evaluation's ``check_throughput`` (all requests / busy span of a short run).
+  capacity: the **work rate** of a run offered ``--overload`` x the prediction for ``--span``
+  isolated request latencies (``capacity_check``): per LLM, its calls that ended inside the
+  measurement window per second over its calls per request; the smallest over the LLMs (the
+  bottleneck's). The completion rate of requests inside the window (the reference before) is
+  printed beside it: under overload it under-states capacity for workflows of many rounds
+  (beam search: a request's rounds queue behind those of every other request in flight, so
+  the backlog's half-done work grows and completions lag the work done; 0.92 completions/s
+  where the engines did 1.18 request-equivalents/s and 1.04 req/s was sustained).
 
 Two predictions per point: the closed-form ALP's, and the refined one Scepsy plans with by
 default (``services.core.planning.refine``: its best closed-form candidates simulated on a replay
-of the warm-up trace, ``services.core.sim.replay``; for throughput the replay's completion rate
-when offered ``--overload`` x the closed-form throughput). ``--closed`` plans with the closed
-form only (the refined column is then empty). Error = (predicted - simulated) / simulated.
+of the warm-up trace, ``services.core.sim.replay``; for throughput the replay's work rate when
+offered ``--overload`` x the closed-form throughput).
+``--closed`` plans with the closed form only (the refined column is then empty). ``--warmup``:
+requests of the warm-up trace the statistics come from (default the evaluation's 200), or
+``auto``: as many as ``warmup_needed`` (ReAct's data-dependent loop needs thousands for its
+means to settle, README). Error = (predicted - simulated) / simulated.
 Prints one row per point and a summary per workflow (median and worst |error| of each).
 
     .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--closed]
-                                          [--json]
+                                          [--warmup N|auto[:E]] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,13 +46,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services.core.allocation import Allocation  # noqa: E402
 from services.core.errors import InfeasibleError, ScepsyError  # noqa: E402
 from services.core.sim.arrivals import poisson  # noqa: E402
-from services.core.sim.measure import measure  # noqa: E402
+from services.core.sim.measure import Point, measure  # noqa: E402
 from services.core.sim.results import BenchSettings  # noqa: E402
 from services.core.sim.runs import Counter, load_at, run_point  # noqa: E402
-from services.core.sim.systems import SYSTEMS, Context, describe  # noqa: E402
+from services.core.sim.scoring import describe  # noqa: E402
+from services.core.sim.simulator import SimResult, simulate  # noqa: E402
+from services.core.sim.systems import SYSTEMS, Context  # noqa: E402
 from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
+from services.core.workload.trace import Trace  # noqa: E402
 
 SEED_POINT = 31
 SEED_THROUGHPUT = 991
@@ -60,14 +72,23 @@ def measure_workflow(
     overload: float = 1.3,
     span: float = 60.0,
     closed: bool = False,
+    warmup_error: float | None = None,
 ) -> list[dict[str, Any]]:
-    ctx = Context.prepare(
-        workflow(name),
-        settings.gpu_type,
-        min(gpu_counts),
-        warmup_requests=settings.warmup_requests,
-        options=replace(settings.options, seed=settings.seed),
-    )
+    def prepare(requests: int) -> Context:
+        return Context.prepare(
+            workflow(name),
+            settings.gpu_type,
+            min(gpu_counts),
+            warmup_requests=requests,
+            options=replace(settings.options, seed=settings.seed),
+        )
+
+    ctx = prepare(settings.warmup_requests)
+    if warmup_error is not None:
+        needed = warmup_needed(ctx.warmup, name, warmup_error)
+        print(f"{name}: warm-up of {needed} requests", file=sys.stderr)
+        if needed > settings.warmup_requests:
+            ctx = prepare(needed)
     if closed:
         ctx = replace(ctx, refine=None)
     counter = Counter()
@@ -104,15 +125,32 @@ def measure_workflow(
     return rows
 
 
+def warmup_needed(trace: Trace, name: str, error: float) -> int:
+    """Requests a warm-up trace needs for the standard error of the mean LLM time per request
+    (its calls' summed durations) to be ``error`` of the mean, from ``trace``'s spread:
+    (CV / error)^2. A workflow whose loop length depends on the data (ReAct: more turns, and
+    longer prompts in later turns) needs about 2,000; at 200 requests its means were 6-11% off
+    and the ALP's latency near capacity with them."""
+    work: dict[str, float] = {}
+    for call in trace.calls:
+        if call.workflow == name and call.status == "ok":
+            work[call.request_id] = work.get(call.request_id, 0.0) + call.end - call.start
+    values = list(work.values())
+    if len(values) < 2:
+        return len(values)
+    cv = statistics.stdev(values) / statistics.fmean(values)
+    return math.ceil((cv / error) ** 2)
+
+
 def capacity_check(
     ctx: Context, gpus: int, capacity: float, overload: float, span: float
-) -> tuple[float, str, float, float, float | None] | None:
-    """(offered rate, allocation, predicted, simulated throughput) of Scepsy's
-    maximum-throughput plan: Poisson arrivals at ``overload`` x the prediction for ``span``
-    isolated request latencies (at least 400 requests, at most ``MAX_CALLS`` LLM calls); the
-    simulated capacity is the completion rate inside the measurement window, which the backlog
-    keeps busy (the drain after the last arrival, when fewer requests are left than the
-    cluster can overlap, stays outside)."""
+) -> tuple[float, str, float, float, float | None, float] | None:
+    """(offered rate, allocation, predicted, simulated, refined throughput, simulated completion
+    rate) of Scepsy's maximum-throughput plan: Poisson arrivals at ``overload`` x the prediction
+    for ``span`` isolated request latencies (at least 400 requests, at most ``MAX_CALLS`` LLM
+    calls). Simulated: ``work_rate`` of the run; refined: ``work_rate`` of the replayed trace
+    offered the same rate (sized as ``Context.replay_capacity``); completion rate: requests
+    completed inside the measurement window per second (the reference before)."""
     try:
         plan = SYSTEMS["scepsy"](ctx, gpus, capacity)
     except InfeasibleError:
@@ -121,10 +159,55 @@ def capacity_check(
     rate = predicted * overload
     most = max(400, int(MAX_CALLS / max(ctx.calls_per_request, 1.0)))
     requests = min(max(400, round(rate * span * ctx.isolated_latency)), most)
-    result = ctx.serve(plan, poisson(rate, requests, SEED_THROUGHPUT), gpus=gpus)
+    result = ctx.serve(plan, poisson(rate, requests, SEED_THROUGHPUT), gpus=gpus, record=True)
     point = measure(result, rate)
-    refined = ctx.replay_capacity(plan.allocation, rate) if ctx.refine is not None else None
-    return rate, describe(plan.allocation), predicted, point.throughput, refined
+    refined = replay_work_rate(ctx, plan.allocation, rate) if ctx.refine is not None else None
+    return (
+        rate,
+        describe(plan.allocation),
+        predicted,
+        work_rate(result, point),
+        refined,
+        point.throughput,
+    )
+
+
+def work_rate(result: SimResult, point: Point) -> float:
+    """Request-equivalents per second the cluster served in ``point``'s measurement window:
+    per LLM, its calls that ended inside the window per second over its calls per request (in
+    this run), the smallest over the LLMs (under overload, the bottleneck's capacity; an LLM
+    ahead of it in the workflow may run faster). Needs a run with ``record=True``."""
+    n = len(result.arrival)
+    start, stop = float(result.arrival[n - point.requests]), float(result.arrival[-1])
+    ended: dict[str, int] = {}
+    for call in result.trace:
+        if start <= call.end <= stop:
+            ended[call.model] = ended.get(call.model, 0) + 1
+    rates = [
+        ended.get(model, 0) / (stop - start) / (calls / n)
+        for model, calls in result.calls_by_model.items()
+        if calls > 0
+    ]
+    return min(rates)
+
+
+def replay_work_rate(ctx: Context, allocation: Mapping[str, Allocation], rate: float) -> float:
+    """``work_rate`` of the replayed warm-up trace offered ``rate`` on ``allocation``: the
+    refined throughput prediction (the run of ``ReplayScorer.capacity``, whose completion rate
+    under-states capacity as the reference's did)."""
+    scorer = ctx.scorer
+    cfg = scorer.settings
+    per_request = max(sum(ctx.replay.mean_calls().values()), 1.0)
+    most = max(400, int(cfg.capacity_calls / per_request))
+    wanted = round(rate * cfg.capacity_latencies * scorer.isolated_latency)
+    requests = min(max(400, wanted), most)
+    result = simulate(
+        scorer.workflow,
+        scorer.deployment(allocation),
+        poisson(rate, requests, cfg.seed + 1),
+        replace(scorer.options, seed=scorer.options.seed + cfg.seed, record=True),
+    )
+    return work_rate(result, measure(result, rate))
 
 
 def _row(
@@ -136,6 +219,7 @@ def _row(
     predicted: float,
     simulated: float,
     refined: float | None = None,
+    completion: float | None = None,
 ) -> dict[str, Any]:
     return {
         "workflow": name,
@@ -148,6 +232,7 @@ def _row(
         "simulated": simulated,
         "error": (predicted - simulated) / simulated,
         "refined_error": None if refined is None else (refined - simulated) / simulated,
+        "completion": completion,  # throughput rows: the simulated completion rate
     }
 
 
@@ -177,6 +262,37 @@ def _num(value: float | None, fmt: str) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:{fmt}}"
 
 
+def render(rows: Sequence[dict[str, Any]]) -> str:
+    """The text report: one line per point, then the summary per workflow and kind."""
+    lines = [
+        f"{'workflow':10} {'GPUs':>4} {'kind':10} {'req/s':>7} {'closed':>8} {'refined':>8} "
+        f"{'sim':>8} {'err':>6} {'r.err':>6} {'sim.c':>6}  allocation"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['workflow']:10} {r['gpus']:>4} {r['kind']:10} {r['rate']:>7.3g} "
+            f"{r['predicted']:>8.3g} {_num(r['refined'], '8.3g')} {r['simulated']:>8.3g} "
+            f"{r['error']:>+6.0%} {_num(r['refined_error'], '+6.0%')} "
+            f"{_num(r.get('completion'), '6.3g')}  {r['allocation']}"
+        )
+    lines += [
+        "",
+        f"{'workflow':10} {'kind':10} {'points':>6} {'closed median/worst':>20} "
+        f"{'refined median/worst':>21}",
+    ]
+    for s in summary(rows):
+        closed = f"{s['median_abs_error']:.0%}/{s['worst_abs_error']:.0%}"
+        refined = (
+            "-"
+            if s["refined_median_abs_error"] is None
+            else f"{s['refined_median_abs_error']:.0%}/{s['refined_worst_abs_error']:.0%}"
+        )
+        lines.append(
+            f"{s['workflow']:10} {s['kind']:10} {s['points']:>6} {closed:>20} {refined:>21}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", default=",".join(WORKFLOWS))
@@ -189,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--closed", action="store_true", help="plan with the closed form only")
+    parser.add_argument(
+        "--warmup",
+        default=None,
+        help="warm-up trace requests (default: the bench's), or auto[:E]: enough for a standard "
+        "error of E (default 0.02) of the mean LLM time per request",
+    )
     parser.add_argument("--max-calls", type=int, default=120_000, help="LLM calls per run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -198,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = replace(
         BenchSettings(), seed=args.seed, max_calls=args.max_calls, duration=120.0, min_requests=300
     )
+    warmup_error = None
+    if args.warmup is not None and args.warmup.startswith("auto"):
+        warmup_error = float(args.warmup.partition(":")[2] or 0.02)
+    elif args.warmup is not None:
+        settings = replace(settings, warmup_requests=int(args.warmup))
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
@@ -211,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.overload,
                 args.span,
                 args.closed,
+                warmup_error,
             )
             print(f"[{time.perf_counter() - started:6.1f}s] {name} done", file=sys.stderr)
     except ScepsyError as exc:
@@ -219,29 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"points": rows, "summary": summary(rows)}))
         return 0
-    print(
-        f"{'workflow':10} {'GPUs':>4} {'kind':10} {'req/s':>7} {'closed':>8} {'refined':>8} "
-        f"{'sim':>8} {'err':>6} {'r.err':>6}  allocation"
-    )
-    for r in rows:
-        print(
-            f"{r['workflow']:10} {r['gpus']:>4} {r['kind']:10} {r['rate']:>7.3g} "
-            f"{r['predicted']:>8.3g} {_num(r['refined'], '8.3g')} {r['simulated']:>8.3g} "
-            f"{r['error']:>+6.0%} {_num(r['refined_error'], '+6.0%')}  {r['allocation']}"
-        )
-    print()
-    print(
-        f"{'workflow':10} {'kind':10} {'points':>6} {'closed median/worst':>20} "
-        f"{'refined median/worst':>21}"
-    )
-    for s in summary(rows):
-        closed = f"{s['median_abs_error']:.0%}/{s['worst_abs_error']:.0%}"
-        refined = (
-            "-"
-            if s["refined_median_abs_error"] is None
-            else f"{s['refined_median_abs_error']:.0%}/{s['refined_worst_abs_error']:.0%}"
-        )
-        print(f"{s['workflow']:10} {s['kind']:10} {s['points']:>6} {closed:>20} {refined:>21}")
+    print(render(rows))
     print(f"\n{time.perf_counter() - started:.1f} s")
     return 0
 
