@@ -24,6 +24,7 @@ import contextlib
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -74,6 +75,9 @@ class _Connection(asyncio.Protocol):
         "_linger",
         "_paused",
         "_pending",
+        "_sink",
+        "_sink_error",
+        "_sink_state",
         "_waiter",
         "closed",
         "idle_since",
@@ -106,6 +110,10 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = True
         self._paused = False
         self._linger: Http1Pool | None = None  # released before the body's end arrived
+        # ``pipe``: body bytes handed to this callable as they arrive, without a task switch
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_error: Exception | None = None  # the sink raised it
+        self._sink_state: str | None = None  # "paused" or "unpiped", asked by the sink
 
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -255,6 +263,9 @@ class _Connection(asyncio.Protocol):
             self._linger = None
             self._close()
             return
+        if self._sink is not None:
+            self._to_sink(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -297,6 +308,65 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _to_sink(self, data: bytes) -> None:
+        sink = self._sink
+        assert sink is not None
+        try:
+            sink(data)
+        except Exception as exc:  # handed to the task in ``pipe``, not to the event loop
+            self._sink = None
+            self._sink_error = exc
+            self._wake()
+
+    async def pipe(self, sink: Callable[[bytes], None]) -> str:
+        """Hand the body to ``sink`` as it arrives (buffered bytes first), from the protocol's
+        callback, until the body ends ("end") or the sink asked to stop ("unpiped", ``unpipe``)
+        or to wait ("paused", ``pause``: reading stays paused until ``resume``)."""
+        self._sink = sink
+        self._sink_state = cast(str | None, None)  # set by the sink (mypy: not narrowed)
+        if self._chunks:
+            chunks, self._chunks = self._chunks, []
+            self._buffered = 0
+            self._to_sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._paused and self._sink is not None:
+            self.resume()  # paused at the high-water mark while nobody read
+        try:
+            while True:
+                if self._sink_error is not None:
+                    error, self._sink_error = self._sink_error, None
+                    raise error
+                if self._sink_state is not None:
+                    state, self._sink_state = self._sink_state, None
+                    return state
+                if self._error is not None:
+                    raise self._error
+                if self._done:
+                    return "end"
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+        finally:
+            self._sink = None
+
+    def unpipe(self) -> None:
+        """From inside the sink: stop handing it bytes; ``pipe`` returns "unpiped"."""
+        self._sink = None
+        self._sink_state = "unpiped"
+        self._wake()
+
+    def pause(self) -> None:
+        """From inside the sink: stop reading; ``pipe`` returns "paused"."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._sink = None
+        self._sink_state = "paused"
+        self._wake()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     async def readany(self) -> bytes:
         while True:
@@ -369,6 +439,27 @@ class Http1Response:
         if connection is None:
             raise Http1BodyError("answer closed")
         return await connection.readany()
+
+    async def pipe(self, sink: Callable[[bytes], None]) -> str:
+        """The body handed to ``sink`` as it arrives, straight from the network callback (no
+        task switch per read): see ``_Connection.pipe``. An exception the sink raises is raised
+        here."""
+        connection = self._connection
+        if connection is None:
+            raise Http1BodyError("answer closed")
+        return await connection.pipe(sink)
+
+    def unpipe(self) -> None:
+        if self._connection is not None:
+            self._connection.unpipe()
+
+    def pause(self) -> None:
+        if self._connection is not None:
+            self._connection.pause()
+
+    def resume(self) -> None:
+        if self._connection is not None:
+            self._connection.resume()
 
     def release(self) -> None:
         """Done with the answer: the connection is kept for the next call when the body was

@@ -46,7 +46,7 @@ from services.router.schema import (
     validate_body,
     with_usage,
 )
-from services.router.upstream import Upstream
+from services.router.upstream import Batch, Upstream
 from services.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -206,16 +206,19 @@ class HttpFrontEnd:
                     answer = await upstream.read()
                     return Response(upstream.status, answer, None, _headers(upstream))
                 # the head goes out with the first events
-                response = request.stream(200, _stream_headers(upstream))
-                # the events of each network read are forwarded together, as they arrive; the
-                # last ones with the end of the body, in one write
-                async for batch in upstream.batches():
+                stream = response = request.stream(200, _stream_headers(upstream))
+
+                def send(batch: Batch) -> bool:
+                    # the events of each network read are forwarded together, from the network
+                    # callback, as they arrive; the last ones with the end of the body
                     data = batch.raw if client_wants_usage else batch.without_usage_only()
                     if batch.done:
-                        await response.write_eof(data)
-                        return response
-                    if data:
-                        await response.write(data)
+                        stream.end(data)
+                        return True
+                    return stream.send(data)
+
+                await upstream.pipe(send, stream.drain)
+                return response
         except ScepsyError as exc:
             if response is None:
                 raise

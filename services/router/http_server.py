@@ -108,7 +108,21 @@ class Stream:
         if connection.paused:
             await connection.drain()
 
-    async def write_eof(self, data: bytes = b"") -> None:
+    def send(self, data: bytes) -> bool:
+        """Send ``data`` (one chunk) now; False when the client reads slower than we write
+        (then ``drain`` before the next)."""
+        if data:
+            frame = b"%x\r\n%b\r\n" % (len(data), data)
+            if self._head is not None:
+                frame, self._head = self._head + frame, None
+            self._connection.send(frame)
+        return not self._connection.paused
+
+    async def drain(self) -> None:
+        """Wait until the client took what was sent."""
+        await self._connection.drain()
+
+    def end(self, data: bytes = b"") -> None:
         """Send ``data`` and the end of the body, in one write."""
         if self.ended:
             return
@@ -117,6 +131,10 @@ class Stream:
         if self._head is not None:
             frame, self._head = self._head + frame, None
         self._connection.send(frame)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Send ``data`` and the end of the body, in one write."""
+        self.end(data)
 
 
 Handler = Callable[[Request], Awaitable[Response | Stream]]

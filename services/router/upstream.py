@@ -3,12 +3,13 @@
 ``Upstream`` wraps an open ``Http1Response`` (``services.router.http1``). Non-streamed answers are
 read whole (``read``); streamed ones as server-sent events, a network read at a time
 (``batches``: the complete events that arrived together, as one ``Batch`` of raw bytes, forwarded
-as they are) or one by one (``events``). A batch is not split into events unless something in
-it must be looked at: the events before the first token (its time is noted for the trace) and an
-event carrying a ``usage`` object (token counts for the trace; a client that did not ask for
-usage does not get the usage-only event the router asked for). The ``[DONE]`` event is the
-last one, so it is found at the end of a batch. An answer is ``complete`` once the whole body
-(or the ``[DONE]`` event) was read.
+as they are; ``pipe``: the same batches handed to a callback straight from the network callback,
+which is how the HTTP front end forwards streams) or one by one (``events``). A batch is not
+split into events unless something in it must be looked at: the events before the first token
+(its time is noted for the trace) and an event carrying a ``usage`` object (token counts for the
+trace; a client that did not ask for usage does not get the usage-only event the router asked
+for). The ``[DONE]`` event is the last one, so it is found at the end of a batch. An answer is
+``complete`` once the whole body (or the ``[DONE]`` event) was read.
 
 The dispatcher can end a call from outside (``abort``: its replica was ejected, or its stream
 sat idle too long); the reader then gets ``UpstreamAbortedError`` naming the reason.
@@ -17,7 +18,7 @@ sat idle too long); the reader then gets ``UpstreamAbortedError`` naming the rea
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -190,6 +191,63 @@ class Upstream:
                 if batch.done:
                     self.complete = True
                 yield batch
+                if batch.done:
+                    return
+        raise self._broken("stream ended without [DONE]")
+
+    async def pipe(
+        self, send: Callable[[Batch], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """The streamed answer's batches handed to ``send`` as they arrive, as ``batches``
+        yields them, but called straight from the network callback: no task switch, future or
+        generator step per read. ``send`` returns False when its client reads slower than the
+        engine writes: reading pauses until ``drain`` returns. Returns once the batch holding
+        ``[DONE]`` was sent (the answer is ``complete``); raises as ``batches`` does, and
+        whatever ``send`` raised."""
+        response = self.response
+        replica = self.replica
+        buffer = b""
+
+        def on_data(data: bytes) -> None:
+            nonlocal buffer
+            self.progress += 1
+            replica.activity += 1
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            if buffer:
+                data = buffer + data
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                buffer = data
+                return
+            end += 2
+            if end == len(data):
+                ready, buffer = data, b""
+            else:
+                ready, buffer = data[:end], data[end:]
+            batch = self._batch(ready)
+            if batch is None:
+                return
+            if batch.done:
+                self.complete = True
+                response.unpipe()
+            if not send(batch) and not batch.done:
+                response.pause()
+
+        try:
+            while await response.pipe(on_data) == "paused":
+                await drain()
+                response.resume()
+        except Http1Error as exc:
+            raise self._broken("stream broke off", exc) from exc
+        if self.complete:
+            return
+        if buffer.strip():
+            batch = self._batch(buffer.rstrip(b"\n") + b"\n\n")
+            if batch is not None:
+                if batch.done:
+                    self.complete = True
+                send(batch)
                 if batch.done:
                     return
         raise self._broken("stream ended without [DONE]")
