@@ -10,7 +10,8 @@ For each workflow (``run_bench``, settings in ``results.BenchSettings``):
    unsustainable points in a row; while some system still sustains the top rate, the grid grows
    by ``extend_factor`` (at most ``max_extra_rates`` times). Then each system's peak is refined
    by ``refine_steps`` bisections between its highest sustainable rate and the next rate it did
-   not sustain (points of its own; comparisons at equal throughput use grid rates);
+   not sustain (points of its own; two systems that bisect to the same rate serve the same
+   arrivals there, as on the grid);
 3. the ALP against the simulator: Scepsy's predicted latency at each of its sustainable points
    planned for their own rate, and the throughput check (``checks.check_throughput``);
 4. the oracle on ``oracle_gpus`` GPUs (``checks.run_oracle``);
@@ -155,8 +156,9 @@ def climb(
             and len(rates) - len(settings.rate_fractions) < (settings.max_extra_rates)
         ):
             rates.append(rate * settings.extend_factor)
-    for i, system in enumerate(settings.systems):
-        refine(ctx, gpus, system, curves[system], settings, counter, SEED_REFINE + 10 * i)
+    everywhere = dict(loads)  # the grid's loads and the bisections' (the oracle uses the grid's)
+    for system in settings.systems:
+        refine(ctx, gpus, system, curves[system], everywhere, settings, counter)
     return loads, {s: sorted(c, key=lambda p: p.rate) for s, c in curves.items()}
 
 
@@ -165,20 +167,24 @@ def refine(
     gpus: int,
     system: str,
     points: list[Point],
+    loads: dict[float, Load],
     settings: BenchSettings,
     counter: Counter,
-    seed: int,
 ) -> None:
     """Bisect between the highest sustainable rate and the next higher rate (module
-    docstring); the new points are appended to ``points``."""
-    for step in range(settings.refine_steps):
+    docstring); the new points are appended to ``points``. A rate another system was already
+    run at gets that run's load (the same arrivals: two systems at one rate serve the same
+    requests, as on the grid), a new rate a new load, kept in ``loads``."""
+    for _ in range(settings.refine_steps):
         ordered = sorted(points, key=lambda p: p.rate)
         good = [i for i, p in enumerate(ordered) if p.sustainable]
         if not good or good[-1] + 1 >= len(ordered):
             return
         rate = (ordered[good[-1]].rate + ordered[good[-1] + 1].rate) / 2
         plan = planner(system, settings)(ctx, gpus, rate)
-        load = load_at(ctx, rate, seed + step, settings)
+        load = loads.get(rate)
+        if load is None:
+            load = loads[rate] = load_at(ctx, rate, SEED_REFINE + len(loads), settings)
         points.append(run_point(ctx, plan, load, gpus, settings, counter))
 
 

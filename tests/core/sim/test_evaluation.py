@@ -7,9 +7,10 @@ import math
 import pytest
 
 from services.core.sim import baselines
-from services.core.sim.evaluation import run_bench
+from services.core.sim.evaluation import refine, run_bench
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
+from services.core.sim.runs import Counter, load_at, run_point
 from services.core.sim.systems import SYSTEMS, Context, autoscaler_plan, cluster_nodes, hpa_targets
 from services.core.sim.workflows import RagReranker
 
@@ -81,3 +82,23 @@ def test_a_quick_evaluation_runs_end_to_end_and_its_ratios_follow_the_curves() -
     # deterministic: the same settings give the same curves
     again = run_bench([RagReranker()], settings)
     assert again.workflows[0].gpus == result.workflows[0].gpus
+
+
+def test_systems_that_bisect_to_the_same_rate_serve_the_same_arrivals(ctx: Context) -> None:
+    # two curves with the same bracket (sustainable at lo, not at hi) bisect to the same rate:
+    # the same plan there must measure the same, or a comparison at that rate is seed noise
+    settings = BenchSettings.quick(gpu_counts=(GPUS,), systems=("scepsy", "static"), refine_steps=1)
+    capacity = ctx.capacity(GPUS)
+    lo, hi = 0.3 * capacity, 3.0 * capacity
+    loads = {r: load_at(ctx, r, i, settings) for i, r in enumerate((lo, hi))}
+    counter = Counter()
+    grid = [run_point(ctx, SYSTEMS["static"](ctx, GPUS, r), loads[r], GPUS, settings, counter)
+            for r in (lo, hi)]  # fmt: skip
+    assert grid[0].sustainable and not grid[1].sustainable
+    first, second = list(grid), list(grid)
+    refine(ctx, GPUS, "static", first, loads, settings, counter)
+    refine(ctx, GPUS, "static", second, loads, settings, counter)
+    assert len(first) == len(second) == 3
+    assert first[-1].rate == second[-1].rate == (lo + hi) / 2
+    assert first[-1] == second[-1]
+    assert sorted(loads) == [lo, (lo + hi) / 2, hi]  # one new load for the shared rate
