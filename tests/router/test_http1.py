@@ -205,3 +205,74 @@ async def test_closing_an_answer_ends_its_reader_and_the_connection(raw_server: 
     with pytest.raises(Http1BodyError):
         await asyncio.wait_for(reader, 2)
     pool.close()
+
+
+async def test_pipe_hands_the_body_to_a_sink_as_it_arrives_and_pauses_when_asked(
+    raw_server: RawServer,
+) -> None:
+    parts = [b"%x\r\n%s\r\n" % (len(p), p) for p in (b"one ", b"two ", b"three")]
+    url, accepted = await raw_server(_answers(CHUNKED_HEAD + parts[0], *parts[1:], b"0\r\n\r\n"))
+    pool = Http1Pool(connect_timeout_s=2.0)
+    response = await pool.post(url, "/x", b"{}")
+    seen: list[bytes] = []
+
+    def pause_after_first(data: bytes) -> None:
+        seen.append(data)
+        response.pause()  # a client that reads slower than the engine writes
+
+    assert await response.pipe(pause_after_first) == "paused"
+    assert seen == [b"one "]
+    await asyncio.sleep(0.1)  # the engine wrote more meanwhile; nothing is read while paused
+    assert seen == [b"one "]
+    response.resume()
+    assert await response.pipe(seen.append) == "end"
+    assert b"".join(seen) == b"one two three"
+    response.release()
+    again = await pool.post(url, "/x", b"{}")  # read through: the connection is kept
+    assert await again.read() == b"one two three"
+    again.release()
+    assert len(accepted) == 1
+    pool.close()
+
+
+async def test_pipe_raises_what_its_sink_raised_and_unpipe_stops_it(raw_server: RawServer) -> None:
+    parts = [b"%x\r\n%s\r\n" % (len(p), p) for p in (b"a", b"b")]
+    url, _ = await raw_server(_answers(CHUNKED_HEAD + parts[0], parts[1], b"0\r\n\r\n"))
+    pool = Http1Pool(connect_timeout_s=2.0)
+    response = await pool.post(url, "/x", b"{}")
+
+    def broken(data: bytes) -> None:
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError, match="client went away"):
+        await response.pipe(broken)
+    response.close()
+    response = await pool.post(url, "/x", b"{}")
+    seen: list[bytes] = []
+
+    def first_only(data: bytes) -> None:
+        seen.append(data)
+        response.unpipe()
+
+    assert await response.pipe(first_only) == "unpiped"
+    assert seen == [b"a"]
+    response.close()
+    pool.close()
+
+
+async def test_get_reads_a_whole_answer_on_a_kept_connection(raw_server: RawServer) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            assert head.startswith(b"GET /health HTTP/1.1\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url, accepted = await raw_server(answer)
+    pool = Http1Pool(connect_timeout_s=2.0)
+    assert [await pool.get(url, "/health") for _ in range(3)] == [(200, b"ok")] * 3
+    assert len(accepted) == 1
+    pool.close()
