@@ -44,6 +44,7 @@ from services.core.perf.model import FloatArray, PerfModel, PerfParams
 # terms less one): a tiny or small model on a CPU is dominated by the overheads.
 CALIBRATED: tuple[str, ...] = (
     "step_overhead_s",
+    "frontend_seq_s",
     "seq_overhead_s",
     "call_overhead_s",
     "compute_eff",
@@ -228,6 +229,22 @@ def loss(
     return value if math.isfinite(value) else math.inf
 
 
+def _seeded(
+    start: PerfParams, profiles: Sequence[MeasuredProfile], names: Sequence[str]
+) -> PerfParams:
+    """The start, with a frontend stage that is to be fitted but 0 (the GPUs' value: no stage)
+    set from the measurements: the measured capacity in tokens per second is the frontend's
+    (1 / ``frontend_seq_s``) if the frontend sets it. From 0 (its lower bound) the search would
+    not find it: below a share of the engine's own step time the stage changes nothing."""
+    if "frontend_seq_s" not in names or start.frontend_seq_s > 0:
+        return start
+    per_call = [
+        prof.saturation_rate * float(np.mean([c for _, c in prof.mix.samples])) for prof in profiles
+    ]
+    lo, hi = BOUNDS["frontend_seq_s"]
+    return replace(start, frontend_seq_s=float(np.clip(1.0 / max(per_call), lo, hi)))
+
+
 def calibrate(
     points: Sequence[Point],
     start: PerfParams,
@@ -250,7 +267,7 @@ def calibrate(
     def objective(x: FloatArray) -> float:
         return loss(points, profiles, _params(x, start, names), config)
 
-    x = _unit(start, names)
+    x = _unit(_seeded(start, profiles, names), names)
     for round_, scale in enumerate((0.15, 0.05)):
         x, value = nelder_mead(objective, x, scale, iterations)
         x = np.clip(x, 0.0, 1.0)

@@ -149,11 +149,15 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "seq_overhead_s": (1e-7, 1e-3),
     "allreduce_latency_s": (1e-7, 1e-3),
     "allreduce_hop_s": (1e-8, 1e-3),
-    "call_overhead_s": (1e-4, 0.2),  # calibration only (``calibrate.CALIBRATED``)
+    # calibration only (``calibrate.CALIBRATED``)
+    "call_overhead_s": (1e-4, 0.2),
+    "frontend_seq_s": (1e-6, 5e-3),
 }
-# the GPU fit's parameters: every field but the per-call overhead (0 for the GPUs, whose
-# data set measures static batches inside the engine)
-_NAMES = tuple(f.name for f in fields(PerfParams) if f.name != "call_overhead_s")
+# fields of the calibration only: 0 for the GPUs, whose data set measures static batches inside
+# the engine (no client, no frontend)
+CALIBRATION_ONLY = ("call_overhead_s", "frontend_seq_s")
+# the GPU fit's parameters: every other field
+_NAMES = tuple(f.name for f in fields(PerfParams) if f.name not in CALIBRATION_ONLY)
 _LO = np.log([BOUNDS[n][0] for n in _NAMES])
 _HI = np.log([BOUNDS[n][1] for n in _NAMES])
 

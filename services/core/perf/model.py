@@ -17,7 +17,12 @@ Its time on one tensor-parallel group, all GPUs in lockstep, is the sum of
   the vocabulary-parallel embedding and LM head, each costing a latency that grows with the group
   size and a ring transfer of 2 (t-1)/t of the activations over NVLink (PCIe without NVLink);
 - a fixed per-step overhead (scheduling, launch) plus a per-sequence overhead (sampling,
-  bookkeeping), both on the CPU and so independent of the GPU share.
+  bookkeeping), both on the CPU and so independent of the GPU share;
+- the frontend (the API server streaming each sequence's token) runs beside the iteration as a
+  second pipeline stage: the iteration's time without its attention terms is at least
+  ``frontend_seq_s`` per sequence (0 for the GPUs; calibrated for the ``cpu`` device, whose
+  measured latency stays flat with the load and then turns up sharply at a token rate the
+  frontend, not the engine, sets).
 
 A GPU fraction f < 1 (an MPS share) scales both the compute and the bandwidth available to the
 engine by f: MPS limits the SMs a client may use, and an engine on fewer SMs also issues fewer
@@ -73,6 +78,14 @@ class PerfParams:
     # and the last token reaching the client (HTTP, tokenisation, the router's hop). Calibrated
     # for the ``cpu`` device, whose frontends share the cores; 0 (not fitted) for the GPUs.
     call_overhead_s: float = 0.0
+    # per sequence of an iteration, the engine's frontend (the API server process: output
+    # processing, detokenisation, streaming each sequence's new token to its client). It runs
+    # beside the engine's iterations, not inside them: an iteration lasts at least the frontend's
+    # time for its sequences (a pipeline whose slower stage sets the pace). So it costs nothing
+    # while the engine's own step is longer, and caps the token rate at 1 / frontend_seq_s once
+    # batches grow. Calibrated for ``cpu`` (the frontend competes for the host's cores); 0 for the
+    # GPUs (their step times are measured inside the engine).
+    frontend_seq_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -230,12 +243,16 @@ class PerfModel:
         compute = self.s_per_token_flops * tokens + self.s_per_sample_flops * seqs
         memory = self.s_dense_weights + self.s_expert_weights * self._experts_read(tokens)
         attn_decode = load.decode_context * max(self.s_per_kv_token, self.s_per_decode_pair)
-        return (
+        engine = (
             p.step_overhead_s
             + p.seq_overhead_s * seqs
             + self.s_comm_fixed
             + self.s_comm_per_token * tokens
             + max(compute, memory)
+        )
+        # the frontend's stage in parallel (``PerfParams.frontend_seq_s``; 0: the engine's)
+        return (
+            max(engine, p.frontend_seq_s * seqs)
             + self.s_per_pair * load.prefill_pairs
             + attn_decode
         )
@@ -249,12 +266,13 @@ class PerfModel:
         compute = self.s_per_token_flops * seqs + self.s_per_sample_flops * seqs
         memory = self.s_dense_weights + self.s_expert_weights * self._experts_read(seqs)
         per_ctx = max(self.s_per_kv_token, self.s_per_decode_pair)
-        fixed = (
+        fixed = max(
             p.step_overhead_s
             + p.seq_overhead_s * seqs
             + self.s_comm_fixed
             + self.s_comm_per_token * seqs
-            + max(compute, memory)
+            + max(compute, memory),
+            p.frontend_seq_s * seqs,
         )
         return fixed + per_ctx * context
 

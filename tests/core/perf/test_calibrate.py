@@ -103,3 +103,23 @@ def test_calibration_recovers_a_call_overhead() -> None:
     fitted = calibrate(fit, TRUE, names=("call_overhead_s",), iterations=40)
     assert fitted.call_overhead_s == pytest.approx(0.02, rel=0.1)
     assert max(latency_errors(held, fitted)) < 5.0
+
+
+def test_calibration_recovers_a_frontend_stage() -> None:
+    # an engine whose frontend sets the capacity: flat latency, then a sharp knee
+    truth = replace(TRUE, step_overhead_s=4e-3, seq_overhead_s=2e-5, frontend_seq_s=4e-4)
+    probe = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(16, 64), (1.0,), (1.0,), 1.0)
+    saturation = predict_saturation(probe, truth)
+    # the frontend's 2,500 tokens/s, not the engine's steps (4 ms + 20 us per sequence), cap it
+    assert saturation == pytest.approx(1 / (4e-4 * 64), rel=0.1)
+    rates = tuple(f * saturation for f in (0.1, 0.3, 0.5, 0.7, 0.85, 0.95))
+    latencies = tuple(predict_latency(Point(probe, r, 1.0), truth) for r in rates)
+    profile = replace(probe, rates=rates, latencies=latencies, saturation_rate=saturation)
+    fit, held = split([profile])
+    # from the GPUs' value (no stage): the start is seeded from the measured capacity
+    start = replace(truth, frontend_seq_s=0.0, step_overhead_s=2e-3)
+    fitted = calibrate(fit, start, names=("step_overhead_s", "frontend_seq_s"), iterations=60)
+    assert fitted.frontend_seq_s == pytest.approx(4e-4, rel=0.1)
+    assert fitted.step_overhead_s == pytest.approx(4e-3, rel=0.1)
+    assert max(latency_errors(held, fitted)) < 5.0
+    assert min(latency_errors(held, start)) > 20.0

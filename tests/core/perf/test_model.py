@@ -156,6 +156,33 @@ def test_decode_times_vectorised_equals_step_time() -> None:
         assert t == pytest.approx(perf.step_time(StepLoad(decode_seqs=64, decode_context=c)))
 
 
+def test_the_frontend_stage_sets_a_floor_per_sequence_not_a_sum() -> None:
+    overheads = {"step_overhead_s": 4e-3, "seq_overhead_s": 1e-4}
+    engine = ideal("meta-llama/Llama-2-7b-hf", **overheads)
+    piped = ideal("meta-llama/Llama-2-7b-hf", frontend_seq_s=5e-4, **overheads)
+    small = StepLoad(decode_seqs=2, decode_context=200)
+    # 2 sequences: the frontend's 1 ms runs beside the engine's ~8 ms step and costs nothing
+    assert piped.step_time(small) == engine.step_time(small)
+    large = StepLoad(decode_seqs=64, decode_context=6400)
+    # 64 sequences: the frontend's 32 ms is longer than the engine's own step (4 + 6.4 ms +
+    # the weights); the step takes the frontend's time plus the attention over the context
+    attention = 6400 * piped.s_per_kv_token
+    assert piped.step_time(large) == pytest.approx(64 * 5e-4 + attention, rel=1e-12)
+    assert piped.step_time(large) > engine.step_time(large)
+    # still affine in the context, as the scheduler's closed form needs
+    context = np.array([0.0, 6400.0, 12800.0])
+    times = piped.decode_times(64, context)
+    assert times[2] - times[1] == pytest.approx(times[1] - times[0], rel=1e-12)
+    for c, t in zip(context, times, strict=True):
+        assert t == pytest.approx(piped.step_time(StepLoad(decode_seqs=64, decode_context=c)))
+
+
+def test_the_gpus_have_no_frontend_stage_or_call_overhead() -> None:
+    for gpu, p in load_params().items():
+        if gpu != "cpu":
+            assert p.frontend_seq_s == 0.0 and p.call_overhead_s == 0.0
+
+
 def test_kv_capacity_by_hand() -> None:
     m = model_spec("meta-llama/Meta-Llama-3-8B")
     perf = PerfModel.create(m, H100, 1, 1.0, IDEAL)
