@@ -150,11 +150,12 @@ def _point(
     latency = result.latency[keep]
     multi = result.completion_tokens[keep] > 1
     tpot = result.tpot[keep][multi]
+    p50, p99 = np.percentile(latency, [50, 99])
     return ProfilePoint(
         rate=rate,
         mean_latency=float(latency.mean()),
-        p50_latency=float(np.percentile(latency, 50)),
-        p99_latency=float(np.percentile(latency, 99)),
+        p50_latency=float(p50),
+        p99_latency=float(p99),
         ttft=float(result.ttft[keep].mean()),
         tpot=float(tpot.mean()) if tpot.size else 0.0,
     )
@@ -190,7 +191,9 @@ def burst_latencies(
     A workflow that fans out hands its parallel calls to a replica together; they share the
     iterations (a burst of prompts fills the token budget and queues) and each takes longer
     than a lone call. Trials of each size run in one simulation, far enough apart that they
-    never overlap; calls come from the mix (common random numbers across sizes).
+    never overlap; calls come from the mix (common random numbers across sizes). A trial of the
+    same calls as an earlier one (a mix of one pair, or the pool's wrap-around) would repeat its
+    latencies on an idle engine: it is simulated once and counted as often as it occurs.
     """
     cfg = config or SchedulerConfig()
     rng = np.random.default_rng([seed, 2])
@@ -200,13 +203,23 @@ def burst_latencies(
         if b < 1:
             raise InvalidInputError(f"burst sizes: must be >= 1, got {b}")
         trials = max(3, BURST_CALLS // b)
-        idx = np.arange(trials * b) % BURST_CALLS
-        prompt, completion = pool_p[idx], pool_c[idx]
+        idx = (np.arange(trials * b) % BURST_CALLS).reshape(trials, b)
+        counts: dict[bytes, int] = {}
+        firsts: list[int] = []  # the first trial of each distinct set of calls
+        for k in range(trials):
+            key = pool_p[idx[k]].tobytes() + pool_c[idx[k]].tobytes()
+            if key not in counts:
+                counts[key] = 0
+                firsts.append(k)
+            counts[key] += 1
+        chosen = idx[firsts].ravel()
         # every trial starts on an idle engine: later than any burst can last
         gap = 1e6
-        arrival = np.repeat(np.arange(trials, dtype=np.float64) * gap, b)
-        result = simulate(perf, arrival, prompt, completion, cfg)
-        out.append((b, float(result.latency.mean())))
+        arrival = np.repeat(np.arange(len(firsts), dtype=np.float64) * gap, b)
+        result = simulate(perf, arrival, pool_p[chosen], pool_c[chosen], cfg)
+        per_trial = result.latency.reshape(len(firsts), b).sum(axis=1)
+        weights = np.array(list(counts.values()), dtype=np.float64)
+        out.append((b, float(per_trial @ weights / (trials * b))))
     return tuple(out)
 
 

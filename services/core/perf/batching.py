@@ -85,7 +85,7 @@ def simulate(
     # each call reaches the scheduler ``call_overhead_s`` after it was sent (a constant shift:
     # the engine's queueing is unchanged, every latency and TTFT grows by it)
     overhead = perf.params.call_overhead_s
-    _replay(engine, (arr + overhead).tolist(), p_len.tolist(), o_len.tolist(), stop_after)
+    engine.replay((arr + overhead).tolist(), p_len.tolist(), o_len.tolist(), stop_after)
     if engine.outstanding and stop_after is None:
         raise InvalidInputError("simulate: requests can never be scheduled (limits too small)")
     return SimResult(
@@ -95,45 +95,6 @@ def simulate(
         completion_tokens=o_len,
         preemptions=engine.preemptions,
     )
-
-
-def _replay(
-    engine: BatchEngine,
-    arrival: list[float],
-    prompt: list[int],
-    completion: list[int],
-    stop_after: int | None = None,
-) -> None:
-    """Submit the requests at their arrival times and run the engine until it is idle (or,
-    after the last arrival, until ``stop_after`` requests have finished).
-
-    Iterations ending at or before an arrival finish first; requests arriving together are
-    handed over before the next iteration starts, so they join it together."""
-    finish_iteration, start_iteration, submit = (
-        engine.finish_iteration,
-        engine.start_iteration,
-        engine.submit,
-    )
-    i, n = 0, len(arrival)
-    finished = 0
-    while i < n:
-        t = arrival[i]
-        now = engine.wake
-        while now is not None and now <= t:
-            finished += len(finish_iteration(now))
-            if now < t:
-                start_iteration(now)
-            now = engine.wake
-        while i < n and arrival[i] == t:
-            submit(t, prompt[i], completion[i], False)
-            i += 1
-        start_iteration(t)
-    goal = n if stop_after is None else stop_after
-    now = engine.wake
-    while now is not None and finished < goal:
-        finished += len(finish_iteration(now))
-        start_iteration(now)
-        now = engine.wake
 
 
 def static_batch(
