@@ -17,12 +17,15 @@ objective check: the plan's weighted latency under full-resolution profiles agai
 full-resolution optimum (the price of the cheaper profiles; target within 1%).
 
     .venv/bin/python scripts/bench_search.py [--repeat N] [--jobs N] [--no-check] [--json]
+        [--cases 5x16,10x64,20x256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -38,12 +41,17 @@ sys.path.insert(0, str(REPO))
 from services.core.allocation import Allocation  # noqa: E402
 from services.core.cluster.declared import parse_cluster  # noqa: E402
 from services.core.cluster.models import model_spec  # noqa: E402
-from services.core.perf.analytic import RATE_FRACTIONS, REQUESTS_PER_POINT  # noqa: E402
+from services.core.perf.analytic import (  # noqa: E402
+    RATE_FRACTIONS,
+    REQUESTS_PER_POINT,
+    SATURATION_WINDOW,
+)
 from services.core.perf.backends import AnalyticBackend, clear_cache  # noqa: E402
 from services.core.planning.alp import predict  # noqa: E402
 from services.core.planning.feedback import search_placed  # noqa: E402
 from services.core.planning.plan import placer_for, problem_of  # noqa: E402
 from services.core.planning.profiles import (  # noqa: E402
+    PARALLEL_MIN_COLD,
     SpecProfiles,
     StoreFirst,
     clear_burst_cache,
@@ -128,37 +136,51 @@ def all_configs(spec: Spec) -> list[tuple[str, int, float]]:
     ]
 
 
-def cold_plan(base: Spec, jobs: int) -> tuple[Spec, SpecProfiles, float, float]:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (a pool's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def cold_plan(base: Spec, jobs: int) -> tuple[Spec, SpecProfiles, float, float, float]:
     """The first plan of ``base`` at LOAD of its best throughput with nothing cached: (the
-    spec with its rates, its profiles, seconds in all, seconds of them spent on profiles)."""
+    spec with its rates, its profiles, wall seconds in all, wall seconds of them spent on
+    profiles, CPU seconds in all, workers included). With ``jobs`` > 1 the profiles are
+    computed by a pool of that many forked processes (``SpecProfiles.prefetch``, the pool's
+    start included) when at least ``PARALLEL_MIN_COLD`` of them are cold."""
     clear_cache()
     clear_burst_cache()
+    cpu = cpu_seconds()
     started = time.perf_counter()
     profiles = SpecProfiles(base)
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            profiles.prefetch(all_configs(base), pool.map)
+    configs = all_configs(base)
+    if jobs > 1 and len(profiles.cold(configs)) >= PARALLEL_MIN_COLD:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            profiles.prefetch(configs, pool.map)
     scale = best_scale(problem_of(base), profiles.profile) * LOAD
     spec = with_rates(base, scale)
     placer = placer_for(spec.nodes, K)
     search_placed(problem_of(spec), profiles.profile, placer, bursts=profiles.burst)
-    return spec, profiles, time.perf_counter() - started, profiles.seconds
+    wall = time.perf_counter() - started
+    return spec, profiles, wall, profiles.seconds, cpu_seconds() - cpu
 
 
 def run_case(llms: int, gpus: int, repeat: int, jobs: int, check: bool) -> dict[str, Any]:
     base = synthetic_spec(llms, gpus)
-    spec, profiles, cold, cold_profiles = cold_plan(base, 1)
-    cold_parallel = cold_plan(base, jobs)[2] if jobs > 1 else None
+    spec, profiles, cold, cold_profiles, cold_cpu = cold_plan(base, 1)
+    parallel = cold_plan(base, jobs) if jobs > 1 else None
     problem = problem_of(spec)
     placer = placer_for(spec.nodes, K)
     memory = {p.key: p for p in profiles.known()}
-    searches, placed_runs, replans = [], [], []
+    searches, placed_runs, replans, replan_cpus = [], [], [], []
     for _ in range(repeat):
         # a re-plan: a new profile source over the stored profiles, as the planner makes one
+        c0 = time.process_time()
         t0 = time.perf_counter()
         again = SpecProfiles(spec, StoreFirst(get=memory.get))
         placed = search_placed(problem, again.profile, placer, bursts=again.burst)
         t1 = time.perf_counter()
+        replan_cpus.append(time.process_time() - c0)
         result = search(problem, profiles.profile, bursts=profiles.burst)
         t2 = time.perf_counter()
         search_placed(problem, profiles.profile, placer, bursts=profiles.burst)
@@ -173,9 +195,12 @@ def run_case(llms: int, gpus: int, repeat: int, jobs: int, check: bool) -> dict[
         "profiles": profiles.computed,
         "profile_seconds": cold_profiles,
         "cold_seconds": cold,
-        "cold_parallel_seconds": cold_parallel,
+        "cold_cpu_seconds": cold_cpu,
+        "cold_parallel_seconds": None if parallel is None else parallel[2],
+        "cold_parallel_cpu_seconds": None if parallel is None else parallel[4],
         "jobs": jobs,
         "warm_replan_seconds": statistics.median(replans),
+        "warm_replan_cpu_seconds": statistics.median(replan_cpus),
         "search_seconds": statistics.median(searches),
         "search_placed_seconds": statistics.median(placed_runs),
         "rounds": placed.rounds,
@@ -196,7 +221,9 @@ def objective_loss(spec: Spec, allocation: dict[str, Allocation]) -> float:
     J(found) / J(optimum) - 1."""
     full = SpecProfiles(
         spec,
-        StoreFirst({"analytic": AnalyticBackend(RATE_FRACTIONS, REQUESTS_PER_POINT)}),
+        StoreFirst(
+            {"analytic": AnalyticBackend(RATE_FRACTIONS, REQUESTS_PER_POINT, SATURATION_WINDOW)}
+        ),
     )
     problem = problem_of(spec)
     best = search(problem, full.profile, bursts=full.burst)
@@ -205,26 +232,31 @@ def objective_loss(spec: Spec, allocation: dict[str, Allocation]) -> float:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    def opt(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     print(
         f"{'LLMs':>4} {'GPUs':>4} {'wfs':>3} {'profiles':>8} {'profile s':>9} {'cold s':>7} "
-        f"{'cold ||':>7} {'replan s':>8} {'search s':>9} {'+place s':>9} {'rounds':>6} "
-        f"{'cands':>6} {'front':>5} {'used':>5} {'latency s':>9} {'vs full':>7}"
+        f"{'cpu':>5} {'cold ||':>7} {'cpu':>5} {'replan s':>8} {'cpu':>6} {'search s':>9} "
+        f"{'+place s':>9} {'rounds':>6} {'cands':>6} {'front':>5} {'used':>5} {'latency s':>9} "
+        f"{'vs full':>7}"
     )
     for r in rows:
-        par = r["cold_parallel_seconds"]
         loss = r["objective_vs_full"]
         print(
             f"{r['llms']:>4} {r['gpus']:>4} {r['workflows']:>3} {r['profiles']:>8} "
-            f"{r['profile_seconds']:>9.2f} {r['cold_seconds']:>7.2f} "
-            f"{'-' if par is None else f'{par:.2f}':>7} {r['warm_replan_seconds']:>8.4f} "
+            f"{r['profile_seconds']:>9.2f} {r['cold_seconds']:>7.2f} {r['cold_cpu_seconds']:>5.2f} "
+            f"{opt(r['cold_parallel_seconds'], 2):>7} {opt(r['cold_parallel_cpu_seconds'], 2):>5} "
+            f"{r['warm_replan_seconds']:>8.4f} {r['warm_replan_cpu_seconds']:>6.4f} "
             f"{r['search_seconds']:>9.4f} {r['search_placed_seconds']:>9.4f} {r['rounds']:>6} "
             f"{r['candidates']:>6} {r['frontier']:>5} {r['gpus_used']:>5g} {r['latency_s']:>9.3f} "
             f"{'-' if loss is None else f'{loss:+.2%}':>7}"
         )
     print(
-        "cold: first plan, nothing cached (profiles computed serially; || with a process pool "
-        "of --jobs); replan: a new profile source over the stored profiles, search and placement; "
-        "vs full: the plan's objective under full-resolution profiles against their optimum"
+        "cold: first plan, nothing cached, wall s and CPU s (profiles computed serially; || with "
+        "a pool of --jobs processes, their CPU included); replan: a new profile source over the "
+        "stored profiles, search and placement (median wall s, CPU s); vs full: the plan's "
+        "objective under full-resolution profiles against their optimum"
     )
 
 
@@ -238,10 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="skip the objective check (full-resolution profiles)",
     )
+    parser.add_argument(
+        "--cases",
+        default=",".join(f"{llms}x{gpus}" for llms, gpus in CASES),
+        help="LLMSxGPUS,... (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     rows = [
         run_case(llms, gpus, max(1, args.repeat), args.jobs, not args.no_check)
-        for llms, gpus in CASES
+        for llms, gpus in cases
     ]
     if args.json:
         print(json.dumps({"k": K, "rho": RHO, "cases": rows}, indent=1))

@@ -71,10 +71,11 @@ class AnalyticBackend:
         self.saturation_window = saturation_window
         self.cache = cache
 
-    def profile(
+    def key(
         self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
-    ) -> Profile:
-        key: _Key = (
+    ) -> _Key:
+        """Everything a profile of this backend depends on (its key in the process's memory)."""
+        return (
             repr(model),
             repr(gpu),
             tp,
@@ -85,6 +86,33 @@ class AnalyticBackend:
             self.requests_per_point,
             self.saturation_window,
         )
+
+    def remembered(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
+    ) -> bool:
+        """Whether ``profile`` would answer from memory (no simulation)."""
+        return self.cache and self.key(model, gpu, tp, fraction, mix, seed) in _CACHE
+
+    def remember(
+        self,
+        model: ModelSpec,
+        gpu: GpuSpec,
+        tp: int,
+        fraction: float,
+        mix: RequestMix,
+        seed: int,
+        found: Profile | InfeasibleError,
+    ) -> None:
+        """Keep a profile computed elsewhere (another process) as if ``profile`` had made it."""
+        if self.cache:
+            _CACHE[self.key(model, gpu, tp, fraction, mix, seed)] = found
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+
+    def profile(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, fraction: float, mix: RequestMix, seed: int
+    ) -> Profile:
+        key = self.key(model, gpu, tp, fraction, mix, seed)
         found = _CACHE.get(key) if self.cache else None
         if found is None:
             try:
@@ -101,10 +129,7 @@ class AnalyticBackend:
                 )
             except InfeasibleError as exc:
                 found = exc
-            if self.cache:
-                _CACHE[key] = found
-                while len(_CACHE) > CACHE_SIZE:
-                    _CACHE.popitem(last=False)
+            self.remember(model, gpu, tp, fraction, mix, seed, found)
         elif self.cache:
             _CACHE.move_to_end(key)
         if isinstance(found, InfeasibleError):

@@ -20,13 +20,15 @@ calling it, in proportion to their call rates (``Spec.token_mix``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
+from services.core.allocation import TP_DEGREES
 from services.core.cluster.hardware import GpuSpec, gpu_spec
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InfeasibleError, InvalidInputError
@@ -107,6 +109,12 @@ class StoreFirst:
             )
         return self._backends[name]
 
+    def stored(self, query: ProfileQuery) -> Profile | None:
+        """The profile stored under the query's key, if any (None without a store)."""
+        if self._get is None:
+            return None
+        return self._get(query.key(self.backend(query.backend).engine))
+
     def fetch(self, query: ProfileQuery) -> Found:
         backend = self.backend(query.backend)
         if self._get is not None:
@@ -123,7 +131,7 @@ class StoreFirst:
 
 _Fetched = tuple[Found | None, str]  # (the answer, or None and why the instance does not fit)
 # map(function, queries): the builtin, or a process pool's
-Mapper = Callable[[Callable[[ProfileQuery], _Fetched], list[ProfileQuery]], Iterable[_Fetched]]
+Mapper = Callable[[Callable[[ProfileQuery], Any], list[ProfileQuery]], Iterable[Any]]
 BURST_CACHE_SIZE = 4096
 _BURSTS: OrderedDict[tuple[str, str, int, float, str, int], BurstTable] = OrderedDict()
 
@@ -148,6 +156,40 @@ def request_mix(samples: tuple[tuple[int, int], ...]) -> RequestMix:
             _MIXES.clear()
         found = _MIXES[samples] = RequestMix.from_samples(samples)
     return found
+
+
+PARALLEL_MIN_COLD = 8  # fewer cold profiles than this are computed in the planning process
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def spec_configs(spec: Spec) -> list[tuple[str, int, float]]:
+    """Every (model, tp, fraction) the search may ask about for ``spec``: fractions 1/k .. 1 of
+    one GPU and whole-GPU TP groups up to the largest NVLink domain, for every model that a
+    workflow calls (``space.configurations`` over ``plan.problem_of``)."""
+    k = spec.fraction_unit
+    largest = max((n.largest_domain or 1 for n in spec.nodes), default=1)
+    tps = [t for t in TP_DEGREES if 1 < t <= largest]
+    called = sorted({d.model for w in spec.workflows for d in w.demand.llms})
+    return [(m, 1, u / k) for m in called for u in range(1, k + 1)] + [
+        (m, t, 1.0) for m in called for t in tps
+    ]
+
+
+def _compute(backend: AnalyticBackend, query: ProfileQuery) -> Profile | str:
+    """A worker's profile: computed by ``backend``, or why the instance does not fit."""
+    try:
+        return backend.profile(
+            query.model, query.gpu, query.tp, query.fraction, query.mix, query.seed
+        )
+    except InfeasibleError as exc:
+        return str(exc)
 
 
 def fetch_one(provider: ProfileProvider, query: ProfileQuery) -> _Fetched:
@@ -233,20 +275,54 @@ class SpecProfiles:
             self._bursts[key] = found
         return found
 
+    def cold(self, configs: Iterable[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+        """The configurations (model, tp, fraction) of ``configs`` whose profile would be
+        computed: not known here, not stored, not remembered by the analytic backend (with a
+        provider other than ``StoreFirst`` over the analytic backend: every unknown one)."""
+        todo = [c for c in dict.fromkeys(configs) if c not in self._cache]
+        provider = self.provider
+        if not isinstance(provider, StoreFirst):
+            return todo
+        backend = provider.backend(self.backend)
+        if not isinstance(backend, AnalyticBackend):
+            return todo
+        out = []
+        for config in todo:
+            q = self.query(*config)
+            if backend.remembered(q.model, q.gpu, q.tp, q.fraction, q.mix, q.seed):
+                continue
+            if provider.stored(q) is None:
+                out.append(config)
+        return out
+
     def prefetch(
         self,
         configs: Iterable[tuple[str, int, float]],
         mapper: Mapper,
     ) -> None:
         """Fetch the profiles of ``configs`` (model, tp, fraction) not yet known, all at once
-        through ``mapper`` (``map`` of a process pool computes cold profiles in parallel; the
-        provider must then pickle). Later ``profile`` calls find them."""
+        through ``mapper`` (``map`` of a process pool computes cold profiles in parallel).
+        With ``StoreFirst`` over the analytic backend only the cold profiles (``cold``) go
+        through ``mapper``, computed by the backend alone (store access stays here), and the
+        backend remembers them; otherwise (or when that backend does not remember profiles)
+        the provider itself goes through ``mapper`` (it must then pickle).
+        Later ``profile`` calls find them."""
         todo = [c for c in dict.fromkeys(configs) if c not in self._cache]
         if not todo:
             return
         started = self._clock()
-        queries = [self.query(*c) for c in todo]
-        results = list(mapper(partial(fetch_one, self.provider), queries))
+        provider = self.provider
+        backend = provider.backend(self.backend) if isinstance(provider, StoreFirst) else None
+        if isinstance(backend, AnalyticBackend) and backend.cache:
+            cold = [self.query(*c) for c in self.cold(todo)]
+            computed: list[Profile | str] = list(mapper(partial(_compute, backend), cold))
+            for q, made in zip(cold, computed, strict=True):
+                got = InfeasibleError(made) if isinstance(made, str) else made
+                backend.remember(q.model, q.gpu, q.tp, q.fraction, q.mix, q.seed, got)
+            results = [fetch_one(provider, self.query(*c)) for c in todo]
+        else:
+            queries = [self.query(*c) for c in todo]
+            results = list(mapper(partial(fetch_one, self.provider), queries))
         self.computed += len(todo)
         self.seconds += self._clock() - started
         for config, (found, problem) in zip(todo, results, strict=True):
