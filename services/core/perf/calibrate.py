@@ -14,8 +14,8 @@ from profiles measured on it by the ``vllm`` profiler backend instead:
   coordinates inside ``fit.BOUNDS``, over the parameters that matter at TP 1 (``CALIBRATED``);
   the others keep their starting values;
 - the points are split by rate: within each profile, points alternate between the fit set and
-  the held-out set (the lowest rate is fitted), so the error after the fit is measured on rates
-  the fit never saw.
+  the held-out set (the lowest and the highest rate are fitted), so the error after the fit is
+  measured on rates the fit never saw, each between two rates it did.
 
 Everything is deterministic: simulated arrivals are seeded per point.
 """
@@ -131,13 +131,18 @@ class Point:
 
 
 def split(profiles: Sequence[MeasuredProfile]) -> tuple[list[Point], list[Point]]:
-    """(fit points, held-out points): within each profile, rates alternate, the lowest fitted."""
+    """(fit points, held-out points): within each profile, rates alternate, the lowest and the
+    highest fitted, so that every held-out rate lies between fitted ones (interpolated, never
+    extrapolated past the highest fitted rate, where latency turns up most steeply)."""
     fit: list[Point] = []
     held: list[Point] = []
     for prof in profiles:
         order = sorted(zip(prof.rates, prof.latencies, strict=True))
+        last = len(order) - 1
         for i, (rate, latency) in enumerate(order):
-            (fit if i % 2 == 0 else held).append(Point(prof, rate, latency))
+            # an even count: the last two swap roles (the highest fitted)
+            held_out = i % 2 == 1 if last % 2 == 0 or i < last - 1 else i == last - 1
+            (held if held_out else fit).append(Point(prof, rate, latency))
     return fit, held
 
 

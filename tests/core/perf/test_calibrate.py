@@ -41,9 +41,13 @@ def synthetic(mix: RequestMix, fractions: tuple[float, ...]) -> MeasuredProfile:
 
 
 def test_split_alternates_rates_within_each_profile() -> None:
-    a = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(8, 8), (3, 1, 2, 4), (1, 1, 1, 1), 5)
+    a = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(8, 8), (3, 1, 2, 5, 4), (1,) * 5, 6)
     fit, held = split([a])
-    assert [p.rate for p in fit] == [1, 3] and [p.rate for p in held] == [2, 4]
+    assert [p.rate for p in fit] == [1, 3, 5] and [p.rate for p in held] == [2, 4]
+    # an even count: the highest rate is fitted too, every held-out rate lies between fitted ones
+    b = replace(a, rates=(3, 1, 2, 5, 4, 6), latencies=(1,) * 6)
+    fit, held = split([b])
+    assert [p.rate for p in fit] == [1, 3, 6] and [p.rate for p in held] == [2, 4, 5]
 
 
 def test_calibration_recovers_the_overheads_it_was_generated_with() -> None:
