@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,52 +61,6 @@ from services.runtime.engines import (  # noqa: E402
 MIXES = ((64, 32), (16, 64), (128, 16), (32, 96), (96, 48))
 TARGET_PROFILE_S = 180.0
 TARGET_ERROR_PCT = 15.0
-
-
-def _sessions_of_descendants() -> dict[int, int]:
-    """{session id: one process} of this process's descendants in other sessions than ours."""
-    parent: dict[int, int] = {}
-    session: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone, or not readable
-        pid = int(stat.parent.name)
-        parent[pid], session[pid] = int(fields[1]), int(fields[3])
-    ours, me = os.getsid(0), os.getpid()
-    found: dict[int, int] = {}
-    for pid, up in parent.items():
-        ancestor = up
-        while ancestor > 1 and ancestor != me:
-            ancestor = parent.get(ancestor, 0)
-        if ancestor == me and session[pid] != ours:
-            found.setdefault(session[pid], pid)
-    return found
-
-
-def follow_engine_priority(stop: threading.Event) -> None:
-    """Give the engines this process starts its own nice value.
-
-    An engine runs in its own session (``LocalEngine``), and where the kernel groups processes
-    by session (``sched_autogroup_enabled``) a session's processes compete with every other
-    session's as one group whose weight is the group's nice (0), not theirs: ``nice -n -10
-    bench_profile.py`` then ran the engines at the priority of any other job on the host. Every
-    half second, each new session among this process's descendants gets this process's nice
-    as its group's nice (``/proc/PID/autogroup``; nothing where the kernel has no autogroups)."""
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
-    done: set[int] = set()
-    while not stop.wait(0.5):
-        for sid, pid in _sessions_of_descendants().items():
-            if sid in done:
-                continue
-            done.add(sid)
-            try:
-                Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
-            except FileNotFoundError:
-                return  # no autogroups: the process's own nice already applies
-            except OSError as exc:
-                print(f"engine session {sid}: autogroup nice {nice} not set ({exc})")
 
 
 def main() -> int:
@@ -159,8 +111,6 @@ def main() -> int:
     model_dir = work / "tiny"
     run_engine_module("services.profiler.tiny_model", ["--out", str(model_dir)])
     mixes = MIXES[:2] if args.quick else MIXES
-    stop_following = threading.Event()
-    threading.Thread(target=follow_engine_priority, args=(stop_following,), daemon=True).start()
     config = SweepConfig(warmup_s=args.warmup, window_s=args.window, sub_windows=args.sub_windows)
 
     # 1. end to end: the backend starts and stops its own engine
@@ -196,7 +146,6 @@ def main() -> int:
             )
             fan = fanout.measure(model, cpu, 1, 1.0, RequestMix.fixed(*mixes[0]), seed=9)
 
-    stop_following.set()
     docs = [m.to_dict() for m in measurements]
     if args.out is not None:
         args.out.write_text(json.dumps(docs, indent=2) + "\n")
