@@ -205,7 +205,7 @@ class BatchEngine:
         nans = [math.nan] * n
         self.first_token.extend(nans)
         self.finish.extend(nans)
-        finish_iteration, start_iteration = self.finish_iteration, self.start_iteration
+        advance, start_iteration = self._advance, self.start_iteration
         waiting = self.waiting
         finished = 0
         i = 0
@@ -213,9 +213,10 @@ class BatchEngine:
             t = arrival[i]
             now = self.wake
             while now is not None and now <= t:
-                finished += len(finish_iteration(now))
                 if now < t:
-                    start_iteration(now)
+                    finished += advance(now)
+                else:
+                    finished += len(self.finish_iteration(now))
                 now = self.wake
             was_empty = not waiting
             while i < n and arrival[i] == t:
@@ -228,9 +229,27 @@ class BatchEngine:
         goal = n if stop_after is None else stop_after
         now = self.wake
         while now is not None and finished < goal:
-            finished += len(finish_iteration(now))
-            start_iteration(now)
+            finished += advance(now)
             now = self.wake
+        return finished
+
+    def _advance(self, now: float) -> int:
+        """``finish_iteration(now)`` then ``start_iteration(now)`` (``now`` is ``wake``), for
+        ``replay``, which hands no finished call on; the number of calls finished."""
+        run = self._run
+        if run is not None:
+            self._commit_run(run[1])
+        finished = len(self._done)
+        if finished:
+            self._done.clear()
+        self.wake = None
+        self.clock = max(self.clock, now)
+        if self.running or self.waiting:
+            if self._chunked:
+                self._chunked_step()
+            else:
+                self._v0_step()
+        self.epoch += 1
         return finished
 
     def _check(self, prompt: int, completion: int) -> None:
