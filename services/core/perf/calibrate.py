@@ -272,7 +272,12 @@ def calibrate(
     def objective(x: FloatArray) -> float:
         return loss(points, profiles, _params(x, start, names), config)
 
-    x = _unit(_seeded(start, profiles, names), names)
+    # from the start or, where it has no frontend stage, the stage the capacity suggests:
+    # whichever fits better (the search only moves downhill from there)
+    x = min(
+        (_unit(start, names), _unit(_seeded(start, profiles, names), names)),
+        key=objective,
+    )
     for round_, scale in enumerate((0.15, 0.05)):
         x, value = nelder_mead(objective, x, scale, iterations)
         x = np.clip(x, 0.0, 1.0)
