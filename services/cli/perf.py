@@ -1,7 +1,8 @@
 """``scepsy perf``: the analytic performance model.
 
     scepsy perf batch --model M --gpu G --tp T --batch B --input-len I --output-len O [--json]
-    scepsy perf calibrate --measurements FILE [FILE ...] [--iterations N] [--write] [--json]
+    scepsy perf calibrate --measurements FILE [FILE ...] [--params P,...] [--iterations N] [--write]
+        [--json]
 
 ``calibrate`` fits a device's efficiency parameters to profiles measured on it (the documents
 ``scepsy profile --backend vllm --out FILE`` writes; ``services.core.perf.calibrate``): rates
@@ -34,6 +35,7 @@ from services.core.perf.calibrate import (
     MeasuredProfile,
     run_calibration,
 )
+from services.core.perf.fit import BOUNDS
 from services.core.perf.model import PARAMS_FILE, PerfModel, load_params
 
 
@@ -59,6 +61,13 @@ def register(sub: Any) -> None:
         help="measurement JSON files (scepsy profile --backend vllm --out FILE)",
     )
     cal.add_argument("--iterations", type=int, default=150, help="Nelder-Mead steps per round")
+    cal.add_argument(
+        "--params",
+        default=",".join(CALIBRATED),
+        help="comma-separated parameters to fit (the others keep the committed values; a tiny "
+        "model's profiles do not constrain compute_eff and bandwidth_eff: its weights and "
+        "FLOPs cost microseconds per step)",
+    )
     cal.add_argument("--write", action="store_true", help="write the fit into params.json")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
     cal.set_defaults(func=cmd_calibrate)
@@ -144,10 +153,10 @@ def write_params(device: str, values: dict[str, float], path: Path = PARAMS_FILE
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def calibration_dict(c: Calibration) -> dict[str, Any]:
+def calibration_dict(c: Calibration, names: tuple[str, ...] = CALIBRATED) -> dict[str, Any]:
     return {
         "device": c.device,
-        "calibrated": list(CALIBRATED),
+        "calibrated": list(names),
         "fit_points": c.fit_points,
         "held_out_points": len(c.held_out),
         "median_ape_before": c.median_before,
@@ -174,16 +183,23 @@ def _num(value: float) -> float | None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise InvalidInputError(f"--iterations: must be >= 1, got {args.iterations}")
+    names = tuple(n.strip() for n in args.params.split(",") if n.strip())
+    unknown = sorted(set(names) - set(BOUNDS))
+    if not names or unknown:
+        raise InvalidInputError(
+            f"--params: unknown {', '.join(unknown) or '(none given)'}; one or more of "
+            f"{', '.join(BOUNDS)}"
+        )
     profiles = read_measurements(args.measurements)
     device = profiles[0].gpu.name if profiles else ""
     committed = load_params()
     if device not in committed:
         raise InvalidInputError(f"--measurements: device {device!r} has no entry in params.json")
-    result = run_calibration(profiles, committed[device], iterations=args.iterations)
+    result = run_calibration(profiles, committed[device], names=names, iterations=args.iterations)
     if args.write:
         write_params(device, result.after.to_dict())
     if args.json:
-        print(json.dumps(calibration_dict(result)))
+        print(json.dumps(calibration_dict(result, names)))
         return 0
     print(
         f"device {device}: {len(profiles)} profile(s), {result.fit_points} points fitted, "
@@ -196,7 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"median latency error on held-out rates: before {result.median_before:.1f}%, "
         f"after {result.median_after:.1f}%"
     )
-    for name in CALIBRATED:
+    for name in names:
         print(
             f"  {name:<16} {getattr(result.before, name):.4g} -> {getattr(result.after, name):.4g}"
         )

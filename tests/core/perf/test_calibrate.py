@@ -5,10 +5,13 @@ tests/profiler/test_vllm_backend.py."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from services.cli.main import main
 from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import resolve_model
 from services.core.errors import InvalidInputError
@@ -127,3 +130,32 @@ def test_calibration_recovers_a_frontend_stage() -> None:
     assert fitted.step_overhead_s == pytest.approx(4e-3, rel=0.1)
     assert max(latency_errors(held, fitted)) < 5.0
     assert min(latency_errors(held, start)) > 20.0
+
+
+def test_the_cli_fits_only_the_parameters_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth = replace(COMMITTED, call_overhead_s=0.02)
+    probe = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(24, 4), (1.0,), (1.0,), 1.0)
+    saturation = predict_saturation(probe, truth)
+    rates = [f * saturation for f in (0.1, 0.3, 0.5)]
+    doc = {
+        "key": {"model": "tiny-llama", "gpu_type": "cpu", "tp": 1, "fraction": 1.0, "mix": "m"},
+        "method": {"mix_samples": [[24, 4]]},
+        "saturation_rate": saturation,
+        "points": [
+            {"rate": r, "ok": 10, "mean_latency": predict_latency(Point(probe, r, 1.0), truth)}
+            for r in rates
+        ],
+    }
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([doc]))
+    argv = ["perf", "calibrate", "--measurements", str(path), "--iterations", "20"]
+    assert main([*argv, "--params", "call_overhead_s", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated"] == ["call_overhead_s"]
+    assert out["after"]["call_overhead_s"] == pytest.approx(0.02, rel=0.15)
+    unchanged = {k: v for k, v in out["after"].items() if k != "call_overhead_s"}
+    assert unchanged == {k: v for k, v in out["before"].items() if k != "call_overhead_s"}
+    assert main([*argv, "--params", "step_overhead_s,warp_speed"]) == 2
+    assert "--params: unknown warp_speed" in capsys.readouterr().err
