@@ -482,7 +482,9 @@ def cpu_compare(
             took = dict.fromkeys(routers, 0.0)
             p50 = {name: [] for name in ["direct", *routers]}  # type: dict[str, list[float]]
             failed: dict[str, list[str]] = {name: [] for name in ["direct", *routers]}
+            ratios: list[float] = []  # after/before of each round: the spread a shared host adds
             for round_ in range(args.rounds):
+                round_cpu: dict[str, float] = {}
                 print(f"cpu: {kind} rate {label} round {round_ + 1}...", file=sys.stderr)
                 names = list(routers) if round_ % 2 == 0 else list(reversed(routers))
                 _, timings, _ = asyncio.run(
@@ -497,7 +499,10 @@ def cpu_compare(
                     )  # fmt: skip
                     used[name] += cpu
                     took[name] += seconds
+                    round_cpu[name] = cpu
                     p50[name] += [_first_or_end(t, body) for t in timings]
+                if round_cpu.get("before"):
+                    ratios.append(round_cpu["after"] / round_cpu["before"])
             calls = per_round * args.rounds
             row: dict[str, Any] = {"calls": kind, "rate": label}
             for name in routers:
@@ -508,6 +513,8 @@ def cpu_compare(
             for name, errors in failed.items():
                 row[f"failed {name}"] = len(errors)
             row["cpu ratio after/before"] = used["after"] / used["before"]
+            if ratios:
+                row["round ratios min-max"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
             rows.append(row)
     return rows
 
