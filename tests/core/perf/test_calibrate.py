@@ -89,10 +89,11 @@ def test_profiles_of_several_devices_are_refused() -> None:
 
 def test_the_call_overhead_adds_to_every_latency_and_leaves_the_capacity() -> None:
     probe = MeasuredProfile(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 8), (1.0,), (1.0,), 1.0)
+    none = replace(TRUE, call_overhead_s=0.0)  # the committed cpu entry has one
     slow = replace(TRUE, call_overhead_s=0.05)
     point = Point(probe, 5.0, 1.0)
-    assert predict_latency(point, slow) == pytest.approx(predict_latency(point, TRUE) + 0.05)
-    assert predict_saturation(probe, slow) == pytest.approx(predict_saturation(probe, TRUE))
+    assert predict_latency(point, slow) == pytest.approx(predict_latency(point, none) + 0.05)
+    assert predict_saturation(probe, slow) == pytest.approx(predict_saturation(probe, none))
     # params.json entries written before the field existed read as 0
     values = TRUE.to_dict()
     del values["call_overhead_s"]
