@@ -11,7 +11,13 @@
    after. Target: at most 15 % after.
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_profile.py [--quick]
-        [--out measurements.json] [--write-params]
+        [--out measurements.json] [--write-params] [--warmup S] [--window S] [--sub-windows N]
+        [--measure-only]
+
+``--window``/``--sub-windows``: a point's latency is the median of the window's sub-window means
+(longer windows and more parts: fewer points spoiled by a slow stretch of a shared host).
+``--measure-only`` writes ``--out`` without fitting; several runs' files are fitted together by
+``scepsy perf calibrate --measurements FILE ...`` (one run's points on this host are too noisy).
 
 Needs the engine venv (``make engine-venv``; ``SCEPSY_ENGINE_VENV``). ``--out`` keeps the
 measurement documents (the input of ``scepsy perf calibrate``); ``--write-params`` stores the
