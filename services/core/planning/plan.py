@@ -36,13 +36,14 @@ from services.core.placement.heuristic import (
     PlacementInfeasible,
     place_allocation,
 )
+from services.core.planning import handmade
 from services.core.planning.alp import predict
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
 from services.core.planning.profiles import SpecProfiles
 from services.core.planning.refine import Refiner, Trial, candidates, score_trials
-from services.core.planning.search import weighted_latency
+from services.core.planning.search import search, weighted_latency
 from services.core.planning.space import Problem
-from services.core.sim import baselines
+from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
 
 ID_LENGTH = 16  # hex digits of the sha256 kept as the plan id
@@ -240,7 +241,7 @@ def refine_placed(
     if problem.latency_slo is None:  # the fewest-GPUs objective: hand-made splits use them all
         seen = [t.allocation for t in trials]
         extra: list[Trial] = []
-        for origin, allocation in handmade(problem, profiles):
+        for origin, allocation in handmade_candidates(problem, profiles):
             if allocation not in seen:
                 seen.append(allocation)
                 extra.append(
@@ -283,12 +284,15 @@ def refine_placed(
     return placed, (), None
 
 
-def handmade(problem: Problem, profiles: SpecProfiles) -> list[tuple[str, dict[str, Allocation]]]:
+def handmade_candidates(
+    problem: Problem, profiles: SpecProfiles
+) -> list[tuple[str, dict[str, Allocation]]]:
     """The allocations a user would make by hand, scored beside the closed form's candidates
     when a plan is refined (so a refined plan is never one the simulation finds worse than
     these): GPUs in proportion to each LLM's share of the LLM time (its calls/s x its idle call
     latency on its smallest whole-GPU instance), in whole GPUs and in fractions of 1/k; the even
-    split; each LLM sized alone for its calls/s (``services.core.sim.baselines``). One that does
+    split; each LLM sized alone for its calls/s (``services.core.planning.handmade``); the search's
+    optimum when every call is taken to be alone (no fan-out, stages or tool time). One that does
     not fit the GPUs is left out."""
     loads: dict[str, float] = {}
     for w in problem.workflows:
@@ -300,16 +304,30 @@ def handmade(problem: Problem, profiles: SpecProfiles) -> list[tuple[str, dict[s
     def time_shares(k: int) -> dict[str, Allocation]:
         shares = {}
         for m, load in loads.items():
-            tp = baselines.least_tp(m, fits, max_tp)
+            tp = handmade.least_tp(m, fits, max_tp)
             shares[m] = load * profiles.profile(m, tp, 1.0).latency_at(0.0)
-        return baselines.time_shares(shares, gpus, fits, max_tp, k)
+        return handmade.time_shares(shares, gpus, fits, max_tp, k)
+
+    def blind() -> dict[str, Allocation]:
+        # the same search sizing each LLM for its own calls as if each were alone
+        workflows = tuple(
+            WorkflowDemand(
+                w.name,
+                tuple(LlmDemand(d.model, d.n, 1.0) for d in w.llms),
+                0.0,
+                tuple((d.model,) for d in w.llms),
+            )
+            for w in problem.workflows
+        )
+        return search(replace(problem, workflows=workflows), profiles.profile).allocation
 
     makers: list[tuple[str, Callable[[], dict[str, Allocation]]]] = [
         ("time shares", lambda: time_shares(1)),
-        ("even split", lambda: baselines.even_split(
+        ("even split", lambda: handmade.even_split(
             {m: profiles.spec.models[m] for m in loads}, gpus, fits, max_tp)),
-        ("per-LLM sizing", lambda: baselines.independent(
+        ("per-LLM sizing", lambda: handmade.independent(
             loads, profiles.profile, fits, gpus, max_tp)),
+        ("per-LLM search", blind),
     ]  # fmt: skip
     if problem.fraction_unit > 1:
         makers.insert(1, ("time shares in fractions", lambda: time_shares(problem.fraction_unit)))
