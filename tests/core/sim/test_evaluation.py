@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from services.core.sim import baselines
 from services.core.sim.evaluation import refine, run_bench
+from services.core.sim.measure import MeasureConfig
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
-from services.core.sim.runs import Counter, load_at, run_point
+from services.core.sim.runs import AMBIGUOUS, Counter, load_at, run_point
 from services.core.sim.systems import SYSTEMS, Context, autoscaler_plan, cluster_nodes, hpa_targets
 from services.core.sim.workflows import RagReranker
 
@@ -102,3 +104,29 @@ def test_systems_that_bisect_to_the_same_rate_serve_the_same_arrivals(ctx: Conte
     assert first[-1].rate == second[-1].rate == (lo + hi) / 2
     assert first[-1] == second[-1]
     assert sorted(loads) == [lo, (lo + hi) / 2, hi]  # one new load for the shared rate
+
+
+def test_a_run_near_the_steady_state_bound_is_run_longer_before_it_is_judged(ctx: Context) -> None:
+    settings = BenchSettings.quick(
+        gpu_counts=(GPUS,),
+        systems=("scepsy", "static"),
+        doublings=1,
+        duration=60.0,
+        max_calls=20_000,
+        measure=MeasureConfig(min_span_latencies=4.0),  # the strict 2% bound
+    )
+    bound = settings.measure.max_backlog_growth
+    capacity = ctx.capacity(GPUS)
+    plan = SYSTEMS["static"](ctx, GPUS, capacity)
+    verdicts = []
+    for i, f in enumerate((0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)):
+        load = load_at(ctx, f * capacity, i, settings)
+        short = run_point(ctx, plan, load, GPUS, replace(settings, doublings=0), Counter())
+        point = run_point(ctx, plan, load, GPUS, settings, Counter())
+        longer = point.calls > 1.5 * short.calls  # the run was repeated with twice the requests
+        ambiguous = not short.sustainable and short.backlog_growth <= AMBIGUOUS * bound
+        verdicts.append((short.settled, ambiguous))
+        # a verdict within the noise of a short run is never taken from the short run
+        assert longer == ambiguous, (f, short, point)
+    # the rates cover a short run that settled within the noise band and one judged at once
+    assert (True, True) in verdicts and any(not ambiguous for _, ambiguous in verdicts), verdicts
