@@ -112,6 +112,7 @@ class Upstream:
         self.first_token_at: float | None = None
         self.complete = False
         self.progress = 0  # network reads of the body so far (the idle watchdog watches it)
+        self._buffer = b""  # a streamed body's unfinished event
         self.abort_reason: str | None = None
         self._started = started
 
@@ -152,47 +153,25 @@ class Upstream:
         """The SSE events of a streamed answer, as they arrive: the complete events of each
         network read together (never an empty batch). The answer is ``complete`` when the
         batch holding ``[DONE]`` is handed out."""
-        buffer = b""
         response = self.response
-        replica = self.replica
         try:
             while True:
                 data = await response.readany()
                 if not data:
                     break
-                self.progress += 1
-                replica.activity += 1
-                if b"\r" in data:
-                    data = data.replace(b"\r\n", b"\n")
-                if buffer:
-                    data = buffer + data
-                end = data.rfind(b"\n\n")
-                if end < 0:
-                    buffer = data
-                    continue
-                end += 2
-                if end == len(data):
-                    ready, buffer = data, b""
-                else:
-                    ready, buffer = data[:end], data[end:]
-                batch = self._batch(ready)
+                batch = self._read(data)
                 if batch is None:
                     continue
-                if batch.done:
-                    self.complete = True
-                    yield batch
-                    return
                 yield batch
+                if batch.done:
+                    return
         except Http1Error as exc:
             raise self._broken("stream broke off", exc) from exc
-        if buffer.strip():
-            batch = self._batch(buffer.rstrip(b"\n") + b"\n\n")
-            if batch is not None:
-                if batch.done:
-                    self.complete = True
-                yield batch
-                if batch.done:
-                    return
+        batch = self._tail()
+        if batch is not None:
+            yield batch
+            if batch.done:
+                return
         raise self._broken("stream ended without [DONE]")
 
     async def pipe(
@@ -205,31 +184,12 @@ class Upstream:
         ``[DONE]`` was sent (the answer is ``complete``); raises as ``batches`` does, and
         whatever ``send`` raised."""
         response = self.response
-        replica = self.replica
-        buffer = b""
 
         def on_data(data: bytes) -> None:
-            nonlocal buffer
-            self.progress += 1
-            replica.activity += 1
-            if b"\r" in data:
-                data = data.replace(b"\r\n", b"\n")
-            if buffer:
-                data = buffer + data
-            end = data.rfind(b"\n\n")
-            if end < 0:
-                buffer = data
-                return
-            end += 2
-            if end == len(data):
-                ready, buffer = data, b""
-            else:
-                ready, buffer = data[:end], data[end:]
-            batch = self._batch(ready)
+            batch = self._read(data)
             if batch is None:
                 return
             if batch.done:
-                self.complete = True
                 response.unpipe()
             if not send(batch) and not batch.done:
                 response.pause()
@@ -242,15 +202,44 @@ class Upstream:
             raise self._broken("stream broke off", exc) from exc
         if self.complete:
             return
-        if buffer.strip():
-            batch = self._batch(buffer.rstrip(b"\n") + b"\n\n")
-            if batch is not None:
-                if batch.done:
-                    self.complete = True
-                send(batch)
-                if batch.done:
-                    return
+        batch = self._tail()
+        if batch is not None:
+            send(batch)
+            if batch.done:
+                return
         raise self._broken("stream ended without [DONE]")
+
+    def _read(self, data: bytes) -> Batch | None:
+        """The batch of complete events that ``data`` (one network read) completes, None when
+        it completes none; an event's unfinished rest waits for the next read."""
+        self.progress += 1
+        self.replica.activity += 1
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        if self._buffer:
+            data = self._buffer + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return None
+        end += 2
+        if end == len(data):
+            ready, self._buffer = data, b""
+        else:
+            ready, self._buffer = data[:end], data[end:]
+        return self._counted(self._batch(ready))
+
+    def _tail(self) -> Batch | None:
+        """The last event when the body ended without its closing blank line."""
+        rest, self._buffer = self._buffer, b""
+        if not rest.strip():
+            return None
+        return self._counted(self._batch(rest.rstrip(b"\n") + b"\n\n"))
+
+    def _counted(self, batch: Batch | None) -> Batch | None:
+        if batch is not None and batch.done:
+            self.complete = True
+        return batch
 
     def _batch(self, ready: bytes) -> Batch | None:
         """A batch of ``ready`` (complete events), noting the first token and usage."""
