@@ -53,7 +53,7 @@ from services.core.sim.measure import Point, measure  # noqa: E402
 from services.core.sim.results import BenchSettings  # noqa: E402
 from services.core.sim.runs import Counter, load_at, run_point  # noqa: E402
 from services.core.sim.scoring import describe  # noqa: E402
-from services.core.sim.simulator import SimResult, simulate  # noqa: E402
+from services.core.sim.simulator import SimResult  # noqa: E402
 from services.core.sim.systems import SYSTEMS, Context  # noqa: E402
 from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
 from services.core.workload.trace import Trace  # noqa: E402
@@ -195,18 +195,7 @@ def replay_work_rate(ctx: Context, allocation: Mapping[str, Allocation], rate: f
     """``work_rate`` of the replayed warm-up trace offered ``rate`` on ``allocation``: the
     refined throughput prediction (the run of ``ReplayScorer.capacity``, whose completion rate
     under-states capacity as the reference's did)."""
-    scorer = ctx.scorer
-    cfg = scorer.settings
-    per_request = max(sum(ctx.replay.mean_calls().values()), 1.0)
-    most = max(400, int(cfg.capacity_calls / per_request))
-    wanted = round(rate * cfg.capacity_latencies * scorer.isolated_latency)
-    requests = min(max(400, wanted), most)
-    result = simulate(
-        scorer.workflow,
-        scorer.deployment(allocation),
-        poisson(rate, requests, cfg.seed + 1),
-        replace(scorer.options, seed=scorer.options.seed + cfg.seed, record=True),
-    )
+    result = ctx.scorer.capacity_run(allocation, rate, record=True)
     return work_rate(result, measure(result, rate))
 
 

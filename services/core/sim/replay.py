@@ -98,14 +98,7 @@ class TraceReplay:
         return cls(workflow, dict(models), tuple(requests))
 
     def program(self, rng: np.random.Generator) -> Program:
-        request = self.requests[int(rng.integers(len(self.requests)))]
-        for gap, calls in request.waves:
-            if gap > 0:
-                yield Tool("gap", gap)
-            steps = tuple(Llm(m, p, c) for m, p, c in calls)
-            yield steps[0] if len(steps) == 1 else Parallel(steps)
-        if request.tail > 0:
-            yield Tool("gap", request.tail)
+        return request_program(self.requests[int(rng.integers(len(self.requests)))])
 
     def mean_calls(self) -> dict[str, float]:
         counts: dict[str, float] = dict.fromkeys(self.models, 0.0)
@@ -114,3 +107,14 @@ class TraceReplay:
                 for m, _, _ in calls:
                     counts[m] += 1
         return {m: n / len(self.requests) for m, n in counts.items()}
+
+
+def request_program(request: ReplayRequest) -> Program:
+    """One replayed request as a program: its waves, the traced gaps between them as tools."""
+    for gap, calls in request.waves:
+        if gap > 0:
+            yield Tool("gap", gap)
+        steps = tuple(Llm(m, p, c) for m, p, c in calls)
+        yield steps[0] if len(steps) == 1 else Parallel(steps)
+    if request.tail > 0:
+        yield Tool("gap", request.tail)

@@ -32,7 +32,7 @@ from services.core.sim.arrivals import poisson
 from services.core.sim.measure import MeasureConfig, measure
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
-from services.core.sim.simulator import Deployment, SimOptions, simulate
+from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.trace import Trace
 
@@ -155,17 +155,22 @@ class ReplayScorer:
         """The completion rate in the measurement window when ``allocation`` is offered
         ``rate`` (above its capacity) for ``capacity_latencies`` isolated latencies (at least
         400 requests, at most about ``capacity_calls`` LLM calls)."""
+        return measure(self.capacity_run(allocation, rate), rate).throughput
+
+    def capacity_run(
+        self, allocation: Mapping[str, Allocation], rate: float, *, record: bool = False
+    ) -> SimResult:
+        """The simulation ``capacity`` measures (``record``: with the trace of its calls)."""
         cfg = self.settings
         most = max(400, int(cfg.capacity_calls / self._calls_per_request()))
         wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
         requests = min(max(400, wanted), most)
-        result = simulate(
+        return simulate(
             self.workflow,
             self.deployment(allocation),
             poisson(rate, requests, cfg.seed + 1),
-            replace(self.options, seed=self.options.seed + cfg.seed),
+            replace(self.options, seed=self.options.seed + cfg.seed, record=record),
         )
-        return measure(result, rate).throughput
 
     def refiner(self, rate: float) -> Refiner:
         """The refinement of plans for ``rate`` requests/s of the whole."""

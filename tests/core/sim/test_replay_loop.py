@@ -15,8 +15,8 @@ from services.core.allocation import Allocation
 from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import model_spec
 from services.core.sim.arrivals import poisson
-from services.core.sim.program import Llm, Parallel, Program, Tool
-from services.core.sim.replay import ReplayRequest, TraceReplay
+from services.core.sim.program import Program
+from services.core.sim.replay import ReplayRequest, TraceReplay, request_program
 from services.core.sim.simulator import Deployment, SimOptions, simulate
 from services.core.sim.workflows import ReactAgent
 from services.core.workload.trace import Trace
@@ -41,13 +41,7 @@ class InOrder:
 
     def program(self, rng: np.random.Generator) -> Program:
         request: ReplayRequest = self.requests[self.index[int(rng.integers(2**62))]]
-        for gap, calls in request.waves:
-            if gap > 0:
-                yield Tool("gap", gap)
-            steps = tuple(Llm(m, p, c) for m, p, c in calls)
-            yield steps[0] if len(steps) == 1 else Parallel(steps)
-        if request.tail > 0:
-            yield Tool("gap", request.tail)
+        return request_program(request)
 
     def mean_calls(self) -> dict[str, float]:
         return self.replay.mean_calls()
