@@ -1,7 +1,7 @@
 """Hand-made allocations: how a user splits GPUs over a workflow's LLMs without a planner.
 
 Pure functions of what they are given; the simulator's baselines (``services.core.sim.baselines``)
-are these, and a refined plan is checked against them (``planning.plan.handmade``):
+are these, and a refined plan is checked against them (``planning.plan.handmade_candidates``):
 
 - ``even_split`` - the cluster's whole GPUs split evenly over the LLMs, the remainder one each to
   the largest models; TP 1, or the least TP whose instance fits; replicas = its GPUs // TP.
