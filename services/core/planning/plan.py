@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from services.core.allocation import TP_DEGREES, Allocation
+from services.core.allocation import Allocation
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.placement.heuristic import (
@@ -42,7 +42,7 @@ from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, Pl
 from services.core.planning.profiles import SpecProfiles
 from services.core.planning.refine import Refiner, Trial, candidates, score_trials
 from services.core.planning.search import search, weighted_latency
-from services.core.planning.space import Problem
+from services.core.planning.space import Problem, max_tp_of
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
 
@@ -111,12 +111,6 @@ def problem_of(spec: Spec) -> Problem:
         rho=spec.rho,
         weights={w.name: w.weight for w in spec.workflows},
     )
-
-
-def max_tp_of(nodes: tuple[NodeInventory, ...]) -> int:
-    """The largest TP degree that fits one NVLink domain of the cluster (1 without NVLink)."""
-    largest = max((n.largest_domain or 1 for n in nodes), default=1)
-    return max(t for t in TP_DEGREES if t <= largest)
 
 
 def with_nodes(spec: Spec, nodes: tuple[NodeInventory, ...]) -> Spec:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from services.core.allocation import TP_DEGREES
 from services.core.cluster.hardware import GpuSpec, gpu_spec
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InfeasibleError, InvalidInputError
@@ -37,6 +36,7 @@ from services.core.perf.backends import DEFAULT_BACKEND, AnalyticBackend, Profil
 from services.core.perf.model import PerfModel
 from services.core.perf.profile import Profile, ProfileKey
 from services.core.planning.alp import BurstTable
+from services.core.planning.space import instance_configs, max_tp_of
 from services.core.workload.spec import Spec
 
 # The request mix of a model that no workflow calls (it carries no load; only fit and idle
@@ -170,16 +170,13 @@ def available_cpus() -> int:
 
 
 def spec_configs(spec: Spec) -> list[tuple[str, int, float]]:
-    """Every (model, tp, fraction) the search may ask about for ``spec``: fractions 1/k .. 1 of
-    one GPU and whole-GPU TP groups up to the largest NVLink domain, for every model that a
-    workflow calls (``space.configurations`` over ``plan.problem_of``)."""
+    """Every (model, tp, fraction) the search may ask about for ``spec``: its configurations
+    (``space.instance_configs`` up to the largest NVLink domain) of every model a workflow
+    calls."""
     k = spec.fraction_unit
-    largest = max((n.largest_domain or 1 for n in spec.nodes), default=1)
-    tps = [t for t in TP_DEGREES if 1 < t <= largest]
+    pairs = instance_configs(k, max_tp_of(spec.nodes))
     called = sorted({d.model for w in spec.workflows for d in w.demand.llms})
-    return [(m, 1, u / k) for m in called for u in range(1, k + 1)] + [
-        (m, t, 1.0) for m in called for t in tps
-    ]
+    return [(m, tp, units / k) for m in called for tp, units in pairs]
 
 
 def _compute(backend: AnalyticBackend, query: ProfileQuery) -> Profile | str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from services.core.allocation import TP_DEGREES, Allocation
+from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.profile import Profile
 from services.core.planning.alp import (
@@ -151,11 +152,22 @@ class Candidate:
 
 # ------------------------------------------------------------------------------ candidates
 def configurations(problem: Problem, constraints: Constraints) -> tuple[tuple[int, int], ...]:
-    """Allowed (tp, units per GPU) pairs: fractions 1/k .. 1 on one GPU, whole-GPU TP groups."""
-    k = problem.fraction_unit
+    """Allowed (tp, units per GPU) pairs of ``problem`` under ``constraints``."""
     cap = min(problem.max_tp, constraints.max_tp or problem.max_tp)
+    return instance_configs(problem.fraction_unit, cap)
+
+
+def instance_configs(k: int, max_tp: int) -> tuple[tuple[int, int], ...]:
+    """(tp, units per GPU) pairs: fractions 1/k .. 1 on one GPU, whole-GPU TP groups up to
+    ``max_tp``."""
     fractions = tuple((1, u) for u in range(1, k + 1))
-    return fractions + tuple((t, k) for t in TP_DEGREES if 1 < t <= cap)
+    return fractions + tuple((t, k) for t in TP_DEGREES if 1 < t <= max_tp)
+
+
+def max_tp_of(nodes: tuple[NodeInventory, ...]) -> int:
+    """The largest TP degree that fits one NVLink domain of the cluster (1 without NVLink)."""
+    largest = max((n.largest_domain or 1 for n in nodes), default=1)
+    return max(t for t in TP_DEGREES if t <= largest)
 
 
 def instance_profiles(

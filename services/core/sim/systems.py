@@ -45,11 +45,11 @@ from services.core.cluster.models import ModelSpec, model_spec
 from services.core.errors import InfeasibleError
 from services.core.perf.model import PerfModel
 from services.core.planning.alp import Prediction, predict
-from services.core.planning.plan import PlanInputs, make_plan, max_tp_of
+from services.core.planning.plan import PlanInputs, make_plan
 from services.core.planning.profiles import SpecProfiles
 from services.core.planning.refine import Refiner, Scored
 from services.core.planning.search import AllocationInfeasible, best_scale
-from services.core.planning.space import Problem
+from services.core.planning.space import Problem, max_tp_of
 from services.core.sim import baselines
 from services.core.sim.control import Controller
 from services.core.sim.program import Workflow

@@ -18,7 +18,6 @@ from services.core.planning.plan import (
     PlanInputs,
     content,
     make_plan,
-    max_tp_of,
     plan_dict,
     plan_id,
     problem_of,
@@ -26,6 +25,7 @@ from services.core.planning.plan import (
 )
 from services.core.planning.profiles import COMPUTED, Found, ProfileQuery, SpecProfiles
 from services.core.planning.refine import Refiner, Scored
+from services.core.planning.space import max_tp_of
 from services.core.workload.spec import Spec
 from tests.core.planning.test_search import synthetic
 
