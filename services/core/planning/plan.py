@@ -40,8 +40,8 @@ from services.core.planning import handmade
 from services.core.planning.alp import predict
 from services.core.planning.feedback import DEFAULT_MAX_ROUNDS, PlacedResult, PlaceFn, search_placed
 from services.core.planning.profiles import SpecProfiles
-from services.core.planning.refine import Refiner, Trial, candidates, score_trials
-from services.core.planning.search import search, weighted_latency
+from services.core.planning.refine import Refiner, Trial, refine
+from services.core.planning.search import search
 from services.core.planning.space import Problem, max_tp_of
 from services.core.workload.demand import LlmDemand, WorkflowDemand
 from services.core.workload.spec import ModelServing, Spec, SpecFiles, parse_spec
@@ -229,22 +229,16 @@ def refine_placed(
     """The best simulated candidate that places (``refine``) instead of the closed-form
     optimum, one note per candidate and the chosen one's simulated latency."""
     started = time.perf_counter()
-    trials = candidates(
-        problem, profiles.profile, refiner, constraints=placed.constraints, bursts=profiles.burst
+    # the fewest-GPUs objective compares plans by GPUs: hand-made splits use them all
+    extra = handmade_candidates(problem, profiles) if problem.latency_slo is None else []
+    refined = refine(
+        problem,
+        profiles.profile,
+        refiner,
+        constraints=placed.constraints,
+        bursts=profiles.burst,
+        extra=extra,
     )
-    if problem.latency_slo is None:  # the fewest-GPUs objective: hand-made splits use them all
-        seen = [t.allocation for t in trials]
-        extra: list[Trial] = []
-        for origin, allocation in handmade_candidates(problem, profiles):
-            if allocation not in seen:
-                seen.append(allocation)
-                extra.append(
-                    Trial(allocation, _closed_form(problem, profiles, allocation), origin, None)
-                )
-        # the hand-made ones are always scored, right after the closed-form optimum
-        trials = [*trials[:1], *extra, *trials[1:]]
-        refiner = replace(refiner, minimum=max(refiner.minimum, 1 + len(extra)))
-    refined = score_trials(trials, refiner)
     for trial in refined.order:
         try:
             placement = (
@@ -334,24 +328,6 @@ def handmade_candidates(
         if all(a.replicas > 0 for a in allocation.values()) and set(allocation) == set(loads):
             out.append((origin, allocation))
     return out
-
-
-def _closed_form(
-    problem: Problem, profiles: SpecProfiles, allocation: Mapping[str, Allocation]
-) -> float:
-    """The closed form's weighted latency of ``allocation`` (inf when it cannot serve)."""
-    try:
-        prediction = predict(
-            problem.workflows,
-            profiles.profile,
-            allocation,
-            problem.rates,
-            rho=problem.rho,
-            bursts=profiles.burst,
-        )
-    except (InfeasibleError, InvalidInputError):
-        return math.inf
-    return weighted_latency(problem, prediction)
 
 
 def _note(trial: Trial, chosen: bool) -> str:

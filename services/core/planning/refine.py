@@ -103,8 +103,11 @@ def candidates(
     fits: FitCheck | None = None,
     constraints: Constraints | None = None,
     bursts: BurstLookup | None = None,
+    extra: Sequence[tuple[str, dict[str, Allocation]]] = (),
 ) -> list[Trial]:
-    """The distinct allocations to score (step 1), unscored, the closed-form optimum first."""
+    """The distinct allocations to score (step 1), unscored, the closed-form optimum first and
+    ``extra`` (origin, allocation) right after it (their closed-form objective inf where the
+    closed form says they cannot serve)."""
     trials: list[Trial] = []
     seen: list[dict[str, Allocation]] = []
     for i, (objective, allocation) in enumerate(
@@ -119,6 +122,17 @@ def candidates(
     ):
         seen.append(allocation)
         trials.append(Trial(allocation, objective, f"rank {i + 1}", None))
+    added: list[Trial] = []
+    for origin, allocation in extra:
+        if allocation in seen:
+            continue
+        seen.append(allocation)
+        try:
+            objective = _objective(problem, profiles, allocation, bursts, fits, problem.rho)
+        except (InfeasibleError, InvalidInputError):
+            objective = math.inf
+        added.append(Trial(allocation, objective, origin, None))
+    trials[1:1] = added
     for factor in refiner.headroom:
         scaled = replace(problem, rates={w: r * factor for w, r in problem.rates.items()})
         try:
@@ -139,9 +153,10 @@ def _objective(
     allocation: Mapping[str, Allocation],
     bursts: BurstLookup | None,
     fits: FitCheck | None,
+    rho: float = 1.0,
 ) -> float:
     prediction = predict(
-        problem.workflows, profiles, allocation, problem.rates, fits=fits, bursts=bursts
+        problem.workflows, profiles, allocation, problem.rates, fits=fits, bursts=bursts, rho=rho
     )
     return weighted_latency(problem, prediction)
 
@@ -185,9 +200,13 @@ def refine(
     fits: FitCheck | None = None,
     constraints: Constraints | None = None,
     bursts: BurstLookup | None = None,
+    extra: Sequence[tuple[str, dict[str, Allocation]]] = (),
 ) -> Refined:
-    """Steps 1-3 of the module docstring."""
+    """Steps 1-3 of the module docstring; the ``extra`` allocations (``candidates``) are
+    always scored, whatever the time budget."""
     trials = candidates(
-        problem, profiles, refiner, fits=fits, constraints=constraints, bursts=bursts
+        problem, profiles, refiner, fits=fits, constraints=constraints, bursts=bursts, extra=extra
     )
-    return score_trials(trials, refiner)
+    names = {origin for origin, _ in extra}
+    scored_first = 1 + sum(t.origin in names for t in trials)
+    return score_trials(trials, replace(refiner, minimum=max(refiner.minimum, scored_first)))
