@@ -54,11 +54,7 @@ from services.core.sim import baselines
 from services.core.sim.control import Controller
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
-from services.core.sim.scoring import (
-    RefineSettings,
-    ReplayScorer,
-    describe,  # noqa: F401 (re-exported: scripts/bench_alp.py)
-)
+from services.core.sim.scoring import RefineSettings, ReplayScorer
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.demand import LlmDemand, WorkflowDemand
