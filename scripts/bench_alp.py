@@ -21,9 +21,9 @@ default (``services.core.planning.refine``: its best closed-form candidates simu
 of the warm-up trace, ``services.core.sim.replay``; for throughput the replay's work rate when
 offered ``--overload`` x the closed-form throughput).
 ``--closed`` plans with the closed form only (the refined column is then empty). ``--warmup``:
-requests of the warm-up trace the statistics come from (default the evaluation's 200), or
-``auto``: as many as ``warmup_needed`` (ReAct's data-dependent loop needs thousands for its
-means to settle, README). Error = (predicted - simulated) / simulated.
+requests of the warm-up trace the statistics come from, or ``auto[:E]``: as many as
+``systems.warmup_needed`` says (the evaluation's default, auto:0.01; ReAct's data-dependent loop
+needs thousands for its means to settle, README). Error = (predicted - simulated) / simulated.
 Prints one row per point and a summary per workflow (median and worst |error| of each).
 
     .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--closed]
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services.cli.bench import warmup_changes  # noqa: E402
 from services.core.allocation import Allocation  # noqa: E402
 from services.core.errors import InfeasibleError, ScepsyError  # noqa: E402
 from services.core.sim.arrivals import poisson  # noqa: E402
@@ -56,7 +56,6 @@ from services.core.sim.scoring import describe  # noqa: E402
 from services.core.sim.simulator import SimResult  # noqa: E402
 from services.core.sim.systems import SYSTEMS, Context  # noqa: E402
 from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
-from services.core.workload.trace import Trace  # noqa: E402
 
 SEED_POINT = 31
 SEED_THROUGHPUT = 991
@@ -72,23 +71,17 @@ def measure_workflow(
     overload: float = 1.3,
     span: float = 60.0,
     closed: bool = False,
-    warmup_error: float | None = None,
 ) -> list[dict[str, Any]]:
-    def prepare(requests: int) -> Context:
-        return Context.prepare(
-            workflow(name),
-            settings.gpu_type,
-            min(gpu_counts),
-            warmup_requests=requests,
-            options=replace(settings.options, seed=settings.seed),
-        )
-
-    ctx = prepare(settings.warmup_requests)
-    if warmup_error is not None:
-        needed = warmup_needed(ctx.warmup, name, warmup_error)
-        print(f"{name}: warm-up of {needed} requests", file=sys.stderr)
-        if needed > settings.warmup_requests:
-            ctx = prepare(needed)
+    ctx = Context.prepare(
+        workflow(name),
+        settings.gpu_type,
+        min(gpu_counts),
+        warmup_requests=settings.warmup_requests,
+        warmup_error=settings.warmup_error,
+        warmup_max=settings.warmup_max,
+        options=replace(settings.options, seed=settings.seed),
+    )
+    print(f"{name}: warm-up of {len(ctx.warmup.requests)} requests", file=sys.stderr)
     if closed:
         ctx = replace(ctx, refine=None)
     counter = Counter()
@@ -123,23 +116,6 @@ def measure_workflow(
             if found is not None:
                 rows.append(_row(name, gpus, "throughput", *found))
     return rows
-
-
-def warmup_needed(trace: Trace, name: str, error: float) -> int:
-    """Requests a warm-up trace needs for the standard error of the mean LLM time per request
-    (its calls' summed durations) to be ``error`` of the mean, from ``trace``'s spread:
-    (CV / error)^2. A workflow whose loop length depends on the data (ReAct: more turns, and
-    longer prompts in later turns) needs about 2,000; at 200 requests its means were 6-11% off
-    and the ALP's latency near capacity with them."""
-    work: dict[str, float] = {}
-    for call in trace.calls:
-        if call.workflow == name and call.status == "ok":
-            work[call.request_id] = work.get(call.request_id, 0.0) + call.end - call.start
-    values = list(work.values())
-    if len(values) < 2:
-        return len(values)
-    cv = statistics.stdev(values) / statistics.fmean(values)
-    return math.ceil((cv / error) ** 2)
 
 
 def capacity_check(
@@ -296,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--closed", action="store_true", help="plan with the closed form only")
     parser.add_argument(
         "--warmup",
-        default=None,
-        help="warm-up trace requests (default: the bench's), or auto[:E]: enough for a standard "
-        "error of E (default 0.02) of the mean LLM time per request",
+        metavar="N|auto[:E]",
+        help="warm-up trace requests, or auto[:E]: enough for a relative standard error of E "
+        "of the mean LLM time per request (default: the bench's, auto:0.01)",
     )
     parser.add_argument("--max-calls", type=int, default=120_000, help="LLM calls per run")
     parser.add_argument("--json", action="store_true")
@@ -309,11 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = replace(
         BenchSettings(), seed=args.seed, max_calls=args.max_calls, duration=120.0, min_requests=300
     )
-    warmup_error = None
-    if args.warmup is not None and args.warmup.startswith("auto"):
-        warmup_error = float(args.warmup.partition(":")[2] or 0.02)
-    elif args.warmup is not None:
-        settings = replace(settings, warmup_requests=int(args.warmup))
+    if args.warmup is not None:
+        settings = replace(settings, **warmup_changes(args.warmup))
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
@@ -327,7 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.overload,
                 args.span,
                 args.closed,
-                warmup_error,
             )
             print(f"[{time.perf_counter() - started:6.1f}s] {name} done", file=sys.stderr)
     except ScepsyError as exc:

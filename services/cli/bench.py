@@ -94,6 +94,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
+    parser.add_argument(
+        "--warmup",
+        metavar="N|auto[:E]",
+        help="requests of the traced warm-up: N, or auto (as many as the mean LLM time per "
+        "request needs for a relative standard error E, default 0.01; the default)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="write JSON, CSV, text and PNG plots here")
 
@@ -118,9 +124,29 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     }
     if args.no_oracle:
         changes["oracle_gpus"] = 0
+    if args.warmup is not None:
+        changes.update(warmup_changes(args.warmup))
     if args.quick:
         return BenchSettings.quick(**changes)
     return replace(BenchSettings(), **changes)
+
+
+def warmup_changes(text: str) -> dict[str, Any]:
+    """BenchSettings changes for ``--warmup N|auto[:E]``."""
+    head, _, error = text.partition(":")
+    try:
+        if head == "auto":
+            value = float(error) if error else BenchSettings().warmup_error or 0.01
+            if not 0 < value < 1:
+                raise ValueError
+            return {"warmup_error": value}
+        if not error and int(head) >= 2:
+            return {"warmup_requests": int(head), "warmup_error": None}
+    except ValueError:
+        pass
+    raise InvalidInputError(
+        f"--warmup: a request count >= 2, auto or auto:E with 0 < E < 1, got {text!r}"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -121,3 +121,14 @@ def test_bench_gpus_and_seeds_reject_bad_values() -> None:
         scepsy("bench", "gpus", "--load", "2")
     with pytest.raises(InvalidInputError, match="--seeds"):
         scepsy("bench", "--quick", "--seeds", "0")
+
+
+def test_bench_warmup_takes_a_count_or_auto_with_an_error() -> None:
+    assert bench.warmup_changes("500") == {"warmup_requests": 500, "warmup_error": None}
+    assert bench.warmup_changes("auto:0.02") == {"warmup_error": 0.02}
+    assert bench.warmup_changes("auto") == {"warmup_error": 0.01}
+    for bad in ("1", "many", "auto:0", "auto:2", "500:3"):
+        with pytest.raises(InvalidInputError, match="--warmup"):
+            bench.warmup_changes(bad)
+    with pytest.raises(InvalidInputError, match="--warmup"):
+        scepsy("bench", "--quick", "--warmup", "auto:x")

@@ -61,12 +61,17 @@ def evaluate_workflow(wf: Workflow, settings: BenchSettings, say: Progress) -> W
         settings.gpu_type,
         min(settings.gpu_counts),
         warmup_requests=settings.warmup_requests,
+        warmup_error=settings.warmup_error,
+        warmup_max=settings.warmup_max,
         fraction_unit=settings.fraction_unit,
         rho=settings.rho,
         options=replace(settings.options, seed=settings.seed),
     )
     ctx = replace(ctx, refine=settings.refine)
-    say(f"{wf.name}: warm-up traced, isolated request latency {ctx.isolated_latency:.2f} s")
+    say(
+        f"{wf.name}: warm-up traced ({len(ctx.warmup.requests)} requests), isolated request "
+        f"latency {ctx.isolated_latency:.2f} s"
+    )
     counter = Counter()
     results = tuple(
         evaluate_gpus(ctx, g, settings, say, counter) for g in sorted(set(settings.gpu_counts))

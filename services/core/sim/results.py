@@ -40,6 +40,10 @@ class BenchSettings:
     max_calls: int = 40_000  # LLM calls of a run (about), before doubling an unsettled one
     doublings: int = 1  # an unsettled run is repeated with twice the requests, this often
     warmup_requests: int = 200
+    # the warm-up's size from its own spread (``systems.warmup_needed``): the mean LLM time per
+    # request within this relative standard error, at most ``warmup_max`` requests; None: fixed
+    warmup_error: float | None = 0.01
+    warmup_max: int = 8_000
     overload: float = 1.5
     oracle_gpus: int = 4  # 0: no oracle
     oracle_load: float = 0.7
@@ -80,6 +84,7 @@ class BenchSettings:
             max_calls=3_000,
             doublings=0,
             warmup_requests=60,
+            warmup_error=None,
             oracle_gpus=0,
             measure=MeasureConfig(min_span_latencies=4.0, max_backlog_growth=0.2),
             refine=RefineSettings(

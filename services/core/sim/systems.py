@@ -32,6 +32,8 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -42,7 +44,7 @@ from services.core.cluster.declared import parse_cluster
 from services.core.cluster.hardware import GpuSpec, gpu_spec
 from services.core.cluster.inventory import NodeInventory
 from services.core.cluster.models import ModelSpec, model_spec
-from services.core.errors import InfeasibleError
+from services.core.errors import InfeasibleError, InvalidInputError
 from services.core.perf.model import PerfModel
 from services.core.planning.alp import Prediction, predict
 from services.core.planning.plan import PlanInputs, make_plan
@@ -116,15 +118,25 @@ class Context:
         gpus: int,
         *,
         warmup_requests: int = 200,
+        warmup_error: float | None = None,
+        warmup_max: int = 8_000,
         fraction_unit: int = DEFAULT_FRACTION_UNIT,
         rho: float = DEFAULT_RHO,
         options: SimOptions | None = None,
     ) -> Context:
-        """Trace a warm-up run on the even split of ``gpus`` GPUs and derive the statistics."""
+        """Trace a warm-up run on the even split of ``gpus`` GPUs and derive the statistics.
+
+        With ``warmup_error``, a first trace of ``warmup_requests`` sizes the real one: as many
+        requests as ``warmup_needed`` says for that relative error of the mean LLM time per
+        request (at least ``warmup_requests``, at most ``warmup_max``)."""
         opts = options or SimOptions()
         gpu = gpu_spec(gpu_type)
         models = {m: model_spec(c) for m, c in sorted(workflow.models.items())}
         trace, alone = warmup_trace(workflow, gpu, models, gpus, warmup_requests, opts)
+        if warmup_error is not None:
+            needed = min(warmup_needed(trace, workflow.name, warmup_error), warmup_max)
+            if needed > warmup_requests:
+                trace, alone = warmup_trace(workflow, gpu, models, gpus, needed, opts)
         stats = next(s for s in workflow_stats(trace) if s.workflow == workflow.name)
         targets = []
         for part, share in _parts(workflow):
@@ -294,6 +306,25 @@ def memory_fits(gpu: GpuSpec, models: Mapping[str, ModelSpec]) -> baselines.Fits
         return True
 
     return fits
+
+
+def warmup_needed(trace: Trace, name: str, error: float) -> int:
+    """Requests a warm-up trace needs for the standard error of the mean LLM time per request
+    (its calls' summed durations) to be ``error`` of the mean, from ``trace``'s spread:
+    (CV / error)^2. A workflow whose loop length depends on the data (ReAct: more turns, and
+    longer prompts in later turns) needs thousands; at 200 requests its means were 6-11% off and
+    so was the ALP's latency near capacity."""
+    if not error > 0:
+        raise InvalidInputError(f"warmup_error: must be positive, got {error!r}")
+    work: dict[str, float] = {}
+    for call in trace.calls:
+        if call.workflow == name and call.status == "ok":
+            work[call.request_id] = work.get(call.request_id, 0.0) + call.end - call.start
+    values = list(work.values())
+    if len(values) < 2:
+        return len(values)
+    cv = statistics.stdev(values) / statistics.fmean(values)
+    return math.ceil((cv / error) ** 2)
 
 
 def warmup_trace(

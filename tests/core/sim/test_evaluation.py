@@ -7,13 +7,21 @@ from dataclasses import replace
 
 import pytest
 
+from services.core.errors import InvalidInputError
 from services.core.sim import baselines
 from services.core.sim.evaluation import refine, run_bench
 from services.core.sim.measure import MeasureConfig
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
 from services.core.sim.runs import AMBIGUOUS, Counter, load_at, run_point
-from services.core.sim.systems import SYSTEMS, Context, autoscaler_plan, cluster_nodes, hpa_targets
+from services.core.sim.systems import (
+    SYSTEMS,
+    Context,
+    autoscaler_plan,
+    cluster_nodes,
+    hpa_targets,
+    warmup_needed,
+)
 from services.core.sim.workflows import RagReranker
 
 GPUS = 4
@@ -130,3 +138,22 @@ def test_a_run_near_the_steady_state_bound_is_run_longer_before_it_is_judged(ctx
         assert longer == ambiguous, (f, short, point)
     # the rates cover a short run that settled within the noise band and one judged at once
     assert (True, True) in verdicts and any(not ambiguous for _, ambiguous in verdicts), verdicts
+
+
+def test_an_auto_warm_up_is_sized_by_the_spread_of_the_first_one() -> None:
+    first = Context.prepare(RagReranker(), "H100-SXM", GPUS, warmup_requests=40)
+    needed = warmup_needed(first.warmup, "rag", 0.05)
+    assert 40 < needed < 2_000  # RAG's LLM time per request varies (8-32 reranker calls)
+    sized = Context.prepare(RagReranker(), "H100-SXM", GPUS, warmup_requests=40, warmup_error=0.05)
+    assert sized.stats.requests == needed
+    # a looser error never shrinks the warm-up below the given size; the cap bounds it
+    loose = Context.prepare(RagReranker(), "H100-SXM", GPUS, warmup_requests=40, warmup_error=0.9)
+    assert loose.stats.requests == 40
+    capped = Context.prepare(
+        RagReranker(), "H100-SXM", GPUS, warmup_requests=40, warmup_error=0.01, warmup_max=70
+    )
+    assert capped.stats.requests == 70
+    # the required size falls with the square of the error
+    assert warmup_needed(first.warmup, "rag", 0.025) == pytest.approx(4 * needed, rel=0.02)
+    with pytest.raises(InvalidInputError, match="warmup_error"):
+        warmup_needed(first.warmup, "rag", 0.0)
