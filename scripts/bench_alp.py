@@ -37,7 +37,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,14 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from services.cli.bench import warmup_changes  # noqa: E402
-from services.core.allocation import Allocation  # noqa: E402
 from services.core.errors import InfeasibleError, ScepsyError  # noqa: E402
 from services.core.sim.arrivals import poisson  # noqa: E402
-from services.core.sim.measure import Point, measure  # noqa: E402
+from services.core.sim.measure import measure, work_rate  # noqa: E402
 from services.core.sim.results import BenchSettings  # noqa: E402
 from services.core.sim.runs import Counter, load_at, run_point  # noqa: E402
 from services.core.sim.scoring import describe  # noqa: E402
-from services.core.sim.simulator import SimResult  # noqa: E402
 from services.core.sim.systems import SYSTEMS, Context  # noqa: E402
 from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
 
@@ -125,7 +123,7 @@ def capacity_check(
     rate) of Scepsy's maximum-throughput plan: Poisson arrivals at ``overload`` x the prediction
     for ``span`` isolated request latencies (at least 400 requests, at most ``MAX_CALLS`` LLM
     calls). Simulated: ``work_rate`` of the run; refined: ``work_rate`` of the replayed trace
-    offered the same rate (sized as ``Context.replay_capacity``); completion rate: requests
+    offered the same rate (``ReplayScorer.capacity``); completion rate: requests
     completed inside the measurement window per second (the reference before)."""
     try:
         plan = SYSTEMS["scepsy"](ctx, gpus, capacity)
@@ -137,7 +135,7 @@ def capacity_check(
     requests = min(max(400, round(rate * span * ctx.isolated_latency)), most)
     result = ctx.serve(plan, poisson(rate, requests, SEED_THROUGHPUT), gpus=gpus, record=True)
     point = measure(result, rate)
-    refined = replay_work_rate(ctx, plan.allocation, rate) if ctx.refine is not None else None
+    refined = ctx.scorer.capacity(plan.allocation, rate) if ctx.refine is not None else None
     return (
         rate,
         describe(plan.allocation),
@@ -146,33 +144,6 @@ def capacity_check(
         refined,
         point.throughput,
     )
-
-
-def work_rate(result: SimResult, point: Point) -> float:
-    """Request-equivalents per second the cluster served in ``point``'s measurement window:
-    per LLM, its calls that ended inside the window per second over its calls per request (in
-    this run), the smallest over the LLMs (under overload, the bottleneck's capacity; an LLM
-    ahead of it in the workflow may run faster). Needs a run with ``record=True``."""
-    n = len(result.arrival)
-    start, stop = float(result.arrival[n - point.requests]), float(result.arrival[-1])
-    ended: dict[str, int] = {}
-    for call in result.trace:
-        if start <= call.end <= stop:
-            ended[call.model] = ended.get(call.model, 0) + 1
-    rates = [
-        ended.get(model, 0) / (stop - start) / (calls / n)
-        for model, calls in result.calls_by_model.items()
-        if calls > 0
-    ]
-    return min(rates)
-
-
-def replay_work_rate(ctx: Context, allocation: Mapping[str, Allocation], rate: float) -> float:
-    """``work_rate`` of the replayed warm-up trace offered ``rate`` on ``allocation``: the
-    refined throughput prediction (the run of ``ReplayScorer.capacity``, whose completion rate
-    under-states capacity as the reference's did)."""
-    result = ctx.scorer.capacity_run(allocation, rate, record=True)
-    return work_rate(result, measure(result, rate))
 
 
 def _row(

@@ -1,8 +1,8 @@
 """The evaluation's checks beside the curves: ALP throughput, the oracle, stability.
 
 - ``check_throughput``: Scepsy's maximum-throughput plan (planned for the ALP's highest
-  throughput on the GPUs), its predicted throughput against the run throughput simulated under
-  ``overload`` x that prediction (the cluster's capacity, see ``measure``);
+  throughput on the GPUs), its predicted throughput against the work rate simulated under
+  ``overload`` x that prediction (the cluster's capacity, ``measure.work_rate``);
 - ``run_oracle``: at a moderate rate (the highest of Scepsy's sustainable grid rates at most
   ``oracle_load`` x its peak), every maximal allocation (``baselines.oracle_candidates``) whose
   per-LLM capacity (replicas x profiled saturation rate) exceeds the LLM's load competes by
@@ -22,7 +22,7 @@ from services.core.allocation import Allocation
 from services.core.errors import InfeasibleError
 from services.core.sim import baselines
 from services.core.sim.arrivals import poisson
-from services.core.sim.measure import Point
+from services.core.sim.measure import Point, measure, work_rate
 from services.core.sim.results import AlpCheck, BenchSettings, OracleResult, Stability
 from services.core.sim.runs import Counter, Load, load_at, run_point
 from services.core.sim.scoring import describe
@@ -39,15 +39,18 @@ SEED_LOADED = 4242
 def check_throughput(
     ctx: Context, gpus: int, capacity: float, settings: BenchSettings, counter: Counter
 ) -> AlpCheck | None:
-    """Predicted against simulated throughput of Scepsy's maximum-throughput plan."""
+    """Predicted against simulated throughput of Scepsy's maximum-throughput plan: the work
+    rate (``measure.work_rate``) of a run offered ``settings.overload`` x the prediction."""
     try:
         plan = SYSTEMS["scepsy"](ctx, gpus, capacity)
     except InfeasibleError:
         return None
     predicted = ctx.throughput_of(ctx.predict(plan.allocation, capacity))
     load = load_at(ctx, predicted * settings.overload, SEED_OVERLOAD, settings)
-    point = run_point(ctx, plan, load, gpus, settings, counter)
-    return AlpCheck(load.rate, point.allocation, predicted, point.run_throughput)
+    result = ctx.serve(plan, poisson(load.rate, load.requests, load.seed), gpus=gpus, record=True)
+    counter.calls += result.calls
+    simulated = work_rate(result, measure(result, load.rate, settings.measure))
+    return AlpCheck(load.rate, describe(plan.allocation), predicted, simulated)
 
 
 def run_oracle(

@@ -20,7 +20,13 @@ latencies of this run when that is longer (queues need a few latencies to settle
   ``max_backlog_growth``;
 - **run throughput** = all requests / (last finish - first arrival): under overload the cluster
   works without pause until the backlog is gone, so this is its capacity (the requests that a
-  processor-sharing-like system leaves half done inside the window finish in the drain).
+  processor-sharing-like system leaves half done inside the window finish in the drain);
+- **work rate** (``work_rate``, from a run's trace): request-equivalents served per second in
+  the window: per LLM, its calls that ended inside the window per second over its calls per
+  request in the run; the smallest over the LLMs. Under overload that is the bottleneck's
+  capacity, where the completion rate under-states a workflow of many rounds (beam search: a
+  request's rounds queue behind those of every request in flight, so the backlog's half-done
+  work grows and completions lag the work done).
 
 Latency (mean, p50, p99) is over the measured requests, arrival to finish.
 """
@@ -104,6 +110,24 @@ def measure(result: SimResult, rate: float, config: MeasureConfig | None = None)
         sustainable=settled and growth <= cfg.max_backlog_growth,
         run_throughput=n / (float(result.finish.max()) - float(arrival[0])),
         calls=result.calls,
+    )
+
+
+def work_rate(result: SimResult, point: Point) -> float:
+    """Request-equivalents per second served in ``point``'s measurement window (module
+    docstring). Needs the run's trace (``SimOptions.record``)."""
+    if not result.trace:
+        raise InvalidInputError("work_rate: the run has no trace (simulate with record=True)")
+    n = len(result.arrival)
+    start, stop = float(result.arrival[n - point.requests]), float(result.arrival[-1])
+    ended: dict[str, int] = {}
+    for call in result.trace:
+        if start <= call.end <= stop:
+            ended[call.model] = ended.get(call.model, 0) + 1
+    return min(
+        ended.get(model, 0) / (stop - start) / (calls / n)
+        for model, calls in result.calls_by_model.items()
+        if calls > 0
     )
 
 

@@ -10,8 +10,8 @@ models, not the workflow's program, so the simulator's Scepsy system and the pla
 - ``score(allocation, rate)``: mean request latency, completion rate and whether the run kept up
   (steady, and the backlog grew by at most ``max_backlog_growth``); remembered per allocation
   and rate;
-- ``capacity(allocation, rate)``: the completion rate when offered ``rate`` above what the
-  allocation serves (the refined throughput prediction);
+- ``capacity(allocation, rate)``: the work rate (``measure.work_rate``) when offered ``rate``
+  above what the allocation serves (the refined throughput prediction);
 - ``refiner(rate)``: the ``planning.refine.Refiner`` of plans for ``rate``.
 
 Several workflows are replayed as one ``Mix`` at their shares of the requests.
@@ -29,7 +29,7 @@ from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
 from services.core.planning.refine import Refiner, Scored
 from services.core.sim.arrivals import poisson
-from services.core.sim.measure import MeasureConfig, measure
+from services.core.sim.measure import MeasureConfig, measure, work_rate
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
@@ -152,10 +152,11 @@ class ReplayScorer:
         return scored
 
     def capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
-        """The completion rate in the measurement window when ``allocation`` is offered
-        ``rate`` (above its capacity) for ``capacity_latencies`` isolated latencies (at least
-        400 requests, at most about ``capacity_calls`` LLM calls)."""
-        return measure(self.capacity_run(allocation, rate), rate).throughput
+        """The work rate in the measurement window when ``allocation`` is offered ``rate``
+        (above its capacity) for ``capacity_latencies`` isolated latencies (at least 400
+        requests, at most about ``capacity_calls`` LLM calls)."""
+        result = self.capacity_run(allocation, rate, record=True)
+        return work_rate(result, measure(result, rate))
 
     def capacity_run(
         self, allocation: Mapping[str, Allocation], rate: float, *, record: bool = False

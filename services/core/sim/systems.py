@@ -255,10 +255,6 @@ class Context:
         short run with a fixed seed; remembered per allocation and rate)."""
         return self.scorer.score(allocation, rate)
 
-    def replay_capacity(self, allocation: Mapping[str, Allocation], rate: float) -> float:
-        """The refined throughput prediction (``ReplayScorer.capacity``)."""
-        return self.scorer.capacity(allocation, rate)
-
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))
 
