@@ -214,34 +214,60 @@ def call_latencies(
     pooled: bool = False,
 ) -> FloatArray:
     """``call_latency`` for many replica counts at once (the search's candidates)."""
+    return fanout_latencies(profile, replicas, load, burst, (p,), pooled=pooled)[0]
+
+
+def fanout_latencies(
+    profile: Profile,
+    replicas: FloatArray,
+    load: float,
+    burst: BurstTable | None,
+    fanouts: Sequence[float],
+    *,
+    pooled: bool = False,
+) -> list[FloatArray]:
+    """``call_latencies`` for each fan-out p of ``fanouts`` (1: lone calls), the profile's
+    curves read once for all."""
     r = np.asarray(replicas, dtype=np.float64)
     rate = load / r
-    latency = _curve(profile, rate, [q.mean_latency for q in profile.points])
-    if not (pooled or (burst is not None and p > 1)):
-        return latency
-    finite = np.isfinite(latency)
-    idle = profile.points[0].mean_latency
-    waiting = np.maximum(np.where(finite, latency, idle) - idle, 0.0)
-    if pooled:
-        ttft = _curve(profile, rate, [q.ttft for q in profile.points])
-        growth = np.where(finite, ttft, profile.points[0].ttft) - profile.points[0].ttft
-        queued = np.minimum(np.maximum(growth, 0.0), waiting)
-        groups = np.maximum(1, np.floor(r / max(p, 1.0)).astype(np.int64))
-        factor = _pooling_factors(groups, rate / profile.saturation_rate)
-        waiting = waiting + queued * factor - queued
-    extra = np.zeros_like(r)
-    if burst is not None and p > 1:
-        b = np.maximum(1.0, p / r)
-        g = profile.group  # bursts of g calls are in the profile's curve already
-        waiting = waiting * np.maximum(1 + b, 1 + g) / (1 + g)
-        base = burst.extra(g)
-        extra = np.array([max(burst.extra(float(x)) - base, 0.0) for x in b])
-    return np.where(finite, idle + waiting + extra, np.inf)
-
-
-def _curve(profile: Profile, rate: FloatArray, values: Sequence[float]) -> FloatArray:
-    """``Profile.latency_at`` (or ``ttft_at``) of the per-point ``values`` at many rates."""
+    first = profile.points[0]
     rates = np.array([q.rate for q in profile.points])
+    latency = _curve(profile, rate, rates, [q.mean_latency for q in profile.points])
+    ps = np.array(fanouts, dtype=np.float64)[:, None]  # one row per fan-out
+    bursty = ps[:, 0] > 1 if burst is not None else np.zeros(len(fanouts), dtype=bool)
+    if not (pooled or bursty.any()):
+        return [latency] * len(fanouts)
+    finite = np.isfinite(latency)
+    idle = first.mean_latency
+    waiting = np.maximum(np.where(finite, latency, idle) - idle, 0.0)
+    wait = np.broadcast_to(waiting, (len(fanouts), len(r)))
+    if pooled:
+        ttft = _curve(profile, rate, rates, [q.ttft for q in profile.points])
+        growth = np.where(finite, ttft, first.ttft) - first.ttft
+        queued = np.minimum(np.maximum(growth, 0.0), waiting)
+        groups = np.maximum(1, np.floor(r / np.maximum(ps, 1.0)).astype(np.int64))
+        factor = _pooling_factors(groups, rate / profile.saturation_rate)
+        wait = wait + queued * factor - queued
+    extra = np.zeros_like(wait)
+    if burst is not None and bursty.any():
+        wait = np.array(wait)
+        g = profile.group  # bursts of g calls are in the profile's curve already
+        base = burst.extra(g)
+        for j in np.flatnonzero(bursty).tolist():
+            b = np.maximum(1.0, ps[j, 0] / r)
+            wait[j] = wait[j] * np.maximum(1 + b, 1 + g) / (1 + g)
+            # a burst of one costs nothing extra (``BurstTable.extra``)
+            for i in np.flatnonzero(b > 1).tolist():
+                extra[j, i] = max(burst.extra(float(b[i])) - base, 0.0)
+    out = np.where(finite, idle + wait + extra, np.inf)
+    return [row if pooled or bursty[j] else latency for j, row in enumerate(out)]
+
+
+def _curve(
+    profile: Profile, rate: FloatArray, rates: FloatArray, values: Sequence[float]
+) -> FloatArray:
+    """``Profile.latency_at`` (or ``ttft_at``) of the per-point ``values`` at many rates
+    (``rates``: the points' rates)."""
     vals = np.asarray(values, dtype=np.float64)
     sat = profile.saturation_rate
     inside = np.interp(rate, rates, vals)

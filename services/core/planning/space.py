@@ -21,12 +21,14 @@ import numpy as np
 from services.core.allocation import TP_DEGREES, Allocation
 from services.core.cluster.inventory import NodeInventory
 from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.batching import IntArray
+from services.core.perf.model import FloatArray
 from services.core.perf.profile import Profile
 from services.core.planning.alp import (
     BurstLookup,
     FitCheck,
     ProfileLookup,
-    call_latencies,
+    fanout_latencies,
     llm_loads,
 )
 from services.core.workload.demand import WorkflowDemand
@@ -204,6 +206,59 @@ def min_replicas(load: float, saturation: float, rho: float) -> int:
     return r
 
 
+@dataclass(frozen=True, slots=True)
+class CandidateTable:
+    """Candidates of one LLM as columns, one row each (``llm_candidates``; ``rows`` turns rows
+    into ``Candidate`` objects, which the search needs only for the frontier).
+
+    ``by_fanout[i, j]`` is row i's latency for calls in fan-outs of ``fanouts[j]``."""
+
+    model: str
+    tp: IntArray
+    units: IntArray
+    replicas: IntArray
+    cost: IntArray
+    latency: FloatArray
+    fanouts: tuple[float, ...] = ()
+    by_fanout: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def __len__(self) -> int:
+        return len(self.cost)
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> CandidateTable:
+        """The rows of ``candidates`` (of one LLM, with the same fan-outs in the same order)."""
+        fanouts = tuple(p for p, _ in candidates[0].by_fanout) if candidates else ()
+        return cls(
+            candidates[0].model if candidates else "",
+            np.array([c.tp for c in candidates], dtype=np.int64),
+            np.array([c.units for c in candidates], dtype=np.int64),
+            np.array([c.replicas for c in candidates], dtype=np.int64),
+            np.array([c.cost for c in candidates], dtype=np.int64),
+            np.array([c.latency for c in candidates], dtype=np.float64),
+            fanouts,
+            np.array(
+                [[lat for _, lat in c.by_fanout] for c in candidates], dtype=np.float64
+            ).reshape(len(candidates), len(fanouts)),
+        )
+
+    def rows(self, index: Sequence[int]) -> list[Candidate]:
+        tp, units, replicas = self.tp.tolist(), self.units.tolist(), self.replicas.tolist()
+        cost, latency, fanned = self.cost.tolist(), self.latency.tolist(), self.by_fanout.tolist()
+        return [
+            Candidate(
+                self.model,
+                tp[i],
+                units[i],
+                replicas[i],
+                cost[i],
+                latency[i],
+                tuple(zip(self.fanouts, fanned[i], strict=True)),
+            )
+            for i in index
+        ]
+
+
 def llm_candidates(
     model: str,
     load: float,
@@ -214,13 +269,13 @@ def llm_candidates(
     fanouts: Sequence[float] = (),
     bursts: BurstLookup | None = None,
     fraction_unit: int = 1,
-) -> list[Candidate]:
+) -> CandidateTable:
     """Every (configuration, replicas) of ``model`` meeting rho within ``budget`` units, up to
     the replica count where the latency stops falling (module docstring, step 1). With
     ``bursts``, each candidate also carries its latency for calls in fan-outs of each of
     ``fanouts`` (configurations are (tp, units of 1/``fraction_unit``))."""
-    out: list[Candidate] = []
-    fanned = [p for p in fanouts if p > 1] if bursts is not None else []
+    fanned = tuple(p for p in fanouts if p > 1) if bursts is not None else ()
+    parts: list[tuple[int, int, IntArray, FloatArray, list[FloatArray]]] = []
     for (tp, units), profile in configs.items():
         table = bursts(model, tp, units / fraction_unit) if fanned and bursts else None
         per_replica = tp * units
@@ -241,42 +296,58 @@ def llm_candidates(
         rs = rs[:stop]
         pooled = bursts is not None
         counts = rs.astype(np.float64)
-        base = call_latencies(profile, counts, load, pooled=pooled)
-        fanned_lat = [
-            call_latencies(profile, counts, load, table, p, pooled=pooled) for p in fanned
-        ]
-        for i, r in enumerate(rs.tolist()):
-            by_fanout = tuple((p, float(lat[i])) for p, lat in zip(fanned, fanned_lat, strict=True))
-            out.append(Candidate(model, tp, units, r, r * per_replica, float(base[i]), by_fanout))
-    return out
+        base, *lats = fanout_latencies(profile, counts, load, table, (1.0, *fanned), pooled=pooled)
+        parts.append((tp, units, rs, base, lats))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return CandidateTable(
+            model, empty, empty, empty, empty, np.zeros(0), fanned, np.zeros((0, len(fanned)))
+        )
+    replicas = np.concatenate([rs for _, _, rs, _, _ in parts]).astype(np.int64)
+    tp_column = np.concatenate([np.full(len(rs), t, dtype=np.int64) for t, _, rs, _, _ in parts])
+    unit_column = np.concatenate([np.full(len(rs), u, dtype=np.int64) for _, u, rs, _, _ in parts])
+    by_fanout = np.concatenate(
+        [np.array(lats).reshape(len(fanned), len(rs)).T for _, _, rs, _, lats in parts]
+    )
+    return CandidateTable(
+        model,
+        tp_column,
+        unit_column,
+        replicas,
+        replicas * tp_column * unit_column,
+        np.concatenate([base for _, _, _, base, _ in parts]),
+        fanned,
+        by_fanout,
+    )
 
 
-def pareto(candidates: Sequence[Candidate], lone: bool = True) -> list[Candidate]:
+def pareto(candidates: Sequence[Candidate] | CandidateTable, lone: bool = True) -> list[Candidate]:
     """Candidates no other beats on cost and on every latency the objective reads, by
     increasing cost (ties: the first in (cost, latency, tp, units) order): the lone-call
     latency when ``lone`` (some workflow calls the LLM without fan-out) and one per fan-out
     (``Candidate.by_fanout``)."""
-    ordered = sorted(candidates, key=lambda c: (c.cost, c.latency, c.tp, c.units))
-    vectors = [
-        (c.latency,) * lone + tuple(lat for _, lat in c.by_fanout) or (c.latency,) for c in ordered
-    ]
-    kept: list[Candidate] = []
-    if all(len(v) == 1 for v in vectors):
-        best = math.inf
-        for c, (value,) in zip(ordered, vectors, strict=True):
-            if value < best:
-                kept.append(c)
-                best = value
-        return kept
-    rows = np.asarray(vectors, dtype=np.float64)
-    found = np.empty_like(rows)  # the kept rows, first n of them
-    n = 0
-    for c, row in zip(ordered, rows, strict=True):
-        if not n or not (found[:n] <= row).all(axis=1).any():
-            kept.append(c)
-            found[n] = row
-            n += 1
-    return kept
+    table = candidates if isinstance(candidates, CandidateTable) else CandidateTable.of(candidates)
+    if not len(table):
+        return []
+    # stable, so rows equal in all four keep their order (as ``sorted`` would)
+    order = np.lexsort((table.units, table.tp, table.latency, table.cost))
+    columns = ([table.latency] if lone else []) + list(table.by_fanout.T)
+    rows = np.stack(columns or [table.latency], axis=1)[order]
+    if rows.shape[1] == 1:
+        # kept: faster than every row before it (the earlier minimum, kept or not)
+        value = rows[:, 0]
+        before = np.concatenate(([math.inf], np.minimum.accumulate(value)[:-1]))
+        return table.rows(order[value < before].tolist())
+    # A row is dropped when an earlier row is no worse in every latency (an earlier dropped row
+    # is itself matched by a kept one): keep the first open row, drop what it matches, repeat.
+    kept: list[int] = []
+    open_rows = np.arange(len(rows))
+    while open_rows.size:
+        first = open_rows[0]
+        kept.append(int(order[first]))
+        rest = open_rows[1:]
+        open_rows = rest[~(rows[first] <= rows[rest]).all(axis=1)]
+    return table.rows(kept)
 
 
 def _positive_int(value: object, name: str) -> None:
