@@ -71,6 +71,7 @@ def register(sub: Any) -> None:
     gpus.add_argument(
         "--baselines", default=",".join(BASELINES), help="comma-separated systems to match"
     )
+    add_warmup_arg(gpus)
     gpus.add_argument("--json", action="store_true")
     gpus.set_defaults(func=cmd_gpus)
     for name in BENCH_MODULES:
@@ -94,14 +95,18 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
+    add_warmup_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="write JSON, CSV, text and PNG plots here")
+
+
+def add_warmup_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup",
         metavar="N|auto[:E]",
         help="requests of the traced warm-up: N, or auto (as many as the mean LLM time per "
         "request needs for a relative standard error E, default 0.01; the default)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--out", type=Path, help="write JSON, CSV, text and PNG plots here")
 
 
 def _list(text: str, flag: str) -> list[str]:
@@ -204,9 +209,17 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
 
+    warm = replace(BenchSettings(), **warmup_changes(args.warmup or "auto"))
     rows = []
     for name in _list(args.workflows, "--workflows"):
-        ctx = Context.prepare(workflow(name), args.gpu_type, min(counts), warmup_requests=150)
+        ctx = Context.prepare(
+            workflow(name),
+            args.gpu_type,
+            min(counts),
+            warmup_requests=warm.warmup_requests,
+            warmup_error=warm.warmup_error,
+            warmup_max=warm.warmup_max,
+        )
         for g in counts:
             rows += fewest_gpus(ctx, g, args.load, args.slack, baselines, say=progress)
     if args.json:
