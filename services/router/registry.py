@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Callable, Sequence
 
 import orjson
@@ -86,7 +85,7 @@ class ReplicaRegistry:
         self._store = store
         self._metrics = metrics
         self._refresh_s = refresh_s
-        # Pub/sub reads wait at most this long, so that stopping takes at most this long.
+        # The pause before watching again after Redis failed.
         self._read_timeout_s = min(refresh_s, 0.5)
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
@@ -210,38 +209,49 @@ class ReplicaRegistry:
         ]
 
     async def stop(self) -> None:
-        """Stop watching and probing. The tasks are asked to stop, not cancelled: redis-py's
-        pub/sub read, and a cancellation racing with a timeout (Python 3.11), can lose a
-        cancellation and leave a task running; their short waits end them instead."""
+        """Stop watching and probing. The probes sleep on the stop event; the watch, which may
+        wait on pub/sub for up to ``refresh_s``, is also cancelled. A cancellation that races
+        with a timeout (Python 3.11) can be lost, but the watch checks the stop event after
+        each read, so it ends after at most one more wait."""
         self._stopping.set()
-        limit = max(self._read_timeout_s, self._health_timeout_s) + 2.0
         if self._tasks:
+            self._tasks[0].cancel()  # the watch
+            limit = max(self._refresh_s, self._health_timeout_s) + 2.0
             done, pending = await asyncio.wait(self._tasks, timeout=limit)
             for task in pending:
                 task.cancel()
                 log.warning("registry_task_stuck", task=task.get_name())
             for task in done:
-                task.result()
+                if not task.cancelled():
+                    task.result()
         self._tasks = []
         if self._pool is not None:
             self._pool.close()
             self._pool = None
 
     async def _watch(self) -> None:
+        """Refresh on each ``endpoints_changed`` event and every ``refresh_s``: the pub/sub read
+        waits until the next refresh is due (no polling in between); ``stop`` cancels it."""
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 async with self._store.subscribe() as pubsub:
                     await self.refresh()
-                    refreshed = time.monotonic()
+                    refreshed = loop.time()
                     while not self._stopping.is_set():
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=self._read_timeout_s
-                        )
-                        due = time.monotonic() - refreshed >= self._refresh_s
+                        wait = refreshed + self._refresh_s - loop.time()
+                        message = None
+                        if wait > 0:
+                            message = await pubsub.get_message(
+                                ignore_subscribe_messages=True, timeout=wait
+                            )
+                        due = loop.time() - refreshed >= self._refresh_s
                         if due or (message and _is_endpoints_event(message.get("data"))):
                             await self.refresh()
-                            refreshed = time.monotonic()
+                            refreshed = loop.time()
             except (UnavailableError, RedisError, OSError) as exc:
+                if self._stopping.is_set():
+                    return
                 log.warning("endpoints_watch_failed", error=str(exc))
                 await self._sleep(self._read_timeout_s)
 

@@ -3,13 +3,18 @@
 ``record`` only appends to an in-memory buffer, so the request path never waits on Redis. A
 background task writes the buffer in batches of up to ``batch`` records, a record at most
 ``flush_s`` after it was buffered (it sleeps while nothing is buffered: no timer ticks in an idle
-router). A batch that cannot be written (Redis down or slow) is dropped and counted, as is a
-record arriving while the buffer holds ``buffer`` records; writing resumes by itself when Redis
-answers again. A failed write is tried once more at once, because every pooled connection fails
-once after a Redis restart; so a record may be stored twice (``scepsy trace export`` keeps one).
-``stop`` writes what is left (within its deadline). Records already written that vanish with
-Redis (restarted without its data) are counted as lost (``scepsy_router_trace_lost``), from the
-stream's length after each write.
+router). A batch is written with one script (``Store.append_trace``). Under a steady stream of
+calls the write is started by a call arriving once the oldest record has waited most of
+``flush_s`` (``EARLY``), while the router is awake anyway, rather than by a timer that would
+wake it once more; the timer only ends the wait of a record that no call follows.
+
+A batch that cannot be written (Redis down or slow) is dropped and counted, as is a record arriving
+while the buffer holds ``buffer`` records; writing resumes by itself when Redis answers again. A
+failed write is tried once more at once, because every pooled connection fails once after a Redis
+restart; so a record may be stored twice (``scepsy trace export`` keeps one). ``stop`` writes what
+is left (within its deadline). Records already written that vanish with Redis (restarted without
+its data) are counted as lost (``scepsy_router_trace_lost``), from the stream's length after each
+write.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from services.runtime.logging import get_logger
 from services.runtime.store import Store
 
 log = get_logger(__name__)
+
+# A record that finds the oldest buffered one this far into ``flush_s`` starts the write.
+EARLY = 0.9
 
 
 class TraceRecorder:
@@ -50,6 +58,9 @@ class TraceRecorder:
         self._buffer_max = buffer
         self._enabled = enabled
         self._buffer: deque[TraceCall] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0  # loop time from which a new record starts the write
+        self._deadline = 0.0  # loop time by which the oldest buffered record is written
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -72,11 +83,19 @@ class TraceRecorder:
             return
         buffer = self._buffer
         buffer.append(call)
-        if len(buffer) == 1 or len(buffer) >= self._batch:
+        loop = self._loop
+        if len(buffer) == 1:
+            if loop is not None:
+                now = loop.time()
+                self._due = now + EARLY * self._flush_s
+                self._deadline = now + self._flush_s
             self._wake.set()  # the writer sleeps while nothing is buffered
+        elif len(buffer) >= self._batch or (loop is not None and loop.time() >= self._due):
+            self._wake.set()
 
     async def start(self) -> None:
         if self._enabled:
+            self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._run(), name="router-trace-writer")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
@@ -104,7 +123,7 @@ class TraceRecorder:
         batch = [self._buffer.popleft() for _ in range(min(self._batch, len(self._buffer)))]
         if not batch:
             return True
-        lines = [orjson.dumps(record_dict(c)).decode() for c in batch]  # as ``dumps``, faster
+        lines = [orjson.dumps(record_dict(c)) for c in batch]  # as ``dumps``, faster
         try:
             try:
                 length = await self._store.append_trace(lines, self._max_len)
@@ -143,9 +162,10 @@ class TraceRecorder:
         self._metrics.trace_dropped.inc(count)
 
     async def _run(self) -> None:
-        """Write batches: one at least ``flush_s`` after its first record, or at once when
-        ``batch`` records wait. With nothing buffered the writer sleeps until a record comes
-        (no timer ticks while the router is idle)."""
+        """Write batches: one ``flush_s`` after its first record, earlier when a record comes
+        once most of that time has passed (``EARLY``) or when ``batch`` records wait. With
+        nothing buffered the writer sleeps until a record comes (no timer ticks while the
+        router is idle)."""
         while not self._stopping.is_set():
             if not self._buffer:
                 self._wake.clear()
@@ -154,9 +174,12 @@ class TraceRecorder:
             self._wake.clear()
             if len(self._buffer) < self._batch:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._flush_s):
-                        await self._wake.wait()  # set when the batch is full, or to stop
+                    async with asyncio.timeout_at(self._deadline):
+                        await self._wake.wait()  # set when the write is due, or to stop
             self._wake.clear()
             while self._buffer and not self._stopping.is_set():
                 if not await self.flush():
-                    break  # Redis is down: wait for the next period rather than spin
+                    # Redis is down: wait for the next period rather than spin
+                    now = asyncio.get_running_loop().time()
+                    self._due, self._deadline = now + EARLY * self._flush_s, now + self._flush_s
+                    break

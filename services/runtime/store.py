@@ -7,9 +7,10 @@ as ``UnavailableError`` naming the Redis URL, so callers can keep serving and re
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from protos.scepsy.v1 import planner_pb2 as planner_pb
@@ -260,10 +262,16 @@ class Store:
 
     async def read_endpoints(self) -> EndpointTable:
         """The endpoint table with its epoch (None: the store has no table, e.g. a Redis that
-        came back without its data). The epoch is read first: a table read after it is at least
-        as new."""
-        epoch = await self._call(lambda: self._r.get(self.keys.endpoints_epoch))
-        endpoints = await self.list_endpoints()
+        came back without its data), in one round trip: a script reads the epoch and every
+        model's replicas together, so the table is exactly the one of that epoch (a router reads
+        it every few seconds)."""
+        keys = self.keys
+        reply = await self._script(
+            _READ_ENDPOINTS, [keys.endpoints_epoch, keys.endpoint_models], [keys.endpoints("")]
+        )
+        epoch, rest = reply[0], reply[1:]
+        tables = {_text(rest[i]): rest[i + 1] or [] for i in range(0, len(rest) - 1, 2)}
+        endpoints = _endpoints_of((model, _pairs(tables[model])) for model in sorted(tables))
         return EndpointTable(None if epoch is None else _text(epoch), tuple(endpoints))
 
     async def restore_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
@@ -292,31 +300,19 @@ class Store:
 
         async def read() -> list[Endpoint]:
             models = sorted(_text(m) for m in await self._r.smembers(self.keys.endpoint_models))
-            out: list[Endpoint] = []
-            for model in models:
-                entries = await self._r.hgetall(self.keys.endpoints(model))
-                for replica, raw in sorted((_text(k), _text(v)) for k, v in entries.items()):
-                    endpoint = _endpoint(model, replica, raw)
-                    if endpoint is not None:
-                        out.append(endpoint)
-            return out
+            tables = [(m, await self._r.hgetall(self.keys.endpoints(m))) for m in models]
+            return _endpoints_of((m, entries.items()) for m, entries in tables)
 
         return await self._call(read)
 
     # ------------------------------------------------------------------ trace
-    async def append_trace(self, lines: Sequence[str], max_len: int) -> int:
-        """Append trace JSON lines to the capped trace stream (one round trip, approximate cap);
-        returns the stream's length after (a writer can tell that records vanished)."""
-
-        async def append() -> int:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for line in lines:
-                    pipe.xadd(self.keys.trace, {"call": line}, maxlen=max_len, approximate=True)
-                pipe.xlen(self.keys.trace)
-                replies = await pipe.execute()
-            return int(replies[-1])
-
-        return await self._call(append)
+    async def append_trace(self, lines: Sequence[str | bytes], max_len: int) -> int:
+        """Append trace JSON lines to the capped trace stream (one round trip, one script for
+        the whole batch, approximate cap); returns the stream's length after (a writer can tell
+        that records vanished)."""
+        if not lines:
+            return await self.trace_length()
+        return int(await self._script(_APPEND_TRACE, [self.keys.trace], [max_len, *lines]))
 
     async def read_trace(self, after: str = "", count: int = 1000) -> list[tuple[str, str]]:
         """Up to ``count`` (entry id, JSON line) pairs of the trace stream, oldest first, after
@@ -506,6 +502,24 @@ class Store:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
 
+    async def _script(
+        self, script: str, keys: Sequence[str], args: Sequence[str | bytes | int]
+    ) -> Any:
+        """Run a Lua ``script`` by its digest (``EVALSHA``), loading it first when Redis does
+        not know it (a new or restarted Redis): one round trip in the usual case."""
+        digest = _SCRIPT_DIGESTS.get(script)
+        if digest is None:
+            digest = _SCRIPT_DIGESTS[script] = hashlib.sha1(script.encode()).hexdigest()
+
+        async def run() -> Any:
+            try:
+                return await self._r.evalsha(digest, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._r.script_load(script)
+                return await self._r.evalsha(digest, len(keys), *keys, *args)
+
+        return await self._call(run)
+
     # ------------------------------------------------------------ control loop
     # Keys, beside the schema of services.runtime.keys: {ns}:v1:loop:control (hash: paused "1"
     # or "0", pinned plan id, updated_at), {ns}:v1:loop:decisions (list of JSON decisions,
@@ -672,6 +686,48 @@ def _sentinel_master(
 
 def _new_epoch() -> str:
     return uuid.uuid4().hex
+
+
+# The endpoint table in one round trip (``Store.read_endpoints``): KEYS the epoch and the
+# models' set, ARGV[1] the prefix of a model's hash; the epoch, then each model and its hash.
+_READ_ENDPOINTS = """
+local out = {redis.call('GET', KEYS[1])}
+for _, model in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  out[#out + 1] = model
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. model)
+end
+return out
+"""
+
+# A batch of trace lines (``Store.append_trace``): KEYS the stream, ARGV[1] its approximate cap,
+# the rest one line each; returns the stream's length after.
+_APPEND_TRACE = """
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'call', ARGV[i])
+end
+return redis.call('XLEN', KEYS[1])
+"""
+
+_SCRIPT_DIGESTS: dict[str, str] = {}
+
+
+def _pairs(flat: Sequence[bytes | str]) -> list[tuple[bytes | str, bytes | str]]:
+    """``[k1, v1, k2, v2, ...]`` (a hash as a script returns it) as pairs."""
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+
+
+def _endpoints_of(
+    tables: Iterable[tuple[str, Iterable[tuple[bytes | str, bytes | str]]]],
+) -> list[Endpoint]:
+    """The endpoints of (model, (replica, JSON value) pairs) tables, sorted by replica within
+    each model; entries that do not parse are left out."""
+    out: list[Endpoint] = []
+    for model, entries in tables:
+        for replica, raw in sorted((_text(k), _text(v)) for k, v in entries):
+            endpoint = _endpoint(model, replica, raw)
+            if endpoint is not None:
+                out.append(endpoint)
+    return out
 
 
 def _endpoint(model: str, replica: str, raw: str) -> Endpoint | None:
