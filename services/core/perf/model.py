@@ -235,14 +235,32 @@ class PerfModel:
 
     def step_time(self, load: StepLoad) -> float:
         """Seconds of one iteration running ``load``."""
-        tokens = load.prefill_tokens + load.decode_seqs
-        seqs = load.prefill_seqs + load.decode_seqs
+        return self.step_seconds(
+            load.prefill_tokens,
+            load.prefill_pairs,
+            load.prefill_seqs,
+            load.decode_seqs,
+            load.decode_context,
+        )
+
+    def step_seconds(
+        self,
+        prefill_tokens: int,
+        prefill_pairs: float,
+        prefill_seqs: int,
+        decode_seqs: int,
+        decode_context: float,
+    ) -> float:
+        """``step_time`` of the ``StepLoad`` with these fields, in order (the scheduler's hot
+        path calls it without building one)."""
+        tokens = prefill_tokens + decode_seqs
+        seqs = prefill_seqs + decode_seqs
         if tokens == 0:
             return 0.0
         p = self.params
         compute = self.s_per_token_flops * tokens + self.s_per_sample_flops * seqs
         memory = self.s_dense_weights + self.s_expert_weights * self._experts_read(tokens)
-        attn_decode = load.decode_context * max(self.s_per_kv_token, self.s_per_decode_pair)
+        attn_decode = decode_context * max(self.s_per_kv_token, self.s_per_decode_pair)
         engine = (
             p.step_overhead_s
             + p.seq_overhead_s * seqs
@@ -251,11 +269,7 @@ class PerfModel:
             + max(compute, memory)
         )
         # the frontend's stage in parallel (``PerfParams.frontend_seq_s``; 0: the engine's)
-        return (
-            max(engine, p.frontend_seq_s * seqs)
-            + self.s_per_pair * load.prefill_pairs
-            + attn_decode
-        )
+        return max(engine, p.frontend_seq_s * seqs) + self.s_per_pair * prefill_pairs + attn_decode
 
     def decode_times(self, seqs: int, context: FloatArray) -> FloatArray:
         """Times of consecutive pure-decode iterations of ``seqs`` sequences (vectorised).

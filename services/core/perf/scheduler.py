@@ -461,22 +461,42 @@ class BatchEngine:
         load: _StepKey = (tokens, pairs, len(chunks), n_dec, self.dec_context + n_dec)
         took = self._steps.get(load)
         if took is None:
-            took = self._steps[load] = self.perf.step_time(StepLoad(*load))
-        self.clock += took
-        self.wake = self.clock
+            took = self._steps[load] = self.perf.step_seconds(*load)
+        clock = self.clock + took
+        self.clock = self.wake = clock
         self.iterations += 1
         if n_dec:
-            self.decode_counter += 1
+            counter = self.decode_counter + 1
+            self.decode_counter = counter
             kv_used += n_dec
             self.dec_context += n_dec
-        self.kv_used = kv_used
-        if n_dec:
-            self._pop_finished()
+            self.kv_used = kv_used
+            if self.heap[0][0] <= counter:
+                self._pop_finished()
+        else:
+            self.kv_used = kv_used
+        # prefills that ended: each emitted its first token (``_start_decoding``, inlined)
+        counter = self.decode_counter
+        first_token, out, fin_at = self.first_token, self.out, self.fin_at
         for i, take in chunks:
             done = prog[i] + take
             prog[i] = done
-            if done >= need[i]:
-                self._start_decoding(i)
+            if done < need[i]:
+                continue
+            del prefilling[i]
+            g = gen[i] + 1
+            gen[i] = g
+            if math.isnan(first_token[i]):
+                first_token[i] = clock
+            left = out[i] - g
+            if left <= 0:
+                self._finish(i, need[i])
+                continue
+            fin = counter + left
+            fin_at[i] = fin
+            heapq.heappush(self.heap, (fin, i))
+            decoding.add(i)
+            self.dec_context += need[i]
 
     # --- decode runs ---------------------------------------------------------------------------
 

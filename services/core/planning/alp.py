@@ -95,6 +95,10 @@ class BurstTable:
 
 # (model, tp, fraction) -> the burst table of one instance of that configuration.
 BurstLookup = Callable[[str, int, float], BurstTable]
+# What stands in for an instance's burst table where none is read: every call reaches its
+# replica alone or in a group its profile measured already (``call_latency`` reads a table
+# only for bursts of b > ``Profile.group`` calls). Its ``extra`` is 0 for every burst.
+NO_BURSTS = BurstTable((1.0,), (0.0,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +375,6 @@ def predict(
     reasons: list[str] = []
     llms: list[LlmPrediction] = []
     latency: dict[str, float] = {}
-    tables: dict[str, BurstTable | None] = {}
     profiled: dict[str, Profile | None] = {}
     scale = math.inf  # the common factor s of the module docstring
     for model in sorted(allocation):
@@ -379,11 +382,6 @@ def predict(
         load = loads.get(model, 0.0)
         profile = _profile(model, alloc, profiles, fits, reasons)
         profiled[model] = profile
-        tables[model] = (
-            bursts(model, alloc.tp, alloc.fraction)
-            if bursts is not None and profile is not None
-            else None
-        )
         capacity = alloc.replicas * profile.saturation_rate if profile is not None else 0.0
         utilization = load / capacity if capacity > 0 else math.inf
         latency[model] = (
@@ -421,13 +419,13 @@ def predict(
         if profile is None:
             return math.inf
         alloc = allocation[d.model]
+        table = None
+        if bursts is not None:
+            # the table is simulated only where it is read (``NO_BURSTS``)
+            read = d.p > 1 and replica_burst(d.p, alloc.replicas) > profile.group
+            table = bursts(d.model, alloc.tp, alloc.fraction) if read else NO_BURSTS
         return llm_term(
-            profile,
-            alloc.replicas,
-            loads.get(d.model, 0.0),
-            d,
-            tables[d.model],
-            pooled=bursts is not None,
+            profile, alloc.replicas, loads.get(d.model, 0.0), d, table, pooled=bursts is not None
         )
 
     predictions = tuple(

@@ -25,6 +25,7 @@ from services.core.perf.batching import IntArray
 from services.core.perf.model import FloatArray
 from services.core.perf.profile import Profile
 from services.core.planning.alp import (
+    NO_BURSTS,
     BurstLookup,
     FitCheck,
     ProfileLookup,
@@ -277,7 +278,6 @@ def llm_candidates(
     fanned = tuple(p for p in fanouts if p > 1) if bursts is not None else ()
     parts: list[tuple[int, int, IntArray, FloatArray, list[FloatArray]]] = []
     for (tp, units), profile in configs.items():
-        table = bursts(model, tp, units / fraction_unit) if fanned and bursts else None
         per_replica = tp * units
         most = budget // per_replica
         cap = constraints.replica_cap((model, tp, units))
@@ -294,6 +294,12 @@ def llm_candidates(
                 flat &= p <= rs
         stop = int(np.argmax(flat)) + 1 if flat.any() else rs.size
         rs = rs[:stop]
+        table = None
+        if fanned and bursts is not None:
+            # a replica gets more than one call of a fan-out only with fewer replicas than
+            # calls; otherwise no table is read and none is simulated (``alp.NO_BURSTS``)
+            read = int(rs[0]) < max(fanned)
+            table = bursts(model, tp, units / fraction_unit) if read else NO_BURSTS
         pooled = bursts is not None
         counts = rs.astype(np.float64)
         base, *lats = fanout_latencies(profile, counts, load, table, (1.0, *fanned), pooled=pooled)
