@@ -237,13 +237,23 @@ class BatchEngine:
         """``finish_iteration(now)`` then ``start_iteration(now)`` (``now`` is ``wake``), for
         ``replay``, which hands no finished call on; the number of calls finished."""
         run = self._run
-        if run is not None:
-            self._commit_run(run[1])
+        if run is not None:  # ``_commit_run(run[1])``, inlined
+            start, steps, first, slope = run
+            n_dec = len(self.decoding)
+            self.clock = start + steps * first + slope * (steps - 1) * steps / 2
+            self._run = None
+            self.iterations += steps
+            counter = self.decode_counter + steps
+            self.decode_counter = counter
+            self.kv_used += n_dec * steps
+            self.dec_context += n_dec * steps
+            if self.heap[0][0] <= counter:  # a run has decoding calls: the heap holds them
+                self._pop_finished()
+        # (the clock is at ``now``: the iteration or run that ends there was just committed)
         finished = len(self._done)
         if finished:
             self._done.clear()
         self.wake = None
-        self.clock = max(self.clock, now)
         if self.running or self.waiting:
             if self._chunked:
                 self._chunked_step()
@@ -349,18 +359,21 @@ class BatchEngine:
             return
         decoding, fin_at, prompt, out = self.decoding, self.fin_at, self.prompt, self.out
         finish, running, done, clock = self.finish, self.running, self._done, self.clock
+        gen, pop = self.gen, heapq.heappop
+        freed = 0  # KV tokens of the finished calls (all were decoding: they leave the context)
         while heap and heap[0][0] <= counter:
-            fin, i = heapq.heappop(heap)
+            fin, i = pop(heap)
             if i not in decoding or fin_at[i] != fin:
                 continue  # stale entry of a preempted call
             decoding.discard(i)
             kv = prompt[i] + out[i] - 1
-            self.dec_context -= kv
-            self.gen[i] = out[i]
+            freed += kv
+            gen[i] = out[i]
             finish[i] = clock
             del running[i]
-            self.kv_used -= kv
             done.append(i)
+        self.dec_context -= freed
+        self.kv_used -= freed
 
     def _head_admissible(self) -> bool:
         if not self.waiting or len(self.running) >= self._max_seqs:
@@ -410,21 +423,24 @@ class BatchEngine:
     def _chunked_step(self) -> None:
         """vLLM V1: decodes first, then prompt chunks up to the token budget, in one iteration."""
         decoding = self.decoding
-        if decoding and self.kv_used + len(decoding) > self.capacity:
+        n_dec = len(decoding)
+        if n_dec and self.kv_used + n_dec > self.capacity:
             self._make_room_for_decode()
+            n_dec = len(decoding)
         prefilling, waiting, running = self.prefilling, self.waiting, self.running
         prompt, gen = self.prompt, self.gen
         max_seqs = self._max_seqs
         room = self.capacity - self.watermark  # a prompt is admitted while kv_used + it <= room
+        kv_used = self.kv_used
+        n_running = len(running)
         if not prefilling and (
             not waiting
-            or len(running) >= max_seqs
-            or self.kv_used + prompt[waiting[0]] + gen[waiting[0]] > room
+            or n_running >= max_seqs
+            or kv_used + prompt[waiting[0]] + gen[waiting[0]] > room
         ):
-            if decoding:
+            if n_dec:
                 self._begin_run()
             return
-        n_dec = len(decoding)
         budget = self._token_budget - n_dec
         need, prog = self.need, self.prog
         chunks: list[tuple[int, int]] = []
@@ -434,13 +450,13 @@ class BatchEngine:
             if budget <= 0:
                 break
             done = prog[i]
-            take = min(need[i] - done, budget)
+            take = need[i] - done
+            take = take if take < budget else budget  # min(), without the call
             chunks.append((i, take))
             tokens += take
             pairs += done * take + take * (take + 1) / 2
             budget -= take
-        kv_used = self.kv_used
-        while budget > 0 and waiting and len(running) < max_seqs:
+        while budget > 0 and waiting and n_running < max_seqs:
             i = waiting[0]
             n = prompt[i] + gen[i]
             if kv_used + n > room:
@@ -450,8 +466,9 @@ class BatchEngine:
             prog[i] = 0
             kv_used += n
             running[i] = None
+            n_running += 1
             prefilling[i] = None
-            take = min(n, budget)
+            take = n if n < budget else budget
             chunks.append((i, take))
             tokens += take
             pairs += take * (take + 1) / 2
@@ -544,14 +561,15 @@ class BatchEngine:
         else:
             guess = elapsed / first
         s = max(1, min(steps, math.ceil(guess)))
-        while s > 1 and self._run_end(s - 1) >= now:
+        # (``_run_end(s)``, inlined)
+        while s > 1 and start + (s - 1) * first + slope * (s - 2) * (s - 1) / 2 >= now:
             s -= 1
-        while s < steps and self._run_end(s) < now:
+        while s < steps and start + s * first + slope * (s - 1) * s / 2 < now:
             s += 1
         self._run_cuttable = False
         if s < steps:
             self._run = (start, s, first, slope)
-            self.wake = self._run_end(s)
+            self.wake = start + s * first + slope * (s - 1) * s / 2
             self.epoch += 1
 
     def _commit_run(self, steps: int) -> None:
