@@ -93,6 +93,42 @@ class _Flight:
         self.seen_at = 0.0
 
 
+class _Deadline:
+    """The deadline of one call, as ``asyncio.timeout`` keeps it but without its cost per call
+    (objects, a look-up of the running loop and task, each a system call on Python 3.11): at
+    ``when`` the call's task is cancelled; ``end`` stops the timer and tells whether that
+    cancellation was the deadline's (and no other is pending), as ``asyncio.timeout`` does
+    before it turns it into ``TimeoutError``."""
+
+    __slots__ = ("expired", "handle", "task")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None, when: float
+    ) -> None:
+        if task is None:
+            raise RuntimeError("a call's deadline needs a task")
+        self.task = task
+        self.expired = False
+        self.handle: asyncio.TimerHandle | None = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.handle = None
+        self.task.cancel()
+
+    def end(self) -> bool:
+        """Stop the timer (once); True when the deadline passed and its cancellation is the
+        only one (then the caller raises ``TimeoutError`` in place of ``CancelledError``)."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+            return False
+        if self.expired:
+            self.expired = False
+            return self.task.uncancel() == 0
+        return False
+
+
 @dataclass(slots=True)
 class _Outcome:
     status: str = "error"  # ok | error | cancelled | rejected
@@ -119,9 +155,10 @@ class Dispatcher:
         self._id_prefix = uuid.uuid4().hex[:12]
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
         self._pool: Http1Pool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from ``start``
         self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = asyncio.Event()  # set when no call is active, while ``wait_idle`` waits
+        self._idle_wanted = False
         self.draining = False
         self._flights: dict[Replica, set[_Flight]] = {}
         self._streaming = asyncio.Event()  # set while a stream may be in flight
@@ -132,6 +169,7 @@ class Dispatcher:
     def start(self, pool: Http1Pool) -> None:
         """Start with the connection pool for engine calls (``services.router.http1``)."""
         self._pool = pool
+        self._loop = asyncio.get_running_loop()
         self._watchdog = asyncio.create_task(self._watch_streams(), name="router-idle-streams")
 
     async def stop(self) -> None:
@@ -183,7 +221,7 @@ class Dispatcher:
                         self._abort(flight, f"stream sent nothing for {idle:g} s", "idle")
 
     def _board(self, replica: Replica, stream: bool) -> _Flight:
-        flight = _Flight(replica, asyncio.current_task(), stream)
+        flight = _Flight(replica, asyncio.current_task(self._loop), stream)
         self._flights.setdefault(replica, set()).add(flight)
         if stream and not self._streaming.is_set():
             self._streaming.set()
@@ -203,11 +241,16 @@ class Dispatcher:
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no call is active; False when ``timeout_s`` passed first."""
+        self._idle_wanted = True
         try:
             async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
+                while self._active:
+                    self._idle.clear()
+                    await self._idle.wait()
         except TimeoutError:
             return False
+        finally:
+            self._idle_wanted = False
         return True
 
     def check_model(self, model: str) -> None:
@@ -233,8 +276,11 @@ class Dispatcher:
         try:
             limit = self._config.upstream_timeout_s
             timeout = min(spec.timeout_s, limit) if spec.timeout_s is not None else limit
+            loop = self._loop
+            assert loop is not None, "dispatcher not started"
+            deadline = _Deadline(loop, asyncio.current_task(loop), loop.time() + timeout)
             try:
-                async with asyncio.timeout(timeout):
+                try:
                     upstream, flight = await self._open(spec, info, started, call_id)
                     try:
                         yield upstream
@@ -242,11 +288,20 @@ class Dispatcher:
                         upstream.release()
                         self._land(flight)
                         self._release(upstream.replica)
+                except asyncio.CancelledError:
+                    if deadline.end():
+                        raise TimeoutError from None
+                    raise
+                deadline.end()
             except TimeoutError as exc:
+                deadline.end()
                 outcome.kind = "timeout"
                 raise UpstreamTimeoutError(
                     f"model {spec.model}: no complete answer within {timeout:g} s"
                 ) from exc
+            except BaseException:
+                deadline.end()
+                raise
             outcome.status = "ok" if upstream.ok else "error"
             outcome.kind = None if upstream.ok else "status"
         except (asyncio.CancelledError, ConnectionResetError, GeneratorExit):
@@ -336,7 +391,7 @@ class Dispatcher:
                 continue
             upstream = Upstream(replica, response, started, call_id)
             flight.upstream = upstream
-            flight.seen_at = asyncio.get_running_loop().time()
+            flight.seen_at = self._loop.time()  # type: ignore[union-attr]
             if flight.reason is not None:  # ejected while the headers came in
                 upstream.abort(flight.reason)
             return upstream, flight
@@ -371,7 +426,8 @@ class Dispatcher:
 
     async def _acquire(self, model: str, info: CallInfo, excluded: set[str]) -> Replica:
         queue = self._queues.setdefault(model, deque())
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None, "dispatcher not started"
         deadline = math.inf
         woken = False
         while True:
@@ -419,22 +475,18 @@ class Dispatcher:
             self._wake(model)
 
     def _take(self, free: list[Replica], info: CallInfo) -> Replica:
-        by_id = {r.id: r for r in free}
-        loads = [ReplicaLoad(r.id, r.in_flight, r.endpoint.weight) for r in free]
-        replica = by_id[self._policy.choose(loads, info)]
+        if len(free) == 1:
+            replica = free[0]  # what every policy chooses: it picks one of the candidates
+        else:
+            by_id = {r.id: r for r in free}
+            loads = [ReplicaLoad(r.id, r.in_flight, r.endpoint.weight) for r in free]
+            replica = by_id[self._policy.choose(loads, info)]
         replica.in_flight += 1
-        self._metrics.child(self._metrics.in_flight, replica.model, replica.id).set(
-            replica.in_flight
-        )
         return replica
 
     def _release(self, replica: Replica) -> None:
         replica.in_flight -= 1
         replica.activity += 1
-        if self._registry.is_registered(replica):  # a removed replica's series stays removed
-            self._metrics.child(self._metrics.in_flight, replica.model, replica.id).set(
-                replica.in_flight
-            )
         self._wake(replica.model)
 
     def _wake(self, model: str) -> None:
@@ -455,11 +507,10 @@ class Dispatcher:
 
     def _enter(self) -> None:
         self._active += 1
-        self._idle.clear()
 
     def _leave(self) -> None:
         self._active -= 1
-        if self._active == 0:
+        if self._active == 0 and self._idle_wanted:
             self._idle.set()
 
     # -------------------------------------------------------------------- record
@@ -474,15 +525,16 @@ class Dispatcher:
     ) -> None:
         elapsed = time.monotonic() - started
         model = spec.model
-        self._metrics.child(self._metrics.requests, model, spec.api, outcome.status).inc()
+        metrics = self._metrics
+        metrics.requests.inc((model, spec.api, outcome.status))
         if outcome.kind is not None and outcome.status != "cancelled":
-            self._metrics.errors.labels(model, outcome.kind).inc()
+            metrics.errors.labels(model, outcome.kind).inc()
         if outcome.status != "rejected":
-            self._metrics.child(self._metrics.latency, model).observe(elapsed)
+            metrics.latency.observe((model,), elapsed)
         ttft = upstream.ttft if upstream is not None and spec.stream else None
         if ttft is not None:
             ttft = min(ttft, elapsed)
-            self._metrics.child(self._metrics.ttft, model).observe(ttft)
+            metrics.ttft.observe((model,), ttft)
         identity = spec.identity
         status: Status = (
             "ok"

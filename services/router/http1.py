@@ -82,12 +82,14 @@ class _Connection(asyncio.Protocol):
         "closed",
         "idle_since",
         "key",
+        "loop",
         "response",
         "transport",
     )
 
     def __init__(self, key: str) -> None:
         self.key = key
+        self.loop = asyncio.get_running_loop()  # kept: each look-up is a system call (3.11)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -343,7 +345,7 @@ class _Connection(asyncio.Protocol):
                     raise self._error
                 if self._done:
                     return "end"
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self.loop.create_future()
                 await self._waiter
         finally:
             self._sink = None
@@ -381,7 +383,7 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             if self._done:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             await self._waiter
 
     async def read(self) -> bytes:
@@ -397,7 +399,7 @@ class _Connection(asyncio.Protocol):
             raise Http1DisconnectedError("connection closed")
         self._reset()
         self.response = response
-        self._head_waiter = waiter = asyncio.get_running_loop().create_future()
+        self._head_waiter = waiter = self.loop.create_future()
         self.transport.write(request)
         return waiter
 

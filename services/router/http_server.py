@@ -214,6 +214,7 @@ class _Connection(asyncio.Protocol):
         "_discard",
         "_discarded",
         "_drain",
+        "_loop",
         "_server",
         "paused",
         "task",
@@ -222,6 +223,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()  # kept: each look-up is a system call (3.11)
         self.transport: asyncio.Transport | None = None
         self._buffer = b""
         self._closed = False
@@ -279,7 +281,7 @@ class _Connection(asyncio.Protocol):
         if self._closed:
             raise ConnectionResetError("client disconnected")
         if self.paused:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self._loop.create_future()
             await self._drain
 
     def _wake_drain(self, exc: BaseException | None) -> None:
@@ -321,7 +323,7 @@ class _Connection(asyncio.Protocol):
             return  # the body is not all here yet
         self._buffer = buffer[used:]
         request = Request(self, method, path, headers, body, keep_alive)
-        self.task = asyncio.get_running_loop().create_task(self._handle(request))
+        self.task = self._loop.create_task(self._handle(request))
         self._server.tasks.add(self.task)
         self.task.add_done_callback(self._server.tasks.discard)
 

@@ -99,6 +99,15 @@ class ReplicaRegistry:
         self.on_change: Callable[[str], None] = lambda model: None
         # called when a replica is ejected, so that the calls in flight on it end at once
         self.on_eject: Callable[[Replica, str], None] = lambda replica, reason: None
+        metrics.in_flight.source = self._in_flight
+
+    def _in_flight(self) -> list[tuple[tuple[str, str], float]]:
+        """Calls in flight per registered replica (the ``scepsy_router_in_flight`` gauge)."""
+        return [
+            ((model, rid), float(replica.in_flight))
+            for model, replicas in list(self._models.items())
+            for rid, replica in list(replicas.items())
+        ]
 
     # ------------------------------------------------------------------ queries
     def models(self) -> list[str]:
@@ -143,7 +152,6 @@ class ReplicaRegistry:
                     continue
                 current[rid] = Replica(endpoint)
                 self._metrics.replica_healthy.labels(model, rid).set(1)
-                self._metrics.in_flight.labels(model, rid).set(0)
                 log.info("replica_added", model=model, replica=rid, url=endpoint.url)
                 added = True
             if added:
