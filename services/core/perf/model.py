@@ -276,6 +276,19 @@ class PerfModel:
 
         ``context[j]`` is the summed context of iteration j. Equals ``step_time`` of each.
         """
+        fixed, per_ctx = self._decode_terms(seqs)
+        return fixed + per_ctx * context
+
+    def decode_coefficients(self, seqs: int) -> tuple[float, float]:
+        """(a, b): one pure-decode iteration of ``seqs`` sequences over a summed context of c
+        tokens takes a + b c; exactly ``decode_times(seqs, [0.0, 1.0])`` as (t0, t1 - t0)."""
+        fixed, per_ctx = self._decode_terms(seqs)
+        a = fixed + per_ctx * 0.0
+        return a, (fixed + per_ctx * 1.0) - a
+
+    def _decode_terms(self, seqs: int) -> tuple[float, float]:
+        """(time of a pure-decode iteration of ``seqs`` sequences without attention, seconds
+        per token of context attended)."""
         p = self.params
         compute = self.s_per_token_flops * seqs + self.s_per_sample_flops * seqs
         memory = self.s_dense_weights + self.s_expert_weights * self._experts_read(seqs)
@@ -288,7 +301,7 @@ class PerfModel:
             + max(compute, memory),
             p.frontend_seq_s * seqs,
         )
-        return fixed + per_ctx * context
+        return fixed, per_ctx
 
     # --- memory --------------------------------------------------------------------------
 

@@ -43,8 +43,6 @@ import operator
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from services.core.errors import InvalidInputError
 from services.core.perf.model import DEFAULT_MEMORY_UTILIZATION, PerfModel, StepLoad
 
@@ -438,8 +436,18 @@ class BatchEngine:
             or n_running >= max_seqs
             or kv_used + prompt[waiting[0]] + gen[waiting[0]] > room
         ):
-            if n_dec:
-                self._begin_run()
+            if n_dec:  # ``_begin_run()``, inlined
+                steps = self.heap[0][0] - self.decode_counter
+                fill = (self.capacity - kv_used) // n_dec
+                steps = min(steps, fill if fill > 1 else 1)
+                found = self._coef.get(n_dec)
+                a, b = found if found is not None else self._coefficients(n_dec)
+                first = a + b * (self.dec_context + n_dec)
+                slope = b * n_dec
+                start = self.clock
+                self._run = (start, steps, first, slope)
+                self._run_cuttable = n_running < max_seqs and not waiting
+                self.wake = start + steps * first + slope * (steps - 1) * steps / 2
             return
         budget = self._token_budget - n_dec
         need, prog = self.need, self.prog
@@ -521,9 +529,7 @@ class BatchEngine:
         """(a, b) with one decode iteration of ``seqs`` sequences taking a + b x context."""
         found = self._coef.get(seqs)
         if found is None:
-            t = self.perf.decode_times(seqs, np.array([0.0, 1.0]))
-            found = (float(t[0]), float(t[1] - t[0]))
-            self._coef[seqs] = found
+            found = self._coef[seqs] = self.perf.decode_coefficients(seqs)
         return found
 
     def _begin_run(self) -> None:
