@@ -203,61 +203,56 @@ class BatchEngine:
         nans = [math.nan] * n
         self.first_token.extend(nans)
         self.finish.extend(nans)
-        advance, start_iteration = self._advance, self.start_iteration
-        waiting = self.waiting
+        step = self._chunked_step if self._chunked else self._v0_step
+        waiting, running, done = self.waiting, self.running, self._done
+        goal = n if stop_after is None else stop_after
         finished = 0
         i = 0
-        while i < n:
-            t = arrival[i]
-            now = self.wake
-            while now is not None and now <= t:
-                if now < t:
-                    finished += advance(now)
-                else:
-                    finished += len(self.finish_iteration(now))
+        now = self.wake
+        while True:
+            t = arrival[i] if i < n else math.inf
+            if now is not None and now < t:
+                if i >= n and finished >= goal:
+                    break
+                # the iteration (or decode run) ending at ``now``, before the next arrival:
+                # ``finish_iteration(now)`` then ``start_iteration(now)``, inlined
+                run = self._run
+                if run is not None:  # ``_commit_run(run[1])``
+                    start, steps, first_s, slope = run
+                    n_dec = len(self.decoding)
+                    self.clock = start + steps * first_s + slope * (steps - 1) * steps / 2
+                    self._run = None
+                    self.iterations += steps
+                    counter = self.decode_counter + steps
+                    self.decode_counter = counter
+                    self.kv_used += n_dec * steps
+                    self.dec_context += n_dec * steps
+                    if self.heap[0][0] <= counter:  # a run has decoding calls in the heap
+                        self._pop_finished()
+                # (the clock is at ``now``: what ends there was just committed)
+                if done:
+                    finished += len(done)
+                    done.clear()
+                self.wake = None
+                if running or waiting:
+                    step()
+                self.epoch += 1
                 now = self.wake
+                continue
+            if i >= n:
+                break  # idle after the last arrival
+            if now is not None and now == t:
+                finished += len(self.finish_iteration(now))
+                now = None
             was_empty = not waiting
             while i < n and arrival[i] == t:
                 waiting.append(first + i)
                 i += 1
             if now is None:
-                start_iteration(t)
+                self.start_iteration(t)
             elif was_empty and self._run_cuttable and self._run is not None:
                 self._cut_run(t)
-        goal = n if stop_after is None else stop_after
-        now = self.wake
-        while now is not None and finished < goal:
-            finished += advance(now)
             now = self.wake
-        return finished
-
-    def _advance(self, now: float) -> int:
-        """``finish_iteration(now)`` then ``start_iteration(now)`` (``now`` is ``wake``), for
-        ``replay``, which hands no finished call on; the number of calls finished."""
-        run = self._run
-        if run is not None:  # ``_commit_run(run[1])``, inlined
-            start, steps, first, slope = run
-            n_dec = len(self.decoding)
-            self.clock = start + steps * first + slope * (steps - 1) * steps / 2
-            self._run = None
-            self.iterations += steps
-            counter = self.decode_counter + steps
-            self.decode_counter = counter
-            self.kv_used += n_dec * steps
-            self.dec_context += n_dec * steps
-            if self.heap[0][0] <= counter:  # a run has decoding calls: the heap holds them
-                self._pop_finished()
-        # (the clock is at ``now``: the iteration or run that ends there was just committed)
-        finished = len(self._done)
-        if finished:
-            self._done.clear()
-        self.wake = None
-        if self.running or self.waiting:
-            if self._chunked:
-                self._chunked_step()
-            else:
-                self._v0_step()
-        self.epoch += 1
         return finished
 
     def _check(self, prompt: int, completion: int) -> None:
@@ -502,7 +497,8 @@ class BatchEngine:
             self.kv_used = kv_used
         # prefills that ended: each emitted its first token (``_start_decoding``, inlined)
         counter = self.decode_counter
-        first_token, out, fin_at = self.first_token, self.out, self.fin_at
+        first_token, out, fin_at, heap = self.first_token, self.out, self.fin_at, self.heap
+        context = 0  # of the calls that start decoding
         for i, take in chunks:
             done = prog[i] + take
             prog[i] = done
@@ -511,7 +507,7 @@ class BatchEngine:
             del prefilling[i]
             g = gen[i] + 1
             gen[i] = g
-            if math.isnan(first_token[i]):
+            if first_token[i] != first_token[i]:  # NaN: its first prefill (not a recompute)
                 first_token[i] = clock
             left = out[i] - g
             if left <= 0:
@@ -519,9 +515,11 @@ class BatchEngine:
                 continue
             fin = counter + left
             fin_at[i] = fin
-            heapq.heappush(self.heap, (fin, i))
+            heapq.heappush(heap, (fin, i))
             decoding.add(i)
-            self.dec_context += need[i]
+            context += need[i]
+        if context:
+            self.dec_context += context
 
     # --- decode runs ---------------------------------------------------------------------------
 
