@@ -218,67 +218,123 @@ def call_latencies(
     pooled: bool = False,
 ) -> FloatArray:
     """``call_latency`` for many replica counts at once (the search's candidates)."""
-    return fanout_latencies(profile, replicas, load, burst, (p,), pooled=pooled)[0]
+    bursts = None if burst is None else (burst,)
+    latency: FloatArray = fanout_latencies(
+        (profile,), (replicas,), load, bursts, (p,), pooled=pooled
+    )[0]
+    return latency
 
 
 def fanout_latencies(
-    profile: Profile,
-    replicas: FloatArray,
+    profiles: Sequence[Profile],
+    replicas: Sequence[FloatArray],
     load: float,
-    burst: BurstTable | None,
+    bursts: Sequence[BurstTable] | None,
     fanouts: Sequence[float],
     *,
     pooled: bool = False,
-) -> list[FloatArray]:
-    """``call_latencies`` for each fan-out p of ``fanouts`` (1: lone calls), the profile's
-    curves read once for all."""
-    r = np.asarray(replicas, dtype=np.float64)
+) -> FloatArray:
+    """``call_latencies`` of several configurations of one LLM carrying ``load``, each with its
+    replica counts (``replicas[k]`` for ``profiles[k]``, its burst table ``bursts[k]``), for
+    every fan-out p of ``fanouts`` (1: lone calls) at once: row j holds fan-out ``fanouts[j]``,
+    the columns run through profile 0's replica counts, then profile 1's, and so on."""
+    sizes = [len(x) for x in replicas]
+    r = np.concatenate([np.asarray(x, dtype=np.float64) for x in replicas])
+    which = np.repeat(np.arange(len(profiles)), sizes)  # each column's profile
     rate = load / r
-    first = profile.points[0]
-    rates = np.array([q.rate for q in profile.points])
-    latency = _curve(profile, rate, rates, [q.mean_latency for q in profile.points])
+    points = _Points.of(profiles)
+    latency = points.curve(rate, which, points.latency)
     ps = np.array(fanouts, dtype=np.float64)[:, None]  # one row per fan-out
-    bursty = ps[:, 0] > 1 if burst is not None else np.zeros(len(fanouts), dtype=bool)
+    bursty = ps[:, 0] > 1 if bursts is not None else np.zeros(len(fanouts), dtype=bool)
     if not (pooled or bursty.any()):
-        return [latency] * len(fanouts)
+        return np.broadcast_to(latency, (len(fanouts), len(r)))
     finite = np.isfinite(latency)
-    idle = first.mean_latency
+    idle = points.latency[which, 0]
     waiting = np.maximum(np.where(finite, latency, idle) - idle, 0.0)
     wait = np.broadcast_to(waiting, (len(fanouts), len(r)))
     if pooled:
-        ttft = _curve(profile, rate, rates, [q.ttft for q in profile.points])
-        growth = np.where(finite, ttft, first.ttft) - first.ttft
+        ttft = points.curve(rate, which, points.ttft)
+        first_ttft = points.ttft[which, 0]
+        growth = np.where(finite, ttft, first_ttft) - first_ttft
         queued = np.minimum(np.maximum(growth, 0.0), waiting)
         groups = np.maximum(1, np.floor(r / np.maximum(ps, 1.0)).astype(np.int64))
-        factor = _pooling_factors(groups, rate / profile.saturation_rate)
+        factor = _pooling_factors(groups, rate / points.saturation[which])
         wait = wait + queued * factor - queued
     extra = np.zeros_like(wait)
-    if burst is not None and bursty.any():
+    if bursts is not None and bursty.any():
         wait = np.array(wait)
-        g = profile.group  # bursts of g calls are in the profile's curve already
-        base = burst.extra(g)
+        g = points.group[which]  # bursts of g calls are in the profile's curve already
+        base = [t.extra(p.group) for t, p in zip(bursts, profiles, strict=True)]
         for j in np.flatnonzero(bursty).tolist():
             b = np.maximum(1.0, ps[j, 0] / r)
             wait[j] = wait[j] * np.maximum(1 + b, 1 + g) / (1 + g)
             # a burst of one costs nothing extra (``BurstTable.extra``)
             for i in np.flatnonzero(b > 1).tolist():
-                extra[j, i] = max(burst.extra(float(b[i])) - base, 0.0)
+                k = int(which[i])
+                extra[j, i] = max(bursts[k].extra(float(b[i])) - base[k], 0.0)
     out = np.where(finite, idle + wait + extra, np.inf)
-    return [row if pooled or bursty[j] else latency for j, row in enumerate(out)]
+    keep = pooled | bursty
+    return np.where(keep[:, None], out, latency)
 
 
-def _curve(
-    profile: Profile, rate: FloatArray, rates: FloatArray, values: Sequence[float]
-) -> FloatArray:
-    """``Profile.latency_at`` (or ``ttft_at``) of the per-point ``values`` at many rates
-    (``rates``: the points' rates)."""
-    vals = np.asarray(values, dtype=np.float64)
-    sat = profile.saturation_rate
-    inside = np.interp(rate, rates, vals)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        beyond = vals[-1] * (sat - rates[-1]) / (sat - rate)
-    out = np.where(rate > rates[-1], beyond, inside)
-    return np.where(rate >= sat, np.inf, out)
+@dataclass(frozen=True, slots=True)
+class _Points:
+    """The points of several profiles as rows (padded on the right: rates with inf, values
+    with the last one), for ``fanout_latencies``."""
+
+    rate: FloatArray
+    latency: FloatArray
+    ttft: FloatArray
+    last: npt.NDArray[np.int64]  # index of each profile's last point
+    saturation: FloatArray
+    group: FloatArray
+
+    @classmethod
+    def of(cls, profiles: Sequence[Profile]) -> _Points:
+        width = max(len(p.points) for p in profiles)
+
+        def padded(values: list[float], fill: float) -> list[float]:
+            return values + [fill] * (width - len(values))
+
+        return cls(
+            np.array([padded([q.rate for q in p.points], math.inf) for p in profiles]),
+            np.array(
+                [
+                    padded([q.mean_latency for q in p.points], p.points[-1].mean_latency)
+                    for p in profiles
+                ]
+            ),
+            np.array([padded([q.ttft for q in p.points], p.points[-1].ttft) for p in profiles]),
+            np.array([len(p.points) - 1 for p in profiles], dtype=np.int64),
+            np.array([p.saturation_rate for p in profiles], dtype=np.float64),
+            np.array([p.group for p in profiles], dtype=np.float64),
+        )
+
+    def curve(
+        self, rate: FloatArray, which: npt.NDArray[np.int64], values: FloatArray
+    ) -> FloatArray:
+        """``Profile.latency_at`` (or ``ttft_at``) of the per-point ``values`` (rows of
+        ``latency`` or ``ttft``) at ``rate[i]`` on profile ``which[i]``: linear between points
+        as ``np.interp`` computes it (the same operations, so the same bits), the first point's
+        value below the first rate, the M/M/1-like growth of the last point's beyond the last
+        rate and inf from the saturation rate on."""
+        xs, ys = self.rate[which], values[which]
+        column = np.arange(len(rate))
+        last = self.last[which]
+        j = (xs <= rate[:, None]).sum(axis=1) - 1  # xs[j] <= rate < xs[j + 1]
+        lo = np.clip(j, 0, None)
+        hi = np.minimum(lo + 1, last)
+        x0, x1 = xs[column, lo], xs[column, hi]
+        y0, y1 = ys[column, lo], ys[column, hi]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            between = (y1 - y0) / (x1 - x0) * (rate - x0) + y0
+        inside = np.where((j < 0) | (j >= last) | (x0 == rate), y0, between)
+        x_last, y_last = xs[column, last], ys[column, last]
+        saturation = self.saturation[which]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beyond = y_last * (saturation - x_last) / (saturation - rate)
+        out = np.where(rate > x_last, beyond, inside)
+        return np.where(rate >= saturation, np.inf, out)
 
 
 def _pooling_factors(servers: npt.NDArray[np.int64], utilization: FloatArray) -> FloatArray:

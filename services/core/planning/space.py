@@ -27,6 +27,7 @@ from services.core.perf.profile import Profile
 from services.core.planning.alp import (
     NO_BURSTS,
     BurstLookup,
+    BurstTable,
     FitCheck,
     ProfileLookup,
     fanout_latencies,
@@ -276,7 +277,7 @@ def llm_candidates(
     ``bursts``, each candidate also carries its latency for calls in fan-outs of each of
     ``fanouts`` (configurations are (tp, units of 1/``fraction_unit``))."""
     fanned = tuple(p for p in fanouts if p > 1) if bursts is not None else ()
-    parts: list[tuple[int, int, IntArray, FloatArray, list[FloatArray]]] = []
+    chosen: list[tuple[int, int, Profile, IntArray, BurstTable]] = []
     for (tp, units), profile in configs.items():
         per_replica = tp * units
         most = budget // per_replica
@@ -294,36 +295,38 @@ def llm_candidates(
                 flat &= p <= rs
         stop = int(np.argmax(flat)) + 1 if flat.any() else rs.size
         rs = rs[:stop]
-        table = None
-        if fanned and bursts is not None:
+        table = NO_BURSTS
+        if fanned and bursts is not None and int(rs[0]) < max(fanned):
             # a replica gets more than one call of a fan-out only with fewer replicas than
             # calls; otherwise no table is read and none is simulated (``alp.NO_BURSTS``)
-            read = int(rs[0]) < max(fanned)
-            table = bursts(model, tp, units / fraction_unit) if read else NO_BURSTS
-        pooled = bursts is not None
-        counts = rs.astype(np.float64)
-        base, *lats = fanout_latencies(profile, counts, load, table, (1.0, *fanned), pooled=pooled)
-        parts.append((tp, units, rs, base, lats))
-    if not parts:
+            table = bursts(model, tp, units / fraction_unit)
+        chosen.append((tp, units, profile, rs.astype(np.int64), table))
+    if not chosen:
         empty = np.zeros(0, dtype=np.int64)
         return CandidateTable(
             model, empty, empty, empty, empty, np.zeros(0), fanned, np.zeros((0, len(fanned)))
         )
-    replicas = np.concatenate([rs for _, _, rs, _, _ in parts]).astype(np.int64)
-    tp_column = np.concatenate([np.full(len(rs), t, dtype=np.int64) for t, _, rs, _, _ in parts])
-    unit_column = np.concatenate([np.full(len(rs), u, dtype=np.int64) for _, u, rs, _, _ in parts])
-    by_fanout = np.concatenate(
-        [np.array(lats).reshape(len(fanned), len(rs)).T for _, _, rs, _, lats in parts]
+    replicas = [rs for _, _, _, rs, _ in chosen]
+    latencies = fanout_latencies(
+        [profile for _, _, profile, _, _ in chosen],
+        [rs.astype(np.float64) for rs in replicas],
+        load,
+        [table for *_, table in chosen] if fanned else None,
+        (1.0, *fanned),
+        pooled=bursts is not None,
     )
+    counts = np.concatenate(replicas)
+    tp_column = np.concatenate([np.full(len(rs), t, dtype=np.int64) for t, _, _, rs, _ in chosen])
+    unit_column = np.concatenate([np.full(len(rs), u, dtype=np.int64) for _, u, _, rs, _ in chosen])
     return CandidateTable(
         model,
         tp_column,
         unit_column,
-        replicas,
-        replicas * tp_column * unit_column,
-        np.concatenate([base for _, _, _, base, _ in parts]),
+        counts,
+        counts * tp_column * unit_column,
+        np.array(latencies[0]),
         fanned,
-        by_fanout,
+        np.array(latencies[1:].T),
     )
 
 
