@@ -34,8 +34,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +126,111 @@ class _Deadline:
             self.expired = False
             return self.task.uncancel() == 0
         return False
+
+
+class _Call:
+    """``Dispatcher.call``: one call from its admission to its record, as an async context
+    manager written out (a generator-based one costs several objects and steps per call).
+
+    Entering admits the call (``DrainingError`` and ``ModelNotFoundError`` before it counts as
+    a call), starts its deadline and opens it on a replica; leaving releases the replica and
+    records the outcome. The deadline's cancellation becomes ``UpstreamTimeoutError``."""
+
+    __slots__ = (
+        "call_id",
+        "deadline",
+        "dispatcher",
+        "flight",
+        "info",
+        "outcome",
+        "spec",
+        "started",
+        "started_wall",
+        "timeout",
+        "upstream",
+    )
+
+    def __init__(self, dispatcher: Dispatcher, spec: CallSpec) -> None:
+        self.dispatcher = dispatcher
+        self.spec = spec
+        self.upstream: Upstream | None = None
+        self.flight: _Flight | None = None
+        self.deadline: _Deadline | None = None
+
+    async def __aenter__(self) -> Upstream:
+        d, spec = self.dispatcher, self.spec
+        if d.draining:
+            raise DrainingError("router is shutting down", d._config.retry_after_s)
+        d.check_model(spec.model)
+        seq = next(d._seq)
+        # unique across routers (a random prefix per router) without a syscall per call
+        self.call_id = f"{d._id_prefix}{seq:08x}"
+        self.info = CallInfo(seq, spec.identity.affinity)
+        self.started_wall, self.started = d._clock(), time.monotonic()
+        self.outcome = _Outcome()
+        d._enter()
+        try:
+            limit = d._config.upstream_timeout_s
+            self.timeout = min(spec.timeout_s, limit) if spec.timeout_s is not None else limit
+            loop = d._loop
+            assert loop is not None, "dispatcher not started"
+            self.deadline = _Deadline(loop, asyncio.current_task(loop), loop.time() + self.timeout)
+            self.upstream, self.flight = await d._open(spec, self.info, self.started, self.call_id)
+        except BaseException as exc:
+            replacement = self._close(exc)
+            if replacement is not None:
+                raise replacement from replacement.__cause__
+            raise
+        return self.upstream
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        upstream, flight, d = self.upstream, self.flight, self.dispatcher
+        assert upstream is not None and flight is not None
+        upstream.release()
+        d._land(flight)
+        d._release(upstream.replica)
+        replacement = self._close(exc)
+        if replacement is not None:
+            raise replacement from replacement.__cause__
+        return False
+
+    def _close(self, exc: BaseException | None) -> BaseException | None:
+        """Stop the deadline, note the outcome, record the call; the exception to raise in
+        place of ``exc`` (None: ``exc`` itself, or nothing)."""
+        outcome, deadline, d = self.outcome, self.deadline, self.dispatcher
+        replacement: BaseException | None = None
+        try:
+            expired = deadline.end() if deadline is not None else False
+            if exc is None:
+                ok = self.upstream is not None and self.upstream.ok
+                outcome.status = "ok" if ok else "error"
+                outcome.kind = None if ok else "status"
+                return None
+            if isinstance(exc, TimeoutError) or (
+                expired and isinstance(exc, asyncio.CancelledError)
+            ):
+                outcome.kind = "timeout"
+                replacement = UpstreamTimeoutError(
+                    f"model {self.spec.model}: no complete answer within {self.timeout:g} s"
+                )
+                replacement.__cause__ = exc if isinstance(exc, TimeoutError) else TimeoutError()
+            if isinstance(exc, (asyncio.CancelledError, ConnectionResetError, GeneratorExit)):
+                if replacement is None:
+                    outcome.status, outcome.kind = "cancelled", "cancelled"
+            elif isinstance(exc, OverloadedError):
+                outcome.status, outcome.kind = "rejected", "overloaded"
+            elif isinstance(exc, NoHealthyReplicaError):
+                outcome.kind = "no_healthy_replica"
+            elif isinstance(exc, UpstreamError) or replacement is not None:
+                outcome.kind = outcome.kind or "broken"
+            return replacement
+        finally:
+            d._leave()
+            d._finish(
+                self.spec, self.call_id, self.started_wall, self.started, self.upstream, outcome
+            )
 
 
 @dataclass(slots=True)
@@ -259,66 +363,10 @@ class Dispatcher:
             raise ModelNotFoundError(f"The model `{model}` does not exist.")
 
     # --------------------------------------------------------------------- a call
-    @asynccontextmanager
-    async def call(self, spec: CallSpec) -> AsyncIterator[Upstream]:
-        """Admit, route and open one upstream call; record it on exit (see the module doc)."""
-        if self.draining:
-            raise DrainingError("router is shutting down", self._config.retry_after_s)
-        self.check_model(spec.model)
-        seq = next(self._seq)
-        # unique across routers (a random prefix per router) without a syscall per call
-        call_id = f"{self._id_prefix}{seq:08x}"
-        info = CallInfo(seq, spec.identity.affinity)
-        started_wall, started = self._clock(), time.monotonic()
-        outcome = _Outcome()
-        upstream: Upstream | None = None
-        self._enter()
-        try:
-            limit = self._config.upstream_timeout_s
-            timeout = min(spec.timeout_s, limit) if spec.timeout_s is not None else limit
-            loop = self._loop
-            assert loop is not None, "dispatcher not started"
-            deadline = _Deadline(loop, asyncio.current_task(loop), loop.time() + timeout)
-            try:
-                try:
-                    upstream, flight = await self._open(spec, info, started, call_id)
-                    try:
-                        yield upstream
-                    finally:
-                        upstream.release()
-                        self._land(flight)
-                        self._release(upstream.replica)
-                except asyncio.CancelledError:
-                    if deadline.end():
-                        raise TimeoutError from None
-                    raise
-                deadline.end()
-            except TimeoutError as exc:
-                deadline.end()
-                outcome.kind = "timeout"
-                raise UpstreamTimeoutError(
-                    f"model {spec.model}: no complete answer within {timeout:g} s"
-                ) from exc
-            except BaseException:
-                deadline.end()
-                raise
-            outcome.status = "ok" if upstream.ok else "error"
-            outcome.kind = None if upstream.ok else "status"
-        except (asyncio.CancelledError, ConnectionResetError, GeneratorExit):
-            outcome.status, outcome.kind = "cancelled", "cancelled"
-            raise
-        except OverloadedError:
-            outcome.status, outcome.kind = "rejected", "overloaded"
-            raise
-        except NoHealthyReplicaError:
-            outcome.kind = "no_healthy_replica"
-            raise
-        except UpstreamError:
-            outcome.kind = outcome.kind or "broken"
-            raise
-        finally:
-            self._leave()
-            self._finish(spec, call_id, started_wall, started, upstream, outcome)
+    def call(self, spec: CallSpec) -> _Call:
+        """Admit, route and open one upstream call (``async with``: the open ``Upstream``);
+        record it on exit (see the module doc)."""
+        return _Call(self, spec)
 
     async def fetch(self, spec: CallSpec) -> tuple[Upstream, bytes]:
         """A non-streamed call read whole. Its client has been sent nothing yet, so a call

@@ -161,3 +161,33 @@ async def test_stream_chunks_reach_the_client_as_the_engine_sends_them_under_loa
     assert arrivals[0] < arrivals[-1] - 0.6
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert sum(gap > 0.1 for gap in gaps) >= 3
+
+
+async def test_a_call_past_the_router_deadline_gets_504_and_is_recorded_as_a_timeout(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    # The engine takes a minute to answer; the router's own deadline is 0.3 s. The deadline's
+    # cancellation is told from a client going away: 504 and kind "timeout", not "cancelled".
+    upstream = await start_upstream("m", first_token_delay_s=60.0)
+    await register(store, "m", upstream)
+    handle = await start_router(upstream_timeout_s=0.3, connect_timeout_s=0.3)
+    body = {"model": "m", "prompt": "p", "max_tokens": 2}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(handle.http_url + "/v1/completions", json=body) as reply,
+    ):
+        answer = await reply.json()
+    assert (reply.status, answer["error"]["code"]) == (504, 504)
+    assert "no complete answer within 0.3 s" in answer["error"]["message"]
+    assert handle.metric('scepsy_router_errors_total{kind="timeout",model="m"}') == 1
+    requests = 'scepsy_router_requests_total{{api="http",model="m",status="{}"}}'
+    assert handle.metric(requests.format("error")) == 1
+    assert handle.metric(requests.format("cancelled")) == 0
+    assert (await handle.trace(1))[0]["status"] == "error"
+    # the router is fine afterwards: the next call on a quick replica succeeds
+    upstream.first_token_delay_s = 0.0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(handle.http_url + "/v1/completions", json=body) as reply,
+    ):
+        assert reply.status == 200
