@@ -75,7 +75,12 @@ class RouterConfig(ServiceConfig):
     trace: bool = option(True, "record every call in the Redis trace stream")
     trace_max_len: int = option(1_000_000, "trace stream cap (approximate)", in_range(1, 1 << 40))
     trace_batch: int = option(256, "trace records written per round trip", in_range(1, 100_000))
-    trace_flush_s: float = option(0.2, "longest a trace record waits before a write", positive)
+    trace_flush_s: float = option(
+        1.0,
+        "longest a trace record waits before a write (each write costs the router a Redis "
+        "round trip: at low call rates about one per call, so not much shorter)",
+        positive,
+    )
     trace_buffer: int = option(
         100_000, "trace records held while Redis is slow; more are dropped", in_range(1, 1 << 30)
     )
