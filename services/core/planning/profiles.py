@@ -311,7 +311,12 @@ class SpecProfiles:
         provider = self.provider
         backend = provider.backend(self.backend) if isinstance(provider, StoreFirst) else None
         if isinstance(backend, AnalyticBackend) and backend.cache:
-            cold = [self.query(*c) for c in self.cold(todo)]
+            # models with the same specs and mix share their profiles: each is computed once
+            unique: dict[object, ProfileQuery] = {}
+            for config in self.cold(todo):
+                q = self.query(*config)
+                unique.setdefault(backend.key(q.model, q.gpu, q.tp, q.fraction, q.mix, q.seed), q)
+            cold = list(unique.values())
             computed: list[Profile | str] = list(mapper(partial(_compute, backend), cold))
             for q, made in zip(cold, computed, strict=True):
                 got = InfeasibleError(made) if isinstance(made, str) else made
