@@ -21,7 +21,10 @@ CPU per call (``--cpu-calls``, on the fake upstream): the router process's own C
 each), at rate ``inf`` (a closed loop of ``--concurrency`` clients) and at a fixed rate
 (``--rate`` calls/s, an open loop); beside it the calls/s reached and, for streams, the median
 time to first chunk and end to end, direct and routed (a stream that reaches the client in one
-burst has the two equal). The same for ``vllm-router`` when given. ``--router-source DIR`` runs
+burst has the two equal). The same for ``vllm-router`` when given. With ``--baseline``, each
+row also gives the router's wake-ups per call (the times its threads were scheduled in,
+``/proc/PID/task/*/schedstat``): at a fixed rate nearly every call finds the router asleep, and
+its cost per call is set mostly by how often it is woken. ``--router-source DIR`` runs
 the router of another checkout (e.g. ``git worktree add /tmp/before <commit>``), to measure
 before and after a change side by side. ``--cpu-only`` skips the latency and throughput tables.
 
@@ -220,6 +223,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """Times the threads of process ``pid`` were scheduled in so far (the third field of
+    ``/proc/PID/task/TID/schedstat``): at a fixed call rate nearly each is a wake-up, and a
+    wake-up costs the router more than most of the work it wakes up for."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[2])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile, or no schedstat on this kernel
+    return total
+
+
 class CallFailed(RuntimeError):
     """A measured call that did not succeed (counted by ``load`` when ``tolerate``)."""
 
@@ -252,11 +269,13 @@ async def load(
     pid: int | None = None,
     warm_up: int = 20,
     failed: list[str] | None = None,
+    wakes: list[int] | None = None,
 ) -> tuple[float, list[tuple[float, float | None]], float]:
     """``calls`` calls at rate inf (``concurrency`` clients in a closed loop) or at ``rate``
     calls/s (an open loop), after ``warm_up`` calls; (seconds taken, each call's timings, CPU
     seconds process ``pid`` used for them, else 0). With ``failed``, a call that fails is
-    noted there instead of ending the measurement."""
+    noted there instead of ending the measurement; with ``wakes``, the times the threads of
+    ``pid`` were scheduled in during them are appended to it."""
     timings: list[tuple[float, float | None]] = []
 
     async def timed(session: aiohttp.ClientSession) -> None:
@@ -273,6 +292,7 @@ async def load(
             await timed(session)
         del timings[:]
         cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+        wakes_before = wakeups(pid) if pid is not None and wakes is not None else 0
         started = time.perf_counter()
         if rate is None:
             left = calls
@@ -293,6 +313,8 @@ async def load(
             await asyncio.gather(*(one(i / rate) for i in range(calls)))
         took = time.perf_counter() - started
         cpu = cpu_seconds(pid) - cpu_before if pid is not None else 0.0
+        if pid is not None and wakes is not None:
+            wakes.append(wakeups(pid) - wakes_before)
         return took, timings, cpu
 
 
@@ -480,6 +502,7 @@ def cpu_compare(
             label = "inf" if rate is None else f"{rate:g}/s"
             used = dict.fromkeys(routers, 0.0)
             took = dict.fromkeys(routers, 0.0)
+            woken: dict[str, list[int]] = {name: [] for name in routers}
             p50 = {name: [] for name in ["direct", *routers]}  # type: dict[str, list[float]]
             failed: dict[str, list[str]] = {name: [] for name in ["direct", *routers]}
             ratios: list[float] = []  # after/before of each round: the spread a shared host adds
@@ -495,7 +518,7 @@ def cpu_compare(
                     pid, url = routers[name]
                     seconds, timings, cpu = asyncio.run(
                         load(url, body, per_round, args.concurrency, rate, pid,
-                             failed=failed[name])
+                             failed=failed[name], wakes=woken[name])
                     )  # fmt: skip
                     used[name] += cpu
                     took[name] += seconds
@@ -508,6 +531,7 @@ def cpu_compare(
             for name in routers:
                 row[f"cpu_s_per_1000 {name}"] = used[name] / calls * 1000
                 row[f"calls/s {name}"] = calls / took[name]
+                row[f"wakes/call {name}"] = sum(woken[name]) / calls
             for name, values in p50.items():
                 row[f"p50 ms {name}"] = _p50(values) if values else math.nan
             for name, errors in failed.items():
@@ -591,7 +615,8 @@ def engine_compare(
         for rate in (None, args.engine_rate):
             label = "inf" if rate is None else f"{rate:g}/s"
             stats: dict[str, dict[str, Any]] = {
-                n: {"took": 0.0, "cpu": 0.0, "e2e": [], "ttft": [], "failed": []} for n in sides
+                n: {"took": 0.0, "cpu": 0.0, "e2e": [], "ttft": [], "failed": [], "wakes": []}
+                for n in sides
             }
             for round_ in range(2):
                 print(f"engine: rate {label} round {round_ + 1}...", file=sys.stderr)
@@ -600,7 +625,7 @@ def engine_compare(
                     pid, url = sides[name]
                     took, timings, cpu = asyncio.run(
                         load(url, body, args.engine_calls, args.engine_concurrency, rate, pid,
-                             warm_up=5, failed=stats[name]["failed"])
+                             warm_up=5, failed=stats[name]["failed"], wakes=stats[name]["wakes"])
                     )  # fmt: skip
                     stats[name]["took"] += took
                     stats[name]["cpu"] += cpu
@@ -615,6 +640,7 @@ def engine_compare(
                     "p50 ttft ms": _p50(st["ttft"]) if done else math.nan,
                     "p50 e2e ms": _p50(st["e2e"]) if done else math.nan,
                     "cpu_s_per_1000": st["cpu"] / max(done, 1) * 1000 if name != "direct" else None,
+                    "wakes/call": sum(st["wakes"]) / max(done, 1) if name != "direct" else None,
                     "failed": len(st["failed"]),
                 })  # fmt: skip
     return rows

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 import time
 import uuid
@@ -260,6 +261,7 @@ class Dispatcher:
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
         self._pool: Http1Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from ``start``
+        self._log_calls = True
         self._active = 0
         self._idle = asyncio.Event()  # set when no call is active, while ``wait_idle`` waits
         self._idle_wanted = False
@@ -274,6 +276,9 @@ class Dispatcher:
         """Start with the connection pool for engine calls (``services.router.http1``)."""
         self._pool = pool
         self._loop = asyncio.get_running_loop()
+        # a debug line per call only when debug lines are written (asked once: the call costs)
+        is_enabled_for = getattr(log, "is_enabled_for", None)
+        self._log_calls = is_enabled_for is None or bool(is_enabled_for(logging.DEBUG))
         self._watchdog = asyncio.create_task(self._watch_streams(), name="router-idle-streams")
 
     async def stop(self) -> None:
@@ -605,6 +610,8 @@ class Dispatcher:
             )
         )
         if outcome.status == "ok":
+            if not self._log_calls:
+                return
             log.debug(
                 "call",
                 model=model,
