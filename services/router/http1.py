@@ -265,8 +265,14 @@ class _Connection(asyncio.Protocol):
             self._linger = None
             self._close()
             return
-        if self._sink is not None:
-            self._to_sink(data)
+        sink = self._sink
+        if sink is not None:  # ``_to_sink``, inline: this runs once per network read
+            try:
+                sink(data)
+            except Exception as exc:  # handed to the task in ``pipe``, not to the event loop
+                self._sink = None
+                self._sink_error = exc
+                self._wake()
             return
         self._chunks.append(data)
         self._buffered += len(data)

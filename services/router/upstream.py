@@ -78,12 +78,20 @@ class Batch:
     """The complete SSE events of one network read, as bytes (``raw``); ``done`` when the
     ``[DONE]`` event is among them; ``events`` splits them when asked."""
 
-    __slots__ = ("_events", "done", "raw")
+    __slots__ = ("_events", "done", "raw", "usage")
 
-    def __init__(self, raw: bytes, done: bool, events: list[Event] | None = None) -> None:
+    def __init__(
+        self,
+        raw: bytes,
+        done: bool,
+        events: list[Event] | None = None,
+        usage: bool | None = None,
+    ) -> None:
         self.raw = raw
         self.done = done
         self._events = events
+        # whether an event may carry a usage object (None: not looked at yet)
+        self.usage = usage
 
     @property
     def events(self) -> list[Event]:
@@ -93,7 +101,10 @@ class Batch:
 
     def without_usage_only(self) -> bytes:
         """The raw bytes without the usage-only event (for a client that did not ask for it)."""
-        if not _has_usage(self.raw):
+        usage = self.usage
+        if usage is None:
+            usage = self.usage = _has_usage(self.raw)
+        if not usage:
             return self.raw
         return b"".join([e.raw for e in self.events if not (e.has_usage and e.usage_only)])
 
@@ -251,7 +262,8 @@ class Upstream:
                 return None
             if any(_has_token(e.payload) for e in events if not e.done):
                 self.first_token_at = time.monotonic()
-        if _has_usage(ready):
+        usage = _has_usage(ready)
+        if usage:
             if events is None:
                 events = [Event(part + b"\n\n") for part in ready.split(b"\n\n") if part]
             for event in events:
@@ -262,7 +274,7 @@ class Upstream:
         elif done:  # [DONE] is the last event: only the last one is looked at
             start = ready.rfind(b"\n\n", 0, len(ready) - 2)
             done = Event(ready[start + 2 if start >= 0 else 0 :]).done
-        return Batch(ready, done, events)
+        return Batch(ready, done, events, usage)
 
     async def events(self) -> AsyncIterator[Event]:
         """The SSE events of a streamed answer, one by one, as they arrive."""
