@@ -252,7 +252,23 @@ class PerfModel:
         decode_context: float,
     ) -> float:
         """``step_time`` of the ``StepLoad`` with these fields, in order (the scheduler's hot
-        path calls it without building one)."""
+        path calls it without building one): ``step_fixed`` plus the decode attention."""
+        if prefill_tokens + decode_seqs == 0:
+            return 0.0
+        fixed = self.step_fixed(prefill_tokens, prefill_pairs, prefill_seqs, decode_seqs)
+        return fixed + decode_context * self.context_seconds
+
+    @property
+    def context_seconds(self) -> float:
+        """Seconds per token of context that decoding sequences attend over (the attention
+        reads its KV cache or computes its FLOPs, whichever takes longer)."""
+        return max(self.s_per_kv_token, self.s_per_decode_pair)
+
+    def step_fixed(
+        self, prefill_tokens: int, prefill_pairs: float, prefill_seqs: int, decode_seqs: int
+    ) -> float:
+        """An iteration's seconds without the decode attention (``step_seconds`` is this plus
+        the context attended times ``context_seconds``); 0 without any token."""
         tokens = prefill_tokens + decode_seqs
         seqs = prefill_seqs + decode_seqs
         if tokens == 0:
@@ -260,7 +276,6 @@ class PerfModel:
         p = self.params
         compute = self.s_per_token_flops * tokens + self.s_per_sample_flops * seqs
         memory = self.s_dense_weights + self.s_expert_weights * self._experts_read(tokens)
-        attn_decode = decode_context * max(self.s_per_kv_token, self.s_per_decode_pair)
         engine = (
             p.step_overhead_s
             + p.seq_overhead_s * seqs
@@ -269,7 +284,7 @@ class PerfModel:
             + max(compute, memory)
         )
         # the frontend's stage in parallel (``PerfParams.frontend_seq_s``; 0: the engine's)
-        return max(engine, p.frontend_seq_s * seqs) + self.s_per_pair * prefill_pairs + attn_decode
+        return max(engine, p.frontend_seq_s * seqs) + self.s_per_pair * prefill_pairs
 
     def decode_times(self, seqs: int, context: FloatArray) -> FloatArray:
         """Times of consecutive pure-decode iterations of ``seqs`` sequences (vectorised).

@@ -68,7 +68,7 @@ class SchedulerConfig:
             raise InvalidInputError(f"watermark: must be in [0, 1), got {self.watermark}")
 
 
-_StepKey = tuple[int, float, int, int, int]  # StepLoad's fields, in order
+_StepKey = tuple[int, float, int, int]  # StepLoad's fields but the decode context, in order
 # Iteration times by performance model (both pure functions of the model and the load), shared
 # by the engines of one model: a profile runs several simulations of the same instance. Keyed by
 # the model object's id; the entry holds the object, so the id cannot be reused while it lives.
@@ -133,6 +133,7 @@ class BatchEngine:
         self._run: tuple[float, int, float, float] | None = None  # lazy decode run
         self._run_cuttable = False
         self._coef, self._steps = _memo(perf)
+        self._context_s = perf.context_seconds
         self._max_seqs = self.cfg.max_num_seqs
         self._token_budget = self.cfg.max_batched_tokens
         self._chunked = self.cfg.chunked_prefill
@@ -477,11 +478,14 @@ class BatchEngine:
             pairs += take * (take + 1) / 2
             budget -= take
         # the same iteration recurs often (a lone prompt's prefill, the same chunks over a
-        # steady batch): its time is remembered (``step_time`` is a pure function of the load)
-        load: _StepKey = (tokens, pairs, len(chunks), n_dec, self.dec_context + n_dec)
-        took = self._steps.get(load)
-        if took is None:
-            took = self._steps[load] = self.perf.step_seconds(*load)
+        # steady batch): its time but the decode attention, which grows with every token, is
+        # remembered (``step_fixed`` is a pure function of the load)
+        load: _StepKey = (tokens, pairs, len(chunks), n_dec)
+        fixed = self._steps.get(load)
+        if fixed is None:
+            fixed = self._steps[load] = self.perf.step_fixed(*load)
+        # ``step_seconds``: the same operations, the context's part added last
+        took = fixed + (self.dec_context + n_dec) * self._context_s
         clock = self.clock + took
         self.clock = self.wake = clock
         self.iterations += 1
