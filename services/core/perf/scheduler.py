@@ -69,8 +69,9 @@ class SchedulerConfig:
 
 
 _StepKey = tuple[int, float, int, int]  # StepLoad's fields but the decode context, in order
-# Iteration times by performance model (both pure functions of the model and the load), shared
-# by the engines of one model: a profile runs several simulations of the same instance. Keyed by
+# Decode-run coefficients and iteration times less their decode attention (``step_fixed``), by
+# performance model (both pure functions of the model and the load), shared by the engines of
+# one model: a profile runs several simulations of the same instance. Keyed by
 # the model object's id; the entry holds the object, so the id cannot be reused while it lives.
 _MEMO: dict[int, tuple[PerfModel, dict[int, tuple[float, float]], dict[_StepKey, float]]] = {}
 _MEMO_MODELS = 16  # models remembered (all dropped beyond)
@@ -547,13 +548,7 @@ class BatchEngine:
         start = self.clock
         self._run = (start, steps, first, slope)
         self._run_cuttable = len(self.running) < self._max_seqs and not self.waiting
-        self.wake = start + steps * first + slope * (steps - 1) * steps / 2  # _run_end(steps)
-
-    def _run_end(self, steps: int) -> float:
-        """End of the ``steps``-th iteration of the current run."""
-        assert self._run is not None
-        start, _, first, slope = self._run
-        return start + steps * first + slope * (steps - 1) * steps / 2
+        self.wake = start + steps * first + slope * (steps - 1) * steps / 2  # the run's end
 
     def _cut_run(self, now: float) -> None:
         """A call that can be admitted arrived at ``now``: end the run with the iteration in
@@ -569,7 +564,7 @@ class BatchEngine:
         else:
             guess = elapsed / first
         s = max(1, min(steps, math.ceil(guess)))
-        # (``_run_end(s)``, inlined)
+        # (the end of the run's s-th iteration: start + s first + slope s (s - 1) / 2)
         while s > 1 and start + (s - 1) * first + slope * (s - 2) * (s - 1) / 2 >= now:
             s -= 1
         while s < steps and start + s * first + slope * (s - 1) * s / 2 < now:
@@ -584,7 +579,7 @@ class BatchEngine:
         assert self._run is not None
         start, _, first, slope = self._run
         n_dec = len(self.decoding)
-        self.clock = start + steps * first + slope * (steps - 1) * steps / 2  # _run_end(steps)
+        self.clock = start + steps * first + slope * (steps - 1) * steps / 2  # the run's end
         self._run = None
         self.iterations += steps
         self.decode_counter += steps
