@@ -13,7 +13,7 @@ from services.core.sim.evaluation import refine, run_bench
 from services.core.sim.measure import MeasureConfig
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
-from services.core.sim.runs import AMBIGUOUS, Counter, load_at, run_point
+from services.core.sim.runs import AMBIGUOUS, Counter, clear, load_at, run_point
 from services.core.sim.systems import (
     SYSTEMS,
     Context,
@@ -132,12 +132,31 @@ def test_a_run_near_the_steady_state_bound_is_run_longer_before_it_is_judged(ctx
         short = run_point(ctx, plan, load, GPUS, replace(settings, doublings=0), Counter())
         point = run_point(ctx, plan, load, GPUS, settings, Counter())
         longer = point.calls > 1.5 * short.calls  # the run was repeated with twice the requests
-        ambiguous = not short.sustainable and short.backlog_growth <= AMBIGUOUS * bound
+        ambiguous = not clear(short, bound)
+        assert ambiguous == (
+            (not short.sustainable and short.backlog_growth <= AMBIGUOUS * bound)
+            or (short.sustainable and short.backlog_growth < -bound)
+        )
         verdicts.append((short.settled, ambiguous))
         # a verdict within the noise of a short run is never taken from the short run
         assert longer == ambiguous, (f, short, point)
     # the rates cover a short run that settled within the noise band and one judged at once
     assert (True, True) in verdicts and any(not ambiguous for _, ambiguous in verdicts), verdicts
+
+
+def test_a_draining_backlog_is_not_a_steady_state_verdict(ctx: Context) -> None:
+    settings = BenchSettings.quick(gpu_counts=(GPUS,), systems=("scepsy", "static"))
+    bound = settings.measure.max_backlog_growth
+    plan = SYSTEMS["static"](ctx, GPUS, ctx.capacity(GPUS))
+    point = run_point(ctx, plan, load_at(ctx, 0.5 * ctx.capacity(GPUS), 0, settings), GPUS,
+                      settings, Counter())  # fmt: skip
+    assert point.sustainable
+    steady = replace(point, backlog_growth=0.5 * bound)
+    draining = replace(point, backlog_growth=-1.5 * bound)
+    growing = replace(point, sustainable=False, backlog_growth=1.5 * bound)
+    overloaded = replace(point, sustainable=False, backlog_growth=(AMBIGUOUS + 1) * bound)
+    assert clear(steady, bound) and clear(overloaded, bound)
+    assert not clear(draining, bound) and not clear(growing, bound)
 
 
 def test_an_auto_warm_up_is_sized_by_the_spread_of_the_first_one() -> None:
