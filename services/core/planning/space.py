@@ -221,8 +221,8 @@ class CandidateTable:
     replicas: IntArray
     cost: IntArray
     latency: FloatArray
-    fanouts: tuple[float, ...] = ()
-    by_fanout: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+    fanouts: tuple[float, ...]
+    by_fanout: FloatArray  # rows x fan-outs
 
     def __len__(self) -> int:
         return len(self.cost)
