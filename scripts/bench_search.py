@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def cold_plan(base: Spec, jobs: int) -> tuple[Spec, SpecProfiles, float, float, 
     configs = all_configs(base)
     if jobs > 1 and len(profiles.cold(configs)) >= PARALLEL_MIN_COLD:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            profiles.prefetch(configs, pool.map)
+            profiles.prefetch(configs, partial(pool.map, chunksize=4))
     scale = best_scale(problem_of(base), profiles.profile) * LOAD
     spec = with_rates(base, scale)
     placer = placer_for(spec.nodes, K)
