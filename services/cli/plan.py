@@ -31,11 +31,12 @@ from services.core.errors import InvalidInputError, UnavailableError
 from services.core.placement.heuristic import Assignment
 from services.core.planning.plan import Plan, PlanInputs, make_plan, plan_dict, with_nodes
 from services.core.planning.profiles import SpecProfiles, StoreFirst
-from services.core.workload.spec import load_spec
+from services.core.workload.spec import Spec, load_spec
 from services.profiler.backends import BACKENDS
 from services.runtime import channels
 from services.runtime.convert import plan_from_pb
 from services.runtime.errors import error_from_rpc
+from services.runtime.profile_pool import prefetch_cold, shared_pool
 from services.runtime.store import Store, profiles_from_thread
 
 
@@ -52,6 +53,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     plan.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for the Planner service"
+    )
+    plan.add_argument(
+        "--profile-workers",
+        type=int,
+        default=0,
+        help="in-process: worker processes for cold profiles (0: one per CPU; 1: none)",
     )
     add_store_flags(plan)
     plan.set_defaults(func=run_plan)
@@ -111,13 +118,22 @@ def plan_remote(args: argparse.Namespace, address: str) -> Plan:
 def plan_offline(args: argparse.Namespace) -> tuple[Plan, bool | None]:
     """The one plan path in-process; with ``--store``, around the current plan, profiles read
     from and stored in Redis, the plan stored and made current."""
+    workers = args.profile_workers
+    if workers < 0:
+        raise InvalidInputError(f"--profile-workers: must be >= 0, got {workers}")
+    pool = shared_pool(workers)
+
+    def prefetch(profiles: SpecProfiles, spec: Spec) -> None:
+        prefetch_cold(profiles, pool, spec)
+
     spec = load_spec(args.spec)
     if args.cluster:
         spec = with_nodes(spec, load_cluster(args.cluster))
     nodes = spec.nodes
     spec_text = _read(args.spec, "--spec")
     if not args.store:
-        inputs = PlanInputs(spec_text, spec, nodes, SpecProfiles(spec, StoreFirst(BACKENDS)))
+        profiles = SpecProfiles(spec, StoreFirst(BACKENDS))
+        inputs = PlanInputs(spec_text, spec, nodes, profiles, prefetch=prefetch)
         return make_plan(inputs), None
 
     async def run(store: Store) -> tuple[Plan, bool]:
@@ -127,7 +143,7 @@ def plan_offline(args: argparse.Namespace) -> tuple[Plan, bool | None]:
 
         get, put = profiles_from_thread(store, loop, timeout_s=30)
         profiles = SpecProfiles(spec, StoreFirst(BACKENDS, get=get, put=put))
-        inputs = PlanInputs(spec_text, spec, nodes, profiles, running)
+        inputs = PlanInputs(spec_text, spec, nodes, profiles, running, prefetch=prefetch)
         plan = await asyncio.to_thread(make_plan, inputs)
         return plan, await store.put_plan(plan)
 

@@ -37,6 +37,18 @@ class PlannerConfig(ServiceConfig):
     refine_calls: int = option(
         20_000, "refinement: LLM calls per simulated candidate (at most)", in_range(1_000, 10**7)
     )
+    profile_workers: int = option(
+        0,
+        "without a Profiler service: worker processes for cold profiles (0: one per CPU, "
+        "1: none, computed by the search as it goes)",
+        in_range(0, 256),
+    )
+    profile_calls: int = option(
+        8,
+        "with a Profiler service: Profile calls in flight at once while fetching a spec's "
+        "profiles (1: one at a time, as the search asks)",
+        in_range(1, 256),
+    )
     rpc_timeout_s: float = option(
         30.0, "deadline of each call to the Profiler and Placer services", positive
     )

@@ -43,6 +43,7 @@ from services.profiler.backends import BACKENDS
 from services.runtime.convert import plan_to_pb
 from services.runtime.logging import get_logger
 from services.runtime.periodic import Periodic
+from services.runtime.profile_pool import prefetch_cold, prefetch_remote, shared_pool
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store, profiles_from_thread
 
@@ -133,6 +134,8 @@ class Planner:
             if config.profiler_address
             else None
         )
+        # cold profiles computed here: in the process's worker pool (started on first use)
+        self._pool = None if self._profiler else shared_pool(config.profile_workers)
 
     async def plan(
         self,
@@ -181,6 +184,7 @@ class Planner:
                 self._clock,
                 self._config.max_rounds,
                 refiner,
+                self._prefetch,
             )
             try:
                 plan = await asyncio.to_thread(make_plan, inputs)
@@ -255,6 +259,15 @@ class Planner:
 
     async def stop_keeping(self, server: object = None) -> None:
         await self._keeping.stop()
+
+    def _prefetch(self, profiles: SpecProfiles, spec: Spec) -> None:
+        """Every profile the search may ask for, first and at once (``PlanInputs.prefetch``):
+        from the Profiler service with ``profile_calls`` calls in flight, or the cold ones
+        computed in this process's worker pool."""
+        if self._profiler is not None:
+            prefetch_remote(profiles, self._config.profile_calls, spec)
+        else:
+            prefetch_cold(profiles, self._pool, spec)
 
     def _provider(self, loop: asyncio.AbstractEventLoop) -> ProfileProvider:
         """The Profiler service, else the store-first source on this planner's store (called

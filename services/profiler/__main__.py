@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.profiler.config import ProfilerConfig
 from services.profiler.service import profiler_binding
-from services.runtime.config import ServiceConfig
 from services.runtime.entry import run_service
+from services.runtime.profile_pool import shared_pool
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store
 
 
-async def build(config: ServiceConfig, store: Store) -> Sequence[ServiceBinding]:
-    return [profiler_binding(store)]
+async def build(config: ProfilerConfig, store: Store) -> Sequence[ServiceBinding]:
+    return [profiler_binding(store, pool=shared_pool(config.profile_workers))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_service(
-        ServiceConfig, build, argv, prog="python -m services.profiler", name="profiler"
+        ProfilerConfig, build, argv, prog="python -m services.profiler", name="profiler"
     )
 
 

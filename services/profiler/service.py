@@ -1,31 +1,35 @@
 """The profiler service: ``scepsy.v1.Profiler`` over the backend registry, with profiles stored
 in Redis under their ProfileKey (model, GPU type, TP, fraction, engine, request mix).
 
-``Profile`` returns the stored profile unless ``refresh`` is set; otherwise it runs the backend in
-a worker thread (a profile is CPU-bound, a measured one takes minutes) and stores the result; a
-``vllm`` profile is stored with its measurement (``Store.put_measured_profile``). Validation
-errors name the field.
+``Profile`` returns the stored profile unless ``refresh`` is set; otherwise it runs the backend
+(a measured one in a worker thread: it takes minutes; an analytic one, an exact simulation in
+Python, in the process's worker pool when it has one, ``ProfilerConfig.profile_workers``, so
+concurrent calls compute in parallel) and stores the result; a ``vllm`` profile is stored with
+its measurement (``Store.put_measured_profile``). Validation errors name the field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import grpc
 
 from protos.scepsy.v1 import profiler_pb2, profiler_pb2_grpc
 from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import resolve_model
-from services.core.errors import InvalidInputError, NotFoundError
+from services.core.errors import InfeasibleError, InvalidInputError, NotFoundError
 from services.core.perf.analytic import RequestMix
-from services.core.perf.backends import ProfileBackend
+from services.core.perf.backends import AnalyticBackend, ProfileBackend
 from services.core.perf.profile import Profile, ProfileKey
+from services.core.planning.profiles import ProfileQuery, compute_profile
 from services.profiler.backends import BACKENDS
 from services.profiler.metrics import ProfilerMetrics
 from services.profiler.vllm_backend import VllmBackend
 from services.runtime.convert import model_from_pb, profile_key_from_pb, profile_to_pb
 from services.runtime.logging import get_logger
+from services.runtime.profile_pool import ProfilePool
 from services.runtime.server import ServiceBinding
 from services.runtime.store import Store
 
@@ -52,9 +56,12 @@ def request_mix(spec: profiler_pb2.RequestMixSpec) -> RequestMix:
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
-    def __init__(self, store: Store, metrics: ProfilerMetrics) -> None:
+    def __init__(
+        self, store: Store, metrics: ProfilerMetrics, pool: ProfilePool | None = None
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._pool = pool
 
     async def Profile(
         self,
@@ -89,6 +96,14 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
             await self._store.put_measured_profile(
                 profile, measured.stored_points(), measured.method
             )
+        elif self._pool is not None and isinstance(backend, AnalyticBackend):
+            query = ProfileQuery(model.name, model, gpu, tp, fraction, mix, backend.name)
+            made = await self._pool.run(compute_profile, backend, replace(query, seed=request.seed))
+            if isinstance(made, str):
+                raise InfeasibleError(made)
+            profile = made
+            self._metrics.computed(backend.engine, time.perf_counter() - started)
+            await self._store.put_profile(profile)
         else:
             profile = await asyncio.to_thread(
                 backend.profile, model, gpu, tp, fraction, mix, request.seed
@@ -137,10 +152,13 @@ def _shape(tp: int, fraction: float) -> tuple[int, float]:
     return tp, fraction
 
 
-def profiler_binding(store: Store, metrics: ProfilerMetrics | None = None) -> ServiceBinding:
-    """``metrics``: where profiles are counted (a fresh set by default)."""
+def profiler_binding(
+    store: Store, metrics: ProfilerMetrics | None = None, pool: ProfilePool | None = None
+) -> ServiceBinding:
+    """``metrics``: where profiles are counted (a fresh set by default); ``pool``: where
+    analytic profiles are computed (None: a worker thread)."""
     metrics = metrics or ProfilerMetrics()
-    servicer = ProfilerServicer(store, metrics)
+    servicer = ProfilerServicer(store, metrics, pool)
     return ServiceBinding(
         name=profiler_pb2.DESCRIPTOR.services_by_name["Profiler"].full_name,
         add_to_server=lambda server: profiler_pb2_grpc.add_ProfilerServicer_to_server(

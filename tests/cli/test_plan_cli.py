@@ -10,7 +10,9 @@ import pytest
 
 from services.cli import plan as plan_cli
 from services.cli import status as status_cli
-from services.core.errors import InfeasibleError
+from services.core.errors import InfeasibleError, InvalidInputError
+from services.core.perf.backends import clear_cache
+from tests.runtime.test_profile_pool import SPEC as BIG  # 15 cold profiles
 
 SPEC = """
 version: 1
@@ -148,3 +150,23 @@ def test_offline_plans_read_stored_profiles_and_keep_what_runs(
         and a[1] < second["allocation"][a[0]]["replicas"]
     }
     assert kept <= where(second)
+
+
+def test_cold_profiles_in_worker_processes_plan_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "big.yaml"
+    spec.write_text(BIG)
+    docs = []
+    for workers in ("2", "1"):
+        clear_cache()
+        assert scepsy("plan", "--spec", str(spec), "--json", "--profile-workers", workers) == 0
+        docs.append(json.loads(capsys.readouterr().out))
+    pooled, serial = docs
+    assert pooled["allocation"] == serial["allocation"]
+    assert pooled["objective_s"] == serial["objective_s"]
+    # the pool's time is the plan's: profiles computed, counted in the search time
+    for doc in docs:
+        assert doc["search_seconds"] >= doc["profile_seconds"] > 0
+    with pytest.raises(InvalidInputError, match="--profile-workers"):
+        scepsy("plan", "--spec", str(spec), "--profile-workers", "-1")

@@ -183,6 +183,10 @@ class PlanInputs:
     max_rounds: int = DEFAULT_MAX_ROUNDS
     # when given, the closed form's best candidates are simulated and the best kept (``refine``)
     refiner: Refiner | None = None
+    # when given, called first with the profile source and the spec on ``nodes`` (to fetch or
+    # compute every profile the search may ask for at once: worker processes, concurrent
+    # calls); its time counts in the plan's search and profile seconds
+    prefetch: Callable[[SpecProfiles, Spec], object] | None = None
 
 
 def make_plan(inputs: PlanInputs) -> Plan:
@@ -200,6 +204,10 @@ def make_plan(inputs: PlanInputs) -> Plan:
         )
     place = inputs.place or placer_for(spec.nodes, spec.fraction_unit, inputs.running)
     before = profiles.seconds
+    started = time.perf_counter()
+    if inputs.prefetch is not None:
+        inputs.prefetch(profiles, spec)
+    prefetched = time.perf_counter() - started
     problem = problem_of(spec)
     placed = search_placed(
         problem, profiles.profile, place, max_rounds=inputs.max_rounds, bursts=profiles.burst
@@ -211,6 +219,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
     plan = assemble(
         inputs.spec_text, spec, problem, placed, inputs.clock(), profiles.seconds - before
     )
+    if prefetched:
+        plan = replace(plan, search_seconds=plan.search_seconds + prefetched)
     if notes:
         plan = replace(plan, refinement=notes, simulated_latency_s=simulated)
         plan = replace(plan, id=plan_id(plan))

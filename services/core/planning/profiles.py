@@ -179,8 +179,9 @@ def spec_configs(spec: Spec) -> list[tuple[str, int, float]]:
     return [(m, tp, units / k) for m in called for tp, units in pairs]
 
 
-def _compute(backend: AnalyticBackend, query: ProfileQuery) -> Profile | str:
-    """A worker's profile: computed by ``backend``, or why the instance does not fit."""
+def compute_profile(backend: AnalyticBackend, query: ProfileQuery) -> Profile | str:
+    """A profile computed by ``backend`` alone (what a worker process runs), or why the
+    instance does not fit (a message: it crosses processes as a value)."""
     try:
         return backend.profile(
             query.model, query.gpu, query.tp, query.fraction, query.mix, query.seed
@@ -317,7 +318,7 @@ class SpecProfiles:
                 q = self.query(*config)
                 unique.setdefault(backend.key(q.model, q.gpu, q.tp, q.fraction, q.mix, q.seed), q)
             cold = list(unique.values())
-            computed: list[Profile | str] = list(mapper(partial(_compute, backend), cold))
+            computed: list[Profile | str] = list(mapper(partial(compute_profile, backend), cold))
             for q, made in zip(cold, computed, strict=True):
                 got = InfeasibleError(made) if isinstance(made, str) else made
                 backend.remember(q.model, q.gpu, q.tp, q.fraction, q.mix, q.seed, got)

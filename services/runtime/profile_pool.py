@@ -1,0 +1,139 @@
+"""Cold analytic profiles computed by worker processes.
+
+An analytic profile is an exact simulation in Python (``services.core.perf``): one process
+computes one at a time, and a cold plan of a large cluster needs a hundred or more. A
+``ProfilePool`` is a process pool started on first use and kept: ``forkserver`` by default (safe
+in threaded services; the server imports the profile code once, so workers start in
+milliseconds), ``fork`` for a single-threaded command. The planner and ``scepsy plan`` map
+``SpecProfiles.prefetch`` over it (``prefetch_cold``); the Profiler service computes each
+analytic profile in it (``ProfilePool.run``), so concurrent Profile calls run in parallel.
+
+A process has one pool per setting (``shared_pool``), closed at exit: services built several
+times in one process (tests, ``scepsy up`` in-process) share it.
+
+A planner whose profiles come from the Profiler service fetches them with concurrent calls
+instead (``prefetch_remote``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from services.core.planning.profiles import (
+    PARALLEL_MIN_COLD,
+    SpecProfiles,
+    available_cpus,
+    spec_configs,
+)
+from services.core.workload.spec import Spec
+
+T = TypeVar("T")
+MAX_WORKERS = 16
+CHUNK = 4  # profiles handed to a worker at a time (fewer round trips)
+PRELOAD = ["services.core.planning.profiles"]
+
+
+def pool_workers(workers: int) -> int:
+    """Worker processes for a ``workers`` setting: 0 is one per CPU this process may use (at
+    most ``MAX_WORKERS``); 1 or less is none (compute in the calling process)."""
+    count = min(available_cpus(), MAX_WORKERS) if workers == 0 else workers
+    return count if count > 1 else 0
+
+
+class ProfilePool:
+    """A lazily started process pool for analytic profiles (module docstring)."""
+
+    def __init__(self, workers: int, method: str = "forkserver") -> None:
+        if workers < 2:
+            raise ValueError(f"workers: a pool needs at least 2, got {workers}")
+        self.workers = workers
+        self.method = method
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        """Whether work went to the pool since it was made (or closed)."""
+        return self._executor is not None
+
+    def executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                context = multiprocessing.get_context(self.method)
+                if self.method == "forkserver":
+                    context.set_forkserver_preload(PRELOAD)
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+            return self._executor
+
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any]) -> Iterator[T]:
+        return self.executor().map(fn, items, chunksize=CHUNK)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor(), partial(fn, *args))
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+_SHARED: dict[tuple[int, str], ProfilePool] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_pool(workers: int, method: str = "forkserver") -> ProfilePool | None:
+    """This process's pool for a ``workers`` setting (``pool_workers``; None for none)."""
+    count = pool_workers(workers)
+    if not count:
+        return None
+    with _SHARED_LOCK:
+        pool = _SHARED.get((count, method))
+        if pool is None:
+            pool = _SHARED[(count, method)] = ProfilePool(count, method)
+        return pool
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _SHARED_LOCK:
+        pools = list(_SHARED.values())
+        _SHARED.clear()
+    for pool in pools:
+        pool.close()
+
+
+def prefetch_cold(
+    profiles: SpecProfiles, pool: ProfilePool | None, spec: Spec | None = None
+) -> int:
+    """The cold profiles (``SpecProfiles.cold``) of every configuration the search may ask for
+    on ``spec`` (default the profile source's) computed in ``pool``, when there are at least
+    ``PARALLEL_MIN_COLD``; the number sent there (0: the search computes them as it goes)."""
+    if pool is None:
+        return 0
+    configs = spec_configs(spec or profiles.spec)
+    cold = profiles.cold(configs)
+    if len(cold) < PARALLEL_MIN_COLD:
+        return 0
+    profiles.prefetch(configs, pool.map)
+    return len(cold)
+
+
+def prefetch_remote(profiles: SpecProfiles, calls: int, spec: Spec | None = None) -> int:
+    """Every profile the search may ask for on ``spec`` (default the profile source's), fetched
+    from the provider (the Profiler service) with ``calls`` calls in flight at once; the number
+    fetched."""
+    configs = spec_configs(spec or profiles.spec)
+    if calls < 2 or not configs:
+        return 0
+    with ThreadPoolExecutor(calls, thread_name_prefix="profile-fetch") as threads:
+        profiles.prefetch(configs, threads.map)
+    return len(configs)
