@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import math
 import multiprocessing
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from services.core.planning.profiles import (
@@ -38,13 +40,28 @@ T = TypeVar("T")
 MAX_WORKERS = 16
 CHUNK = 4  # profiles handed to a worker at a time (fewer round trips)
 PRELOAD = ["services.core.planning.profiles"]
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def quota_cpus(path: str = CPU_MAX) -> int | None:
+    """The CPUs a cgroup v2 quota allows (a container's CPU limit, ``quota period`` rounded
+    up), None without one."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def pool_workers(workers: int) -> int:
-    """Worker processes for a ``workers`` setting: 0 is one per CPU this process may use (at
-    most ``MAX_WORKERS``); 1 or less is none (compute in the calling process)."""
-    count = min(available_cpus(), MAX_WORKERS) if workers == 0 else workers
-    return count if count > 1 else 0
+    """Worker processes for a ``workers`` setting: 0 is one per CPU this process may use (its
+    affinity, within its container's CPU limit; at most ``MAX_WORKERS``); 1 or less is none
+    (compute in the calling process)."""
+    if workers == 0:
+        workers = min(available_cpus(), quota_cpus() or MAX_WORKERS, MAX_WORKERS)
+    return workers if workers > 1 else 0
 
 
 class ProfilePool:

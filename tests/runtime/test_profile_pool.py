@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from services.runtime.profile_pool import (
     pool_workers,
     prefetch_cold,
     prefetch_remote,
+    quota_cpus,
     shared_pool,
 )
 from services.runtime.server import Server
@@ -93,10 +95,16 @@ def check(profiles: SpecProfiles, expected: Expected) -> None:
             assert profiles.profile(*config) == want, config
 
 
-def test_workers_per_setting() -> None:
+def test_workers_per_setting(tmp_path: Path) -> None:
     assert pool_workers(1) == 0 and pool_workers(3) == 3
-    cpus = len(os.sched_getaffinity(0))
-    assert pool_workers(0) == (min(cpus, 16) if cpus > 1 else 0)
+    cpus = min(len(os.sched_getaffinity(0)), quota_cpus() or 16, 16)
+    assert pool_workers(0) == (cpus if cpus > 1 else 0)
+    # a container's CPU limit (cgroup v2 cpu.max): 1.5 CPUs is 2 workers
+    limit = tmp_path / "cpu.max"
+    for text, want in (("150000 100000\n", 2), ("max 100000\n", None), ("50000 100000", 1)):
+        limit.write_text(text)
+        assert quota_cpus(str(limit)) == want
+    assert quota_cpus(str(tmp_path / "absent")) is None
     with pytest.raises(ValueError, match="workers"):
         ProfilePool(1)
 
