@@ -16,11 +16,11 @@
    the context closes the engine connection, which aborts the generation there.
 4b. **Nothing hangs.** The router ends a call itself when its replica is ejected (the
    registry's ``on_eject``: failed health checks, refused connections), and a stream that
-   sends nothing for ``stream_idle_timeout_s`` (a watchdog task checks every stream's
-   progress). A call still waiting for the engine's answer goes to another replica; one
-   whose answer was being read gets ``UpstreamAbortedError`` naming the reason (``fetch``,
-   for non-streamed calls, which have sent the client nothing yet, tries another replica
-   once first).
+   sends nothing for ``stream_idle_timeout_s`` (a watchdog task wakes when the first stream
+   in flight could have been quiet that long). A call still waiting for the engine's answer
+   goes to another replica; one whose answer was being read gets ``UpstreamAbortedError``
+   naming the reason (``fetch``, for non-streamed calls, which have sent the client nothing
+   yet, tries another replica once first).
 5. **Trace.** On exit the call becomes one ``TraceCall`` (ok, error or cancelled) handed to the
    recorder, which never blocks; metrics are updated.
 """
@@ -81,7 +81,7 @@ class _Flight:
     """One call on one replica, from taking the replica to releasing it: what the router needs
     to end it from outside."""
 
-    __slots__ = ("reason", "replica", "seen", "seen_at", "stream", "task", "upstream")
+    __slots__ = ("reason", "replica", "stream", "task", "upstream")
 
     def __init__(self, replica: Replica, task: asyncio.Task[Any] | None, stream: bool) -> None:
         self.replica = replica
@@ -89,8 +89,6 @@ class _Flight:
         self.stream = stream
         self.upstream: Upstream | None = None
         self.reason: str | None = None
-        self.seen = 0  # the upstream's progress at the last watchdog look
-        self.seen_at = 0.0
 
 
 class _Deadline:
@@ -308,32 +306,34 @@ class Dispatcher:
             flight.task.cancel()  # waiting for the engine's answer: _open takes another replica
 
     async def _watch_streams(self) -> None:
-        """End streams that sent nothing for ``stream_idle_timeout_s``; asleep while no stream
-        is in flight."""
+        """End streams that sent nothing for ``stream_idle_timeout_s``. Each network read of a
+        stream notes its time (``Upstream.read_at``), so the watchdog sleeps until the earliest
+        moment one of the streams in flight could have been quiet that long (no periodic
+        look), and while no stream is in flight until one is."""
         idle = self._config.stream_idle_timeout_s
-        loop = asyncio.get_running_loop()
         streaming = self._streaming
         while True:
-            if not any(f.stream for flights in self._flights.values() for f in flights):
-                streaming.clear()
-                await streaming.wait()  # ``_board`` sets it for a stream
-            await asyncio.sleep(min(1.0, idle / 4))
-            now = loop.time()
+            now = time.monotonic()
+            first = math.inf
             for flights in list(self._flights.values()):
                 for flight in list(flights):
                     upstream = flight.upstream
                     if upstream is None or not flight.stream or flight.reason is not None:
                         continue
-                    if upstream.progress != flight.seen:
-                        flight.seen, flight.seen_at = upstream.progress, now
-                    elif now - flight.seen_at >= idle and flight.seen_at:
+                    expires = upstream.read_at + idle
+                    if expires <= now:
                         self._abort(flight, f"stream sent nothing for {idle:g} s", "idle")
+                    elif expires < first:
+                        first = expires
+            if first == math.inf:
+                streaming.clear()
+                await streaming.wait()  # ``_open`` sets it when a stream's answer begins
+            else:
+                await asyncio.sleep(first - now)
 
     def _board(self, replica: Replica, stream: bool) -> _Flight:
         flight = _Flight(replica, asyncio.current_task(self._loop), stream)
         self._flights.setdefault(replica, set()).add(flight)
-        if stream and not self._streaming.is_set():
-            self._streaming.set()
         return flight
 
     def _land(self, flight: _Flight) -> None:
@@ -444,7 +444,8 @@ class Dispatcher:
                 continue
             upstream = Upstream(replica, response, started, call_id)
             flight.upstream = upstream
-            flight.seen_at = self._loop.time()  # type: ignore[union-attr]
+            if spec.stream and not self._streaming.is_set():
+                self._streaming.set()  # the idle watchdog watches it from now on
             if flight.reason is not None:  # ejected while the headers came in
                 upstream.abort(flight.reason)
             return upstream, flight

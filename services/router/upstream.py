@@ -28,6 +28,7 @@ from services.router.http1 import Http1Error, Http1Response
 from services.router.registry import Replica
 
 DONE = b"[DONE]"
+_monotonic = time.monotonic
 _USAGE = b'"usage"'
 _NULL_USAGE = (b'"usage":null', b'"usage": null')
 
@@ -122,7 +123,9 @@ class Upstream:
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         self.complete = False
-        self.progress = 0  # network reads of the body so far (the idle watchdog watches it)
+        # monotonic time of the answer's headers, then of each network read of a stream's body
+        # (the dispatcher's idle watchdog watches it)
+        self.read_at = time.monotonic()
         self._buffer = b""  # a streamed body's unfinished event
         self.abort_reason: str | None = None
         self._started = started
@@ -223,7 +226,7 @@ class Upstream:
     def _read(self, data: bytes) -> Batch | None:
         """The batch of complete events that ``data`` (one network read) completes, None when
         it completes none; an event's unfinished rest waits for the next read."""
-        self.progress += 1
+        self.read_at = _monotonic()
         self.replica.activity += 1
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")

@@ -50,6 +50,23 @@ async def test_a_stream_that_goes_quiet_ends_with_an_error(
     assert (await handle.trace(1))[0]["status"] == "error"
 
 
+async def test_a_slow_stream_that_keeps_sending_is_not_ended(
+    start_upstream: StartUpstream, start_router: StartRouter, store: Store
+) -> None:
+    # A token every 0.25 s, 1.5 s in all, with an idle limit of 0.6 s: each read resets the
+    # stream's idle clock, so the watchdog never ends it (only quiet streams end).
+    upstream = await start_upstream("m", tokens=6, token_delay_s=0.25)
+    await register(store, "m", upstream)
+    handle = await start_router(stream_idle_timeout_s=0.6)
+    body = {"model": "m", "prompt": "p", "stream": True}
+    events, _ = await _stream_events(handle.http_url, body)
+    text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert text == "w0 w1 w2 w3 w4 w5"
+    assert not any("error" in e for e in events)
+    assert handle.metric('scepsy_router_aborted_total{model="m",reason="idle"}') == 0
+    assert (await handle.trace(1))[0]["status"] == "ok"
+
+
 async def test_streams_on_an_ejected_replica_end_at_once(
     start_upstream: StartUpstream, start_router: StartRouter, store: Store
 ) -> None:
