@@ -30,6 +30,7 @@ from services.core.errors import UnavailableError
 from services.core.routing import Endpoint
 from services.router.http1 import Http1Error, Http1Pool
 from services.router.metrics import RouterMetrics
+from services.router.ticks import next_tick
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
 
@@ -238,25 +239,26 @@ class ReplicaRegistry:
             self._pool = None
 
     async def _watch(self) -> None:
-        """Refresh on each ``endpoints_changed`` event and every ``refresh_s``: the pub/sub read
-        waits until the next refresh is due (no polling in between); ``stop`` cancels it."""
+        """Refresh on each ``endpoints_changed`` event and on each tick of ``refresh_s``
+        (``ticks``): the pub/sub read waits until the next refresh is due (no polling in
+        between); ``stop`` cancels it."""
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 async with self._store.subscribe() as pubsub:
                     await self.refresh()
-                    refreshed = loop.time()
+                    due = next_tick(loop.time(), self._refresh_s)
                     while not self._stopping.is_set():
-                        wait = refreshed + self._refresh_s - loop.time()
+                        wait = due - loop.time()
                         message = None
                         if wait > 0:
                             message = await pubsub.get_message(
                                 ignore_subscribe_messages=True, timeout=wait
                             )
-                        due = loop.time() - refreshed >= self._refresh_s
-                        if due or (message and _is_endpoints_event(message.get("data"))):
+                        now = loop.time()
+                        if now >= due or (message and _is_endpoints_event(message.get("data"))):
                             await self.refresh()
-                            refreshed = loop.time()
+                            due = next_tick(loop.time(), self._refresh_s)
             except (UnavailableError, RedisError, OSError) as exc:
                 if self._stopping.is_set():
                     return
@@ -264,7 +266,10 @@ class ReplicaRegistry:
                 await self._sleep(self._read_timeout_s)
 
     async def _probe_forever(self) -> None:
-        while not await self._sleep(self._health_interval_s):
+        """Probe every replica on each tick of ``health_interval_s`` (``ticks``)."""
+        loop = asyncio.get_running_loop()
+        interval = self._health_interval_s
+        while not await self._sleep(next_tick(loop.time(), interval) - loop.time()):
             replicas = [r for model in self.models() for r in self.replicas(model)]
             await asyncio.gather(*(self.probe(r) for r in replicas))
 

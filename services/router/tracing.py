@@ -3,10 +3,9 @@
 ``record`` only appends to an in-memory buffer, so the request path never waits on Redis. A
 background task writes the buffer in batches of up to ``batch`` records, a record at most
 ``flush_s`` after it was buffered (it sleeps while nothing is buffered: no timer ticks in an idle
-router). A batch is written with one script (``Store.append_trace``). Under a steady stream of
-calls the write is started by a call arriving once the oldest record has waited most of
-``flush_s`` (``EARLY``), while the router is awake anyway, rather than by a timer that would
-wake it once more; the timer only ends the wait of a record that no call follows.
+router). A batch is written with one script (``Store.append_trace``), on the first tick of
+``flush_s`` after its first record (``ticks``: with the defaults the same wake-up as the health
+checks').
 
 A batch that cannot be written (Redis down or slow) is dropped and counted, as is a record arriving
 while the buffer holds ``buffer`` records; writing resumes by itself when Redis answers again. A
@@ -29,13 +28,11 @@ from redis.exceptions import RedisError
 from services.core.errors import UnavailableError
 from services.core.workload.trace import TraceCall, record_dict
 from services.router.metrics import RouterMetrics
+from services.router.ticks import next_tick
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
 
 log = get_logger(__name__)
-
-# A record that finds the oldest buffered one this far into ``flush_s`` starts the write.
-EARLY = 0.9
 
 
 class TraceRecorder:
@@ -59,7 +56,6 @@ class TraceRecorder:
         self._enabled = enabled
         self._buffer: deque[TraceCall] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._due = 0.0  # loop time from which a new record starts the write
         self._deadline = 0.0  # loop time by which the oldest buffered record is written
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -83,14 +79,11 @@ class TraceRecorder:
             return
         buffer = self._buffer
         buffer.append(call)
-        loop = self._loop
         if len(buffer) == 1:
-            if loop is not None:
-                now = loop.time()
-                self._due = now + EARLY * self._flush_s
-                self._deadline = now + self._flush_s
+            if self._loop is not None:
+                self._deadline = next_tick(self._loop.time(), self._flush_s)
             self._wake.set()  # the writer sleeps while nothing is buffered
-        elif len(buffer) >= self._batch or (loop is not None and loop.time() >= self._due):
+        elif len(buffer) >= self._batch:
             self._wake.set()
 
     async def start(self) -> None:
@@ -162,10 +155,9 @@ class TraceRecorder:
         self._metrics.trace_dropped.inc(count)
 
     async def _run(self) -> None:
-        """Write batches: one ``flush_s`` after its first record, earlier when a record comes
-        once most of that time has passed (``EARLY``) or when ``batch`` records wait. With
-        nothing buffered the writer sleeps until a record comes (no timer ticks while the
-        router is idle)."""
+        """Write batches: on the first tick of ``flush_s`` after its first record, or at once
+        when ``batch`` records wait. With nothing buffered the writer sleeps until a record
+        comes (no timer ticks while the router is idle)."""
         while not self._stopping.is_set():
             if not self._buffer:
                 self._wake.clear()
@@ -181,5 +173,5 @@ class TraceRecorder:
                 if not await self.flush():
                     # Redis is down: wait for the next period rather than spin
                     now = asyncio.get_running_loop().time()
-                    self._due, self._deadline = now + EARLY * self._flush_s, now + self._flush_s
+                    self._deadline = next_tick(now, self._flush_s)
                     break
