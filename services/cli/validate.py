@@ -57,7 +57,7 @@ from services.core.sim.program import Workflow
 from services.core.sim.workflows import workflow as full_workflow
 from services.core.workload.demand import WorkflowDemand
 from services.core.workload.stats import WorkflowStats, workflow_stats
-from services.profiler.joint import JointLlm, JointMeasurement, JointSweep
+from services.profiler.joint import JointLlm, JointMeasurement, JointSweep, fan_outs
 from services.profiler.vllm_backend import SweepConfig, VllmBackend, stderr_progress
 from services.runtime.driver import DriveResult, WorkflowDriver, direct_session, tiny_workflow
 from services.runtime.store import Store
@@ -235,10 +235,16 @@ class Validation:
         return profile
 
     async def joint_profiles(
-        self, stats: WorkflowStats, demand: WorkflowDemand, allocation: Mapping[str, Allocation]
+        self,
+        stats: WorkflowStats,
+        demand: WorkflowDemand,
+        allocation: Mapping[str, Allocation],
+        pilot: DriveResult,
     ) -> dict[str, Profile]:
         """Every LLM measured at once through the router at the workflow's shares and fan-outs
-        (``services.profiler.joint``)."""
+        (``services.profiler.joint``): each group's size drawn from the pilot trace's fan-outs
+        of that LLM (``fan_outs``; ``round(p_m)`` for an LLM without any)."""
+        sizes = fan_outs(pilot.trace().calls)
         llms = [
             JointLlm(
                 d.model,
@@ -246,12 +252,15 @@ class Validation:
                 d.n,
                 max(1, round(d.p)),
                 allocation[d.model].replicas,
+                sizes.get(d.model, ()),
             )
             for d in demand.llms
         ]
         self.log(
             "joint profile through the router: "
-            + ", ".join(f"{j.name} n={j.calls:.2f} group={j.group} x{j.replicas}" for j in llms)
+            + ", ".join(
+                f"{j.name} n={j.calls:.2f} groups {_sizes_text(j)} x{j.replicas}" for j in llms
+            )
         )
         sweep = JointSweep(
             self.args.router,
@@ -306,7 +315,7 @@ class Validation:
             allocation = await self.allocation(urls)
             profiles: dict[str, Profile] = {}
             if args.profiles == "joint":
-                profiles = await self.joint_profiles(stats, demand, allocation)
+                profiles = await self.joint_profiles(stats, demand, allocation, pilot)
             else:
                 for d in demand.llms:
                     mix = RequestMix.from_samples(stats.llm(d.model).sample)
@@ -369,6 +378,15 @@ class Validation:
             "joint": self.joint.to_dict() if self.joint is not None else None,
             "seconds": round(time.monotonic() - started, 1),
         }
+
+
+def _sizes_text(llm: JointLlm) -> str:
+    """``4-8 (mean 6.2)`` for drawn group sizes, ``of 6`` for a fixed group."""
+    if not llm.sizes:
+        return f"of {llm.group}"
+    lo, hi = min(llm.sizes), max(llm.sizes)
+    span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    return f"{span} (mean {llm.mean_group:.2f})"
 
 
 def _stats_of(run: DriveResult, name: str) -> WorkflowStats:

@@ -11,10 +11,14 @@ the workflow.
 
 ``JointSweep`` drives all of a workflow's LLMs through one endpoint (the router) at once: at a
 workflow rate ``lam`` (requests/s) LLM m gets calls at ``lam x n_m`` per s, sent in groups of
-``group_m`` calls at once (its fan-out, ``round(p_m)``; the groups are Poisson at
-``lam x n_m / group_m``), prompt and completion lengths drawn from its mix. Per step every LLM
-gets a ``RatePoint`` (as the single-engine sweep measures it: warm-up, a window, mean/p50/p99,
-TTFT, TPOT, completions inside the window, errors). The workflow rates rise as
+calls at once as the workflow's fan-outs are: each group's size is drawn from ``sizes_m``, the
+fan-outs seen in a trace (``fan_outs``: RAG's reranker 4 to 8 candidates; a fixed ``group_m`` when
+no sizes are given), and the groups are Poisson at ``lam x n_m / mean(sizes_m)``; prompt and
+completion lengths are drawn from its mix. Drawn sizes, not their mean: a group's calls share
+the engine's iterations, so a call's latency grows with its group's size, and calls in large
+groups count more often (size-biased) than fixed groups of the mean fan-out show. Per step
+every LLM gets a ``RatePoint`` (as the single-engine sweep measures it: warm-up, a window,
+mean/p50/p99, TTFT, TPOT, completions inside the window, errors). The workflow rates rise as
 ``SweepConfig.rate_steps`` x a probe's estimate of the capacity (a burst of ``probe_requests``
 requests' worth of calls of every LLM at once); the sweep stops when any LLM falls behind at
 ``confirm`` measurements in a row (falling behind its offered rate; no latency bound; a step
@@ -39,8 +43,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +54,7 @@ import numpy as np
 from services.core.errors import InvalidInputError, UnavailableError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import Profile, ProfileKey, ProfilePoint
+from services.core.workload.trace import TraceCall
 from services.profiler.vllm_backend import (
     Progress,
     RatePoint,
@@ -70,8 +75,9 @@ class JointLlm:
     name: str  # the model name its calls carry (the router's model)
     mix: RequestMix
     calls: float  # n_m: calls per workflow request
-    group: int = 1  # calls sent at once (the fan-out, round(p_m))
+    group: int = 1  # calls sent at once when ``sizes`` is empty
     replicas: int = 1
+    sizes: tuple[int, ...] = ()  # fan-outs seen in a trace; each group's size is one of them
 
     def __post_init__(self) -> None:
         if not (self.calls > 0 and math.isfinite(self.calls)):
@@ -80,6 +86,19 @@ class JointLlm:
             raise InvalidInputError(f"{self.name}: group: must be >= 1, got {self.group}")
         if self.replicas < 1:
             raise InvalidInputError(f"{self.name}: replicas: must be >= 1, got {self.replicas}")
+        if any(size < 1 for size in self.sizes):
+            raise InvalidInputError(f"{self.name}: sizes: must all be >= 1, got {self.sizes}")
+
+    @property
+    def mean_group(self) -> float:
+        """Calls per group on average: the mean of ``sizes``, else ``group``."""
+        return float(np.mean(self.sizes)) if self.sizes else float(self.group)
+
+    def draw_group(self, rng: np.random.Generator) -> int:
+        """One group's size: one of ``sizes`` at random (each fan-out seen equally likely)."""
+        if not self.sizes:
+            return self.group
+        return self.sizes[int(rng.integers(len(self.sizes)))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +166,7 @@ class JointMeasurement:
             ProfilePoint(p.rate / d.replicas, value, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
             for p, value in zip(kept, latency, strict=True)
         )
-        return Profile(key, points, sat, group=max(1.0, d.group / d.replicas))
+        return Profile(key, points, sat, group=max(1.0, d.mean_group / d.replicas))
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -161,6 +180,7 @@ class JointMeasurement:
                     "mix": d.mix.id,
                     "calls": d.calls,
                     "group": d.group,
+                    "sizes": dict(sorted(Counter(d.sizes).items())),
                     "replicas": d.replicas,
                 }
                 for d in self.llms
@@ -173,6 +193,30 @@ class JointMeasurement:
             "capacity": self.capacity(),
             "method": self.method,
         }
+
+
+def fan_outs(calls: Iterable[TraceCall]) -> dict[str, tuple[int, ...]]:
+    """Per model, the size of every fan-out among ``calls`` (a trace's): inside one request, a
+    model's ok calls whose intervals overlap one another, directly or through a chain of
+    overlaps, are one fan-out (a program's parallel step sends them at once and waits for all
+    of them); a call alone is a fan-out of 1. Sizes in the order of the requests' ids and their
+    fan-outs' starts, so the result does not depend on the trace's order."""
+    by_key: dict[tuple[str, str], list[TraceCall]] = defaultdict(list)
+    for call in calls:
+        if call.status == "ok":
+            by_key[(call.request_id, call.model)].append(call)
+    sizes: dict[str, list[int]] = defaultdict(list)
+    for (_, model), group in sorted(by_key.items()):
+        group.sort(key=lambda c: (c.start, c.end))
+        size, end = 0, -math.inf
+        for call in group:
+            if size and call.start >= end:
+                sizes[model].append(size)
+                size, end = 0, -math.inf
+            size += 1
+            end = max(end, call.end)
+        sizes[model].append(size)
+    return {m: tuple(v) for m, v in sorted(sizes.items())}
 
 
 def monotone(values: Sequence[float], weights: Sequence[float]) -> list[float]:
@@ -244,27 +288,33 @@ class JointSweep:
     ) -> list[CallOutcome]:
         return list(await asyncio.gather(*(self._call(session, d) for _ in range(n))))
 
+    def plan(self, lam: float, span: float) -> list[tuple[float, JointLlm, int]]:
+        """The groups of one step at workflow rate ``lam`` over ``span`` s: (offset s, LLM, size),
+        in time order; each LLM's groups Poisson at ``lam x n / mean group``, sizes drawn."""
+        plans: list[tuple[float, JointLlm, int]] = []
+        for d in self.llms:
+            gap = d.mean_group / (lam * d.calls)
+            at = float(self._rng.exponential(gap))
+            while at < span:
+                plans.append((at, d, d.draw_group(self._rng)))
+                at += float(self._rng.exponential(gap))
+        plans.sort(key=lambda x: x[0])
+        return plans
+
     async def _step(self, session: aiohttp.ClientSession, lam: float) -> dict[str, RatePoint]:
         cfg = self.config
         # a window long enough for a few groups of the sparsest LLM, up to 3x the configured
-        sparsest = min(lam * d.calls / d.group for d in self.llms)
+        sparsest = min(lam * d.calls / d.mean_group for d in self.llms)
         length = min(max(cfg.window_s, cfg.min_groups / sparsest), 3 * cfg.window_s)
         span = cfg.warmup_s + length
         t0 = time.monotonic()
-        plans: list[tuple[float, JointLlm]] = []
-        for d in self.llms:
-            gap = d.group / (lam * d.calls)
-            at = float(self._rng.exponential(gap))
-            while at < span:
-                plans.append((at, d))
-                at += float(self._rng.exponential(gap))
-        plans.sort(key=lambda x: x[0])
+        plans = self.plan(lam, span)
         tasks: list[tuple[asyncio.Task[CallOutcome], float, JointLlm]] = []
-        for offset, d in plans:
+        for offset, d, size in plans:
             delay = t0 + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            for _ in range(d.group):
+            for _ in range(size):
                 tasks.append((asyncio.create_task(self._call(session, d)), offset, d))
         window = (t0 + cfg.warmup_s, t0 + span)
         measured = [(task, off, d) for task, off, d in tasks if off >= cfg.warmup_s]

@@ -1,0 +1,117 @@
+"""The joint sweep's pure parts: fan-outs read from a trace, and the groups a step sends."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from services.core.errors import InvalidInputError
+from services.core.perf.analytic import RequestMix
+from services.core.perf.profile import ProfileKey
+from services.core.workload.trace import Status, TraceCall
+from services.profiler.joint import JointLlm, JointMeasurement, JointSweep, fan_outs
+from services.profiler.vllm_backend import RatePoint
+
+MIX = RequestMix.fixed(40, 1)
+
+
+def call(request: str, model: str, start: float, end: float, status: Status = "ok") -> TraceCall:
+    return TraceCall(
+        "rag", request, f"{request}-{model}-{start}", model, start, end, 40, 1, None, status
+    )
+
+
+def test_fan_outs_are_overlapping_calls_of_one_model_in_one_request() -> None:
+    calls = [
+        # r1: the reranker scores 3 passages at once, then 2 more after the first three ended
+        call("r1", "reranker", 0.00, 0.30),
+        call("r1", "reranker", 0.01, 0.10),
+        call("r1", "reranker", 0.02, 0.20),
+        call("r1", "reranker", 0.30, 0.40),
+        call("r1", "reranker", 0.31, 0.35),
+        call("r1", "generator", 0.40, 0.90),
+        # r2: a chain of overlaps is one fan-out (a overlaps b, b overlaps c, a ends before c)
+        call("r2", "reranker", 1.0, 1.2),
+        call("r2", "reranker", 1.1, 1.4),
+        call("r2", "reranker", 1.3, 1.5),
+        call("r2", "generator", 1.5, 2.0),
+    ]
+    got = fan_outs(calls)
+    assert got == {"generator": (1, 1), "reranker": (3, 2, 3)}
+    # the trace's order does not matter
+    assert fan_outs(reversed(calls)) == got
+
+
+def test_fan_outs_count_ok_calls_only() -> None:
+    calls = [
+        call("r1", "reranker", 0.0, 0.3),
+        call("r1", "reranker", 0.0, 0.2, "error"),
+        call("r1", "reranker", 0.0, 0.3, "cancelled"),
+        call("r2", "generator", 0.0, 0.3, "error"),
+    ]
+    assert fan_outs(calls) == {"reranker": (1,)}
+
+
+def test_a_llm_without_sizes_sends_fixed_groups() -> None:
+    fixed = JointLlm("reranker", MIX, calls=6.0, group=6)
+    assert fixed.mean_group == 6.0
+    rng = np.random.default_rng(0)
+    assert {fixed.draw_group(rng) for _ in range(20)} == {6}
+    with pytest.raises(InvalidInputError, match="sizes"):
+        JointLlm("reranker", MIX, calls=6.0, sizes=(4, 0))
+
+
+def test_a_step_draws_each_groups_size_from_the_fan_outs() -> None:
+    rerank = JointLlm("reranker", MIX, calls=6.5, group=6, sizes=(4, 5, 8, 8, 7))
+    generate = JointLlm("generator", MIX, calls=1.0, sizes=(1, 1))
+    sweep = JointSweep("http://unused", [rerank, generate], seed=3)
+    lam, span = 2.0, 2000.0
+    plan = sweep.plan(lam, span)
+    offsets = [offset for offset, _, _ in plan]
+    assert offsets == sorted(offsets) and offsets[0] >= 0 and offsets[-1] < span
+    sizes = Counter(size for _, d, size in plan if d is rerank)
+    assert set(sizes) == {4, 5, 7, 8}
+    # each fan-out seen equally likely: 8 (twice in the sizes) about twice as often as 4
+    assert sizes[8] / sizes[4] == pytest.approx(2.0, rel=0.2)
+    # calls arrive at the LLM's share of the workflow rate whatever the group sizes:
+    # groups at lam x n / mean size, mean size 6.4 calls
+    calls = sum(size for _, d, size in plan if d is rerank)
+    assert calls / span == pytest.approx(lam * 6.5, rel=0.05)
+    assert sum(size for _, d, size in plan if d is generate) / span == pytest.approx(lam, rel=0.1)
+    assert {size for _, d, size in plan if d is generate} == {1}
+
+
+def point(rate: float, latency: float) -> RatePoint:
+    return RatePoint(
+        rate=rate,
+        calls=10,
+        ok=10,
+        errors=0,
+        error_kinds={},
+        throughput=rate,
+        mean_latency=latency,
+        p50_latency=latency,
+        p99_latency=latency,
+        ttft=latency / 2,
+        tpot=0.0,
+        saturated=False,
+    )
+
+
+def test_a_profile_of_drawn_groups_names_their_mean_size() -> None:
+    rerank = JointLlm("reranker", MIX, calls=6.5, group=6, replicas=2, sizes=(4, 8, 9))
+    measurement = JointMeasurement(
+        (rerank,),
+        (1.0, 2.0),
+        {"reranker": (point(6.5, 0.1), point(13.0, 0.2))},
+        {"reranker": 0.05},
+        "",
+        "rates",
+        {},
+    )
+    key = ProfileKey("tiny-llama", "cpu", 1, 1.0, "vllm-joint", MIX.id)
+    # the ALP adds burst costs only beyond the groups the profile measured: 7 calls / 2 replicas
+    assert measurement.profile("reranker", key).group == pytest.approx(3.5)
+    assert measurement.to_dict()["llms"][0]["sizes"] == {4: 1, 8: 1, 9: 1}
