@@ -11,7 +11,16 @@ capacity. Target: median error at most 15 % for latency and throughput, light lo
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
         [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 24] [--profiles measured]
-        [--out DIR]
+        [--out DIR] [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2]]
+
+``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
+workflow rate, interleaved (the order rotating per repetition), per LLM the mean and median call
+latency of one joint-sweep step with fixed groups of round(p_m) (F), one with group sizes drawn
+from the pilot's fan-outs (D), D with every call tagged as the workflow's (T: the router's
+tracing of tagged calls), and the workflow driver running the programs (W: program stepping,
+stages in order). It prints the ratios D/F, T/D, W/T per LLM, rate and repetition and their
+geometric means: on a shared host single windows vary by 2-4x, only pairs measured side by side
+and their counts above 1 say anything.
 
 Needs the engine venv (``make engine-venv``; ``SCEPSY_ENGINE_VENV``).
 """
@@ -20,16 +29,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,12 +50,25 @@ sys.path.insert(0, str(REPO))
 from services.cli.validate import (  # noqa: E402
     PROFILE_SOURCES,
     Validation,
+    _stats_of,
     format_result,
     summary,
     write_outputs,
 )
 from services.core.errors import NotFoundError  # noqa: E402
+from services.core.perf.analytic import RequestMix  # noqa: E402
 from services.core.routing import Endpoint  # noqa: E402
+from services.core.workload.demand import WorkflowDemand  # noqa: E402
+from services.profiler.joint import JointLlm, JointSweep, fan_outs  # noqa: E402
+from services.profiler.vllm_backend import SweepConfig  # noqa: E402
+from services.router.schema import REQUEST_ID_HEADER, WORKFLOW_HEADER  # noqa: E402
+from services.runtime.driver import (  # noqa: E402
+    CallOutcome,
+    WorkflowDriver,
+    direct_session,
+    send_completion,
+    tiny_workflow,
+)
 from services.runtime.engines import (  # noqa: E402
     EngineSpec,
     LocalEngine,
@@ -72,6 +98,114 @@ async def wait_models(router_url: str, models: set[str], timeout_s: float = 60.0
     raise RuntimeError(f"the router never listed {sorted(models)}")
 
 
+class TaggedSweep(JointSweep):
+    """A joint sweep whose calls carry a workflow's tags, each call its own request id."""
+
+    def __init__(self, *args: Any, workflow: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.workflow = workflow
+
+    async def _call(self, session: aiohttp.ClientSession, d: JointLlm) -> CallOutcome:
+        prompt, completion = d.mix.draw(1, self._rng)
+        return await send_completion(
+            session, self.base_url, d.name, int(prompt[0]), int(completion[0]),
+            np.random.default_rng(), timeout_s=self.config.call_timeout_s, clock=time.monotonic,
+            headers={WORKFLOW_HEADER: self.workflow, REQUEST_ID_HEADER: uuid.uuid4().hex},
+        )  # fmt: skip
+
+
+async def per_call(args: argparse.Namespace, router_url: str) -> list[dict[str, Any]]:
+    """The ``--per-call`` comparison (module docstring); one row per condition run."""
+    rates = {
+        w.split("=")[0]: [float(x) for x in w.split("=")[1].split("/")]
+        for w in args.per_call_rates.split(",")
+    }
+    cfg = SweepConfig(warmup_s=1.5, window_s=args.per_call_window, drain_s=10.0)
+    rows: list[dict[str, Any]] = []
+    async with direct_session() as session:
+        for name in args.workflows.split(","):
+            workflow = tiny_workflow(name)
+            driver = WorkflowDriver(router_url, workflow, session)
+            pilot = await driver.run(args.pilot_rate, args.pilot_requests, seed=1)
+            stats = _stats_of(pilot, workflow.name)
+            sizes = fan_outs(pilot.trace().calls)
+            fixed = [
+                JointLlm(
+                    d.model,
+                    RequestMix.from_samples(stats.llm(d.model).sample),
+                    d.n,
+                    max(1, round(d.p)),
+                )
+                for d in WorkflowDemand.from_stats(stats).llms
+            ]
+            drawn = [replace(j, sizes=sizes.get(j.name, ())) for j in fixed]
+            print(f"{name}: fixed groups {[j.group for j in fixed]}, fan-outs {sizes}", flush=True)
+            for lam in rates[name]:
+                for rep in range(args.reps):
+                    order = "FDTW"[rep % 4 :] + "FDTW"[: rep % 4]
+                    for cond in order:
+                        seed = 100 * rep + 7
+                        if cond == "W":
+                            count = max(8, round(lam * (cfg.warmup_s + cfg.window_s)))
+                            run = await driver.run(lam, count, seed=seed, warmup=count // 10)
+                            per: dict[str, list[float]] = {}
+                            for r in run.measured:
+                                for model, c in r.calls:
+                                    if c.ok:
+                                        per.setdefault(model, []).append(c.latency)
+                            mean = {m: float(np.mean(v)) for m, v in per.items()}
+                            p50 = {m: float(np.median(v)) for m, v in per.items()}
+                            calls = {m: len(v) for m, v in per.items()}
+                        else:
+                            llms = fixed if cond == "F" else drawn
+                            sweep = (
+                                TaggedSweep(router_url, llms, cfg, seed=seed, workflow=name)
+                                if cond == "T"
+                                else JointSweep(router_url, llms, cfg, seed=seed)
+                            )
+                            points = await sweep._step(session, lam)
+                            mean = {m: p.mean_latency for m, p in points.items()}
+                            p50 = {m: p.p50_latency for m, p in points.items()}
+                            calls = {m: p.ok for m, p in points.items()}
+                        row = {"workflow": name, "rate": lam, "rep": rep, "cond": cond,
+                               "mean": mean, "p50": p50, "calls": calls}  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    return rows
+
+
+def per_call_report(rows: list[dict[str, Any]]) -> None:
+    cells: dict[tuple[str, float, int, str], dict[str, dict[str, float]]] = {}
+    for r in rows:
+        for stat in ("mean", "p50"):
+            for model, value in r[stat].items():
+                cells.setdefault((r["workflow"], r["rate"], r["rep"], model), {}).setdefault(
+                    stat, {}
+                )[r["cond"]] = value
+    pairs = (("D", "F"), ("T", "D"), ("W", "T"), ("W", "D"), ("W", "F"))
+    print("\nper-call latency ratios (mean; p50), per workflow, rate, repetition, LLM")
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for key, by_stat in sorted(cells.items()):
+        parts = []
+        for a, b in pairs:
+            text = []
+            for stat in ("mean", "p50"):
+                c = by_stat.get(stat, {})
+                if a in c and b in c and c[a] > 0 and c[b] > 0:
+                    x = c[a] / c[b]
+                    ratios.setdefault((f"{a}/{b}", stat), []).append(x)
+                    text.append(f"{x:.2f}")
+            parts.append(f"{a}/{b} " + "; ".join(text))
+        print(f"  {key[0]} {key[1]:g}/s rep {key[2]} {key[3]:<9} " + ", ".join(parts))
+    for (pair, stat), xs in sorted(ratios.items()):
+        geo = math.exp(float(np.mean(np.log(xs))))
+        above = sum(x > 1 for x in xs)
+        print(
+            f"  {pair} {stat:<4}: geometric mean {geo:.2f}, median {float(np.median(xs)):.2f}, "
+            f"{above}/{len(xs)} above 1, range {min(xs):.2f}-{max(xs):.2f}"
+        )
+
+
 async def run_all(
     args: argparse.Namespace, redis_url: str, router_url: str, urls: dict[str, str]
 ) -> list[dict[str, Any]]:
@@ -82,6 +216,8 @@ async def run_all(
             for model in ENGINES[name]:
                 await store.put_endpoint(Endpoint(model, f"{model}-0", url))
         await wait_models(router_url, {m for ms in ENGINES.values() for m in ms})
+        if args.per_call:
+            return await per_call(args, router_url)
         for workflow in args.workflows.split(","):
             ns = argparse.Namespace(
                 workflow=workflow,
@@ -124,6 +260,10 @@ def main() -> int:
     parser.add_argument("--profiles", choices=PROFILE_SOURCES, default="joint")
     parser.add_argument("--profile-via", choices=("router", "engine"), default="router")
     parser.add_argument("--out", type=Path, help="validate.csv / validate.png per workflow")
+    parser.add_argument("--per-call", action="store_true", help="the per-call comparison only")
+    parser.add_argument("--per-call-rates", default="rag=1.5/4.0,beam=0.4/1.0")
+    parser.add_argument("--per-call-window", type=float, default=10.0, help="s per condition")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions per rate (--per-call)")
     args = parser.parse_args()
 
     try:
@@ -170,6 +310,13 @@ def main() -> int:
         router.terminate()
         router.wait(timeout=15)
         redis.stop()
+    if args.per_call:
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "per_call.json").write_text(json.dumps(results))
+        per_call_report(results)
+        print(f"({time.monotonic() - started:.0f} s)")
+        return 0
 
     print("\nALP vs real vLLM CPU engines (tiny model, 2 engines, 1 core each)")
     print(
