@@ -1,7 +1,7 @@
 """``scepsy validate``: the ALP's predictions against real engines behind the router.
 
     scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
-                    [--requests N] [--profiles measured|analytic] [--scale tiny|full]
+                    [--requests N] [--profiles joint|measured|analytic] [--scale tiny|full]
                     [--out DIR] [--json] [--redis-url URL]
 
 For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
@@ -10,11 +10,13 @@ front of them; each LLM of the workflow is a model of the router under its deplo
 1. a pilot run drives the workflow's program (``services.runtime.driver``) through the router at
    a light rate; its trace gives the workflow's demand (n_m, p_m, stages, tool time) and each
    LLM's request mix, as the planner would read them from the router's recorded trace;
-2. each LLM's profile at that mix: ``measured`` (default) - the profile stored under its key, else
-   measured now on the LLM's first registered engine by the ``vllm`` profiler backend (and
-   stored), through the router (``--profile-via router``, default: the hop every workflow call
-   takes) or on the engine directly; ``analytic`` - the analytic backend with the device's
-   committed parameters;
+2. each LLM's profile at that mix: ``joint`` (default) - every LLM of the workflow measured at
+   once through the router at its share of the workflow's rate, its calls in groups whose sizes
+   are drawn from the pilot trace's fan-outs (``services.profiler.joint``); ``measured`` - the
+   profile stored under its key, else measured now on the LLM's first registered engine by the
+   ``vllm`` profiler backend (and stored), through the router (``--profile-via router``,
+   default: the hop every workflow call takes) or on the engine directly; ``analytic`` - the
+   analytic backend with the device's committed parameters;
 3. the ALP predicts the workflow's throughput T (the allocation: each LLM's registered replicas,
    TP 1, whole devices) and its latency at each rate: ``--load`` fractions of T (default light
    load to 80 %), or absolute ``--rates``;
