@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.errors import InfeasibleError
 from services.core.sim.program import Lengths, Seconds
 from services.core.sim.workflows import RagReranker
 
@@ -123,7 +124,8 @@ def plan_offline(models: Models, rate: float) -> Offline:
         (Path(tmp) / "cluster.yaml").write_text(CLUSTER)
         spec = Path(tmp) / "spec.yaml"
         spec.write_text(spec_text(models, rate) + "cluster: cluster.yaml\n")
-        plan, _ = one_plan(argparse.Namespace(spec=str(spec), cluster=None, store=False))
+        args = argparse.Namespace(spec=str(spec), cluster=None, store=False, profile_workers=1)
+        plan, _ = one_plan(args)
     wf = {w.workflow: w for w in plan.workflows}[WORKFLOW]
     return Offline(
         rate=rate,
@@ -151,7 +153,7 @@ def flip(models: Models, grid: tuple[float, ...] = GRID, refine: int = 3) -> Fli
     for rate in grid:
         try:
             got = plan_offline(models, rate)
-        except Exception:  # no feasible plan at this rate: the grid ends here
+        except InfeasibleError:  # no feasible plan at this rate: the grid ends here
             break
         if got.allocation == LOW_ALLOCATION:
             low, high = got, None
