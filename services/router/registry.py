@@ -30,7 +30,7 @@ from services.core.errors import UnavailableError
 from services.core.routing import Endpoint
 from services.router.http1 import Http1Error, Http1Pool
 from services.router.metrics import RouterMetrics
-from services.router.ticks import next_tick
+from services.router.ticks import first_tick, next_tick
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
 
@@ -266,12 +266,15 @@ class ReplicaRegistry:
                 await self._sleep(self._read_timeout_s)
 
     async def _probe_forever(self) -> None:
-        """Probe every replica on each tick of ``health_interval_s`` (``ticks``)."""
+        """Probe every replica on each tick of ``health_interval_s`` (``ticks``), the first
+        one at least an interval after the start (a tick can be due a moment after it)."""
         loop = asyncio.get_running_loop()
         interval = self._health_interval_s
-        while not await self._sleep(next_tick(loop.time(), interval) - loop.time()):
+        due = first_tick(loop.time(), interval)
+        while not await self._sleep(due - loop.time()):
             replicas = [r for model in self.models() for r in self.replicas(model)]
             await asyncio.gather(*(self.probe(r) for r in replicas))
+            due = next_tick(loop.time(), interval)
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` or until stopping; True when stopping."""

@@ -15,3 +15,10 @@ import math
 def next_tick(now: float, period: float) -> float:
     """The first multiple of ``period`` after ``now`` (in ``(now, now + period]``)."""
     return (math.floor(now / period) + 1) * period
+
+
+def first_tick(now: float, period: float) -> float:
+    """The first multiple of ``period`` at least a period after ``now`` (in ``[now + period,
+    now + 2 period)``): where periodic work begins, so that a start just before a multiple does
+    not do it at once (a test that runs checks by hand sees none for a period)."""
+    return math.ceil((now + period) / period) * period
