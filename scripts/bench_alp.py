@@ -74,9 +74,7 @@ def measure_workflow(
         workflow(name),
         settings.gpu_type,
         min(gpu_counts),
-        warmup_requests=settings.warmup_requests,
-        warmup_error=settings.warmup_error,
-        warmup_max=settings.warmup_max,
+        **settings.warmup(),
         options=replace(settings.options, seed=settings.seed),
     )
     print(f"{name}: warm-up of {len(ctx.warmup.requests)} requests", file=sys.stderr)

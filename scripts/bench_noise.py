@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         workflow(args.workflow),
         settings.gpu_type,
         args.gpus,
-        warmup_requests=settings.warmup_requests,
-        warmup_error=settings.warmup_error,
-        warmup_max=settings.warmup_max,
+        **settings.warmup(),
     )
     plan = SYSTEMS["scepsy"](ctx, args.gpus, args.rate)
     print(f"{args.workflow}, {args.gpus} GPUs, {args.rate:g} req/s: {describe(plan.allocation)}")

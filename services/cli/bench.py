@@ -216,9 +216,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
             workflow(name),
             args.gpu_type,
             min(counts),
-            warmup_requests=warm.warmup_requests,
-            warmup_error=warm.warmup_error,
-            warmup_max=warm.warmup_max,
+            **warm.warmup(),
         )
         for g in counts:
             rows += fewest_gpus(ctx, g, args.load, args.slack, baselines, say=progress)

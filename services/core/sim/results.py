@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from services.core.errors import InvalidInputError
 from services.core.sim import baselines
@@ -72,6 +73,14 @@ class BenchSettings:
             raise InvalidInputError(f"gpu_counts: must be positive, got {list(self.gpu_counts)}")
         if not self.rate_fractions or min(self.rate_fractions) <= 0:
             raise InvalidInputError("rate_fractions: must be positive")
+
+    def warmup(self) -> dict[str, Any]:
+        """The warm-up arguments of ``systems.Context.prepare``."""
+        return {
+            "warmup_requests": self.warmup_requests,
+            "warmup_error": self.warmup_error,
+            "warmup_max": self.warmup_max,
+        }
 
     @classmethod
     def quick(cls, **changes: object) -> BenchSettings:
