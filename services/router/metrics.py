@@ -16,7 +16,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import metrics as _prometheus_metrics
@@ -45,15 +45,33 @@ def _created_series() -> bool:
     return bool(getattr(_prometheus_metrics, "_use_created", True))
 
 
-class LoopCounter:
+class _Collector:
+    """What the router's own collectors share: name, help text, label names, and the metric
+    family they expose (``describe``; ``collect`` fills a fresh one)."""
+
+    family: ClassVar[type[CounterMetricFamily | HistogramMetricFamily | GaugeMetricFamily]]
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+
+    def _family(self) -> Any:
+        return self.family(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+
+class LoopCounter(_Collector):
     """A labelled counter updated only on the event loop: ``inc(labels)`` adds to a float."""
+
+    family = CounterMetricFamily
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self._values: dict[tuple[str, ...], float] = {}
         self._created: dict[tuple[str, ...], float] = {}
         registry.register(self)
@@ -69,20 +87,19 @@ class LoopCounter:
     def value(self, *labels: str) -> float:
         return self._values.get(labels, 0.0)
 
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         created = self._created if _created_series() else {}
         for labels, value in list(self._values.items()):
             family.add_metric(labels, value, created=created.get(labels))
         return [family]
 
 
-class LoopHistogram:
+class LoopHistogram(_Collector):
     """A labelled histogram updated only on the event loop: ``observe(labels, value)`` counts
     ``value`` in its bucket (a binary search) and adds it to the sum."""
+
+    family = HistogramMetricFamily
 
     def __init__(
         self,
@@ -92,9 +109,7 @@ class LoopHistogram:
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self._bounds = tuple(float(b) for b in buckets if not math.isinf(b))
         self._le = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         # per label values: the count of each bucket (not cumulative), then the sum
@@ -114,11 +129,8 @@ class LoopHistogram:
         series = self._series.get(labels)
         return sum(series[:-1]) if series is not None else 0.0
 
-    def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         use_created = _created_series()
         for labels, series in list(self._series.items()):
             counts = list(series)
@@ -133,23 +145,20 @@ class LoopHistogram:
         return [family]
 
 
-class ReadGauge:
+class ReadGauge(_Collector):
     """A labelled gauge read from its source when scraped (``source`` yields (labels, value))."""
+
+    family = GaugeMetricFamily
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.source: Callable[[], Iterable[tuple[tuple[str, ...], float]]] = lambda: ()
         registry.register(self)
 
-    def describe(self) -> list[Metric]:
-        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[Metric]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for labels, value in list(self.source()):
             family.add_metric(labels, value)
         return [family]
