@@ -2,11 +2,12 @@
 
 An analytic profile is an exact simulation in Python (``services.core.perf``): one process
 computes one at a time, and a cold plan of a large cluster needs a hundred or more. A
-``ProfilePool`` is a process pool started on first use and kept: ``forkserver`` by default (safe
-in threaded services; the server imports the profile code once, so workers start in
-milliseconds), ``fork`` for a single-threaded command. The planner and ``scepsy plan`` map
-``SpecProfiles.prefetch`` over it (``prefetch_cold``); the Profiler service computes each
-analytic profile in it (``ProfilePool.run``), so concurrent Profile calls run in parallel.
+``ProfilePool`` is a process pool started on first use and kept, with the ``forkserver`` start
+method (safe in threaded services; the server imports the profile code once, so workers start
+in milliseconds). A pool whose worker died (killed, out of memory) is dropped and started again
+at its next use; the work in hand is done in the calling process. The planner and ``scepsy
+plan`` map ``SpecProfiles.prefetch`` over it (``prefetch_cold``); the Profiler service computes
+each analytic profile in it (``ProfilePool.run``), so concurrent Profile calls run in parallel.
 
 A process has one pool per setting (``shared_pool``), closed at exit: services built several
 times in one process (tests, ``scepsy up`` in-process) share it.
@@ -23,7 +24,7 @@ import math
 import multiprocessing
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,9 @@ from services.core.planning.profiles import (
     spec_configs,
 )
 from services.core.workload.spec import Spec
+from services.runtime.logging import get_logger
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 MAX_WORKERS = 16
@@ -93,14 +97,25 @@ class ProfilePool:
         return self.executor().map(fn, items, chunksize=CHUNK)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a worker, awaited."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor(), partial(fn, *args))
+        """``fn(*args)`` in a worker, awaited; in a thread of this process when the pool broke
+        (it starts again at the next call)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor(), partial(fn, *args))
+        except BrokenExecutor:
+            self.broke()
+            return await asyncio.to_thread(fn, *args)
 
-    def close(self) -> None:
+    def broke(self) -> None:
+        """Drop a pool whose worker died (the next use starts a new one)."""
+        log.warning("profile_pool_broken", workers=self.workers)
+        self.close(wait=False)
+
+    def close(self, wait: bool = True) -> None:
         with self._lock:
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=wait, cancel_futures=True)
 
 
 _SHARED: dict[tuple[int, str], ProfilePool] = {}
@@ -140,7 +155,11 @@ def prefetch_cold(
     cold = profiles.cold(configs)
     if len(cold) < PARALLEL_MIN_COLD:
         return 0
-    profiles.prefetch(configs, pool.map)
+    try:
+        profiles.prefetch(configs, pool.map)
+    except BrokenExecutor:
+        pool.broke()
+        return 0
     return len(cold)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from services.core.planning.profiles import (
     PARALLEL_MIN_COLD,
     SpecProfiles,
     StoreFirst,
+    compute_profile,
     spec_configs,
 )
 from services.planner.clients import ProfilerClient
@@ -187,3 +190,31 @@ async def test_a_planner_without_a_profiler_plans_the_same_with_its_pool(
     assert plan.objective_s == serial.objective_s and plan.workflows == serial.workflows
     # every profile was computed (in the pool: nothing is left cold in this process)
     assert SpecProfiles(spec).cold(spec_configs(spec)) == []
+
+
+def test_a_pool_whose_worker_died_is_replaced_and_the_work_still_done(pool: ProfilePool) -> None:
+    expected = serial_profiles(SPEC)
+    victims = set(pool.map(_pid, range(8)))
+    for pid in victims:  # a worker killed (the OOM killer, an operator): the pool is broken
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    clear_cache()
+    spec = spec_from_text(SPEC)
+    profiles = SpecProfiles(spec)
+    assert prefetch_cold(profiles, pool) == 0  # nothing from the broken pool ...
+    assert not pool.started  # ... which was dropped
+    check(profiles, expected)  # the search computes them here
+    assert not victims & set(pool.map(_pid, range(8)))  # the next use starts new workers
+
+
+async def test_a_broken_pool_runs_the_call_here(pool: ProfilePool) -> None:
+    spec = spec_from_text(SPEC)
+    query = SpecProfiles(spec).query("A", 1, 0.5)
+    backend = AnalyticBackend(cache=False)
+    first = await pool.run(compute_profile, backend, query)
+    for pid in set(pool.map(_pid, range(8))):
+        os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    assert await pool.run(compute_profile, backend, query) == first
+    assert not pool.started  # dropped; the next call starts a new one
+    assert await pool.run(compute_profile, backend, query) == first and pool.started
