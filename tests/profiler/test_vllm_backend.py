@@ -53,7 +53,10 @@ SHORT = SweepConfig(
     warmup_s=0.5,
     window_s=2.0,
     probe_calls=16,
-    rate_steps=(0.1, 0.3, 0.6, 1.0, 1.6, 2.5, 4.0),
+    # low first steps: the probe's burst can over-state the steady capacity several times on a
+    # busy host (a CI run saturated at its second step, 0.3 x the probe: one point below
+    # saturation, too few to calibrate on)
+    rate_steps=(0.04, 0.1, 0.2, 0.3, 0.6, 1.0, 1.6, 2.5, 4.0),
     drain_s=3.0,
     budget_s=90.0,
 )
