@@ -39,6 +39,12 @@ class BenchSettings:
     latency_multiple: float = 25.0  # ... and at least this many isolated request latencies
     min_requests: int = 250
     max_calls: int = 40_000  # LLM calls of a run (about), before doubling an unsettled one
+    # ... and at least the requests whose mean LLM time per request is within this relative
+    # standard error (``Context.spread_requests``), up to about ``spread_calls`` LLM calls; None:
+    # off. Co-serving RAG with a 10% share of beam search (CV 2.3): 1,000-request runs drew
+    # beam's work within +-7% and measured one allocation at 5.5-6.7 s where long runs say 5.4
+    run_error: float | None = 0.05
+    spread_calls: int = 160_000
     # an unsettled or ambiguous run is repeated with twice the requests, up to this often: at
     # 438 requests map-reduce's backlog growth at half its capacity spreads by 1.6% (sd, 6
     # seeds), at 876 by 0.7%, against the 2% bound
@@ -73,6 +79,8 @@ class BenchSettings:
             raise InvalidInputError(f"gpu_counts: must be positive, got {list(self.gpu_counts)}")
         if not self.rate_fractions or min(self.rate_fractions) <= 0:
             raise InvalidInputError("rate_fractions: must be positive")
+        if self.run_error is not None and not self.run_error > 0:
+            raise InvalidInputError(f"run_error: must be positive or None, got {self.run_error!r}")
 
     def warmup(self) -> dict[str, Any]:
         """The warm-up arguments of ``systems.Context.prepare``."""

@@ -44,10 +44,16 @@ class Counter:
 def requests_for(ctx: Context, rate: float, settings: BenchSettings) -> int:
     """Requests of one run at ``rate``: ``rate x duration``, where the duration is at least
     ``latency_multiple`` isolated request latencies, within ``min_requests`` and
-    ``max_calls`` LLM calls."""
+    ``max_calls`` LLM calls; and at least the requests the workflow's spread asks for at
+    ``run_error`` (within ``spread_calls`` LLM calls)."""
     duration = max(settings.duration, settings.latency_multiple * ctx.isolated_latency)
-    most = max(settings.min_requests, int(settings.max_calls / max(ctx.calls_per_request, 1)))
-    return max(settings.min_requests, min(round(rate * duration), most))
+    per_request = max(ctx.calls_per_request, 1)
+    most = max(settings.min_requests, int(settings.max_calls / per_request))
+    requests = max(settings.min_requests, min(round(rate * duration), most))
+    if settings.run_error is not None:
+        spread = ctx.spread_requests(settings.run_error)
+        requests = max(requests, min(spread, int(settings.spread_calls / per_request)))
+    return requests
 
 
 def clear(point: Point, bound: float) -> bool:

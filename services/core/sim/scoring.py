@@ -2,10 +2,11 @@
 
 The closed-form ALP misjudges fan-outs and per-round barriers; ``planning.refine`` re-ranks its
 best candidates by a score, and ``ReplayScorer`` is that score: the traced requests, replayed wave
-by wave (``services.core.sim.replay``), served by the candidate allocation in the simulator, with
-a fixed seed so that every candidate serves the same requests. It needs a trace and the spec's
-models, not the workflow's program, so the simulator's Scepsy system and the planner service
-(on the router's recorded trace) refine the same way.
+by wave (``services.core.sim.replay``) and drawn stratified by work, served by the candidate
+allocation in the simulator, with a fixed seed so that every candidate serves the same
+requests. It needs a trace and the spec's models, not the workflow's program, so the
+simulator's Scepsy system and the planner service (on the router's recorded trace) refine the
+same way.
 
 - ``score(allocation, rate)``: mean request latency, completion rate and whether the run kept up
   (steady, and the backlog grew by at most ``max_backlog_growth``); remembered per allocation
@@ -19,8 +20,9 @@ Several workflows are replayed as one ``Mix`` at their shares of the requests.
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from services.core.allocation import Allocation
@@ -31,7 +33,7 @@ from services.core.planning.refine import Refiner, Scored
 from services.core.sim.arrivals import poisson
 from services.core.sim.measure import MeasureConfig, measure, work_rate
 from services.core.sim.program import Workflow
-from services.core.sim.replay import TraceReplay
+from services.core.sim.replay import StratifiedReplay, TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.trace import Trace
@@ -44,8 +46,15 @@ class RefineSettings:
     """How many closed-form candidates, the headroom plans, the wall-time budget per plan, and
     the size of each replay run (at least ``latency_multiple`` isolated latencies or
     ``min_seconds`` of arrivals, at least ``min_requests``, at most about ``calls`` LLM calls:
-    shorter runs under-state latency near capacity, the queues have not built up), and of the
-    capacity run."""
+    shorter runs under-state latency near capacity, the queues have not built up; and at least
+    the requests whose mean LLM time per request is within ``run_error`` (relative standard
+    error, from the trace's spread: ``spread_requests``), up to about ``spread_calls`` LLM
+    calls), and of the capacity run.
+
+    The spread matters where a few requests carry most of the work: co-serving RAG with a 10%
+    share of beam search (CV of LLM time per request 2.3), a 60 s run of about 360 requests drew
+    beam's work within +-12% (one standard error), and the same allocation at the same rate
+    scored 4.3 s or 5.2 s by seed where long runs of the program measure 5.4 s."""
 
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
@@ -55,6 +64,8 @@ class RefineSettings:
     latency_multiple: float = 60.0
     min_seconds: float = 60.0
     max_backlog_growth: float = 0.05
+    run_error: float = 0.05
+    spread_calls: int = 250_000
     seed: int = 4242
     capacity_calls: int = 250_000
     capacity_latencies: float = 60.0
@@ -73,7 +84,8 @@ def describe(allocation: Mapping[str, Allocation]) -> str:
 class ReplayScorer:
     """Scores of allocations on ``workflow`` (a replay, or a ``Mix`` of replays) served by
     ``models`` on ``gpu`` (module docstring). ``isolated_latency`` (s, a request served alone)
-    sizes the runs."""
+    and ``spread_requests`` (``spread_requests`` of the trace at ``settings.run_error``) size the
+    runs."""
 
     workflow: Workflow
     gpu: GpuSpec
@@ -81,6 +93,7 @@ class ReplayScorer:
     isolated_latency: float
     options: SimOptions = field(default_factory=SimOptions)
     settings: RefineSettings = field(default_factory=RefineSettings)
+    spread_requests: int = 0
     scores: dict[tuple[str, float], Scored] = field(default_factory=dict)
 
     @classmethod
@@ -113,7 +126,8 @@ class ReplayScorer:
             durations = [_request_span(trace, w) for w in shares]
         isolated = max(statistics.median(durations), 1e-3)
         opts, cfg = options or SimOptions(), settings or RefineSettings()
-        return cls(workflow, gpu, dict(models), isolated, opts, cfg)
+        spread = spread_requests(trace, shares, cfg.run_error)
+        return cls(workflow, gpu, dict(models), isolated, opts, cfg, spread)
 
     def deployment(self, allocation: Mapping[str, Allocation]) -> Deployment:
         return Deployment(self.gpu, self.models, dict(allocation))
@@ -136,11 +150,16 @@ class ReplayScorer:
         if found is not None:
             return found
         span = max(cfg.latency_multiple * self.isolated_latency, cfg.min_seconds)
-        most = max(cfg.min_requests, int(cfg.calls / self._calls_per_request()))
-        requests = max(cfg.min_requests, min(round(rate * span), most))
+        per_request = self._calls_per_request()
+        most = max(cfg.min_requests, int(cfg.calls / per_request))
+        spread = min(self.spread_requests, int(cfg.spread_calls / per_request))
+        requests = max(cfg.min_requests, min(round(rate * span), most), spread)
         opts = replace(self.options, seed=self.options.seed + cfg.seed)
         result = simulate(
-            self.workflow, self.deployment(allocation), poisson(rate, requests, cfg.seed), opts
+            self.run_workflow(requests),
+            self.deployment(allocation),
+            poisson(rate, requests, cfg.seed),
+            opts,
         )
         point = measure(result, rate, REFINE_MEASURE)
         scored = Scored(
@@ -167,11 +186,19 @@ class ReplayScorer:
         wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
         requests = min(max(400, wanted), most)
         return simulate(
-            self.workflow,
+            self.run_workflow(requests),
             self.deployment(allocation),
             poisson(rate, requests, cfg.seed + 1),
             replace(self.options, seed=self.options.seed + cfg.seed, record=record),
         )
+
+    def run_workflow(self, requests: int) -> Workflow:
+        """What a run of ``requests`` requests replays: a single workflow's trace stratified by
+        work (``replay.StratifiedReplay``), the same draw for every allocation and rate; a
+        ``Mix`` draws each part's requests independently."""
+        if isinstance(self.workflow, TraceReplay):
+            return StratifiedReplay.of(self.workflow, requests, self.settings.seed)
+        return self.workflow
 
     def refiner(self, rate: float) -> Refiner:
         """The refinement of plans for ``rate`` requests/s of the whole."""
@@ -182,6 +209,24 @@ class ReplayScorer:
             headroom=cfg.headroom,
             seconds=cfg.seconds,
         )
+
+
+def spread_requests(trace: Trace, workflows: Collection[str], error: float) -> int:
+    """Requests of ``workflows`` (drawn as in ``trace``) for the standard error of the mean LLM
+    time per request (a request's calls' summed durations) to be ``error`` of the mean:
+    (CV / error)^2 from the trace's spread; the trace's request count when it has fewer than
+    two requests of them. Raises ``InvalidInputError`` unless ``error`` > 0."""
+    if not error > 0:
+        raise InvalidInputError(f"error: must be positive, got {error!r}")
+    work: dict[str, float] = {}
+    for call in trace.calls:
+        if call.workflow in workflows and call.status == "ok":
+            work[call.request_id] = work.get(call.request_id, 0.0) + call.end - call.start
+    values = list(work.values())
+    if len(values) < 2 or not statistics.fmean(values) > 0:
+        return len(values)
+    cv = statistics.stdev(values) / statistics.fmean(values)
+    return math.ceil((cv / error) ** 2)
 
 
 def _request_span(trace: Trace, workflow: str) -> float:

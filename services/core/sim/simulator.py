@@ -243,7 +243,10 @@ class _Run:
 
     def _arrive(self, index: int) -> None:
         rng = np.random.default_rng([self.opt.seed, index])
-        self._resume(_Task(self.workflow.program(rng), index, None, -1), None)
+        # a workflow that assigns requests by their index (a stratified replay) says so
+        program_at = getattr(self.workflow, "program_at", None)
+        gen = self.workflow.program(rng) if program_at is None else program_at(index, rng)
+        self._resume(_Task(gen, index, None, -1), None)
 
     def _wake(self, payload: tuple[_Replica, int]) -> None:
         rep, epoch = payload

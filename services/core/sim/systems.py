@@ -32,8 +32,6 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -56,7 +54,7 @@ from services.core.sim import baselines
 from services.core.sim.control import Controller
 from services.core.sim.program import Workflow
 from services.core.sim.replay import TraceReplay
-from services.core.sim.scoring import RefineSettings, ReplayScorer
+from services.core.sim.scoring import RefineSettings, ReplayScorer, spread_requests
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.demand import LlmDemand, WorkflowDemand
@@ -109,6 +107,7 @@ class Context:
     options: SimOptions = field(default_factory=SimOptions)
     refine: RefineSettings | None = field(default_factory=RefineSettings)
     _scorer: ReplayScorer | None = field(default=None, repr=False)
+    _spread: dict[float, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def prepare(
@@ -222,6 +221,14 @@ class Context:
             bursts=self.profiles.burst,
         )
 
+    def spread_requests(self, error: float) -> int:
+        """Requests for the mean LLM time per request within ``error`` (relative standard
+        error), from the warm-up trace's spread (``scoring.spread_requests``)."""
+        found = self._spread.get(error)
+        if found is None:
+            found = self._spread[error] = spread_requests(self.warmup, (self.workflow.name,), error)
+        return found
+
     @property
     def replay(self) -> TraceReplay:
         """The warm-up trace as a workflow (``services.core.sim.replay``)."""
@@ -236,13 +243,15 @@ class Context:
         if self._scorer is None:
             name = self.workflow.name
             replay = TraceReplay.of(self.warmup, name, self.workflow.models)
+            settings = self.refine or RefineSettings()
             self._scorer = ReplayScorer(
                 replay,
                 self.gpu,
                 self.models,
                 self.isolated_latency,
                 self.options,
-                self.refine or RefineSettings(),
+                settings,
+                self.spread_requests(settings.run_error),
             )
         return self._scorer
 
@@ -307,20 +316,13 @@ def memory_fits(gpu: GpuSpec, models: Mapping[str, ModelSpec]) -> baselines.Fits
 def warmup_needed(trace: Trace, name: str, error: float) -> int:
     """Requests a warm-up trace needs for the standard error of the mean LLM time per request
     (its calls' summed durations) to be ``error`` of the mean, from ``trace``'s spread:
-    (CV / error)^2. A workflow whose loop length depends on the data (ReAct: more turns, and
-    longer prompts in later turns) needs thousands; at 200 requests its means were 6-11% off and
-    so was the ALP's latency near capacity."""
+    (CV / error)^2 (``scoring.spread_requests``). A workflow whose loop length depends on the
+    data (ReAct: more turns, and longer prompts in later turns) needs thousands; at 200 requests
+    its means were 6-11% off and so was the ALP's latency near capacity. Raises
+    ``InvalidInputError`` (naming ``warmup_error``) unless ``error`` > 0."""
     if not error > 0:
         raise InvalidInputError(f"warmup_error: must be positive, got {error!r}")
-    work: dict[str, float] = {}
-    for call in trace.calls:
-        if call.workflow == name and call.status == "ok":
-            work[call.request_id] = work.get(call.request_id, 0.0) + call.end - call.start
-    values = list(work.values())
-    if len(values) < 2:
-        return len(values)
-    cv = statistics.stdev(values) / statistics.fmean(values)
-    return math.ceil((cv / error) ** 2)
+    return spread_requests(trace, (name,), error)
 
 
 def warmup_trace(
