@@ -65,7 +65,7 @@ class RefineSettings:
     min_seconds: float = 60.0
     max_backlog_growth: float = 0.05
     run_error: float = 0.05
-    spread_calls: int = 250_000
+    spread_calls: int = 120_000
     seed: int = 4242
     capacity_calls: int = 250_000
     capacity_latencies: float = 60.0
