@@ -22,12 +22,23 @@ completion lengths from a trace, or fixed). A sweep:
    and the second window counts, twice when it fell behind too; windows that fell behind are
    not profile points); or when the next rate would not fit ``budget_s``.
    Completions count every call finishing inside the window (warm-up arrivals too), so that at
-   a sustainable rate they match the arrivals up to Poisson noise.
+   a sustainable rate they match the arrivals up to Poisson noise;
+5. the probe's burst can over-state the steady capacity several times on a busy host, so that
+   the first step or two are already past it. A sweep that stopped saturated with fewer than
+   ``min_points`` profile points fills in rates below the saturation rate: the fractions
+   k / (min_points + 1) of it, less those within half a step of a profile point's rate
+   (``fill_rates``), in rising order, each measured as a step is (recheck and saturation check
+   included), as long as the next one fits ``budget_s``. A filled-in rate that falls behind is
+   kept, marked saturated, and is no profile point; while points are still short, the next
+   round fills in below the lowest such rate (``FILL_ROUNDS`` rounds at most).
+   ``method["filled_rates"]`` lists the rates filled in, in the order measured.
 
-The profile's saturation rate is the highest throughput achieved (probe included); its points
-are the rates below it that had successful calls. The key's engine is ``vllm-<version>`` as the
-engine reports it (``GET /version``), so profiles of different engine versions never mix; how it
-was measured (``Measurement.method``) is stored with it (``Store.put_measured_profile``).
+The profile's saturation rate is the highest throughput achieved at a rate (filled-in rates
+included); its points are the rates below it that had successful calls and did not fall behind
+(``Measurement.points`` holds every rate measured, sorted by rate). The key's engine is
+``vllm-<version>`` as the engine reports it (``GET /version``), so profiles of different engine
+versions never mix; how it was measured (``Measurement.method``) is stored with it
+(``Store.put_measured_profile``).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -67,6 +78,7 @@ RATE_STEPS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 
 MODEL_DIRS_ENV = "SCEPSY_MODEL_DIRS"  # "name=path,name=path": where to load catalogue models from
 CPU_GPU = "cpu"
 MODES = ("poisson", "fanout")
+FILL_ROUNDS = 3  # rounds of filling in (module docstring, step 5)
 
 Progress = Callable[[str], None]
 
@@ -94,6 +106,7 @@ class SweepConfig:
     max_model_len: int = 256  # context of engines this backend starts on CPU
     sub_windows: int = 3  # parts of the window whose mean latencies give the median (RatePoint)
     recheck: bool = True  # measure a rate that looks saturated once more (the second counts)
+    min_points: int = 3  # profile points a saturated sweep fills in up to (0: no filling in)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -114,6 +127,8 @@ class SweepConfig:
             raise InvalidInputError(f"sub_windows: must be >= 1, got {self.sub_windows}")
         if self.probe_calls < 2:
             raise InvalidInputError(f"probe_calls: must be >= 2, got {self.probe_calls}")
+        if self.min_points < 0:
+            raise InvalidInputError(f"min_points: must be >= 0, got {self.min_points}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +167,8 @@ class Measurement:
     method: dict[str, Any]
 
     def profile_points(self) -> tuple[RatePoint, ...]:
-        """The points that go into the profile: below saturation, with a successful call, not
-        behind (a window that fell behind below the saturation rate was a stall)."""
-        return tuple(
-            p for p in self.points if p.ok > 0 and p.rate < self.saturation_rate and not p.saturated
-        )
+        """The points that go into the profile (``usable_points``)."""
+        return usable_points(self.points, self.saturation_rate)
 
     def profile(self) -> Profile:
         kept = self.profile_points()
@@ -191,6 +203,40 @@ class Measurement:
             "stop_reason": self.stop_reason,
             "method": self.method,
         }
+
+
+def usable_points(points: Sequence[RatePoint], saturation: float) -> tuple[RatePoint, ...]:
+    """The points a profile is made of: below ``saturation``, with a successful call, not behind
+    (a window that fell behind below the saturation rate was a stall)."""
+    return tuple(p for p in points if p.ok > 0 and p.rate < saturation and not p.saturated)
+
+
+def fill_rates(saturation: float, usable: Sequence[float], wanted: int) -> tuple[float, ...]:
+    """The rates a saturated sweep fills in (module docstring, step 5), rising: enough for
+    ``wanted`` profile points below ``saturation`` (in a later round, the lowest filled-in rate
+    that fell behind), the ``usable`` rates (those of the points it has) included.
+
+    The candidates are the fractions k / (wanted + 1) of ``saturation``, k = 1..wanted, less
+    those closer than half a step to a usable rate (a point there would add little). A usable
+    rate is closer than that to one candidate at most, so enough are always left; when more are
+    left than needed, the one farthest from the rates already taken (0, ``saturation`` and the
+    usable ones) is taken first, the lower on a tie."""
+    below = [r for r in usable if 0 < r < saturation]
+    need = wanted - len(below)
+    if need <= 0 or not saturation > 0:
+        return ()
+    step = saturation / (wanted + 1)
+    candidates = [
+        k * step for k in range(1, wanted + 1) if all(abs(k * step - r) >= step / 2 for r in below)
+    ]
+    taken = [0.0, saturation, *below]
+    chosen: list[float] = []
+    while candidates and len(chosen) < need:
+        best = max(candidates, key=lambda c: (min(abs(c - t) for t in taken), -c))
+        candidates.remove(best)
+        taken.append(best)
+        chosen.append(best)
+    return tuple(sorted(chosen))
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -381,13 +427,18 @@ class Sweep:
     async def _burst(self, session: aiohttp.ClientSession, n: int) -> list[CallOutcome]:
         return list(await asyncio.gather(*(self._call(session) for _ in range(n))))
 
+    def _window(self, rate: float) -> float:
+        """The measured window at ``rate``. Low rates (and fan-out groups) get a longer one, up
+        to 3x, so that it holds a few arrivals (groups): a window with one or none says nothing
+        about keeping up."""
+        cfg = self.config
+        group = cfg.fanout if cfg.mode == "fanout" else 1
+        return min(max(cfg.window_s, cfg.min_groups * group / rate), 3 * cfg.window_s)
+
     async def _rate(self, session: aiohttp.ClientSession, rate: float) -> RatePoint:
         cfg = self.config
         group = cfg.fanout if cfg.mode == "fanout" else 1
-        # Low rates (and fan-out groups) get a longer window, up to 3x, so that it holds a few
-        # arrivals (groups): a window with one or none says nothing about keeping up.
-        length = min(max(cfg.window_s, cfg.min_groups * group / rate), 3 * cfg.window_s)
-        span = cfg.warmup_s + length
+        span = cfg.warmup_s + self._window(rate)
         t0 = time.monotonic()
         offsets: list[float] = []
         t = float(self._rng.exponential(group / rate))
@@ -456,45 +507,35 @@ class Sweep:
                 f"{key.redis_field()}: idle latency {idle_latency:.3f} s, "
                 f"probe {capacity:.2f} calls/s"
             )
+            name = key.redis_field()
             points: list[RatePoint] = []
             stop = "rates"
             behind = 0  # consecutive saturated rates
+            steps = len(cfg.rate_steps)
             for i, step in enumerate(cfg.rate_steps):
                 elapsed = time.monotonic() - started
                 if elapsed + cfg.warmup_s + 2 * cfg.window_s + cfg.drain_s > cfg.budget_s:
                     stop = "budget"
                     break
                 rate = step * capacity
-                point = await self._rate(session, rate)
-                saturated = self._saturated(point, idle_latency)
-                windows = 1  # windows at this rate that fell behind (a recheck confirms)
-                if (
-                    saturated
-                    and cfg.recheck
-                    and elapsed + 2 * (cfg.warmup_s + 2 * cfg.window_s) + cfg.drain_s
-                    <= cfg.budget_s
-                ):
-                    # a shared host stalls now and then: a rate that looks saturated is
-                    # measured once more, and the second window counts
-                    self._progress(f"{key.redis_field()}: {rate:.2f}/s fell behind; again")
-                    point = await self._rate(session, rate)
-                    saturated = self._saturated(point, idle_latency)
-                    windows = 2
-                points.append(replace(point, saturated=saturated))
-                self._progress(
-                    f"{key.redis_field()}: rate {i + 1}/{len(cfg.rate_steps)} "
-                    f"{_bar(i + 1, len(cfg.rate_steps))} offered {rate:.2f}/s "
-                    f"done {point.throughput:.2f}/s mean {point.mean_latency:.3f} s "
-                    f"errors {point.errors} [{time.monotonic() - started:.0f}/"
-                    f"{cfg.budget_s:.0f} s]"
+                point, windows = await self._measure(
+                    session, name, rate, idle_latency, started, cfg.warmup_s + 2 * cfg.window_s
                 )
-                behind = behind + windows if saturated else 0
+                points.append(point)
+                self._report(name, f"rate {i + 1}/{steps} {_bar(i + 1, steps)}", point, started)
+                behind = behind + windows if point.saturated else 0
                 if behind >= cfg.confirm:
                     stop = "saturated"
                     break
-        # Saturated: the best throughput achieved is the capacity. Otherwise the capacity is at
-        # least the highest rate the engine kept up with (a burst's rate is not sustainable).
-        saturation = max((p.throughput for p in points), default=0.0)
+            # Saturated: the best throughput achieved is the capacity.
+            saturation = max((p.throughput for p in points), default=0.0)
+            filled: list[RatePoint] = []
+            if stop == "saturated":
+                filled = await self._fill(session, name, points, saturation, idle_latency, started)
+                points = sorted([*points, *filled], key=lambda p: p.rate)
+                saturation = max(p.throughput for p in points)
+        # Otherwise the capacity is at least the highest rate the engine kept up with (a burst's
+        # rate is not sustainable).
         if stop != "saturated":
             saturation = max([saturation, *(p.rate for p in points if p.ok)])
         if not saturation > 0:
@@ -518,11 +559,85 @@ class Sweep:
             "rates_tried": [p.rate for p in points],
             "errors": dict(sum((Counter(p.error_kinds) for p in points), Counter())),
             "stop_reason": stop,
+            "min_points": cfg.min_points,
+            "filled_rates": [p.rate for p in filled],
             "mix_samples": [list(pair) for pair in self.mix.samples],
             "seconds": round(time.monotonic() - started, 2),
             "measured_at": time.time(),
         }
         return Measurement(key, tuple(points), saturation, idle_latency, stop, method)
+
+    async def _measure(
+        self,
+        session: aiohttp.ClientSession,
+        name: str,
+        rate: float,
+        idle: float,
+        started: float,
+        cost: float,
+    ) -> tuple[RatePoint, int]:
+        """One rate, marked saturated or not, and how many windows at it fell behind (a
+        recheck confirms: 2). ``cost``: the seconds a window is reckoned at, for the budget."""
+        cfg = self.config
+        elapsed = time.monotonic() - started
+        point = await self._rate(session, rate)
+        is_saturated = self._saturated(point, idle)
+        windows = 1
+        if is_saturated and cfg.recheck and elapsed + 2 * cost + cfg.drain_s <= cfg.budget_s:
+            # a shared host stalls now and then: a rate that looks saturated is measured once
+            # more, and the second window counts
+            self._progress(f"{name}: {rate:.2f}/s fell behind; again")
+            point = await self._rate(session, rate)
+            is_saturated = self._saturated(point, idle)
+            windows = 2
+        return replace(point, saturated=is_saturated), windows
+
+    async def _fill(
+        self,
+        session: aiohttp.ClientSession,
+        name: str,
+        points: list[RatePoint],
+        saturation: float,
+        idle: float,
+        started: float,
+    ) -> list[RatePoint]:
+        """The rates filled in below ``saturation`` (module docstring, step 5), measured while
+        the next one fits the budget."""
+        cfg = self.config
+        filled: list[RatePoint] = []
+        ceiling = saturation  # filled-in rates go below it
+        for _ in range(FILL_ROUNDS):
+            usable = [p.rate for p in usable_points([*points, *filled], saturation)]
+            below = [r for r in usable if r < ceiling]
+            rates = fill_rates(ceiling, below, cfg.min_points - (len(usable) - len(below)))
+            if not rates:
+                break
+            self._progress(
+                f"{name}: {len(usable)} point(s) below {saturation:.2f}/s; "
+                f"filling in {', '.join(f'{r:.2f}' for r in rates)}/s"
+            )
+            for j, rate in enumerate(rates):
+                cost = cfg.warmup_s + self._window(rate)
+                if time.monotonic() - started + cost + cfg.drain_s > cfg.budget_s:
+                    self._progress(f"{name}: no time left to fill in {rate:.2f}/s")
+                    return filled
+                point, _ = await self._measure(session, name, rate, idle, started, cost)
+                filled.append(point)
+                label = f"fill {j + 1}/{len(rates)} {_bar(j + 1, len(rates))}"
+                self._report(name, label, point, started)
+            # a filled-in rate that fell behind: the engine's steady capacity is below it now
+            behind = [p.rate for p in filled if p.saturated and p.rate < ceiling]
+            if not behind:
+                break
+            ceiling = min(behind)
+        return filled
+
+    def _report(self, name: str, label: str, point: RatePoint, started: float) -> None:
+        self._progress(
+            f"{name}: {label} offered {point.rate:.2f}/s done {point.throughput:.2f}/s "
+            f"mean {point.mean_latency:.3f} s errors {point.errors} "
+            f"[{time.monotonic() - started:.0f}/{self.config.budget_s:.0f} s]"
+        )
 
     def _saturated(self, point: RatePoint, idle: float) -> bool:
         return saturated(point, idle, self.config)

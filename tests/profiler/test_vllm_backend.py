@@ -35,6 +35,7 @@ from services.profiler.vllm_backend import (
     SweepConfig,
     VllmBackend,
     engine_spec,
+    fill_rates,
     installed_version,
 )
 from services.runtime.config import ServiceConfig
@@ -81,6 +82,40 @@ def test_sweep_config_names_the_bad_field() -> None:
         SweepConfig(fanout=4)
     with pytest.raises(InvalidInputError, match="rate_steps"):
         SweepConfig(rate_steps=(0.5, 0.2))
+    with pytest.raises(InvalidInputError, match="min_points: must be >= 0, got -1"):
+        SweepConfig(min_points=-1)
+    assert SweepConfig(min_points=0).min_points == 0  # no filling in
+
+
+@pytest.mark.parametrize(
+    ("saturation", "usable", "wanted", "expected"),
+    [
+        # step 8 / 4 = 2: the candidates 2, 4, 6
+        (8.0, [], 3, (2.0, 4.0, 6.0)),
+        # 4.5 is within half a step (1) of 4: 4 goes, 2 and 6 are needed
+        (8.0, [4.5], 3, (2.0, 6.0)),
+        # one needed; 2 and 6 lie 1 from 1 and 7 (kept: not closer than half a step), 4 lies 3
+        # from them: the farthest
+        (8.0, [1.0, 7.0], 3, (4.0,)),
+        # step 10 / 4 = 2.5: 2.5 is 0.5 from 3 (< 1.25), 5 and 7.5 are kept, both needed
+        (10.0, [3.0], 3, (5.0, 7.5)),
+        # step 2, candidates 2 (0 from 2: gone), 4, 6, 8 (1 from 9: kept); two needed: 6 lies
+        # 3 from the taken 0, 2, 9, 10, then 4 lies 2 from 2 and 6, 8 only 1 from 9
+        (10.0, [2.0, 9.0], 4, (4.0, 6.0)),
+        # rates at or above the saturation rate are no profile points: ignored
+        (8.0, [8.0, 12.0], 3, (2.0, 4.0, 6.0)),
+        # enough points already, no filling in, or nothing to fill below
+        (8.0, [2.0, 4.0, 6.0], 3, ()),
+        (8.0, [], 0, ()),
+        (0.0, [], 3, ()),
+        # one point wanted: half the saturation rate
+        (8.0, [], 1, (4.0,)),
+    ],
+)
+def test_fill_rates_are_fractions_of_saturation_away_from_measured_ones(
+    saturation: float, usable: list[float], wanted: int, expected: tuple[float, ...]
+) -> None:
+    assert fill_rates(saturation, usable, wanted) == pytest.approx(expected)
 
 
 def test_engines_are_launched_by_the_agents_rules() -> None:
@@ -160,6 +195,38 @@ def test_the_curve_rises_with_rate_until_saturation(measured: Measurement) -> No
 
 @pytest.mark.engine
 @pytest.mark.slow
+def test_a_sweep_saturated_early_fills_in_rates_below(engine: LocalEngine) -> None:
+    # Steps far past the probe's estimate, as when the probe over-states the steady capacity
+    # on a busy host: an early step saturates (confirmed by its recheck) and the sweep stops
+    # with too few profile points; the fill-in measures rates below the saturation rate. (The
+    # probe's burst can also under-state the capacity: a tiny model on CPU batches far more
+    # calls than the burst's; 3 and 5 x the probe were once kept up with here.)
+    lines: list[str] = []
+    config = SweepConfig(
+        warmup_s=0.5,
+        window_s=2.0,
+        probe_calls=16,
+        rate_steps=(3.0, 6.0, 10.0),
+        drain_s=3.0,
+        budget_s=60.0,
+    )
+    backend = VllmBackend(endpoint=engine.base_url, config=config, progress=lines.append)
+    result = backend.measure(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 16), seed=1)
+    assert result.stop_reason == "saturated", lines
+    filled = result.method["filled_rates"]
+    assert filled and all(rate < result.saturation_rate for rate in filled)
+    kept = result.profile_points()
+    assert len(kept) >= config.min_points == result.method["min_points"], lines
+    assert all(p.rate < result.saturation_rate for p in kept)
+    assert any(p.rate in filled for p in kept)  # the filled-in rates make up the points
+    assert [p.rate for p in result.points] == sorted(p.rate for p in result.points)
+    assert result.method["rates_tried"] == [p.rate for p in result.points]
+    assert any(": fill 1/" in line for line in lines), lines
+    assert len(result.profile().points) == len(kept)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
 def test_a_failed_request_is_an_error_and_the_sweep_goes_on(engine: LocalEngine) -> None:
     # Half the calls ask for more than the engine's 256-token context: vLLM answers 400.
     mix = RequestMix.from_samples([(16, 8), (300, 8)], id="half-too-long")
@@ -170,7 +237,8 @@ def test_a_failed_request_is_an_error_and_the_sweep_goes_on(engine: LocalEngine)
         ),
     )
     result = backend.measure(TINY, CPU, 1, 1.0, mix, seed=3)
-    assert len(result.points) == 3  # every rate was measured despite the failures
+    # every rate was measured despite the failures (and any filled in below saturation)
+    assert len(result.points) == 3 + len(result.method["filled_rates"])
     assert sum(p.errors for p in result.points) > 0
     assert sum(p.ok for p in result.points) > 0
     assert set(result.error_kinds()) == {"http 400"}
