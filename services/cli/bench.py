@@ -209,7 +209,9 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
 
-    warm = replace(BenchSettings(), **warmup_changes(args.warmup or "auto"))
+    warm = BenchSettings()
+    if args.warmup:
+        warm = replace(warm, **warmup_changes(args.warmup))
     rows = []
     for name in _list(args.workflows, "--workflows"):
         ctx = Context.prepare(
