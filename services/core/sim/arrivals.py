@@ -1,6 +1,11 @@
 """Request arrival times: Poisson, or replayed from production traces and rescaled to a rate.
 
-``poisson(rate, n, seed)`` draws exponential gaps. ``replay(times, rate, n)`` keeps the burstiness
+``poisson(rate, n, seed)`` draws exponential gaps. ``poisson_at(rate, n, seed)`` is the same
+process conditioned on its n arrivals spanning exactly (n - 1) / ``rate`` seconds (the gaps scaled
+to that sum: uniform order statistics in between), so that a finite run offers exactly ``rate``:
+n exponential gaps sum to within 1/sqrt(n) of their mean (+-1.9% at 2,870 requests, one standard
+deviation), which near capacity decides whether a run keeps up.
+``replay(times, rate, n)`` keeps the burstiness
 of a recorded arrival process (gaps relative to each other) but stretches it to a mean rate of
 ``rate`` requests/s: the recorded times, shifted to start at 0, are scaled by
 (recorded rate / ``rate``); when more than the recorded requests are asked for, the recording is
@@ -35,6 +40,15 @@ def poisson(rate: float, n: int, seed: int) -> FloatArray:
     _check(rate, n)
     gaps = np.random.default_rng([seed, 0xA1]).exponential(1.0 / rate, size=n)
     times: FloatArray = np.cumsum(gaps) - gaps[0]
+    return times
+
+
+def poisson_at(rate: float, n: int, seed: int) -> FloatArray:
+    """``poisson(rate, n, seed)`` scaled to span exactly (n - 1) / ``rate`` s (module docstring);
+    for ``n`` = 1 the one arrival at 0."""
+    times = poisson(rate, n, seed)
+    if n > 1 and times[-1] > 0:
+        times = times * ((n - 1) / rate / float(times[-1]))
     return times
 
 

@@ -143,3 +143,34 @@ def test_refiner_settings_are_checked() -> None:
         Refiner(lambda a: Scored(1, 1, True), candidates=0)
     with pytest.raises(InvalidInputError, match="seconds"):
         Refiner(lambda a: Scored(1, 1, True), seconds=0)
+
+
+def test_a_choice_at_the_edge_of_its_capacity_gives_way_to_one_that_confirms() -> None:
+    # replicas 1 is fastest in the short run but does not keep up at the confirmation rate;
+    # replicas 2 is next and does; replicas 3 is never asked
+    trials = [Trial({"A": Allocation(1.0, 1, r)}, float(r), f"rank {r}", None) for r in (1, 2, 3)]
+    asked: list[int] = []
+
+    def confirm(a: Mapping[str, Allocation]) -> Scored:
+        asked.append(a["A"].replicas)
+        return Scored(1.0, 1.0, a["A"].replicas >= 2)
+
+    def score(a: Mapping[str, Allocation]) -> Scored:
+        return Scored(float(a["A"].replicas), 1.0, True)
+
+    refined = score_trials(trials, Refiner(score, confirm=confirm))
+    assert refined.chosen.allocation["A"].replicas == 2 and asked == [1, 2]
+    assert [t.confirmed for t in refined.trials] == [False, True, None]
+    # what a plan walks through: the confirmed one first, the refuted one after the unchecked
+    assert [t.allocation["A"].replicas for t in refined.order] == [2, 3, 1]
+    # two refuted within the limit: the next steady one, not checked, goes first
+    asked.clear()
+    refined = score_trials(
+        trials, Refiner(score, confirm=lambda a: Scored(9.0, 1.0, False), confirmations=2)
+    )
+    assert refined.chosen.allocation["A"].replicas == 3
+    assert [t.confirmed for t in refined.trials] == [False, False, None]
+    # no confirmation asked for: the fastest
+    assert score_trials(trials, Refiner(score)).chosen.allocation["A"].replicas == 1
+    with pytest.raises(InvalidInputError, match="confirmations"):
+        Refiner(score, confirmations=-1)

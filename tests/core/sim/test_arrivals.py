@@ -13,6 +13,7 @@ from services.core.sim.arrivals import (
     parse_azure,
     parse_mooncake,
     poisson,
+    poisson_at,
     replay,
 )
 
@@ -66,3 +67,20 @@ def test_the_shared_traces_replay(path: str) -> None:
     arrivals = replay(times, 5.0, 2000)
     assert len(arrivals) == 2000
     assert 1999 / arrivals[-1] == pytest.approx(5.0, rel=0.5)  # bursty, but about the rate
+
+
+def test_poisson_at_offers_exactly_the_rate_with_poisson_gaps() -> None:
+    rate, n = 41.5, 2_870
+    free_rates, exact_rates = [], []
+    for seed in range(20):
+        free, exact = poisson(rate, n, seed), poisson_at(rate, n, seed)
+        free_rates.append((n - 1) / free[-1])
+        exact_rates.append((n - 1) / exact[-1])
+        # the same draws, scaled: gaps in the same proportions, sorted, the first at 0
+        assert exact[0] == 0 and np.all(np.diff(exact) >= 0)
+        np.testing.assert_allclose(exact[1:] / exact[-1], free[1:] / free[-1], rtol=1e-12)
+        gaps = np.diff(exact) * rate  # unit-mean exponential-like: CV near 1
+        assert 0.9 < gaps.std() / gaps.mean() < 1.1
+    np.testing.assert_allclose(exact_rates, rate, rtol=1e-12)
+    assert np.std(np.asarray(free_rates) / rate) > 0.005  # a free draw misses by ~1/sqrt(n)
+    assert poisson_at(rate, 1, 0).tolist() == [0.0]
