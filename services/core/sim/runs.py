@@ -4,13 +4,18 @@ A ``Load`` is a rate, a number of requests and a seed: the Poisson arrivals it g
 for every system, so all of them serve the same requests, and offer exactly the rate
 (``arrivals.poisson_at``: a run of 2,870 requests drawn freely offers the rate within +-1.9%, one
 standard deviation, which near a peak decides the verdict). ``run_point`` simulates a plan on a
-load and measures it (``services.core.sim.measure``); a run too short for its latencies (not
-settled), one whose backlog grew by more than the steady-state bound but less than
-``AMBIGUOUS`` times it (within the noise of a short run: at 7 requests/s a 45 s run's backlog slope
-wanders by a few per cent), or one whose backlog shrank by more than the bound (not a steady
-state either: a burst early in the window still draining; composite at 0.29 req/s on 4 GPUs
-measured 72 s at -10% against 34 s at 0.24 req/s and 63 s at 0.33), is repeated with twice the
-requests (the same draws extended, scaled to the rate), up to ``BenchSettings.doublings`` times.
+load and measures it (``services.core.sim.measure``). It is repeated with twice the requests (the
+same draws extended, scaled to the rate), up to ``BenchSettings.doublings`` times, when its verdict
+is not clear:
+
+- a run too short for its latencies (not settled) whose backlog grew by less than ``UNSETTLED``
+  times the steady-state bound (a queue still filling: map-reduce on 4 GPUs at 4.0 req/s, an
+  allocation whose capacity is 5.0, grew 10% over 110 s of arrivals at 17 s latencies);
+- one whose backlog grew by more than the bound but less than ``AMBIGUOUS`` times it (within the
+  noise of a short run: at 7 requests/s a 45 s run's backlog slope wanders by a few per cent);
+- one whose backlog shrank by more than the bound (not a steady state either: a burst early in
+  the window still draining; composite at 0.29 req/s on 4 GPUs measured 72 s at -10% against
+  34 s at 0.24 req/s and 63 s at 0.33).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from services.core.sim.scoring import describe
 from services.core.sim.systems import Context, Setup
 
 AMBIGUOUS = 3.0  # backlog growth up to this x the steady-state bound: run longer to decide
+UNSETTLED = 10.0  # ... up to this x when the run was too short for its latencies
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +68,7 @@ def clear(point: Point, bound: float) -> bool:
     """Whether ``point``'s verdict needs no longer run (module docstring)."""
     if point.sustainable:
         return point.backlog_growth >= -bound
-    return point.backlog_growth > AMBIGUOUS * bound
+    return point.backlog_growth > (AMBIGUOUS if point.settled else UNSETTLED) * bound
 
 
 def load_at(ctx: Context, rate: float, seed: int, settings: BenchSettings) -> Load:
