@@ -202,6 +202,8 @@ class _Run:
         controller: Controller | None,
     ) -> None:
         self.workflow = workflow
+        # a workflow that assigns requests by their index (a stratified replay) says so
+        self.program_at = getattr(workflow, "program_at", None)
         self.deployment = deployment
         self.arrivals = arrivals
         self.opt = options
@@ -243,9 +245,8 @@ class _Run:
 
     def _arrive(self, index: int) -> None:
         rng = np.random.default_rng([self.opt.seed, index])
-        # a workflow that assigns requests by their index (a stratified replay) says so
-        program_at = getattr(self.workflow, "program_at", None)
-        gen = self.workflow.program(rng) if program_at is None else program_at(index, rng)
+        at = self.program_at
+        gen = self.workflow.program(rng) if at is None else at(index, rng)
         self._resume(_Task(gen, index, None, -1), None)
 
     def _wake(self, payload: tuple[_Replica, int]) -> None:

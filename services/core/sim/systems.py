@@ -355,6 +355,10 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
     base = ctx.profiles.spec
     nodes = cluster_nodes(ctx.gpu.name, gpus)
     target = rate
+    # scored at the offered rate, also when the closed form allows only a lower one (``rho``):
+    # the simulation, not the closed form, says what keeps up there (RAG on 16 GPUs at 43 req/s:
+    # planned for 41.9, the closed form's optimum there fell behind)
+    refiner = ctx.refiner(rate)
     for _ in range(8):
         workflows = tuple(replace(w, rate=target * w.rate) for w in base.workflows)
         inputs = PlanInputs(
@@ -363,10 +367,7 @@ def plan_scepsy(ctx: Context, gpus: int, rate: float) -> Setup:
             nodes,
             ctx.profiles,
             clock=lambda: 0.0,
-            # scored at the offered rate, also when the closed form allows only a lower one
-            # (``rho``): the simulation, not the closed form, says what keeps up there (RAG on
-            # 16 GPUs at 43 req/s: planned for 41.9, the closed form's optimum there fell behind)
-            refiner=ctx.refiner(rate),
+            refiner=refiner,
         )
         try:
             made = make_plan(inputs)
