@@ -42,6 +42,8 @@ from services.core.perf.model import FloatArray
 from services.core.sim.simulator import SimResult
 
 MAX_WARMUP_SHARE = 0.6
+AMBIGUOUS = 3.0  # backlog growth up to this x the steady-state bound: run longer to decide
+UNSETTLED = 10.0  # ... up to this x when the run was too short for its latencies
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,20 @@ def measure(result: SimResult, rate: float, config: MeasureConfig | None = None)
         run_throughput=n / (float(result.finish.max()) - float(arrival[0])),
         calls=result.calls,
     )
+
+
+def clear(point: Point, bound: float, unsettled: float | None = None) -> bool:
+    """Whether ``point``'s verdict (steady state: backlog growth at most ``bound``) needs no
+    longer run: not when the run was too short for its latencies and its backlog grew by less
+    than ``unsettled`` (default ``UNSETTLED`` x ``bound``: a queue still filling), nor when it
+    grew by more than ``bound`` but less than ``AMBIGUOUS`` x ``bound`` (within a short run's
+    noise), nor when it shrank by more than ``bound`` (a burst early in the window still
+    draining). ``services.core.sim.runs`` and ``scoring`` run such points again, longer."""
+    if point.sustainable:
+        return point.backlog_growth >= -bound
+    if not point.settled:
+        return point.backlog_growth > (UNSETTLED * bound if unsettled is None else unsettled)
+    return point.backlog_growth > AMBIGUOUS * bound
 
 
 def work_rate(result: SimResult, point: Point) -> float:

@@ -6,7 +6,7 @@ for every system, so all of them serve the same requests, and offer exactly the 
 standard deviation, which near a peak decides the verdict). ``run_point`` simulates a plan on a
 load and measures it (``services.core.sim.measure``). It is repeated with twice the requests (the
 same draws extended, scaled to the rate), up to ``BenchSettings.doublings`` times, when its verdict
-is not clear:
+is not clear (``measure.clear``):
 
 - a run too short for its latencies (not settled) whose backlog grew by less than ``UNSETTLED``
   times the steady-state bound (a queue still filling: map-reduce on 4 GPUs at 4.0 req/s, an
@@ -23,13 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from services.core.sim.arrivals import poisson_at
-from services.core.sim.measure import Point, measure
+from services.core.sim.measure import Point, clear, measure
 from services.core.sim.results import BenchSettings
 from services.core.sim.scoring import describe
 from services.core.sim.systems import Context, Setup
-
-AMBIGUOUS = 3.0  # backlog growth up to this x the steady-state bound: run longer to decide
-UNSETTLED = 10.0  # ... up to this x when the run was too short for its latencies
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +59,6 @@ def requests_for(ctx: Context, rate: float, settings: BenchSettings) -> int:
         spread = ctx.spread_requests(settings.run_error)
         requests = max(requests, min(spread, int(settings.spread_calls / per_request)))
     return requests
-
-
-def clear(point: Point, bound: float) -> bool:
-    """Whether ``point``'s verdict needs no longer run (module docstring)."""
-    if point.sustainable:
-        return point.backlog_growth >= -bound
-    return point.backlog_growth > (AMBIGUOUS if point.settled else UNSETTLED) * bound
 
 
 def load_at(ctx: Context, rate: float, seed: int, settings: BenchSettings) -> Load:

@@ -10,10 +10,10 @@ import pytest
 from services.core.errors import InvalidInputError
 from services.core.sim import baselines
 from services.core.sim.evaluation import refine, run_bench
-from services.core.sim.measure import MeasureConfig
+from services.core.sim.measure import AMBIGUOUS, UNSETTLED, MeasureConfig, clear
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
-from services.core.sim.runs import AMBIGUOUS, UNSETTLED, Counter, clear, load_at, run_point
+from services.core.sim.runs import Counter, load_at, run_point
 from services.core.sim.systems import (
     SYSTEMS,
     Context,

@@ -10,8 +10,9 @@ import pytest
 
 from services.core.allocation import Allocation
 from services.core.errors import InvalidInputError
-from services.core.sim.program import run_instantly
+from services.core.sim.program import Workflow, run_instantly
 from services.core.sim.replay import TraceReplay, waves_of
+from services.core.sim.scoring import ReplayScorer
 from services.core.sim.systems import SYSTEMS, Context, RefineSettings
 from services.core.sim.workflows import BeamSearch, coserve
 from services.core.workload.trace import Trace, TraceCall, TraceRequest
@@ -117,3 +118,42 @@ def test_co_serving_plans_both_workflows_on_the_shared_llm() -> None:
     assert ctx.throughput_of(plan.prediction) >= rate
     result = ctx.serve(plan, np.arange(20, dtype=np.float64) / rate)
     assert np.all(np.isfinite(result.latency))
+
+
+def _counting(scorer: ReplayScorer) -> list[int]:
+    """The request counts of ``scorer``'s runs, as it asks for them."""
+    runs: list[int] = []
+    draw = scorer.run_workflow
+
+    def counted(requests: int) -> Workflow:
+        runs.append(requests)
+        return draw(requests)
+
+    scorer.run_workflow = counted  # type: ignore[method-assign]
+    return runs
+
+
+def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Context) -> None:
+    base = ctx.scorer
+    allocation = {"policy": Allocation(1.0, 1, 1), "prm": Allocation(1.0, 1, 1)}
+    capacity = base.capacity(allocation, 2 * ctx.capacity(4))
+
+    def scorer(doublings: int) -> tuple[ReplayScorer, list[int]]:
+        made = ReplayScorer(
+            base.workflow, base.gpu, base.models, base.isolated_latency, base.options,
+            replace(base.settings, doublings=doublings), base.spread_requests,
+        )  # fmt: skip
+        return made, _counting(made)
+
+    # near capacity the short run's queue is still filling: it looks steady and fast
+    short, short_runs = scorer(0)
+    first = short.score(allocation, 0.85 * capacity)
+    assert len(short_runs) == 1 and first.steady
+    longer, runs = scorer(2)
+    found = longer.score(allocation, 0.85 * capacity)
+    assert runs[0] == short_runs[0] and runs[1:] == [2 * runs[0], 4 * runs[0]][: len(runs) - 1]
+    assert len(runs) > 1 and found.latency > 1.3 * first.latency
+    # clearly overloaded: one run is enough to say so
+    over, over_runs = scorer(2)
+    assert not over.score(allocation, 3 * capacity).steady
+    assert len(over_runs) == 1
