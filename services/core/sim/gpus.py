@@ -12,33 +12,29 @@ For a workflow on ``gpus`` GPUs at ``load`` x the ALP's highest throughput there
 
 The fewest-GPUs plan (``fewest``) is the search's latency objective (``Problem.latency_slo``:
 the fewest GPUs whose closed-form latency meets it) checked on the replayed trace
-(``replay_check``: the mean of ``CHECK_SEEDS`` replay runs) when the context refines: while the
-replay misses the objective by more than ``MET``, the closed-form objective is tightened by the
-replay's excess and the search runs again (at most ``VERIFY_ROUNDS`` times), so the closed
-form's optimism on fan-outs and barriers does not buy GPUs it cannot keep.
+(``Context.score_replay``) when the context refines: while the replay misses the objective by
+more than ``MET``, the closed-form objective is tightened by the replay's excess and the search
+runs again (at most ``VERIFY_ROUNDS`` times), so the closed form's optimism on fan-outs and
+barriers does not buy GPUs it cannot keep.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from services.core.allocation import Allocation
 from services.core.errors import InfeasibleError
 from services.core.planning.feedback import search_placed
 from services.core.planning.plan import placer_for
-from services.core.planning.refine import Scored
 from services.core.planning.search import AllocationInfeasible
 from services.core.sim.results import BenchSettings
 from services.core.sim.runs import Counter, load_at, run_point
-from services.core.sim.scoring import ReplayScorer
 from services.core.sim.systems import SYSTEMS, Context, Setup, cluster_nodes
 
 SEED = 77
 MET = 1.03  # simulated latency within 3% of the objective counts as meeting it
 VERIFY_ROUNDS = 4
-CHECK_SEEDS = 3  # replay runs (seeds) a fewest-GPUs plan is checked on
 BASELINES = ("static", "independent", "autoscaler", "shares", "shares-frac", "scepsy-whole")
 
 
@@ -62,15 +58,8 @@ class GpuRow:
         return self.their_gpus - self.scepsy_gpus
 
 
-def fewest(
-    ctx: Context,
-    gpus: int,
-    rate: float,
-    slo: float,
-    scorers: Sequence[ReplayScorer] | None = None,
-) -> dict[str, Allocation]:
-    """The fewest-GPUs allocation that places and meets ``slo`` (module docstring), checked by
-    ``scorers`` (default ``seeded_scorers``).
+def fewest(ctx: Context, gpus: int, rate: float, slo: float) -> dict[str, Allocation]:
+    """The fewest-GPUs allocation that places and meets ``slo`` (module docstring).
 
     Raises ``AllocationInfeasible`` when no allocation of ``gpus`` meets it.
     """
@@ -83,39 +72,12 @@ def fewest(
         allocation = placed.result.allocation
         if ctx.refine is None:
             return allocation
-        if scorers is None:
-            scorers = seeded_scorers(ctx)
-        scored = replay_check(scorers, allocation, rate)
+        scored = ctx.score_replay(allocation, rate)
         if scored.steady and scored.latency <= slo * MET:
             return allocation
         excess = scored.latency / slo if scored.steady else 1.25
         target = target / max(excess, 1.02)
     return allocation
-
-
-def seeded_scorers(ctx: Context) -> tuple[ReplayScorer, ...]:
-    """The context's replay scorer and ``CHECK_SEEDS`` - 1 copies with the next seeds."""
-    base = ctx.scorer
-    copies = (
-        replace(base, settings=replace(base.settings, seed=base.settings.seed + k), scores={})
-        for k in range(1, CHECK_SEEDS)
-    )
-    return (base, *copies)
-
-
-def replay_check(
-    scorers: Sequence[ReplayScorer], allocation: Mapping[str, Allocation], rate: float
-) -> Scored:
-    """``allocation`` on the replayed trace at ``rate``, once per scorer (seed): the mean
-    latency and throughput, steady when every run kept up. One seed is too noisy for a 3%
-    tolerance: co-serving's fewest plan at half load on 8 GPUs scored 6.82, 7.19, 7.18 and
-    7.38 s on four seeds."""
-    scores = [scorer.score(allocation, rate) for scorer in scorers]
-    return Scored(
-        statistics.fmean(s.latency for s in scores),
-        statistics.fmean(s.throughput for s in scores),
-        all(s.steady for s in scores),
-    )
 
 
 def fewest_gpus(
@@ -133,7 +95,6 @@ def fewest_gpus(
     arrivals = load_at(ctx, rate, SEED, cfg)
     counter = Counter()
     name = ctx.workflow.name
-    scorers = seeded_scorers(ctx) if ctx.refine is not None else None
 
     def simulate(setup: Setup) -> tuple[float, float, str]:
         point = run_point(ctx, setup, arrivals, gpus, cfg, counter)
@@ -141,7 +102,7 @@ def fewest_gpus(
 
     def row(against: str, their: tuple[float, float], slo: float) -> GpuRow:
         try:
-            mine = fewest(ctx, gpus, rate, slo, scorers)
+            mine = fewest(ctx, gpus, rate, slo)
         except AllocationInfeasible:  # below the closed form's minimum: the min-latency plan
             mine = SYSTEMS["scepsy"](ctx, gpus, rate).allocation
         my_gpus, my_latency, described = simulate(Setup("scepsy-fewest", mine))

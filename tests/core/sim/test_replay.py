@@ -10,7 +10,6 @@ import pytest
 
 from services.core.allocation import Allocation
 from services.core.errors import InvalidInputError
-from services.core.sim.gpus import CHECK_SEEDS, replay_check, seeded_scorers
 from services.core.sim.program import Workflow, run_instantly
 from services.core.sim.replay import TraceReplay, waves_of
 from services.core.sim.scoring import ReplayScorer
@@ -158,19 +157,3 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     over, over_runs = scorer(2)
     assert not over.score(allocation, 3 * capacity).steady
     assert len(over_runs) == 1
-
-
-def test_a_fewest_gpus_plan_is_checked_on_several_replay_seeds(ctx: Context) -> None:
-    scorers = seeded_scorers(ctx)
-    assert len(scorers) == CHECK_SEEDS and scorers[0] is ctx.scorer
-    assert len({s.settings.seed for s in scorers}) == CHECK_SEEDS
-    allocation = {"policy": Allocation(1.0, 1, 1), "prm": Allocation(1.0, 1, 1)}
-    rate = 0.5 * ctx.capacity(4)
-    each = [s.score(allocation, rate) for s in scorers]
-    assert len({s.latency for s in each}) == CHECK_SEEDS  # different requests and arrivals
-    checked = replay_check(scorers, allocation, rate)
-    assert checked.latency == pytest.approx(sum(s.latency for s in each) / CHECK_SEEDS)
-    assert checked.steady == all(s.steady for s in each)
-    # overloaded on one seed is overloaded
-    late = replay_check(scorers, allocation, 3 * ctx.capacity(4))
-    assert not late.steady
