@@ -68,13 +68,12 @@ class RefineSettings:
     (not settled: an arrival span under ``REFINE_MEASURE.min_span_latencies`` median
     latencies) unless its backlog grew by more than ``unsettled_growth`` (capacity under half
     the rate: no longer run would keep up), one whose backlog grew by a little more than the
-    bound, one still draining. Near
-    capacity the queue is still filling in a short run and its latency is under-stated: beam
-    search on 8 GPUs at 1.85 req/s (0.85 of the ALP's capacity), capped at ~280 requests by
-    ``calls``, every candidate's run was unsettled (~35 s latencies over a 150 s span), and the
-    lowest of those latencies, 35.3 s, won; the program measured 63.5 s. Run 4x longer the
-    replay put that allocation at 53.8 s and another at 46.8 s (the program: 59.1 s and
-    53.3 s)."""
+    bound, one still draining. Near capacity the queue is still filling in a short run and its
+    latency is under-stated: beam search on 8 GPUs at 1.85 req/s (0.85 of the ALP's capacity),
+    capped at ~280 requests by ``calls``, every candidate's run was unsettled (~35 s latencies
+    over a 150 s span), and the lowest of those latencies, 35.3 s, won; the program measured
+    63.5 s. Run 4x longer the replay put that allocation at 53.8 s and another at 46.8 s (the
+    program: 59.1 s and 53.3 s)."""
 
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
@@ -92,6 +91,13 @@ class RefineSettings:
     seed: int = 4242
     capacity_calls: int = 250_000
     capacity_latencies: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.doublings < 0 or not self.unsettled_growth > 0:
+            raise InvalidInputError(
+                f"refine settings: need doublings >= 0 and unsettled_growth > 0, got "
+                f"{self.doublings}, {self.unsettled_growth}"
+            )
 
 
 def describe(allocation: Mapping[str, Allocation]) -> str:

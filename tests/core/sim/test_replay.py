@@ -157,3 +157,5 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     over, over_runs = scorer(2)
     assert not over.score(allocation, 3 * capacity).steady
     assert len(over_runs) == 1
+    with pytest.raises(InvalidInputError, match="doublings"):
+        RefineSettings(doublings=-1)
