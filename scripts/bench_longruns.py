@@ -17,7 +17,6 @@ seed, then ``--seeds`` other seeds; allocations only). Prints one line per run.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,34 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.core.allocation import Allocation  # noqa: E402
 from services.core.errors import InvalidInputError  # noqa: E402
 from services.core.sim.arrivals import poisson_at  # noqa: E402
 from services.core.sim.measure import measure  # noqa: E402
 from services.core.sim.results import BenchSettings  # noqa: E402
 from services.core.sim.runs import load_at  # noqa: E402
-from services.core.sim.scoring import ReplayScorer, describe  # noqa: E402
+from services.core.sim.scoring import describe, parse_described  # noqa: E402
 from services.core.sim.systems import SYSTEMS, Context, Setup  # noqa: E402
 from services.core.sim.workflows import WORKFLOWS, workflow  # noqa: E402
-
-PART = re.compile(r"\s*([\w.-]+) (\d+)x (tp\d+|[\d.]+)\s*$")
-
-
-def parse_allocation(text: str) -> dict[str, Allocation]:
-    """``"generator 2x tp1, reranker 4x 0.5"`` -> allocations (``scoring.describe``'s form)."""
-    out: dict[str, Allocation] = {}
-    for part in text.split(","):
-        found = PART.match(part)
-        if found is None:
-            raise InvalidInputError(
-                f"--alloc: {part.strip()!r} is not 'MODEL Nx tpK' or 'MODEL Nx FRACTION'"
-            )
-        model, replicas, config = found.groups()
-        if config.startswith("tp"):
-            out[model] = Allocation(1.0, int(config[2:]), int(replicas))
-        else:
-            out[model] = Allocation(float(config), 1, int(replicas))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InvalidInputError(f"--seeds and --scale: >= 1, got {args.seeds}, {args.scale}")
         if not args.alloc and not args.system:
             raise InvalidInputError("give at least one --alloc or --system")
-        allocations = [(text, parse_allocation(text)) for text in args.alloc]
+        allocations = [(text, parse_described(text, "--alloc")) for text in args.alloc]
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,22 +75,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for text, allocation in allocations:
         for scorer in scorers:
-            s: ReplayScorer = scorer
-            scored = s.score(allocation, rate)
+            scored = scorer.score(allocation, rate)
             print(
-                f"{text:48} replay  seed {s.settings.seed:>4}: {scored.latency:7.2f} s "
+                f"{text:48} replay  seed {scorer.settings.seed:>4}: {scored.latency:7.2f} s "
                 f"steady {scored.steady}"
             )
-        long_runs(ctx, Setup("allocation", allocation), text, rate, args)
+        long_runs(ctx, Setup("allocation", allocation), text, rate, settings, args)
     for name in args.system:
         plan = SYSTEMS[name](ctx, args.gpus, rate)
-        long_runs(ctx, plan, f"{name} ({describe(plan.allocation)})", rate, args)
+        long_runs(ctx, plan, f"{name} ({describe(plan.allocation)})", rate, settings, args)
     return 0
 
 
-def long_runs(ctx: Context, plan: Setup, label: str, rate: float, args: argparse.Namespace) -> None:
-    """``plan`` served by the program, ``args.scale`` x the bench's requests per seed."""
-    settings = BenchSettings()
+def long_runs(
+    ctx: Context,
+    plan: Setup,
+    label: str,
+    rate: float,
+    settings: BenchSettings,
+    args: argparse.Namespace,
+) -> None:
+    """``plan`` served by the program, ``args.scale`` x ``settings``' requests per seed."""
     for seed in range(1, args.seeds + 1):
         load = load_at(ctx, rate, seed, settings)
         requests = load.requests * args.scale

@@ -23,6 +23,7 @@ Several workflows are replayed as one ``Mix`` at their shares of the requests.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,27 @@ def describe(allocation: Mapping[str, Allocation]) -> str:
         config = f"tp{a.tp}" if a.fraction == 1 else f"{a.fraction:g}"
         parts.append(f"{m} {a.replicas}x {config}")
     return ", ".join(parts)
+
+
+_DESCRIBED = re.compile(r"\s*([\w.-]+) (\d+)x (tp\d+|[\d.]+)\s*$")
+
+
+def parse_described(text: str, field: str = "allocation") -> dict[str, Allocation]:
+    """``describe``'s text back to allocations (``"generator 2x tp1, reranker 4x 0.5"``);
+    raises ``InvalidInputError`` naming ``field`` for a part not in that form."""
+    out: dict[str, Allocation] = {}
+    for part in text.split(","):
+        found = _DESCRIBED.match(part)
+        if found is None:
+            raise InvalidInputError(
+                f"{field}: {part.strip()!r} is not 'MODEL Nx tpK' or 'MODEL Nx FRACTION'"
+            )
+        model, replicas, config = found.groups()
+        if config.startswith("tp"):
+            out[model] = Allocation(1.0, int(config[2:]), int(replicas))
+        else:
+            out[model] = Allocation(float(config), 1, int(replicas))
+    return out
 
 
 @dataclass

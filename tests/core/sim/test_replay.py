@@ -12,7 +12,7 @@ from services.core.allocation import Allocation
 from services.core.errors import InvalidInputError
 from services.core.sim.program import Workflow, run_instantly
 from services.core.sim.replay import TraceReplay, waves_of
-from services.core.sim.scoring import ReplayScorer
+from services.core.sim.scoring import ReplayScorer, describe, parse_described
 from services.core.sim.systems import SYSTEMS, Context, RefineSettings
 from services.core.sim.workflows import BeamSearch, coserve
 from services.core.workload.trace import Trace, TraceCall, TraceRequest
@@ -159,3 +159,10 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     assert len(over_runs) == 1
     with pytest.raises(InvalidInputError, match="doublings"):
         RefineSettings(doublings=-1)
+
+
+def test_a_described_allocation_reads_back() -> None:
+    allocation = {"generator": Allocation(1.0, 2, 3), "reranker": Allocation(0.25, 1, 4)}
+    assert parse_described(describe(allocation)) == allocation
+    with pytest.raises(InvalidInputError, match="--alloc: 'generator 2x'"):
+        parse_described("generator 2x", "--alloc")
