@@ -31,8 +31,15 @@ class PlannerConfig(ServiceConfig):
     refine_seconds: float = option(
         5.0,
         "refine the closed form's best plans by simulating them on a replay of the recorded "
-        "trace for about this long (0: off; only specs whose workflows all use `trace: router`)",
+        "trace, for at most this long (0: off; only specs whose workflows all use "
+        "`trace: router`)",
         in_range(0, 3600),
+    )
+    refine_budget_calls: int = option(
+        200_000,
+        "refinement: LLM calls simulated per plan before no further candidate is scored "
+        "(the same plan on any host as long as --refine-seconds does not cut it first)",
+        in_range(1_000, 10**9),
     )
     refine_calls: int = option(
         20_000, "refinement: LLM calls per simulated candidate (at most)", in_range(1_000, 10**7)

@@ -308,7 +308,11 @@ class Planner:
         if any(w.source != RECORDED_TRACE for w in targets):
             log.info("refine_skipped", reason="a workflow's statistics are not the router's trace")
             return None
-        settings = RefineSettings(seconds=seconds, calls=self._config.refine_calls)
+        settings = RefineSettings(
+            seconds=seconds,
+            budget_calls=self._config.refine_budget_calls,
+            calls=self._config.refine_calls,
+        )
         try:
             scorer = ReplayScorer.of_trace(
                 trace,

@@ -10,16 +10,19 @@ truthful for those, and fast enough for a handful of candidates. ``refine``:
    the target rates scaled by each ``headroom`` factor (plans with more capacity, for when the
    closed form over-states throughput);
 2. scores each with ``score`` (a short simulation at the target rates with a fixed seed, so all
-   candidates serve the same requests), within ``seconds`` of wall time (at least the first
-   ``minimum`` candidates are scored);
+   candidates serve the same requests), within a ``budget`` of ``work`` (the LLM calls the
+   scorer has simulated: the same candidates are scored on any host, so the same plan comes
+   out) and ``seconds`` of wall time (a cap for a host far slower than the budget assumes); at
+   least the first ``minimum`` candidates are scored;
 3. keeps the lowest simulated latency among the candidates that kept up (steady backlog); the
    closed-form optimum stays unless another candidate is faster by more than ``margin`` (a short
    simulation is noisy, the closed form is not). When none kept up, the lowest simulated
    latency;
-4. with ``confirm`` (the score at a rate a little above the target), the candidate ranked first
-   must keep up there too, else the next is tried (``confirmations`` at most): an allocation at
-   the edge of its capacity keeps up in a short run but its queue is still growing, and its
-   latency is under-stated. RAG on 16 GPUs at 41.5 req/s: 8+8 replicas scored 6.4 s against
+4. with ``confirm`` (the score at a rate a little above the target, on requests and arrivals
+   drawn independently of the scoring run's), the candidate ranked first must keep up there too,
+   else the next is tried (``confirmations`` at most): an allocation at the edge of its
+   capacity keeps up in a short run but its queue is still growing, and its latency is
+   under-stated. RAG on 16 GPUs at 41.5 req/s: 8+8 replicas scored 6.4 s against
    6.7 s for 7+9 in the replay's short run, where long runs of the program measure 8.7 s
    (backlog +1.6%) against 6.9 s.
 
@@ -63,6 +66,8 @@ class Refiner:
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
     seconds: float = 30.0
+    budget: float = math.inf  # in units of ``work``
+    work: Callable[[], float] | None = None  # work done so far (None: no budget but time)
     minimum: int = 2
     margin: float = 0.01
     clock: Callable[[], float] = field(default=time.perf_counter)
@@ -79,9 +84,10 @@ class Refiner:
             raise InvalidInputError(
                 f"refiner: confirmations must be >= 0, got {self.confirmations}"
             )
-        if not self.seconds > 0 or not 0 <= self.margin < 1:
+        if not self.seconds > 0 or not self.budget > 0 or not 0 <= self.margin < 1:
             raise InvalidInputError(
-                f"refiner: need seconds > 0 and 0 <= margin < 1, got {self.seconds}, {self.margin}"
+                f"refiner: need seconds > 0, budget > 0 and 0 <= margin < 1, got seconds "
+                f"{self.seconds}, budget {self.budget}, margin {self.margin}"
             )
 
 
@@ -100,6 +106,7 @@ class Refined:
     trials: tuple[Trial, ...]
     seconds: float
     margin: float = 0.01
+    work: float = 0.0  # the scoring's work (``Refiner.work``'s units; 0 without it)
 
     @property
     def order(self) -> list[Trial]:
@@ -175,11 +182,17 @@ def _objective(
 
 
 def score_trials(trials: Sequence[Trial], refiner: Refiner) -> Refined:
-    """Score the trials in order within the time budget and pick one (steps 2-3)."""
+    """Score the trials in order within the budgets and pick one (steps 2-4)."""
     started = refiner.clock()
+    work = refiner.work or (lambda: 0.0)
+    begun = work()
+
+    def spent() -> bool:
+        return refiner.clock() - started > refiner.seconds or work() - begun > refiner.budget
+
     done: list[Trial] = []
     for i, t in enumerate(trials):
-        if i >= refiner.minimum and refiner.clock() - started > refiner.seconds:
+        if i >= refiner.minimum and spent():
             done.append(t)
             continue
         done.append(replace(t, scored=refiner.score(t.allocation)))
@@ -194,7 +207,7 @@ def score_trials(trials: Sequence[Trial], refiner: Refiner) -> Refined:
             best = min((t for t in done if t.scored is not None), key=key)
             if checked.confirmed:
                 break
-    return Refined(best, tuple(done), refiner.clock() - started, refiner.margin)
+    return Refined(best, tuple(done), refiner.clock() - started, refiner.margin, work() - begun)
 
 
 def _rank(trials: Sequence[Trial], margin: float) -> Callable[[Trial], tuple[int, float]]:
@@ -227,8 +240,8 @@ def refine(
     bursts: BurstLookup | None = None,
     extra: Sequence[tuple[str, dict[str, Allocation]]] = (),
 ) -> Refined:
-    """Steps 1-3 of the module docstring; the ``extra`` allocations (``candidates``) are
-    always scored, whatever the time budget."""
+    """Steps 1-4 of the module docstring; the ``extra`` allocations (``candidates``) are
+    always scored, whatever the budgets."""
     trials = candidates(
         problem, profiles, refiner, fits=fits, constraints=constraints, bursts=bursts, extra=extra
     )

@@ -15,7 +15,9 @@ same way.
 - ``capacity(allocation, rate)``: the work rate (``measure.work_rate``) when offered ``rate``
   above what the allocation serves (the refined throughput prediction);
 - ``refiner(rate)``: the ``planning.refine.Refiner`` of plans for ``rate``, its choice
-  confirmed at ``confirm`` x ``rate``.
+  confirmed at ``confirm`` x ``rate`` on an independent draw of requests and arrivals, its
+  budget the LLM calls simulated (``simulated``), so a plan does not depend on the host's
+  speed.
 
 Several workflows are replayed as one ``Mix`` at their shares of the requests.
 """
@@ -46,7 +48,7 @@ REFINE_MEASURE = MeasureConfig(min_span_latencies=6.0)
 
 @dataclass(frozen=True, slots=True)
 class RefineSettings:
-    """How many closed-form candidates, the headroom plans, the wall-time budget per plan, and
+    """How many closed-form candidates, the headroom plans, the budget per plan, and
     the size of each replay run (at least ``latency_multiple`` isolated latencies or
     ``min_seconds`` of arrivals, at least ``min_requests``, at most about ``calls`` LLM calls:
     shorter runs under-state latency near capacity, the queues have not built up; and at least
@@ -74,11 +76,28 @@ class RefineSettings:
     capped at ~280 requests by ``calls``, every candidate's run was unsettled (~35 s latencies
     over a 150 s span), and the lowest of those latencies, 35.3 s, won; the program measured
     63.5 s. Run 4x longer the replay put that allocation at 53.8 s and another at 46.8 s (the
-    program: 59.1 s and 53.3 s)."""
+    program: 59.1 s and 53.3 s).
+
+    The budget is ``budget_calls`` LLM calls simulated per plan (no further candidate is
+    scored past it; about 20-60 s on one core of the 2-core development host: 16-48 k calls/s,
+    ReAct the slowest), so the same plan comes out on any host; ``seconds`` of wall time caps
+    it on a host far slower than that. With a wall-time budget alone (20 s) the simulated
+    Scepsy's plan depended on the host's load: ReAct on 4 GPUs at 4.35 req/s scored every
+    candidate on a quiet host and picked ``planner 7x 0.5, reviewer 1x 0.5``, beside the
+    benchmark fewer and picked ``planner 3x tp1, reviewer 1x tp1``.
+
+    The chosen candidate is confirmed at ``confirm`` x the rate on an independent draw of
+    requests, arrivals and simulation seeds (``score(..., draw=1)``), not the scoring run's
+    draws scaled: on the same draws both runs pass or fail together, the confirmation then
+    adds little. Beam search on 4 GPUs at 0.881 req/s: with the same draws ``policy 3x 0.25,
+    prm 6x 0.5`` was confirmed (the program, 4x the bench's requests, 5 seeds: 55.2-59.5 s),
+    with an independent one it was refuted and ``policy 2x 0.5, prm 6x 0.5`` chosen (37.4-39.9
+    s, all sustainable)."""
 
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
-    seconds: float = 20.0
+    budget_calls: int = 1_000_000
+    seconds: float = 120.0
     calls: int = 60_000
     min_requests: int = 100
     latency_multiple: float = 60.0
@@ -98,6 +117,11 @@ class RefineSettings:
             raise InvalidInputError(
                 f"refine settings: need doublings >= 0 and unsettled_growth > 0, got "
                 f"{self.doublings}, {self.unsettled_growth}"
+            )
+        if self.budget_calls < 1 or not self.seconds > 0:
+            raise InvalidInputError(
+                f"refine settings: need budget_calls >= 1 and seconds > 0, got "
+                f"{self.budget_calls}, {self.seconds}"
             )
 
 
@@ -145,7 +169,8 @@ class ReplayScorer:
     options: SimOptions = field(default_factory=SimOptions)
     settings: RefineSettings = field(default_factory=RefineSettings)
     spread_requests: int = 0
-    scores: dict[tuple[str, float], Scored] = field(default_factory=dict)
+    scores: dict[tuple[str, float, int], Scored] = field(default_factory=dict)
+    simulated: int = 0  # LLM calls simulated by ``score`` and ``capacity`` so far
 
     @classmethod
     def of_trace(
@@ -193,10 +218,12 @@ class ReplayScorer:
                 total += share * sum(part.mean_calls().values())
         return max(total, 1.0)
 
-    def score(self, allocation: Mapping[str, Allocation], rate: float) -> Scored:
-        """The replay served by ``allocation`` at ``rate`` requests/s (module docstring)."""
+    def score(self, allocation: Mapping[str, Allocation], rate: float, draw: int = 0) -> Scored:
+        """The replay served by ``allocation`` at ``rate`` requests/s (module docstring);
+        ``draw`` numbers independent draws of the requests, arrivals and simulation seeds (0:
+        the one every candidate is scored on)."""
         cfg = self.settings
-        key = (describe(allocation), round(rate, 9))
+        key = (describe(allocation), round(rate, 9), draw)
         found = self.scores.get(key)
         if found is not None:
             return found
@@ -205,14 +232,16 @@ class ReplayScorer:
         most = max(cfg.min_requests, int(cfg.calls / per_request))
         spread = min(self.spread_requests, int(cfg.spread_calls / per_request))
         requests = max(cfg.min_requests, min(round(rate * span), most), spread)
-        opts = replace(self.options, seed=self.options.seed + cfg.seed)
+        seed = cfg.seed + draw
+        opts = replace(self.options, seed=self.options.seed + seed)
         for attempt in range(cfg.doublings + 1):
             result = simulate(
-                self.run_workflow(requests),
+                self.run_workflow(requests, seed),
                 self.deployment(allocation),
-                poisson_at(rate, requests, cfg.seed),
+                poisson_at(rate, requests, seed),
                 opts,
             )
+            self.simulated += result.calls
             point = measure(result, rate, REFINE_MEASURE)
             if clear(point, cfg.max_backlog_growth, cfg.unsettled_growth):
                 break
@@ -241,19 +270,21 @@ class ReplayScorer:
         most = max(400, int(cfg.capacity_calls / self._calls_per_request()))
         wanted = round(rate * cfg.capacity_latencies * self.isolated_latency)
         requests = min(max(400, wanted), most)
-        return simulate(
-            self.run_workflow(requests),
+        result = simulate(
+            self.run_workflow(requests, cfg.seed),
             self.deployment(allocation),
             poisson_at(rate, requests, cfg.seed + 1),
             replace(self.options, seed=self.options.seed + cfg.seed, record=record),
         )
+        self.simulated += result.calls
+        return result
 
-    def run_workflow(self, requests: int) -> Workflow:
+    def run_workflow(self, requests: int, seed: int) -> Workflow:
         """What a run of ``requests`` requests replays: a single workflow's trace stratified by
-        work (``replay.StratifiedReplay``), the same draw for every allocation and rate; a
-        ``Mix`` draws each part's requests independently."""
+        work (``replay.StratifiedReplay``), the same draw for every allocation and rate at one
+        ``seed``; a ``Mix`` draws each part's requests independently."""
         if isinstance(self.workflow, TraceReplay):
-            return StratifiedReplay.of(self.workflow, requests, self.settings.seed)
+            return StratifiedReplay.of(self.workflow, requests, seed)
         return self.workflow
 
     def refiner(self, rate: float) -> Refiner:
@@ -264,8 +295,10 @@ class ReplayScorer:
             candidates=cfg.candidates,
             headroom=cfg.headroom,
             seconds=cfg.seconds,
+            budget=cfg.budget_calls,
+            work=lambda: self.simulated,
             confirm=(
-                (lambda allocation: self.score(allocation, rate * cfg.confirm))
+                (lambda allocation: self.score(allocation, rate * cfg.confirm, draw=1))
                 if cfg.confirm > 0
                 else None
             ),

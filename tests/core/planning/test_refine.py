@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -138,11 +138,41 @@ def test_refine_stops_scoring_when_out_of_time() -> None:
     assert math.isfinite(refined.chosen.objective)
 
 
+def test_the_work_budget_not_the_clock_decides_what_is_scored() -> None:
+    # each score costs 10 units of work (simulated calls); a budget of 25 scores three of four
+    # candidates whatever the clock says, as long as the wall-time cap is not reached
+    trials = [
+        Trial({"A": Allocation(1.0, 1, r)}, float(r), f"rank {r}", None) for r in (1, 2, 3, 4)
+    ]
+
+    def scored_with(clock: Callable[[], float], seconds: float) -> list[bool]:
+        work = [0.0]
+
+        def score(a: Mapping[str, Allocation]) -> Scored:
+            work[0] += 10
+            return Scored(1.0 / a["A"].replicas, 1.0, True)
+
+        refiner = Refiner(
+            score, seconds=seconds, budget=25, work=lambda: work[0], minimum=2, clock=clock
+        )
+        refined = score_trials(trials, refiner)
+        assert refined.work == 10 * sum(t.scored is not None for t in refined.trials)
+        return [t.scored is not None for t in refined.trials]
+
+    ticks = iter(range(0, 10**6, 1000))  # a host 1000 s per reading
+    assert scored_with(lambda: 0.0, 1e9) == [True, True, True, False]
+    assert scored_with(lambda: float(next(ticks)), 1e9) == [True, True, True, False]
+    # the wall-time cap still stops a host far slower than the budget assumes
+    assert scored_with(lambda: float(next(ticks)), 500) == [True, True, False, False]
+
+
 def test_refiner_settings_are_checked() -> None:
     with pytest.raises(InvalidInputError, match="candidates"):
         Refiner(lambda a: Scored(1, 1, True), candidates=0)
     with pytest.raises(InvalidInputError, match="seconds"):
         Refiner(lambda a: Scored(1, 1, True), seconds=0)
+    with pytest.raises(InvalidInputError, match="budget 0"):
+        Refiner(lambda a: Scored(1, 1, True), budget=0)
 
 
 def test_a_choice_at_the_edge_of_its_capacity_gives_way_to_one_that_confirms() -> None:

@@ -125,9 +125,9 @@ def _counting(scorer: ReplayScorer) -> list[int]:
     runs: list[int] = []
     draw = scorer.run_workflow
 
-    def counted(requests: int) -> Workflow:
+    def counted(requests: int, seed: int) -> Workflow:
         runs.append(requests)
-        return draw(requests)
+        return draw(requests, seed)
 
     scorer.run_workflow = counted  # type: ignore[method-assign]
     return runs
@@ -159,6 +159,42 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     assert len(over_runs) == 1
     with pytest.raises(InvalidInputError, match="doublings"):
         RefineSettings(doublings=-1)
+    with pytest.raises(InvalidInputError, match="budget_calls"):
+        RefineSettings(budget_calls=0)
+
+
+def _fresh(base: ReplayScorer, **changes: object) -> ReplayScorer:
+    return ReplayScorer(
+        base.workflow, base.gpu, base.models, base.isolated_latency, base.options,
+        replace(base.settings, **changes), base.spread_requests,
+    )  # fmt: skip
+
+
+def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: Context) -> None:
+    scorer = _fresh(ctx.scorer)
+    allocation = {"policy": Allocation(0.5, 1, 2), "prm": Allocation(0.5, 1, 2)}
+    rate = 0.5 * ctx.capacity(4)
+    seeds: list[int] = []
+    draw = scorer.run_workflow
+
+    def seen(requests: int, seed: int) -> Workflow:
+        seeds.append(seed)
+        return draw(requests, seed)
+
+    scorer.run_workflow = seen  # type: ignore[method-assign]
+    first = scorer.score(allocation, rate)
+    after_first = scorer.simulated
+    other = scorer.score(allocation, rate, draw=1)
+    assert len(set(seeds)) == 2  # other requests, not the same ones again
+    assert other.latency != first.latency
+    assert scorer.score(allocation, rate) is first and scorer.score(allocation, rate, 1) is other
+    assert 0 < after_first < scorer.simulated  # both runs' calls counted, once each
+    # the refiner confirms on draw 1 and counts its budget in simulated calls
+    refiner = scorer.refiner(rate)
+    assert refiner.work is not None and refiner.budget == scorer.settings.budget_calls
+    assert refiner.confirm is not None and refiner.confirm(allocation).steady == (
+        scorer.score(allocation, rate * scorer.settings.confirm, draw=1).steady
+    )
 
 
 def test_a_described_allocation_reads_back() -> None:

@@ -129,7 +129,7 @@ def test_stratified_scores_of_the_mix_vary_less_by_seed_than_iid_draws(mix: Cont
                 replace(settings, seed=seed), spread,
             )  # fmt: skip
             if not stratified:
-                scorer.run_workflow = lambda requests: base.workflow  # type: ignore[method-assign]
+                scorer.run_workflow = lambda requests, seed: base.workflow  # type: ignore[method-assign]
             out.append(scorer.score(allocation, rate).latency)
         return out
 
