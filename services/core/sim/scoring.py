@@ -79,8 +79,10 @@ class RefineSettings:
     program: 59.1 s and 53.3 s).
 
     The budget is ``budget_calls`` LLM calls simulated per plan (no further candidate is
-    scored past it; about 20-60 s on one core of the 2-core development host: 16-48 k calls/s,
-    ReAct the slowest), so the same plan comes out on any host; ``seconds`` of wall time caps
+    scored past it; 12-40 s on one core of the 2-core development host, which simulates
+    16-48 k calls/s, ReAct the slowest: about what 20 s allowed there when the host was quiet;
+    a whole refinement took 0.15 M calls for ReAct on 4 GPUs, up to 2 M for beam search), so
+    the same plan comes out on any host; ``seconds`` of wall time caps
     it on a host far slower than that. With a wall-time budget alone (20 s) the simulated
     Scepsy's plan depended on the host's load: ReAct on 4 GPUs at 4.35 req/s scored every
     candidate on a quiet host and picked ``planner 7x 0.5, reviewer 1x 0.5``, beside the
@@ -96,7 +98,7 @@ class RefineSettings:
 
     candidates: int = 4
     headroom: tuple[float, ...] = (1.15, 1.3)
-    budget_calls: int = 1_000_000
+    budget_calls: int = 600_000
     seconds: float = 120.0
     calls: int = 60_000
     min_requests: int = 100
