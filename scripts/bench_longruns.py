@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InvalidInputError(f"--seeds and --scale: >= 1, got {args.seeds}, {args.scale}")
         if not args.alloc and not args.system:
             raise InvalidInputError("give at least one --alloc or --system")
-        allocations = [(text, parse_described(text, "--alloc")) for text in args.alloc]
+        models = workflow(args.workflow).models
+        allocations = [(text, parse_described(text, "--alloc", models)) for text in args.alloc]
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

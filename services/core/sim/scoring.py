@@ -139,9 +139,12 @@ def describe(allocation: Mapping[str, Allocation]) -> str:
 _DESCRIBED = re.compile(r"\s*([\w.-]+) (\d+)x (tp\d+|[\d.]+)\s*$")
 
 
-def parse_described(text: str, field: str = "allocation") -> dict[str, Allocation]:
+def parse_described(
+    text: str, field: str = "allocation", models: Collection[str] | None = None
+) -> dict[str, Allocation]:
     """``describe``'s text back to allocations (``"generator 2x tp1, reranker 4x 0.5"``);
-    raises ``InvalidInputError`` naming ``field`` for a part not in that form."""
+    raises ``InvalidInputError`` naming ``field`` for a part not in that form, or, with
+    ``models``, when the text does not allocate exactly those models."""
     out: dict[str, Allocation] = {}
     for part in text.split(","):
         found = _DESCRIBED.match(part)
@@ -154,6 +157,12 @@ def parse_described(text: str, field: str = "allocation") -> dict[str, Allocatio
             out[model] = Allocation(1.0, int(config[2:]), int(replicas))
         else:
             out[model] = Allocation(float(config), 1, int(replicas))
+    if models is not None and set(out) != set(models):
+        missing, unknown = sorted(set(models) - set(out)), sorted(set(out) - set(models))
+        raise InvalidInputError(
+            f"{field}: {text.strip()!r} must allocate exactly {sorted(models)} "
+            f"(missing {missing}, unknown {unknown})"
+        )
     return out
 
 

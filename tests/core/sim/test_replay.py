@@ -202,3 +202,6 @@ def test_a_described_allocation_reads_back() -> None:
     assert parse_described(describe(allocation)) == allocation
     with pytest.raises(InvalidInputError, match="--alloc: 'generator 2x'"):
         parse_described("generator 2x", "--alloc")
+    assert parse_described(describe(allocation), models=allocation) == allocation
+    with pytest.raises(InvalidInputError, match=r"missing \['prm'\], unknown \['reranker'\]"):
+        parse_described(describe(allocation), "--alloc", ("generator", "prm"))
