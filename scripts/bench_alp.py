@@ -27,7 +27,7 @@ needs thousands for its means to settle, README). Error = (predicted - simulated
 Prints one row per point and a summary per workflow (median and worst |error| of each).
 
     .venv/bin/python scripts/bench_alp.py [--workflows rag,beam,...] [--gpus 4,8,16] [--closed]
-                                          [--warmup N|auto[:E]] [--json]
+                                          [--warmup N|auto[:E]] [--scale K] [--json]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def measure_workflow(
     overload: float = 1.3,
     span: float = 60.0,
     closed: bool = False,
+    scale: int = 1,
 ) -> list[dict[str, Any]]:
     ctx = Context.prepare(
         workflow(name),
@@ -90,9 +91,9 @@ def measure_workflow(
                 plan = SYSTEMS["scepsy"](ctx, gpus, rate)
             except InfeasibleError:
                 continue
-            point = run_point(
-                ctx, plan, load_at(ctx, rate, SEED_POINT + i, settings), gpus, settings, counter
-            )
+            load = load_at(ctx, rate, SEED_POINT + i, settings)
+            load = replace(load, requests=load.requests * scale)
+            point = run_point(ctx, plan, load, gpus, settings, counter)
             if plan.prediction is None or plan.planned_rate is not None or not point.sustainable:
                 continue
             rows.append(
@@ -246,8 +247,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of the mean LLM time per request (default: the bench's, auto:0.01)",
     )
     parser.add_argument("--max-calls", type=int, default=120_000, help="LLM calls per run")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="latency rows: the simulator's reference runs take this x the requests (near "
+        "capacity a run's latency still grows with its length)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.scale < 1:
+        print(f"error: --scale: need >= 1, got {args.scale}", file=sys.stderr)
+        return 2
     gpus = [int(g) for g in args.gpus.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     # long runs: the reference is the steady state (short runs near capacity under-state it)
@@ -269,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.overload,
                 args.span,
                 args.closed,
+                args.scale,
             )
             print(f"[{time.perf_counter() - started:6.1f}s] {name} done", file=sys.stderr)
     except ScepsyError as exc:
