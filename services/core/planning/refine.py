@@ -18,11 +18,11 @@ truthful for those, and fast enough for a handful of candidates. ``refine``:
    closed-form optimum stays unless another candidate is faster by more than ``margin`` (a short
    simulation is noisy, the closed form is not). When none kept up, the lowest simulated
    latency;
-4. with ``confirm`` (the score at a rate a little above the target, on requests and arrivals
-   drawn independently of the scoring run's), the candidate ranked first must keep up there too,
-   else the next is tried (``confirmations`` at most): an allocation at the edge of its
-   capacity keeps up in a short run but its queue is still growing, and its latency is
-   under-stated. RAG on 16 GPUs at 41.5 req/s: 8+8 replicas scored 6.4 s against
+4. with ``confirm`` (the simulator's: at a rate a little above the target, and at the target
+   on requests and arrivals drawn independently of the scoring run's), the candidate ranked
+   first must keep up there too, else the next is tried (``confirmations`` at most): an
+   allocation at the edge of its capacity keeps up in a short run but its queue is still
+   growing, and its latency is under-stated; one sample of requests can be a lucky one. RAG on 16 GPUs at 41.5 req/s: 8+8 replicas scored 6.4 s against
    6.7 s for 7+9 in the replay's short run, where long runs of the program measure 8.7 s
    (backlog +1.6%) against 6.9 s.
 

@@ -172,8 +172,8 @@ def _fresh(base: ReplayScorer, **changes: object) -> ReplayScorer:
 
 def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: Context) -> None:
     scorer = _fresh(ctx.scorer)
-    allocation = {"policy": Allocation(0.5, 1, 2), "prm": Allocation(0.5, 1, 2)}
-    rate = 0.5 * ctx.capacity(4)
+    allocation = {"policy": Allocation(1.0, 1, 2), "prm": Allocation(1.0, 1, 2)}
+    rate = 0.4 * ctx.capacity(4)
     seeds: list[int] = []
     draw = scorer.run_workflow
 
@@ -189,12 +189,19 @@ def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: 
     assert other.latency != first.latency
     assert scorer.score(allocation, rate) is first and scorer.score(allocation, rate, 1) is other
     assert 0 < after_first < scorer.simulated  # both runs' calls counted, once each
-    # the refiner confirms on draw 1 and counts its budget in simulated calls
+    # the refiner confirms at 1.05x on the scoring draw, then at 1x on draw 1, and counts its
+    # budget in simulated calls
     refiner = scorer.refiner(rate)
     assert refiner.work is not None and refiner.budget == scorer.settings.budget_calls
-    assert refiner.confirm is not None and refiner.confirm(allocation).steady == (
-        scorer.score(allocation, rate * scorer.settings.confirm, draw=1).steady
-    )
+    assert refiner.confirm is not None
+    headroom = scorer.score(allocation, rate * scorer.settings.confirm)
+    assert headroom.steady and refiner.confirm(allocation) is other
+    # past its capacity the headroom run falls behind and answers alone: no draw-1 run
+    over = 2 * scorer.capacity(allocation, 2 * rate)
+    runs = len(seeds)
+    refuted = scorer.confirmation(allocation, over)
+    assert not refuted.steady and refuted is scorer.score(allocation, over * 1.05)
+    assert set(seeds[runs:]) == {seeds[0]}
 
 
 def test_a_described_allocation_reads_back() -> None:
