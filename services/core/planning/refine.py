@@ -22,9 +22,10 @@ truthful for those, and fast enough for a handful of candidates. ``refine``:
    on requests and arrivals drawn independently of the scoring run's), the candidate ranked
    first must keep up there too, else the next is tried (``confirmations`` at most): an
    allocation at the edge of its capacity keeps up in a short run but its queue is still
-   growing, and its latency is under-stated; one sample of requests can be a lucky one. RAG on 16 GPUs at 41.5 req/s: 8+8 replicas scored 6.4 s against
-   6.7 s for 7+9 in the replay's short run, where long runs of the program measure 8.7 s
-   (backlog +1.6%) against 6.9 s.
+   growing, and its latency is under-stated (RAG on 16 GPUs at 41.5 req/s: 8+8 replicas
+   scored 6.4 s against 6.7 s for 7+9 in the replay's short run, where long runs of the
+   program measure 8.7 s, backlog +1.6%, against 6.9 s); and one sample of requests can be a
+   lucky one.
 
 The planner's exactness statements are about the closed form (``search``); this step only picks
 among its near-optimal answers, and the caller says whether to run it (``PlanInputs.refiner``).
