@@ -120,6 +120,13 @@ def test_co_serving_plans_both_workflows_on_the_shared_llm() -> None:
     assert np.all(np.isfinite(result.latency))
 
 
+def _fresh(base: ReplayScorer, **changes: object) -> ReplayScorer:
+    return ReplayScorer(
+        base.workflow, base.gpu, base.models, base.isolated_latency, base.options,
+        replace(base.settings, **changes), base.spread_requests,
+    )  # fmt: skip
+
+
 def _counting(scorer: ReplayScorer) -> list[int]:
     """The request counts of ``scorer``'s runs, as it asks for them."""
     runs: list[int] = []
@@ -139,10 +146,7 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     capacity = base.capacity(allocation, 2 * ctx.capacity(4))
 
     def scorer(doublings: int) -> tuple[ReplayScorer, list[int]]:
-        made = ReplayScorer(
-            base.workflow, base.gpu, base.models, base.isolated_latency, base.options,
-            replace(base.settings, doublings=doublings), base.spread_requests,
-        )  # fmt: skip
+        made = _fresh(base, doublings=doublings)
         return made, _counting(made)
 
     # near capacity the short run's queue is still filling: it looks steady and fast
@@ -161,13 +165,6 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
         RefineSettings(doublings=-1)
     with pytest.raises(InvalidInputError, match="budget_calls"):
         RefineSettings(budget_calls=0)
-
-
-def _fresh(base: ReplayScorer, **changes: object) -> ReplayScorer:
-    return ReplayScorer(
-        base.workflow, base.gpu, base.models, base.isolated_latency, base.options,
-        replace(base.settings, **changes), base.spread_requests,
-    )  # fmt: skip
 
 
 def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: Context) -> None:
