@@ -82,8 +82,8 @@ class RefineSettings:
     scored past it; 12-40 s on one core of the 2-core development host, which simulates
     16-48 k calls/s, ReAct the slowest: about what 20 s allowed there when the host was quiet;
     a whole refinement took 0.15 M calls for ReAct on 4 GPUs, up to 2 M for beam search), so
-    the same plan comes out on any host; ``seconds`` of wall time caps
-    it on a host far slower than that. With a wall-time budget alone (20 s) the simulated
+    the same plan comes out on any host; ``seconds`` of wall time caps it on a host far slower
+    than that. With a wall-time budget alone (20 s) the simulated
     Scepsy's plan depended on the host's load: ReAct on 4 GPUs at 4.35 req/s scored every
     candidate on a quiet host and picked ``planner 7x 0.5, reviewer 1x 0.5``, beside the
     benchmark fewer and picked ``planner 3x tp1, reviewer 1x tp1``.
