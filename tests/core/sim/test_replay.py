@@ -127,16 +127,16 @@ def _fresh(base: ReplayScorer, **changes: object) -> ReplayScorer:
     )  # fmt: skip
 
 
-def _counting(scorer: ReplayScorer) -> list[int]:
-    """The request counts of ``scorer``'s runs, as it asks for them."""
-    runs: list[int] = []
+def _recording(scorer: ReplayScorer) -> list[tuple[int, int]]:
+    """The (request count, seed) of ``scorer``'s runs, as it asks for them."""
+    runs: list[tuple[int, int]] = []
     draw = scorer.run_workflow
 
-    def counted(requests: int, seed: int) -> Workflow:
-        runs.append(requests)
+    def recorded(requests: int, seed: int) -> Workflow:
+        runs.append((requests, seed))
         return draw(requests, seed)
 
-    scorer.run_workflow = counted  # type: ignore[method-assign]
+    scorer.run_workflow = recorded  # type: ignore[method-assign]
     return runs
 
 
@@ -145,17 +145,18 @@ def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Co
     allocation = {"policy": Allocation(1.0, 1, 1), "prm": Allocation(1.0, 1, 1)}
     capacity = base.capacity(allocation, 2 * ctx.capacity(4))
 
-    def scorer(doublings: int) -> tuple[ReplayScorer, list[int]]:
+    def scorer(doublings: int) -> tuple[ReplayScorer, list[tuple[int, int]]]:
         made = _fresh(base, doublings=doublings)
-        return made, _counting(made)
+        return made, _recording(made)
 
     # near capacity the short run's queue is still filling: it looks steady and fast
     short, short_runs = scorer(0)
     first = short.score(allocation, 0.85 * capacity)
     assert len(short_runs) == 1 and first.steady
-    longer, runs = scorer(2)
+    longer, recorded = scorer(2)
     found = longer.score(allocation, 0.85 * capacity)
-    assert runs[0] == short_runs[0] and runs[1:] == [2 * runs[0], 4 * runs[0]][: len(runs) - 1]
+    runs = [n for n, _ in recorded]
+    assert runs[0] == short_runs[0][0] and runs[1:] == [2 * runs[0], 4 * runs[0]][: len(runs) - 1]
     assert len(runs) > 1 and found.latency > 1.3 * first.latency
     # clearly overloaded: one run is enough to say so
     over, over_runs = scorer(2)
@@ -171,17 +172,11 @@ def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: 
     scorer = _fresh(ctx.scorer)
     allocation = {"policy": Allocation(1.0, 1, 2), "prm": Allocation(1.0, 1, 2)}
     rate = 0.4 * ctx.capacity(4)
-    seeds: list[int] = []
-    draw = scorer.run_workflow
-
-    def seen(requests: int, seed: int) -> Workflow:
-        seeds.append(seed)
-        return draw(requests, seed)
-
-    scorer.run_workflow = seen  # type: ignore[method-assign]
+    recorded = _recording(scorer)
     first = scorer.score(allocation, rate)
     after_first = scorer.simulated
     other = scorer.score(allocation, rate, draw=1)
+    seeds = [seed for _, seed in recorded]
     assert len(set(seeds)) == 2  # other requests, not the same ones again
     assert other.latency != first.latency
     assert scorer.score(allocation, rate) is first and scorer.score(allocation, rate, 1) is other
@@ -195,10 +190,10 @@ def test_the_confirmation_scores_an_independent_draw_and_every_call_counts(ctx: 
     assert headroom.steady and refiner.confirm(allocation) is other
     # past its capacity the headroom run falls behind and answers alone: no draw-1 run
     over = 2 * scorer.capacity(allocation, 2 * rate)
-    runs = len(seeds)
+    runs = len(recorded)
     refuted = scorer.confirmation(allocation, over)
     assert not refuted.steady and refuted is scorer.score(allocation, over * 1.05)
-    assert set(seeds[runs:]) == {seeds[0]}
+    assert {seed for _, seed in recorded[runs:]} == {seeds[0]}
 
 
 def test_a_described_allocation_reads_back() -> None:
