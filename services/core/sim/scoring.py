@@ -36,7 +36,7 @@ from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
 from services.core.planning.refine import Refiner, Scored
 from services.core.sim.arrivals import poisson_at
-from services.core.sim.measure import MeasureConfig, clear, measure, work_rate
+from services.core.sim.measure import MeasureConfig, Point, clear, measure, work_rate
 from services.core.sim.program import Workflow
 from services.core.sim.replay import StratifiedReplay, TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
@@ -266,6 +266,7 @@ class ReplayScorer:
             point.mean_latency,
             point.throughput,
             point.settled and point.backlog_growth <= cfg.max_backlog_growth,
+            latency_error(result, point),
         )
         self.scores[key] = scored
         return scored
@@ -329,6 +330,16 @@ class ReplayScorer:
                 else None
             ),
         )
+
+
+def latency_error(result: SimResult, point: Point) -> float:
+    """The relative standard error of ``point``'s mean latency, its measured requests of
+    ``result`` taken as independent (under load they are not: a lower bound)."""
+    measured = result.latency[len(result.latency) - point.requests :]
+    mean = float(measured.mean())
+    if len(measured) < 2 or not mean > 0:
+        return 0.0
+    return float(measured.std(ddof=1)) / math.sqrt(len(measured)) / mean
 
 
 def spread_requests(trace: Trace, workflows: Collection[str], error: float) -> int:

@@ -204,3 +204,36 @@ def test_a_choice_at_the_edge_of_its_capacity_gives_way_to_one_that_confirms() -
     assert score_trials(trials, Refiner(score)).chosen.allocation["A"].replicas == 1
     with pytest.raises(InvalidInputError, match="confirmations"):
         Refiner(score, confirmations=-1)
+
+
+def test_a_candidate_the_closed_form_rules_out_must_win_by_more_than_its_noise() -> None:
+    # the optimum (rank 1) and an extra the closed form says cannot serve (objective inf)
+    optimum = Trial({"A": Allocation(1.0, 1, 2)}, 5.0, "rank 1", None)
+    second = Trial({"A": Allocation(1.0, 1, 3)}, 6.0, "rank 2", None)
+    ruled_out = Trial({"A": Allocation(0.5, 1, 4)}, math.inf, "time shares", None)
+    trials = [optimum, ruled_out, second]
+
+    def chosen(table: dict[int, Scored]) -> str:
+        refined = score_trials(trials, Refiner(lambda a: table[a["A"].replicas]))
+        return refined.chosen.origin
+
+    # 3% faster than the optimum, but its run's standard error is 4%: the optimum stays
+    table = {
+        2: Scored(10.3, 1.0, True),
+        3: Scored(10.2, 1.0, True),
+        4: Scored(10.0, 1.0, True, 0.04),
+    }
+    assert chosen(table) == "rank 1"
+    # faster by more than its error: it wins, as any candidate would
+    table[4] = Scored(9.0, 1.0, True, 0.04)
+    assert chosen(table) == "time shares"
+    # with no error known, the margin (1%) still applies: 10.25 x 1.01 > 10.3 / 1.01
+    table[4] = Scored(10.25, 1.0, True)
+    assert chosen(table) == "rank 1"
+    # a finite objective is ranked by its latency alone, whatever its error
+    table = {
+        2: Scored(10.3, 1.0, True),
+        3: Scored(10.0, 1.0, True, 0.2),
+        4: Scored(11.0, 1.0, True),
+    }
+    assert chosen(table) == "rank 2"

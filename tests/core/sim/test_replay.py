@@ -140,6 +140,18 @@ def _recording(scorer: ReplayScorer) -> list[tuple[int, int]]:
     return runs
 
 
+def test_a_score_carries_the_standard_error_of_its_latency(ctx: Context) -> None:
+    allocation = {"policy": Allocation(1.0, 1, 2), "prm": Allocation(1.0, 1, 2)}
+    rate = 0.4 * ctx.capacity(4)
+    short = _fresh(ctx.scorer, min_requests=100, spread_calls=1, calls=1, doublings=0)
+    long = _fresh(ctx.scorer, min_requests=1600, spread_calls=1, calls=1, doublings=0)
+    short_runs, long_runs = _recording(short), _recording(long)
+    few, many = short.score(allocation, rate), long.score(allocation, rate)
+    assert [n for n, _ in short_runs + long_runs] == [100, 1600]
+    # 16x the requests: about a quarter of the error (1 / sqrt(16)), never zero
+    assert 0 < many.error < 0.5 * few.error < 0.5
+
+
 def test_a_run_too_short_for_its_queue_is_run_longer_before_it_is_scored(ctx: Context) -> None:
     base = ctx.scorer
     allocation = {"policy": Allocation(1.0, 1, 1), "prm": Allocation(1.0, 1, 1)}
