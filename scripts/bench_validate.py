@@ -11,14 +11,17 @@ capacity. Target: median error at most 15 % for latency and throughput, light lo
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
         [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 24] [--profiles measured]
-        [--out DIR] [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2]]
+        [--joint-order independent|workflow] [--out DIR]
+        [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2] [--conditions FDTWO]]
 
 ``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
 workflow rate, interleaved (the order rotating per repetition), per LLM the mean and median call
 latency of one joint-sweep step with fixed groups of round(p_m) (F), one with group sizes drawn
 from the pilot's fan-outs (D), D with every call tagged as the workflow's (T: the router's
 tracing of tagged calls), and the workflow driver running the programs (W: program stepping,
-stages in order). It prints the ratios D/F, T/D, W/T per LLM, rate and repetition and their
+stages in order), and a joint step in the workflow's order (O: the pilot's requests replayed wave
+by wave, ``--joint-order workflow``; ``--conditions`` picks which run, default FDTWO). It prints
+the ratios D/F, T/D, W/T, W/O per LLM, rate and repetition and their
 geometric means: on a shared host single windows vary by 2-4x, only pairs measured side by side
 and their counts above 1 say anything.
 
@@ -58,6 +61,7 @@ from services.cli.validate import (  # noqa: E402
 from services.core.errors import NotFoundError  # noqa: E402
 from services.core.perf.analytic import RequestMix  # noqa: E402
 from services.core.routing import Endpoint  # noqa: E402
+from services.core.sim.replay import TraceReplay  # noqa: E402
 from services.core.workload.demand import WorkflowDemand  # noqa: E402
 from services.profiler.joint import JointLlm, JointSweep, fan_outs  # noqa: E402
 from services.profiler.vllm_backend import SweepConfig  # noqa: E402
@@ -139,10 +143,13 @@ async def per_call(args: argparse.Namespace, router_url: str) -> list[dict[str, 
                 for d in WorkflowDemand.from_stats(stats).llms
             ]
             drawn = [replace(j, sizes=sizes.get(j.name, ())) for j in fixed]
+            names = {j.name: j.name for j in fixed}
+            pilot_requests = TraceReplay.of(pilot.trace(), workflow.name, names).requests
             print(f"{name}: fixed groups {[j.group for j in fixed]}, fan-outs {sizes}", flush=True)
             for lam in rates[name]:
                 for rep in range(args.reps):
-                    order = "FDTW"[rep % 4 :] + "FDTW"[: rep % 4]
+                    conds = args.conditions
+                    order = conds[rep % len(conds) :] + conds[: rep % len(conds)]
                     for cond in order:
                         seed = 100 * rep + 7
                         if cond == "W":
@@ -158,11 +165,14 @@ async def per_call(args: argparse.Namespace, router_url: str) -> list[dict[str, 
                             calls = {m: len(v) for m, v in per.items()}
                         else:
                             llms = fixed if cond == "F" else drawn
-                            sweep = (
-                                TaggedSweep(router_url, llms, cfg, seed=seed, workflow=name)
-                                if cond == "T"
-                                else JointSweep(router_url, llms, cfg, seed=seed)
-                            )
+                            sweep: JointSweep
+                            if cond == "T":
+                                sweep = TaggedSweep(router_url, llms, cfg, seed=seed, workflow=name)
+                            else:
+                                ordered = pilot_requests if cond == "O" else ()
+                                sweep = JointSweep(
+                                    router_url, llms, cfg, seed=seed, requests=ordered
+                                )
                             points = await sweep._step(session, lam)
                             mean = {m: p.mean_latency for m, p in points.items()}
                             p50 = {m: p.p50_latency for m, p in points.items()}
@@ -182,7 +192,7 @@ def per_call_report(rows: list[dict[str, Any]]) -> None:
                 cells.setdefault((r["workflow"], r["rate"], r["rep"], model), {}).setdefault(
                     stat, {}
                 )[r["cond"]] = value
-    pairs = (("D", "F"), ("T", "D"), ("W", "T"), ("W", "D"), ("W", "F"))
+    pairs = (("D", "F"), ("T", "D"), ("W", "T"), ("W", "D"), ("W", "F"), ("W", "O"))
     print("\nper-call latency ratios (mean; p50), per workflow, rate, repetition, LLM")
     ratios: dict[tuple[str, str], list[float]] = {}
     for key, by_stat in sorted(cells.items()):
@@ -234,6 +244,7 @@ async def run_all(
                 capacity_requests=args.capacity_requests,
                 profile_budget=args.profile_budget,
                 profile_via=args.profile_via,
+                joint_order=args.joint_order,
                 seed=0,
             )
             result = await Validation(ns, store).run()
@@ -264,7 +275,13 @@ def main() -> int:
     parser.add_argument("--per-call-rates", default="rag=1.5/4.0,beam=0.4/1.0")
     parser.add_argument("--per-call-window", type=float, default=10.0, help="s per condition")
     parser.add_argument("--reps", type=int, default=2, help="repetitions per rate (--per-call)")
+    parser.add_argument(
+        "--conditions", default="FDTWO", help="--per-call's conditions, letters of FDTWO"
+    )
+    parser.add_argument("--joint-order", choices=("independent", "workflow"), default="independent")
     args = parser.parse_args()
+    if not args.conditions or set(args.conditions) - set("FDTWO"):
+        parser.error(f"--conditions: letters of FDTWO, got {args.conditions!r}")
 
     try:
         vllm_executable()

@@ -2,6 +2,7 @@
 
     scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
                     [--requests N] [--profiles joint|measured|analytic] [--scale tiny|full]
+                    [--joint-order independent|workflow]
                     [--out DIR] [--json] [--redis-url URL]
 
 For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
@@ -12,7 +13,8 @@ front of them; each LLM of the workflow is a model of the router under its deplo
    LLM's request mix, as the planner would read them from the router's recorded trace;
 2. each LLM's profile at that mix: ``joint`` (default) - every LLM of the workflow measured at
    once through the router at its share of the workflow's rate, its calls in groups whose sizes
-   are drawn from the pilot trace's fan-outs (``services.profiler.joint``); ``measured`` - the
+   are drawn from the pilot trace's fan-outs (``services.profiler.joint``), or with
+   ``--joint-order workflow`` the pilot's requests replayed wave by wave; ``measured`` - the
    profile stored under its key, else measured now on the LLM's first registered engine by the
    ``vllm`` profiler backend (and stored), through the router (``--profile-via router``,
    default: the hop every workflow call takes) or on the engine directly; ``analytic`` - the
@@ -56,6 +58,7 @@ from services.core.perf.analytic import RequestMix, profile_analytic
 from services.core.perf.profile import Profile, ProfileKey
 from services.core.planning.alp import Prediction, predict
 from services.core.sim.program import Workflow
+from services.core.sim.replay import ReplayRequest, TraceReplay
 from services.core.sim.workflows import workflow as full_workflow
 from services.core.workload.demand import WorkflowDemand
 from services.core.workload.stats import WorkflowStats, workflow_stats
@@ -84,6 +87,13 @@ def register(sub: Any) -> None:
         help="where the ALP's profiles come from (joint: every LLM measured at once through "
         "the router at the workflow's shares and fan-outs; measured: each LLM alone by the "
         "vllm backend; analytic: the device's committed parameters)",
+    )
+    parser.add_argument(
+        "--joint-order",
+        choices=("independent", "workflow"),
+        default="independent",
+        help="joint profiles: each LLM's call groups Poisson on their own (independent), or the "
+        "pilot's requests replayed wave by wave in the workflow's order (workflow)",
     )
     parser.add_argument("--load", help="rates as fractions of the predicted throughput")
     parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
@@ -259,17 +269,22 @@ class Validation:
             for d in demand.llms
         ]
         self.log(
-            "joint profile through the router: "
+            f"joint profile through the router ({self.args.joint_order} order): "
             + ", ".join(
                 f"{j.name} n={j.calls:.2f} groups {_sizes_text(j)} x{j.replicas}" for j in llms
             )
         )
+        requests: tuple[ReplayRequest, ...] = ()
+        if self.args.joint_order == "workflow":
+            names = {d.model: d.model for d in demand.llms}
+            requests = TraceReplay.of(pilot.trace(), self.workflow.name, names).requests
         sweep = JointSweep(
             self.args.router,
             llms,
             SweepConfig(budget_s=self.args.profile_budget),
             seed=self.args.seed,
             progress=stderr_progress,
+            requests=requests,
         )
         self.joint = await sweep.run()
         out: dict[str, Profile] = {}

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
 from services.core.planning.plan import PlanInputs, make_plan, spec_from_text
 from services.core.planning.profiles import SpecProfiles
+from services.core.sim.replay import ReplayRequest
 from services.profiler.joint import JointLlm, JointSweep, monotone
 from services.profiler.vllm_backend import SweepConfig
 from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module, vllm_executable
@@ -187,6 +191,64 @@ def test_joint_sweep_measures_every_llm_at_its_share_and_fanout(engine: LocalEng
     assert profile.points[0].mean_latency > 0
     doc = result.to_dict()
     assert doc["binding"] == result.binding and set(doc["points"]) == {"reranker", "generator"}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_a_joint_sweep_in_the_workflows_order_replays_each_request_wave_by_wave(
+    engine: LocalEngine,
+) -> None:
+    # RAG's shape: 4 reranker calls at once, 0.2 s of tool time, then the generator
+    pilot = [
+        ReplayRequest(
+            ((0.0, (("reranker", 30 + i, 1),) * 4), (0.2, (("generator", 30 + i, 8),))), 0.0
+        )
+        for i in range(3)
+    ]
+    rerank = JointLlm("reranker", RequestMix.fixed(31, 1), calls=4.0, group=4)
+    generate = JointLlm("generator", RequestMix.fixed(31, 8), calls=1.0, group=1)
+    sweep = JointSweep(
+        engine.base_url,
+        [rerank, generate],
+        replace(QUICK, budget_s=40.0),
+        probe_requests=4,
+        rate_steps=(0.2, 0.6, 1.2, 2.0),
+        requests=pilot,
+    )
+    # which replayed request each call belongs to (a context variable the calls inherit)
+    request = contextvars.ContextVar[int]("request")
+    numbers = itertools.count()
+    calls: list[tuple[int, str, float, float, bool]] = []
+    replay, send = sweep._replay, sweep._send
+
+    async def numbered(*args: object) -> None:
+        request.set(next(numbers))
+        await replay(*args)  # type: ignore[arg-type]
+
+    async def recorded(session: object, name: str, prompt: int, completion: int) -> object:
+        outcome = await send(session, name, prompt, completion)  # type: ignore[arg-type]
+        calls.append((request.get(-1), name, outcome.start, outcome.end, outcome.ok))
+        return outcome
+
+    sweep._replay = numbered  # type: ignore[assignment, method-assign]
+    sweep._send = recorded  # type: ignore[assignment, method-assign]
+    result = asyncio.run(sweep.run())
+    assert result.method["order"] == "workflow" and len(result.rates) >= 2
+    for step, lam in enumerate(result.rates):
+        assert result.points["reranker"][step].rate == pytest.approx(4 * lam)
+        assert result.points["generator"][step].rate == pytest.approx(lam)
+    by_request: dict[int, list[tuple[str, float, float, bool]]] = {}
+    for number, name, start, end, ok in calls:
+        if number >= 0:  # not the idle calls and the probe
+            by_request.setdefault(number, []).append((name, start, end, ok))
+    assert len(by_request) >= 4
+    for replayed in by_request.values():
+        reranks = [c for c in replayed if c[0] == "reranker"]
+        assert len(reranks) == 4  # the first wave is sent whole, at once
+        assert max(c[1] for c in reranks) - min(c[1] for c in reranks) < 0.1
+        for name, start, _, _ in replayed:
+            if name == "generator":  # after every reranker call ended, and the tool time
+                assert start >= max(c[2] for c in reranks) + 0.2 - 0.01
 
 
 @pytest.mark.engine
