@@ -11,7 +11,7 @@ capacity. Target: median error at most 15 % for latency and throughput, light lo
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
         [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 24] [--profiles measured]
-        [--joint-order independent|workflow] [--out DIR]
+        [--joint-order workflow|independent] [--out DIR]
         [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2] [--conditions FDTWO]]
 
 ``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
@@ -278,7 +278,7 @@ def main() -> int:
     parser.add_argument(
         "--conditions", default="FDTWO", help="--per-call's conditions, letters of FDTWO"
     )
-    parser.add_argument("--joint-order", choices=("independent", "workflow"), default="independent")
+    parser.add_argument("--joint-order", choices=("workflow", "independent"), default="workflow")
     args = parser.parse_args()
     if not args.conditions or set(args.conditions) - set("FDTWO"):
         parser.error(f"--conditions: letters of FDTWO, got {args.conditions!r}")

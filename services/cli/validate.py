@@ -2,7 +2,7 @@
 
     scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
                     [--requests N] [--profiles joint|measured|analytic] [--scale tiny|full]
-                    [--joint-order independent|workflow]
+                    [--joint-order workflow|independent]
                     [--out DIR] [--json] [--redis-url URL]
 
 For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
@@ -13,8 +13,9 @@ front of them; each LLM of the workflow is a model of the router under its deplo
    LLM's request mix, as the planner would read them from the router's recorded trace;
 2. each LLM's profile at that mix: ``joint`` (default) - every LLM of the workflow measured at
    once through the router at its share of the workflow's rate, its calls in groups whose sizes
-   are drawn from the pilot trace's fan-outs (``services.profiler.joint``), or with
-   ``--joint-order workflow`` the pilot's requests replayed wave by wave; ``measured`` - the
+   are drawn from the pilot trace's fan-outs (``services.profiler.joint``): by default the
+   pilot's requests replayed wave by wave in the workflow's order, with ``--joint-order
+   independent`` each LLM's groups Poisson on their own; ``measured`` - the
    profile stored under its key, else measured now on the LLM's first registered engine by the
    ``vllm`` profiler backend (and stored), through the router (``--profile-via router``,
    default: the hop every workflow call takes) or on the engine directly; ``analytic`` - the
@@ -90,10 +91,10 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--joint-order",
-        choices=("independent", "workflow"),
-        default="independent",
-        help="joint profiles: each LLM's call groups Poisson on their own (independent), or the "
-        "pilot's requests replayed wave by wave in the workflow's order (workflow)",
+        choices=("workflow", "independent"),
+        default="workflow",
+        help="joint profiles: the pilot's requests replayed wave by wave in the workflow's order "
+        "(workflow, default), or each LLM's call groups Poisson on their own (independent)",
     )
     parser.add_argument("--load", help="rates as fractions of the predicted throughput")
     parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
