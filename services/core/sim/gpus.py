@@ -13,17 +13,9 @@ For a workflow on ``gpus`` GPUs at ``load`` x the ALP's highest throughput there
 The fewest-GPUs plan (``fewest``) is the search's latency objective (``Problem.latency_slo``:
 the fewest GPUs whose closed-form latency meets it) checked on the replayed trace
 (``Context.score_replay``) when the context refines: while the replay misses the objective by
-more than ``MET``, the closed-form objective is tightened by the replay's excess, and below
-the closed-form latency of the plan that missed, and the search runs again (at most
-``VERIFY_ROUNDS`` times), so the closed form's optimism on fan-outs and barriers does not buy
-GPUs it cannot keep. When no plan verifies, ``fewest`` says so (None) and the row takes the
-minimum-latency plan. Before, a plan whose closed form was optimistic by more than the excess
-came back unchanged (co-serving on 8 GPUs at 3.9 req/s: 5.5 GPUs, closed form 6.05 s, replay
-9.16 s against an objective of 8.86 s, the same allocation four times), and the last plan,
-missed, was kept. Tightening by the closed form's whole optimism on the plan that missed
-(replayed over closed-form latency; tried, reverted) overshot where that optimism is larger on
-fewer GPUs: RAG's plans against static and the autoscaler took 7.5 GPUs instead of 6.75, both
-meeting, and co-serving met no more objectives.
+more than ``MET``, the closed-form objective is tightened by the replay's excess and the search
+runs again (at most ``VERIFY_ROUNDS`` times), so the closed form's optimism on fan-outs and
+barriers does not buy GPUs it cannot keep.
 """
 
 from __future__ import annotations
@@ -66,23 +58,17 @@ class GpuRow:
         return self.their_gpus - self.scepsy_gpus
 
 
-def fewest(ctx: Context, gpus: int, rate: float, slo: float) -> dict[str, Allocation] | None:
-    """The fewest-GPUs allocation that places and meets ``slo`` (module docstring); None when
-    none found within ``VERIFY_ROUNDS`` meets it in the replay (or the tightened objective is
-    past what ``gpus`` GPUs reach).
+def fewest(ctx: Context, gpus: int, rate: float, slo: float) -> dict[str, Allocation]:
+    """The fewest-GPUs allocation that places and meets ``slo`` (module docstring).
 
-    Raises ``AllocationInfeasible`` when no allocation of ``gpus`` meets it in the closed form.
+    Raises ``AllocationInfeasible`` when no allocation of ``gpus`` meets it.
     """
     placer = placer_for(cluster_nodes(ctx.gpu.name, gpus), ctx.fraction_unit)
     target = slo
+    allocation: dict[str, Allocation] = {}
     for _ in range(VERIFY_ROUNDS):
         problem = replace(ctx.problem(gpus, rate), latency_slo=target)
-        try:
-            placed = search_placed(problem, ctx.profiles.profile, placer, bursts=ctx.profiles.burst)
-        except AllocationInfeasible:
-            if target == slo:
-                raise
-            return None  # tightened past what the GPUs reach: nothing fewer verified
+        placed = search_placed(problem, ctx.profiles.profile, placer, bursts=ctx.profiles.burst)
         allocation = placed.result.allocation
         if ctx.refine is None:
             return allocation
@@ -90,9 +76,8 @@ def fewest(ctx: Context, gpus: int, rate: float, slo: float) -> dict[str, Alloca
         if scored.steady and scored.latency <= slo * MET:
             return allocation
         excess = scored.latency / slo if scored.steady else 1.25
-        predicted = ctx.latency_of(ctx.predict(allocation, rate))
-        target = min(target / max(excess, 1.02), predicted / 1.02)
-    return None
+        target = target / max(excess, 1.02)
+    return allocation
 
 
 def fewest_gpus(
@@ -118,9 +103,7 @@ def fewest_gpus(
     def row(against: str, their: tuple[float, float], slo: float) -> GpuRow:
         try:
             mine = fewest(ctx, gpus, rate, slo)
-        except AllocationInfeasible:  # below the closed form's minimum
-            mine = None
-        if mine is None:  # nothing fewer verified: the min-latency plan
+        except AllocationInfeasible:  # below the closed form's minimum: the min-latency plan
             mine = SYSTEMS["scepsy"](ctx, gpus, rate).allocation
         my_gpus, my_latency, described = simulate(Setup("scepsy-fewest", mine))
         predicted = ctx.latency_of(ctx.predict(mine, rate))
