@@ -6,8 +6,9 @@ highest throughput on ``--gpus`` GPUs, or ``--rate``) and one or more allocation
 (``--alloc "generator 8x 0.5, prm 5x 0.5"``, the report's notation) or systems (``--system
 autoscaler``: its plan at the rate, with its controller): each allocation served by
 the workflow's program for ``--scale`` x the bench's requests on ``--seeds`` seeds (mean
-latency, backlog growth, sustainable by the 2% rule), and scored by the replay (the scorer's
-seed, then ``--seeds`` other seeds; allocations only). Prints one line per run.
+latency, backlog growth (a mix's: each part's), sustainable by the 2% rule), and scored by
+the replay (the scorer's seed, then ``--seeds`` other seeds; allocations only). Prints one
+line per run.
 
     .venv/bin/python scripts/bench_longruns.py --workflow coserve --gpus 8 --load 1.0 \\
         --alloc "generator 8x 0.5, prm 5x 0.5, reranker 3x 0.5" \\
@@ -101,11 +102,12 @@ def long_runs(
         load = load_at(ctx, rate, seed, settings)
         requests = load.requests * args.scale
         result = ctx.serve(plan, poisson_at(rate, requests, load.seed), gpus=args.gpus)
-        point = measure(result, rate, settings.measure)
+        point = measure(result, rate, settings.measure, ctx.groups(requests))
+        parts = " ".join(f"{g:+.3f}" for g in point.part_growth)
         print(
             f"{label:48} program seed {seed:>4}: {point.mean_latency:7.2f} s "
-            f"growth {point.backlog_growth:+.3f} sustainable {point.sustainable} "
-            f"({requests} requests)",
+            f"growth {point.backlog_growth:+.3f}{f' (parts {parts})' if parts else ''} "
+            f"sustainable {point.sustainable} ({requests} requests)",
             flush=True,
         )
 

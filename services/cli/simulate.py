@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.allocation import Allocation, check_fraction_unit
 from services.core.errors import InvalidInputError
@@ -74,7 +75,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             write_trace(args.trace_out, result.trace, result.requests)
         except OSError as exc:
             raise InvalidInputError(f"--trace-out: cannot write: {exc.strerror}") from None
-    doc = summary(result, plan, args.rate, wall)
+    doc = summary(result, plan, args.rate, wall, ctx.groups(len(result.arrival)))
     print(json.dumps(doc) if args.json else format_summary(doc))
     return 0
 
@@ -107,8 +108,15 @@ def parse_allocation(text: str, ctx: Context) -> dict[str, Allocation]:
     return out
 
 
-def summary(result: SimResult, plan: Setup, rate: float, wall: float) -> dict[str, Any]:
-    point = measure(result, rate)
+def summary(
+    result: SimResult,
+    plan: Setup,
+    rate: float,
+    wall: float,
+    groups: npt.NDArray[np.int64] | None = None,
+) -> dict[str, Any]:
+    """The run's figures; ``groups``: each request's part of a mix (``measure.measure``)."""
+    point = measure(result, rate, groups=groups)
     return {
         "workflow": result.workflow,
         "system": plan.system,
@@ -119,6 +127,8 @@ def summary(result: SimResult, plan: Setup, rate: float, wall: float) -> dict[st
         "measured_requests": point.requests,
         "throughput": point.throughput,
         "sustainable": point.sustainable,
+        "backlog_growth": point.backlog_growth,
+        "part_backlog_growth": list(point.part_growth),  # a mix's, per part
         "mean_latency": point.mean_latency,
         "p50_latency": point.p50_latency,
         "p99_latency": point.p99_latency,
@@ -139,11 +149,14 @@ def vars_of(a: Allocation) -> dict[str, float | int]:
 def format_summary(doc: dict[str, Any]) -> str:
     calls = ", ".join(f"{m} {n}" for m, n in doc["calls_by_model"].items())
     verdict = "sustainable" if doc["sustainable"] else "NOT sustainable"
+    growth = f"{doc['backlog_growth']:+.1%}"
+    if doc["part_backlog_growth"]:
+        growth += " (parts " + ", ".join(f"{g:+.1%}" for g in doc["part_backlog_growth"]) + ")"
     return "\n".join(
         [
             f"{doc['workflow']} on {doc['allocation_text']} ({doc['system']})",
             f"  {doc['requests']} requests at {doc['rate']:g} req/s: throughput "
-            f"{doc['throughput']:.3g} req/s, {verdict}",
+            f"{doc['throughput']:.3g} req/s, backlog growth {growth}, {verdict}",
             f"  latency mean {doc['mean_latency']:.3f} s, p50 {doc['p50_latency']:.3f} s, "
             f"p99 {doc['p99_latency']:.3f} s ({doc['measured_requests']} measured)",
             f"  {doc['calls']} LLM calls ({calls}), {doc['preemptions']} preemptions, "

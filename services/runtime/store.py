@@ -491,7 +491,7 @@ class Store:
         try:
             yield pubsub
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _publish(self, event: dict[str, Any]) -> None:
         await self._r.publish(self.keys.events, json.dumps(event))
@@ -671,7 +671,7 @@ def _sentinel_master(
     master_options = dict(options)
     if parts.scheme.startswith("rediss"):
         master_options["ssl"] = True
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         sentinels, sentinel_kwargs=sentinel_kwargs, **master_options
     )
     master: aioredis.Redis = sentinel.master_for(

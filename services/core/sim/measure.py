@@ -16,6 +16,14 @@ latencies of this run when that is longer (queues need a few latencies to settle
   completion ratio, which compares the two ends of the window, the slope uses all of it;
 - the run is **settled** when its arrival span is at least ``min_span_latencies`` median
   latencies: shorter runs cannot tell a slow but steady system from one falling behind;
+- **several workflows** at once (a ``workflows.Mix``: ``groups`` gives each request's part): the
+  backlog growth is each part's, over its own requests and arrival rate, and the point's the
+  largest (every workflow keeps up, not only the mix's request count), and the median latency
+  that sizes the warm-up and the settling is the slowest part's. Counted over all requests, a
+  part of few but long requests could fall behind unseen: co-serving (90% RAG, 10% beam search
+  whose requests take ~40 s against RAG's ~4.5 s) on ``generator 3x tp1, prm 2x 0.75, reranker
+  5x 0.25`` at 3.9 req/s grew +0.3% over 8,700 requests while beam's own backlog grew +2.6% and
+  its mean latency rose from 48.6 s (2,175 requests, draining at -2.7%) to 55.5 s;
 - the point is **sustainable** when the run is settled and the backlog growth is at most
   ``max_backlog_growth``;
 - **run throughput** = all requests / (last finish - first arrival): under overload the cluster
@@ -36,10 +44,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.perf.model import FloatArray
 from services.core.sim.simulator import SimResult
+
+IntArray = npt.NDArray[np.int64]
 
 MAX_WARMUP_SHARE = 0.6
 AMBIGUOUS = 3.0  # backlog growth up to this x the steady-state bound: run longer to decide
@@ -82,22 +93,39 @@ class Point:
     refined_latency: float | None = None  # the refinement's simulated latency, when refined
     run_throughput: float = 0.0  # all requests / (last finish - first arrival)
     calls: int = 0  # LLM calls simulated (all requests)
+    part_growth: tuple[float, ...] = ()  # per part of a mix (``groups``), its backlog growth
 
 
-def measure(result: SimResult, rate: float, config: MeasureConfig | None = None) -> Point:
-    """The curve point of ``result`` (module docstring). Needs two requests arriving apart."""
+def measure(
+    result: SimResult,
+    rate: float,
+    config: MeasureConfig | None = None,
+    groups: IntArray | None = None,
+) -> Point:
+    """The curve point of ``result`` (module docstring); ``groups``: per request (arrival
+    order), the index of its part when several workflows were served. Needs two requests
+    arriving apart."""
     cfg = config or MeasureConfig()
     arrival, n = result.arrival, len(result.arrival)
     span = float(arrival[-1] - arrival[0]) if n else 0.0
     if n < 2 or span <= 0:
         raise InvalidInputError("measure: need at least 2 requests arriving at different times")
+    if groups is not None and len(groups) != n:
+        raise InvalidInputError(f"measure: groups has {len(groups)} entries for {n} requests")
     median = float(np.median(result.latency))
+    if groups is not None:
+        median = max(float(np.median(result.latency[groups == g])) for g in np.unique(groups))
     warm = min(max(cfg.warmup_share * span, cfg.warmup_latencies * median), MAX_WARMUP_SHARE * span)
     first = min(int(np.searchsorted(arrival, arrival[0] + warm)), n - 2)
     start, stop = float(arrival[first]), float(arrival[-1])
     completed = int(np.count_nonzero((result.finish >= start) & (result.finish <= stop)))
     latency = result.latency[first:]
-    growth = backlog_growth(arrival, result.finish, start, stop, (n - first) / (stop - start))
+    parts: tuple[float, ...] = ()
+    if groups is None:
+        growth = backlog_growth(arrival, result.finish, start, stop, (n - first) / (stop - start))
+    else:
+        parts = part_growth(arrival, result.finish, groups, start, stop)
+        growth = max(parts)
     settled = span >= cfg.min_span_latencies * median
     return Point(
         rate=rate,
@@ -112,6 +140,7 @@ def measure(result: SimResult, rate: float, config: MeasureConfig | None = None)
         sustainable=settled and growth <= cfg.max_backlog_growth,
         run_throughput=n / (float(result.finish.max()) - float(arrival[0])),
         calls=result.calls,
+        part_growth=parts,
     )
 
 
@@ -120,10 +149,11 @@ def clear(point: Point, bound: float, unsettled: float | None = None) -> bool:
     longer run: not when the run was too short for its latencies and its backlog grew by less
     than ``unsettled`` (default ``UNSETTLED`` x ``bound``: a queue still filling), nor when it
     grew by more than ``bound`` but less than ``AMBIGUOUS`` x ``bound`` (within a short run's
-    noise), nor when it shrank by more than ``bound`` (a burst early in the window still
-    draining). ``services.core.sim.runs`` and ``scoring`` run such points again, longer."""
+    noise), nor when it (or a part of a mix) shrank by more than ``bound`` (a burst early in the
+    window still draining). ``services.core.sim.runs`` and ``scoring`` run such points again,
+    longer."""
     if point.sustainable:
-        return point.backlog_growth >= -bound
+        return min(point.part_growth, default=point.backlog_growth) >= -bound
     if not point.settled:
         return point.backlog_growth > (UNSETTLED * bound if unsettled is None else unsettled)
     return point.backlog_growth > AMBIGUOUS * bound
@@ -148,6 +178,23 @@ def work_rate(result: SimResult, point: Point) -> float:
 
 
 BACKLOG_SAMPLES = 256
+
+
+def part_growth(
+    arrival: FloatArray, finish: FloatArray, groups: IntArray, start: float, stop: float
+) -> tuple[float, ...]:
+    """Per part (``groups``' values, ascending), the backlog growth of its own requests over
+    [start, stop] (0 for a part with fewer than two arrivals there)."""
+    out = []
+    for g in np.unique(groups):
+        mine = groups == g
+        arrived = arrival[mine]
+        inside = int(np.count_nonzero((arrived >= start) & (arrived <= stop)))
+        if inside < 2:
+            out.append(0.0)
+            continue
+        out.append(backlog_growth(arrived, finish[mine], start, stop, inside / (stop - start)))
+    return tuple(out)
 
 
 def backlog_growth(

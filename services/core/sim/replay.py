@@ -75,6 +75,7 @@ class TraceReplay:
     models: Mapping[str, str]  # deployment name -> catalogue model, as the traced workflow's
     requests: tuple[ReplayRequest, ...]
     work: tuple[float, ...] = ()  # per request, its calls' summed traced durations (s)
+    request_ids: tuple[str, ...] = ()  # per request, its id in the trace
 
     @classmethod
     def of(cls, trace: Trace, workflow: str, models: Mapping[str, str]) -> TraceReplay:
@@ -93,8 +94,8 @@ class TraceReplay:
         if unknown:
             raise InvalidInputError(f"trace: {workflow} calls models {unknown} not in the spec")
         spans = {r.request_id: r for r in trace.requests if r.workflow == workflow}
-        requests, work = [], []
-        for rid in sorted(by_request):
+        requests, work, ids = [], [], sorted(by_request)
+        for rid in ids:
             span = spans.get(rid)
             calls = by_request[rid]
             requests.append(
@@ -105,7 +106,7 @@ class TraceReplay:
                 )
             )
             work.append(sum(c.end - c.start for c in calls))
-        return cls(workflow, dict(models), tuple(requests), tuple(work))
+        return cls(workflow, dict(models), tuple(requests), tuple(work), tuple(ids))
 
     def program(self, rng: np.random.Generator) -> Program:
         return request_program(self.requests[int(rng.integers(len(self.requests)))])

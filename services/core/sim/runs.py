@@ -4,7 +4,8 @@ A ``Load`` is a rate, a number of requests and a seed: the Poisson arrivals it g
 for every system, so all of them serve the same requests, and offer exactly the rate
 (``arrivals.poisson_at``: a run of 2,870 requests drawn freely offers the rate within +-1.9%, one
 standard deviation, which near a peak decides the verdict). ``run_point`` simulates a plan on a
-load and measures it (``services.core.sim.measure``). It is repeated with twice the requests (the
+load and measures it (``services.core.sim.measure``; a mix's backlog part by part,
+``Context.groups``). It is repeated with twice the requests (the
 same draws extended, scaled to the rate), up to ``BenchSettings.doublings`` times, when its verdict
 is not clear (``measure.clear``):
 
@@ -78,7 +79,7 @@ def run_point(
     for attempt in range(settings.doublings + 1):
         result = ctx.serve(plan, poisson_at(load.rate, load.requests, load.seed), gpus=gpus)
         counter.calls += result.calls
-        point = measure(result, load.rate, cfg)
+        point = measure(result, load.rate, cfg, ctx.groups(load.requests))
         if clear(point, cfg.max_backlog_growth):
             break
         if attempt < settings.doublings:

@@ -30,13 +30,22 @@ import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from services.core.allocation import Allocation
 from services.core.cluster.hardware import GpuSpec
 from services.core.cluster.models import ModelSpec
 from services.core.errors import InvalidInputError
 from services.core.planning.refine import Refiner, Scored
 from services.core.sim.arrivals import poisson_at
-from services.core.sim.measure import MeasureConfig, Point, clear, measure, work_rate
+from services.core.sim.measure import (
+    IntArray,
+    MeasureConfig,
+    Point,
+    clear,
+    measure,
+    work_rate,
+)
 from services.core.sim.program import Workflow
 from services.core.sim.replay import StratifiedReplay, TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
@@ -62,7 +71,8 @@ class RefineSettings:
     scored 4.3 s or 5.2 s by seed where long runs of the program measure 5.4 s.
 
     A run keeps up when its backlog grew by at most ``max_backlog_growth``, the evaluation's
-    strict steady state (2%); 5% before, when free arrival draws and iid requests made a run's
+    strict steady state (2%), for several workflows each workflow's own backlog (``groups``;
+    ``measure.measure``); 5% before, when free arrival draws and iid requests made a run's
     growth too noisy for it: RAG on 16 GPUs at 43 req/s, 8+8 replicas grew 4.0% in the replay
     and 5.0% in the program, and were kept.
 
@@ -175,7 +185,9 @@ class ReplayScorer:
     """Scores of allocations on ``workflow`` (a replay, or a ``Mix`` of replays) served by
     ``models`` on ``gpu`` (module docstring). ``isolated_latency`` (s, a request served alone)
     and ``spread_requests`` (``spread_requests`` of the trace at ``settings.run_error``) size the
-    runs."""
+    runs; ``groups`` (per request of a single replay, the index of the workflow it came from,
+    when several were traced as one) makes each workflow's backlog count on its own
+    (``measure.measure``), as a ``Mix``'s parts do."""
 
     workflow: Workflow
     gpu: GpuSpec
@@ -184,6 +196,7 @@ class ReplayScorer:
     options: SimOptions = field(default_factory=SimOptions)
     settings: RefineSettings = field(default_factory=RefineSettings)
     spread_requests: int = 0
+    groups: tuple[int, ...] = ()  # per replayed request, its workflow (class docstring)
     scores: dict[tuple[str, float, int], Scored] = field(default_factory=dict)
     simulated: int = 0  # LLM calls simulated by ``score`` and ``capacity`` so far
 
@@ -250,14 +263,12 @@ class ReplayScorer:
         seed = cfg.seed + draw
         opts = replace(self.options, seed=self.options.seed + seed)
         for attempt in range(cfg.doublings + 1):
+            run = self.run_workflow(requests, seed)
             result = simulate(
-                self.run_workflow(requests, seed),
-                self.deployment(allocation),
-                poisson_at(rate, requests, seed),
-                opts,
+                run, self.deployment(allocation), poisson_at(rate, requests, seed), opts
             )
             self.simulated += result.calls
-            point = measure(result, rate, REFINE_MEASURE)
+            point = measure(result, rate, REFINE_MEASURE, self.run_groups(run, opts.seed, requests))
             if clear(point, cfg.max_backlog_growth, cfg.unsettled_growth):
                 break
             if attempt < cfg.doublings:
@@ -313,6 +324,15 @@ class ReplayScorer:
         if isinstance(self.workflow, TraceReplay):
             return StratifiedReplay.of(self.workflow, requests, seed)
         return self.workflow
+
+    def run_groups(self, run: Workflow, seed: int, requests: int) -> IntArray | None:
+        """Per request of ``run`` (``run_workflow``'s, simulated with ``seed``), the index of
+        its workflow when several are served; None for one."""
+        if isinstance(run, Mix):
+            return run.groups(seed, requests)
+        if isinstance(run, StratifiedReplay) and self.groups:
+            return np.asarray([self.groups[i] for i in run.order[:requests]], dtype=np.int64)
+        return None
 
     def refiner(self, rate: float) -> Refiner:
         """The refinement of plans for ``rate`` requests/s of the whole."""

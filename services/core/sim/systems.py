@@ -32,10 +32,11 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.allocation import Allocation
 from services.core.cluster.declared import parse_cluster
@@ -252,8 +253,23 @@ class Context:
                 self.options,
                 settings,
                 self.spread_requests(settings.run_error),
+                self.trace_groups(replay.request_ids),
             )
         return self._scorer
+
+    def trace_groups(self, request_ids: Sequence[str]) -> tuple[int, ...]:
+        """Per warm-up request (``r<index>``), its part of a ``Mix``; () for one workflow."""
+        if not isinstance(self.workflow, Mix):
+            return ()
+        seed = self.options.seed + 1  # the warm-up run's (``warmup_trace``)
+        return tuple(self.workflow.part_number(seed, int(rid[1:])) for rid in request_ids)
+
+    def groups(self, requests: int) -> npt.NDArray[np.int64] | None:
+        """Per request of a ``serve`` run of ``requests`` requests, its part of a ``Mix``
+        (``measure.measure``'s ``groups``); None for one workflow."""
+        if not isinstance(self.workflow, Mix):
+            return None
+        return self.workflow.groups(self.options.seed, requests)
 
     def refiner(self, rate: float) -> Refiner | None:
         """The refinement of plans for ``rate`` (``score_replay``), None when off."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.sim.program import Lengths, Llm, Parallel, Program, Seconds, Tool, Workflow
@@ -414,7 +415,18 @@ class Mix:
 
     def part_of(self, seed: int, index: int) -> Workflow:
         """The part that request ``index`` of a simulation with ``seed`` runs."""
-        return self.parts[self.part_index(np.random.default_rng([seed, index]))]
+        return self.parts[self.part_number(seed, index)]
+
+    def part_number(self, seed: int, index: int) -> int:
+        """The index in ``parts`` of ``part_of(seed, index)``."""
+        return self.part_index(np.random.default_rng([seed, index]))
+
+    def groups(self, seed: int, requests: int) -> npt.NDArray[np.int64]:
+        """Per request of a simulation of ``requests`` requests with ``seed``, its part's
+        index (``measure.measure``'s ``groups``)."""
+        return np.fromiter(
+            (self.part_number(seed, i) for i in range(requests)), np.int64, count=requests
+        )
 
     def program(self, rng: np.random.Generator) -> Program:
         result = yield from self.parts[self.part_index(rng)].program(rng)

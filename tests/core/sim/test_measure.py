@@ -1,6 +1,9 @@
-"""``measure.work_rate``: the served work of an overloaded run, against its completion rate."""
+"""``measure``: the served work of an overloaded run (``work_rate``) against its completion rate;
+the steady state of a mix of workflows, part by part."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,9 +13,10 @@ from services.core.cluster.hardware import gpu_spec
 from services.core.cluster.models import model_spec
 from services.core.errors import InvalidInputError
 from services.core.sim.arrivals import poisson
-from services.core.sim.measure import measure, work_rate
+from services.core.sim.measure import MeasureConfig, Point, clear, measure, work_rate
 from services.core.sim.program import Llm, Program
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
+from services.core.sim.workflows import Mix
 
 H100 = gpu_spec("H100-SXM")
 SMALL = model_spec("meta-llama/Llama-3.2-1B")
@@ -70,3 +74,69 @@ def test_work_rate_needs_the_runs_trace() -> None:
     result = run(1, 10.0, 50, record=False)
     with pytest.raises(InvalidInputError, match="work_rate"):
         work_rate(result, measure(result, 10.0))
+
+
+class Part(Rounds):
+    """``rounds`` sequential calls of ``model`` per request, under its own name."""
+
+    def __init__(self, name: str, model: str, rounds: int) -> None:
+        super().__init__(rounds)
+        self.name = name
+        self.models = {model: SMALL.name}
+        self.model = model
+
+    def program(self, rng: np.random.Generator) -> Program:
+        for _ in range(self.rounds):
+            yield Llm(self.model, 400, 60)
+
+    def mean_calls(self) -> dict[str, float]:
+        return {self.model: float(self.rounds)}
+
+
+def test_a_mix_keeps_up_only_when_each_part_does() -> None:
+    """4% of the requests, each 12 rounds on their own LLM (offered more than it serves in
+    steady state, less than a burst of requests all at once gets through), fall behind; counted
+    over all requests the backlog barely grows, counted per part it does."""
+    heavy = Part("heavy", "b", 12)
+    mix = Mix("mix", (Part("light", "a", 1), heavy), (0.96, 0.04))
+    alone = Deployment(H100, {"b": SMALL}, {"b": Allocation(0.25, 1, 1)})
+    probe = simulate(heavy, alone, poisson(1e4, 1_500, 3), SimOptions(seed=1))
+    rate = 0.8 * measure(probe, 1e4).run_throughput / 0.04
+    deployment = Deployment(
+        H100, {"a": SMALL, "b": SMALL}, {"a": Allocation(1.0, 1, 4), "b": Allocation(0.25, 1, 1)}
+    )
+    requests = 8_000
+    result = simulate(mix, deployment, poisson(rate, requests, 3), SimOptions(seed=1))
+    groups = mix.groups(1, requests)
+    assert list(groups[:50]) == [mix.parts.index(mix.part_of(1, i)) for i in range(50)]
+
+    by_count = measure(result, rate)
+    by_part = measure(result, rate, groups=groups)
+    assert by_count.sustainable and by_count.backlog_growth < 0.01
+    assert not by_part.sustainable
+    light, behind = by_part.part_growth
+    assert abs(light) < 0.01 and behind > 0.08
+    assert by_part.backlog_growth == behind
+    # the slowest part's median latency is what the run must span to settle
+    slow = float(np.median(result.latency[groups == 1]))
+    span = float(result.arrival[-1] - result.arrival[0])
+    strict = MeasureConfig(min_span_latencies=1.1 * span / slow)
+    assert measure(result, rate, strict).settled
+    assert not measure(result, rate, strict, groups).settled
+
+
+def test_a_sustainable_mix_with_a_part_still_draining_is_run_again() -> None:
+    point = Point(
+        rate=1.0, requests=100, throughput=1.0, completion_ratio=1.0, backlog_growth=0.01,
+        settled=True, mean_latency=1.0, p50_latency=1.0, p99_latency=2.0, sustainable=True,
+        part_growth=(0.01, -0.05),
+    )  # fmt: skip
+    assert not clear(point, 0.02)
+    assert clear(replace(point, part_growth=(0.01, -0.01)), 0.02)
+    assert clear(replace(point, part_growth=()), 0.02)
+
+
+def test_groups_must_name_every_request() -> None:
+    result = run(1, 5.0, 50, record=False)
+    with pytest.raises(InvalidInputError, match="groups has 49 entries for 50 requests"):
+        measure(result, 5.0, groups=np.zeros(49, dtype=np.int64))
