@@ -94,14 +94,14 @@ class Part(Rounds):
 
 
 def test_a_mix_keeps_up_only_when_each_part_does() -> None:
-    """4% of the requests, each 12 rounds on their own LLM (offered more than it serves in
-    steady state, less than a burst of requests all at once gets through), fall behind; counted
-    over all requests the backlog barely grows, counted per part it does."""
+    """4% of the requests, each 12 rounds on their own LLM (offered what a burst of them all at
+    once gets through, more than it serves at a steady rate), fall behind; counted over all
+    requests the backlog grows within the bound, counted per part it does not."""
     heavy = Part("heavy", "b", 12)
     mix = Mix("mix", (Part("light", "a", 1), heavy), (0.96, 0.04))
     alone = Deployment(H100, {"b": SMALL}, {"b": Allocation(0.25, 1, 1)})
     probe = simulate(heavy, alone, poisson(1e4, 1_500, 3), SimOptions(seed=1))
-    rate = 0.8 * measure(probe, 1e4).run_throughput / 0.04
+    rate = measure(probe, 1e4).run_throughput / 0.04
     deployment = Deployment(
         H100, {"a": SMALL, "b": SMALL}, {"a": Allocation(1.0, 1, 4), "b": Allocation(0.25, 1, 1)}
     )
@@ -112,11 +112,14 @@ def test_a_mix_keeps_up_only_when_each_part_does() -> None:
 
     by_count = measure(result, rate)
     by_part = measure(result, rate, groups=groups)
-    assert by_count.sustainable and by_count.backlog_growth < 0.01
+    assert by_count.sustainable
     assert not by_part.sustainable
     light, behind = by_part.part_growth
-    assert abs(light) < 0.01 and behind > 0.08
-    assert by_part.backlog_growth == behind
+    assert abs(light) < 0.01 and behind > 0.2
+    # held to the bound scaled by its noise: sqrt(its share) x its growth
+    share = by_part.part_share[1]
+    assert share == pytest.approx(0.04, abs=0.01)
+    assert by_part.backlog_growth == pytest.approx(behind * share**0.5)
     # the slowest part's median latency is what the run must span to settle
     slow = float(np.median(result.latency[groups == 1]))
     span = float(result.arrival[-1] - result.arrival[0])
@@ -126,14 +129,16 @@ def test_a_mix_keeps_up_only_when_each_part_does() -> None:
 
 
 def test_a_sustainable_mix_with_a_part_still_draining_is_run_again() -> None:
+    """A part of 10% of the requests shrinking by 8% (sqrt(0.1) x 8% = 2.5% > the 2% bound)
+    is still draining; by 5% (1.6%) it is within the noise of its few requests."""
     point = Point(
         rate=1.0, requests=100, throughput=1.0, completion_ratio=1.0, backlog_growth=0.01,
         settled=True, mean_latency=1.0, p50_latency=1.0, p99_latency=2.0, sustainable=True,
-        part_growth=(0.01, -0.05),
+        part_growth=(0.01, -0.08), part_share=(0.9, 0.1),
     )  # fmt: skip
     assert not clear(point, 0.02)
-    assert clear(replace(point, part_growth=(0.01, -0.01)), 0.02)
-    assert clear(replace(point, part_growth=()), 0.02)
+    assert clear(replace(point, part_growth=(0.01, -0.05)), 0.02)
+    assert clear(replace(point, part_growth=(), part_share=()), 0.02)
 
 
 def test_groups_must_name_every_request() -> None:
