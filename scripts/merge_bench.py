@@ -8,7 +8,8 @@ one PNG per workflow to its ``--out`` directory. This script writes to ``--out``
 - ``bench.json``: the first block's settings, the summed ``calls_simulated``, the comparisons
   and workflows of every block in order, and ``runs`` (each block's workflows and GPU counts);
 - ``curves.csv``: every block's rows under one header;
-- the PNGs, copied.
+- the PNGs, copied; a workflow whose GPU counts ran in several blocks (``--gpus 4`` and
+  ``--gpus 8`` as two processes, one per core) plotted again from the merged rows.
 
     .venv/bin/python scripts/merge_bench.py --out docs/bench --header "..." \\
         --block DIR "COMMAND" --block DIR "COMMAND" ...
@@ -17,12 +18,17 @@ one PNG per workflow to its ``--out`` directory. This script writes to ``--out``
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def merge(blocks: Sequence[tuple[Path, str]], out: Path, header: str) -> None:
@@ -74,6 +80,31 @@ def merge(blocks: Sequence[tuple[Path, str]], out: Path, header: str) -> None:
     for directory, _ in blocks:
         for png in sorted(directory.glob("*.png")):
             shutil.copyfile(png, out / png.name)
+    split = [
+        w for w, n in Counter(w for b in merged["runs"] for w in b["workflows"]).items() if n > 1
+    ]
+    if split:
+        replot(out / "curves.csv", split, out)
+
+
+def replot(curves: Path, workflows: Sequence[str], out: Path) -> list[Path]:
+    """``workflows``' PNGs drawn from the rows of ``curves`` (``bench.plot_curves``)."""
+    from services.cli.bench import plot_curves
+
+    with open(curves, newline="", encoding="utf-8") as handle:
+        rows = [
+            {
+                **r,
+                "gpus": int(r["gpus"]),
+                "rate": float(r["rate"]),
+                "mean_latency": float(r["mean_latency"]),
+                "p99_latency": float(r["p99_latency"]),
+                "sustainable": r["sustainable"] == "True",
+            }
+            for r in csv.DictReader(handle)
+            if r["workflow"] in workflows
+        ]
+    return plot_curves(rows, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

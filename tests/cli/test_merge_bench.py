@@ -71,3 +71,26 @@ def test_a_block_that_differs_or_lacks_a_file_is_refused(tmp_path: Path) -> None
     done = run("--out", str(tmp_path / "out2"), "--header", "H", "--block", str(a), "a")
     assert done.returncode == 2 and f"--block {a}: no bench.json" in done.stderr
     assert not (tmp_path / "out2").exists()  # nothing written
+
+
+PLOTTED = "workflow,gpus,system,rate,sustainable,mean_latency,p99_latency"
+
+
+def test_a_workflow_run_in_two_blocks_is_plotted_from_both(tmp_path: Path) -> None:
+    """``--gpus 4`` and ``--gpus 8`` of one workflow as two processes: one PNG with both."""
+    a = block(tmp_path, "coserve", 4, 100, head=PLOTTED)
+    (tmp_path / "b").mkdir()
+    b = block(tmp_path / "b", "coserve", 8, 200, head=PLOTTED)
+    for d, gpus in ((a, 4), (b, 8)):
+        (d / "curves.csv").write_text(
+            f"{PLOTTED}\ncoserve,{gpus},scepsy,1.0,True,2.0,5.0\n"
+            f"coserve,{gpus},scepsy,2.0,False,9.0,30.0\n"
+        )
+    out = tmp_path / "out"
+    done = run("--out", str(out), "--header", "H", "--block", str(a), "cmd a",
+               "--block", str(b), "cmd b")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    png = (out / "coserve.png").read_bytes()
+    assert png.startswith(b"\x89PNG")  # drawn, not either block's copy
+    assert int.from_bytes(png[16:20], "big") > 800  # two panels of 4.2 in at 110 dpi
+    assert len((out / "curves.csv").read_text().splitlines()) == 5
