@@ -93,6 +93,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a CI-sized run (well under 60 s)")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle")
+    parser.add_argument(
+        "--prepare-gpus",
+        type=int,
+        help="GPUs of the warm-up's cluster (default: the smallest of --gpus); give the same "
+        "to blocks of one workflow split by GPU count",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds")
     add_warmup_arg(parser)
@@ -126,6 +132,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         "gpu_type": args.gpu_type,
         "systems": tuple(_list(args.systems, "--systems")),
         "seed": args.seed,
+        "prepare_gpus": args.prepare_gpus,
     }
     if args.no_oracle:
         changes["oracle_gpus"] = 0

@@ -61,6 +61,23 @@ def test_bench_eval_is_the_same_as_bench(capsys: pytest.CaptureFixture[str]) -> 
     assert first["comparisons"] == second["comparisons"]
 
 
+def test_a_block_split_by_gpu_count_matches_one_process(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--gpus 8 --prepare-gpus 4``: the 8-GPU half of a ``--gpus 4,8`` run, figure for figure."""
+    args = ("--quick", "--workflows", "rag", "--systems", "scepsy,static", "--json")
+    scepsy("bench", *args, "--gpus", "4,8")
+    whole = json.loads(capsys.readouterr().out)
+    scepsy("bench", *args, "--gpus", "8", "--prepare-gpus", "4")
+    half = json.loads(capsys.readouterr().out)
+    assert half["comparisons"] == [c for c in whole["comparisons"] if c["gpus"] == 8]
+    scepsy("bench", *args, "--gpus", "8")
+    alone = json.loads(capsys.readouterr().out)  # warmed up on 8 GPUs: another trace
+    assert alone["workflows"][0]["isolated_latency"] != half["workflows"][0]["isolated_latency"]
+    with pytest.raises(InvalidInputError, match="prepare_gpus: must be positive, got 0"):
+        scepsy("bench", *args, "--gpus", "8", "--prepare-gpus", "0")
+
+
 def test_bench_rejects_bad_lists() -> None:
     with pytest.raises(InvalidInputError, match="--gpus"):
         scepsy("bench", "--quick", "--gpus", "four")

@@ -59,7 +59,7 @@ def evaluate_workflow(wf: Workflow, settings: BenchSettings, say: Progress) -> W
     ctx = Context.prepare(
         wf,
         settings.gpu_type,
-        min(settings.gpu_counts),
+        settings.prepare_gpus or min(settings.gpu_counts),
         **settings.warmup(),
         fraction_unit=settings.fraction_unit,
         rho=settings.rho,

@@ -20,6 +20,9 @@ class BenchSettings:
 
     gpu_type: str = "H100-SXM"
     gpu_counts: tuple[int, ...] = (4, 8, 16)
+    # the warm-up's cluster (None: the smallest of ``gpu_counts``); a block split by GPU count
+    # into processes gives the same figures as one process when they name the same
+    prepare_gpus: int | None = None
     systems: tuple[str, ...] = (
         "scepsy",
         "static",
@@ -77,6 +80,8 @@ class BenchSettings:
             )
         if not self.gpu_counts or min(self.gpu_counts) < 1:
             raise InvalidInputError(f"gpu_counts: must be positive, got {list(self.gpu_counts)}")
+        if self.prepare_gpus is not None and self.prepare_gpus < 1:
+            raise InvalidInputError(f"prepare_gpus: must be positive, got {self.prepare_gpus}")
         if not self.rate_fractions or min(self.rate_fractions) <= 0:
             raise InvalidInputError("rate_fractions: must be positive")
         if self.run_error is not None and not self.run_error > 0:
