@@ -16,6 +16,8 @@ latencies of this run when that is longer (queues need a few latencies to settle
   completion ratio, which compares the two ends of the window, the slope uses all of it;
 - the run is **settled** when its arrival span is at least ``min_span_latencies`` median
   latencies: shorter runs cannot tell a slow but steady system from one falling behind;
+- the point is **sustainable** when the run is settled and the backlog growth is at most
+  ``max_backlog_growth``;
 - **several workflows** at once (a ``workflows.Mix``: ``groups`` gives each request's part):
   each part's backlog growth over its own requests and arrival rate, held to the bound scaled
   by its noise: a part of share s of the requests has 1/sqrt(s) the whole's relative noise, so
