@@ -12,9 +12,10 @@ import pytest
 from services.core.allocation import Allocation
 from services.core.sim.arrivals import poisson_at
 from services.core.sim.replay import TraceReplay
+from services.core.sim.scoring import ReplayScorer
 from services.core.sim.simulator import simulate
 from services.core.sim.systems import Context, Setup, tag_parts
-from services.core.sim.workflows import RagReranker, coserve
+from services.core.sim.workflows import Mix, RagReranker, coserve
 from services.core.workload.trace import TraceCall
 
 ALLOCATION = {
@@ -73,3 +74,18 @@ def test_one_workflow_has_no_groups() -> None:
     assert one.scorer.groups == ()
     run = one.scorer.run_workflow(10, 1)
     assert one.scorer.run_groups(run, 1, 10) is None
+
+
+def test_a_scorer_of_several_traced_workflows_counts_each(ctx: Context) -> None:
+    """The planner's path: workflows traced under their own names, replayed as a ``Mix``."""
+    tagged = tag_parts(ctx.warmup, ctx.workflow, ctx.options.seed + 1)
+    scorer = ReplayScorer.of_trace(tagged, {"rag": 0.7, "beam": 0.3}, ctx.gpu, ctx.models)
+    run = scorer.run_workflow(40, 5)
+    assert isinstance(run, Mix)
+    seed = ctx.options.seed + 9
+    groups = scorer.run_groups(run, seed, 40)
+    assert groups is not None
+    options = replace(ctx.options, seed=seed, record=True)
+    result = simulate(run, scorer.deployment(ALLOCATION), poisson_at(0.2, 40, 5), options)
+    beam = [p.name for p in run.parts].index("beam")
+    assert np.array_equal(groups == beam, beam_requests(result.trace, 40))
