@@ -10,10 +10,12 @@ import pytest
 from services.core.errors import InvalidInputError
 from services.core.sim import baselines
 from services.core.sim.evaluation import refine, run_bench
+from services.core.sim.gpus import MET, fewest
 from services.core.sim.measure import AMBIGUOUS, UNSETTLED, MeasureConfig, clear
 from services.core.sim.report import comparisons, peak
 from services.core.sim.results import BenchSettings
 from services.core.sim.runs import Counter, load_at, run_point
+from services.core.sim.scoring import describe
 from services.core.sim.systems import (
     SYSTEMS,
     Context,
@@ -181,3 +183,16 @@ def test_an_auto_warm_up_is_sized_by_the_spread_of_the_first_one() -> None:
     assert warmup_needed(first.warmup, "rag", 0.025) == pytest.approx(4 * needed, rel=0.02)
     with pytest.raises(InvalidInputError, match="warmup_error"):
         warmup_needed(first.warmup, "rag", 0.0)
+
+
+def test_the_fewest_gpus_plan_meets_its_objective_on_two_draws(ctx: Context) -> None:
+    """The replay's scoring draw and an independent one both meet the objective (one lucky
+    sample of requests does not buy GPUs), and it frees GPUs against the minimum latency."""
+    rate = 0.5 * ctx.capacity(GPUS)
+    best = SYSTEMS["scepsy"](ctx, GPUS, rate)
+    slo = 1.3 * ctx.score_replay(best.allocation, rate).latency
+    mine = fewest(ctx, GPUS, rate, slo)
+    for draw in (0, 1):
+        scored = ctx.scorer.scores[(describe(mine), round(rate, 9), draw)]
+        assert scored.steady and scored.latency <= slo * MET
+    assert sum(a.gpus for a in mine.values()) < sum(a.gpus for a in best.allocation.values())
