@@ -113,6 +113,19 @@ def test_simulate_as_a_system_plans_first(capsys: pytest.CaptureFixture[str]) ->
     assert "generator 2x tp1, reranker 2x tp1 (static)" in text
 
 
+def test_simulate_a_mix_reports_each_workflows_backlog(capsys: pytest.CaptureFixture[str]) -> None:
+    """Static on 4 GPUs at 1.5 req/s of co-serving: RAG keeps up, beam search falls behind."""
+    args = ("simulate", "--workflow", "coserve", "--gpus", "4", "--system", "static",
+            "--rate", "1.5", "--requests", "400")  # fmt: skip
+    assert scepsy(*args, "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    rag, beam = doc["part_backlog_growth"]
+    assert abs(rag) < 0.05 < beam
+    assert not doc["sustainable"]
+    assert scepsy(*args) == 0
+    assert f"(parts {rag:+.1%}, {beam:+.1%}), NOT sustainable" in capsys.readouterr().out
+
+
 def test_bench_gpus_reports_scepsys_gpus_at_each_baselines_latency(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
