@@ -244,8 +244,10 @@ def test_a_joint_sweep_in_the_workflows_order_replays_each_request_wave_by_wave(
     assert len(by_request) >= 4
     for replayed in by_request.values():
         reranks = [c for c in replayed if c[0] == "reranker"]
-        assert len(reranks) == 4  # the first wave is sent whole, at once
-        assert max(c[1] for c in reranks) - min(c[1] for c in reranks) < 0.1
+        assert len(reranks) == 4
+        # the first wave is sent whole, at once: every call started before any ended (a spread
+        # of start times would be the host's: 0.147 s on a CI run with engines on both cores)
+        assert max(c[1] for c in reranks) < min(c[2] for c in reranks)
         for name, start, _, _ in replayed:
             if name == "generator":  # after every reranker call ended, and the tool time
                 assert start >= max(c[2] for c in reranks) + 0.2 - 0.01
