@@ -123,8 +123,9 @@ def measure(
     if groups is not None and len(groups) != n:
         raise InvalidInputError(f"measure: groups has {len(groups)} entries for {n} requests")
     median = float(np.median(result.latency))
+    ids = np.unique(groups) if groups is not None else np.empty(0, np.int64)
     if groups is not None:
-        median = max(float(np.median(result.latency[groups == g])) for g in np.unique(groups))
+        median = max(float(np.median(result.latency[groups == g])) for g in ids)
     warm = min(max(cfg.warmup_share * span, cfg.warmup_latencies * median), MAX_WARMUP_SHARE * span)
     first = min(int(np.searchsorted(arrival, arrival[0] + warm)), n - 2)
     start, stop = float(arrival[first]), float(arrival[-1])
@@ -136,7 +137,7 @@ def measure(
         growth = backlog_growth(arrival, result.finish, start, stop, (n - first) / (stop - start))
     else:
         parts = part_growth(arrival, result.finish, groups, start, stop)
-        shares = tuple(float(np.mean(groups[first:] == g)) for g in np.unique(groups))
+        shares = tuple(float(np.mean(groups[first:] == g)) for g in ids)
         growth = max(g * s**0.5 for g, s in zip(parts, shares, strict=True))
     settled = span >= cfg.min_span_latencies * median
     return Point(

@@ -142,7 +142,7 @@ class Context:
         for part, share in _parts(workflow):
             found = stats
             if isinstance(workflow, Mix):  # each part's statistics from its requests
-                tagged = tag_parts(trace, workflow, opts.seed + 1)
+                tagged = tag_parts(trace, workflow, warmup_seed(opts))
                 found = next(s for s in workflow_stats(tagged) if s.workflow == part)
             samples = {m.model: m.sample for m in found.llms if m.n > 0}
             demand = WorkflowDemand.from_stats(found)
@@ -261,7 +261,7 @@ class Context:
         """Per warm-up request (``r<index>``), its part of a ``Mix``; () for one workflow."""
         if not isinstance(self.workflow, Mix):
             return ()
-        seed = self.options.seed + 1  # the warm-up run's (``warmup_trace``)
+        seed = warmup_seed(self.options)
         return tuple(self.workflow.part_number(seed, int(rid[1:])) for rid in request_ids)
 
     def groups(self, requests: int) -> npt.NDArray[np.int64] | None:
@@ -341,6 +341,12 @@ def warmup_needed(trace: Trace, name: str, error: float) -> int:
     return spread_requests(trace, (name,), error)
 
 
+def warmup_seed(options: SimOptions) -> int:
+    """The simulation seed of the warm-up run (``warmup_trace``): what tells a ``Mix``'s parts
+    apart in its trace (``tag_parts``, ``Context.trace_groups``)."""
+    return options.seed + 1
+
+
 def warmup_trace(
     workflow: Workflow,
     gpu: GpuSpec,
@@ -360,7 +366,7 @@ def warmup_trace(
     gap = float(np.mean(probe.latency))
     rng = np.random.default_rng([options.seed, 0x3A7])
     arrivals = np.cumsum(rng.exponential(gap, size=requests))
-    run = replace(options, seed=options.seed + 1, record=True)
+    run = replace(options, seed=warmup_seed(options), record=True)
     result = simulate(workflow, deployment, arrivals, run)
     return Trace(result.trace, result.requests), gap
 

@@ -14,7 +14,7 @@ from services.core.sim.arrivals import poisson_at
 from services.core.sim.replay import TraceReplay
 from services.core.sim.scoring import ReplayScorer
 from services.core.sim.simulator import simulate
-from services.core.sim.systems import Context, Setup, tag_parts
+from services.core.sim.systems import Context, Setup, tag_parts, warmup_seed
 from services.core.sim.workflows import Mix, RagReranker, coserve
 from services.core.workload.trace import TraceCall
 
@@ -51,7 +51,7 @@ def test_a_served_runs_groups_are_the_parts_its_requests_ran(ctx: Context) -> No
 
 def test_the_scorers_groups_follow_its_replayed_requests(ctx: Context) -> None:
     scorer = ctx.scorer
-    tagged = tag_parts(ctx.warmup, ctx.workflow, ctx.options.seed + 1)
+    tagged = tag_parts(ctx.warmup, ctx.workflow, warmup_seed(ctx.options))
     names = [p.name for p in ctx.workflow.parts]
     part = {r.request_id: names.index(r.workflow) for r in tagged.requests}
     replay = scorer.workflow
@@ -78,7 +78,7 @@ def test_one_workflow_has_no_groups() -> None:
 
 def test_a_scorer_of_several_traced_workflows_counts_each(ctx: Context) -> None:
     """The planner's path: workflows traced under their own names, replayed as a ``Mix``."""
-    tagged = tag_parts(ctx.warmup, ctx.workflow, ctx.options.seed + 1)
+    tagged = tag_parts(ctx.warmup, ctx.workflow, warmup_seed(ctx.options))
     scorer = ReplayScorer.of_trace(tagged, {"rag": 0.7, "beam": 0.3}, ctx.gpu, ctx.models)
     run = scorer.run_workflow(40, 5)
     assert isinstance(run, Mix)
