@@ -27,9 +27,12 @@ a shared host stalls now and then), or at the time budget. Points that fell behi
 part of the profile.
 
 Each LLM's points become a ``Profile`` at per-replica rates (``lam x n_m / replicas_m``), its
-saturation rate is the best per-replica throughput it reached when it was the one that fell
-behind, else ``NOT_REACHED_MARGIN`` x the highest per-replica rate it kept up with (extrapolated
+saturation rate is the best per-replica throughput it reached when it fell behind at the sweep's
+last step, else ``NOT_REACHED_MARGIN`` x the highest per-replica rate it kept up with (extrapolated
 from a lower bound: another LLM bound the workflow first, or the budget ended the sweep). The
+binding LLM is the one whose saturation gives the least workflow rate, so the workflow's capacity
+is the binding LLM's (two LLMs can fall behind together; the one confirmed first need not be the
+tighter one). The
 ALP then reads each LLM's latency at its share of the workflow's load from a curve measured
 under the load the other LLMs put on the host at that same workflow rate.
 
@@ -121,7 +124,6 @@ class JointMeasurement:
     rates: tuple[float, ...]  # workflow requests/s offered at each step
     points: dict[str, tuple[RatePoint, ...]]  # per LLM; rate = calls/s over all its replicas
     idle: dict[str, float]  # per LLM, s
-    binding: str  # the LLM that fell behind first ("" when none did)
     stop_reason: str  # "saturated", "budget" or "rates"
     method: dict[str, Any]
 
@@ -135,7 +137,7 @@ class JointMeasurement:
         """Per-replica calls/s (module docstring)."""
         d = self.llm(name)
         pts = self.points[name]
-        if name == self.binding:
+        if pts and pts[-1].saturated:
             best = max((p.throughput for p in pts), default=0.0)
         else:
             # never seen falling behind: beyond the highest rate it kept up with, by a margin
@@ -143,6 +145,17 @@ class JointMeasurement:
             kept = max((p.rate for p in pts if p.ok and not p.saturated), default=0.0)
             best = max(NOT_REACHED_MARGIN * kept, max((p.throughput for p in pts), default=0.0))
         return best / d.replicas
+
+    @property
+    def binding(self) -> str:
+        """The LLM whose saturation allows the least workflow rate ("" when the sweep did not stop
+        on saturation): two LLMs can fall behind together, and the one confirmed first need not
+        be the tighter one."""
+        if self.stop_reason != "saturated":
+            return ""
+        return min(
+            self.llms, key=lambda d: self.saturation_rate(d.name) * d.replicas / d.calls
+        ).name
 
     def capacity(self) -> float:
         """Workflow requests/s: the least over LLMs of replicas x saturation / n."""
@@ -443,7 +456,7 @@ class JointSweep:
             rates: list[float] = []
             points: dict[str, list[RatePoint]] = {d.name: [] for d in self.llms}
             behind: dict[str, int] = dict.fromkeys(points, 0)
-            stop, binding = "rates", ""
+            stop = "rates"
             steps = list(self.rate_steps)
             i = 0
             repeated = False
@@ -483,11 +496,6 @@ class JointSweep:
                 # the repeat already confirmed this step: one more saturated step is enough
                 done = [m for m, b in behind.items() if b >= max(1, cfg.confirm - 1)]
                 if done:
-                    # the LLM furthest behind its offered rate binds the workflow
-                    binding = min(
-                        done,
-                        key=lambda m: points[m][-1].throughput / max(points[m][-1].rate, 1e-9),
-                    )
                     stop = "saturated"
                     break
                 i += 1
@@ -505,11 +513,5 @@ class JointSweep:
             "measured_at": time.time(),
         }
         return JointMeasurement(
-            self.llms,
-            tuple(rates),
-            {m: tuple(p) for m, p in points.items()},
-            idle,
-            binding,
-            stop,
-            method,
+            self.llms, tuple(rates), {m: tuple(p) for m, p in points.items()}, idle, stop, method
         )

@@ -185,6 +185,8 @@ def test_joint_sweep_measures_every_llm_at_its_share_and_fanout(engine: LocalEng
     # the workflow's capacity is the binding LLM's: min over LLMs of saturation x r / n
     caps = {d.name: result.saturation_rate(d.name) * d.replicas / d.calls for d in result.llms}
     assert result.capacity() == min(caps.values()) == caps[result.binding]
+    # ... and it fell behind at the last step (its saturation is measured, not extrapolated)
+    assert result.points[result.binding][-1].saturated
     key = ProfileKey("tiny-llama", "cpu", 1, 1.0, "vllm-joint", rerank.mix.id)
     profile = result.profile("reranker", key)
     assert all(p.rate < profile.saturation_rate for p in profile.points)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -107,7 +108,6 @@ def test_a_profile_of_drawn_groups_names_their_mean_size() -> None:
         (1.0, 2.0),
         {"reranker": (point(6.5, 0.1), point(13.0, 0.2))},
         {"reranker": 0.05},
-        "",
         "rates",
         {},
     )
@@ -115,3 +115,40 @@ def test_a_profile_of_drawn_groups_names_their_mean_size() -> None:
     # the ALP adds burst costs only beyond the groups the profile measured: 7 calls / 2 replicas
     assert measurement.profile("reranker", key).group == pytest.approx(3.5)
     assert measurement.to_dict()["llms"][0]["sizes"] == {4: 1, 8: 1, 9: 1}
+
+
+def test_the_binding_llm_is_the_one_that_allows_the_least_workflow_rate() -> None:
+    # both LLMs fell behind at the last step (the generator not yet confirmed): each one's
+    # saturation is its best throughput, and the workflow's capacity is the lesser of the two
+    rerank = JointLlm("reranker", MIX, calls=4, group=4, replicas=1, sizes=(4,))
+    generate = JointLlm("generator", MIX, calls=1, group=1, replicas=1, sizes=(1,))
+
+    def behind(rate: float, done: float) -> RatePoint:
+        return replace(point(rate, 0.5), throughput=done, saturated=True)
+
+    measurement = JointMeasurement(
+        (rerank, generate),
+        (2.0, 3.0, 3.0),
+        {
+            "reranker": (point(8.0, 0.1), behind(12.0, 11.0), behind(12.0, 11.2)),
+            "generator": (point(2.0, 0.2), point(3.0, 0.3), behind(3.0, 2.5)),
+        },
+        {"reranker": 0.05, "generator": 0.1},
+        "saturated",
+        {},
+    )
+    # reranker: 11.2 calls/s / 4 calls = 2.8 requests/s; generator: 3.0 calls/s (its best)
+    assert measurement.saturation_rate("reranker") == pytest.approx(11.2)
+    assert measurement.saturation_rate("generator") == pytest.approx(3.0)
+    assert measurement.binding == "reranker"
+    assert measurement.capacity() == pytest.approx(2.8)
+    # the generator kept up at the last step: its saturation is a lower bound past its last rate
+    kept = measurement.points["generator"][:2]
+    kept_up = replace(measurement, points={**measurement.points, "generator": kept})
+    assert kept_up.saturation_rate("generator") == pytest.approx(1.1 * 3.0)
+    # the generator behind at both of its last steps, below the reranker's rate: it binds
+    tighter = (point(2.0, 0.2), behind(3.0, 2.5), behind(3.0, 2.6))
+    slower = replace(measurement, points={**measurement.points, "generator": tighter})
+    assert slower.binding == "generator" and slower.capacity() == pytest.approx(2.6)
+    # no saturation, no binding LLM
+    assert replace(measurement, stop_reason="budget").binding == ""
