@@ -5,13 +5,16 @@ own core, and registers them: engine A serves ``reranker`` and ``policy``, engin
 ``generator`` and ``prm`` (one LLM of each workflow per engine). Then for RAG and beam search
 (``driver.tiny_workflow``) it runs ``scepsy validate``'s procedure (``services.cli.validate``):
 a pilot run gives the demand (n_m, p_m, stages, tool time) and each LLM's request mix, each
-LLM is profiled on its engine by the ``vllm`` backend (measured), the ALP predicts throughput T
-and the latency at fractions of it, and the workflow runs at each of those rates and above
-capacity. Target: median error at most 15 % for latency and throughput, light load to 80 % of T.
+LLM is profiled (by default jointly: every LLM at once through the router, the pilot's requests
+replayed in the workflow's order), the ALP predicts throughput T and the latency at fractions of
+it, and the workflow runs at each of those rates (each run right after a joint operating step at
+its rate, ``--point-window`` s) and above capacity. The table gives each rate's error from the
+profiles with the operating steps and from the sweep's points only. Target: median error at most
+15 % for latency and throughput, light load to 80 % of T.
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
-        [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 24] [--profiles measured]
-        [--joint-order workflow|independent] [--out DIR]
+        [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 60] [--profiles measured]
+        [--joint-order workflow|independent] [--point-window 10] [--repeats-per-rate 2] [--out DIR]
         [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2] [--conditions FDTWO]]
 
 ``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
@@ -245,6 +248,8 @@ async def run_all(
                 profile_budget=args.profile_budget,
                 profile_via=args.profile_via,
                 joint_order=args.joint_order,
+                point_window=args.point_window,
+                repeats=args.repeats_per_rate,
                 seed=0,
             )
             result = await Validation(ns, store).run()
@@ -262,7 +267,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", default="rag,beam")
     parser.add_argument("--load", default="0.2,0.5,0.8")
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--seconds", type=float, default=45.0, help="at most per rate")
     parser.add_argument("--pilot-rate", type=float, default=0.3)
     parser.add_argument("--pilot-requests", type=int, default=10)
@@ -279,6 +284,12 @@ def main() -> int:
         "--conditions", default="FDTWO", help="--per-call's conditions, letters of FDTWO"
     )
     parser.add_argument("--joint-order", choices=("workflow", "independent"), default="workflow")
+    parser.add_argument(
+        "--point-window", type=float, default=10.0, help="s, joint step before each rate (0: none)"
+    )
+    parser.add_argument(
+        "--repeats-per-rate", type=int, default=2, help="workflow runs per rate, round robin"
+    )
     args = parser.parse_args()
     if not args.conditions or set(args.conditions) - set("FDTWO"):
         parser.error(f"--conditions: letters of FDTWO, got {args.conditions!r}")
@@ -339,7 +350,7 @@ def main() -> int:
     print(
         f"{'workflow':<9} {'rate/s':>7} {'load':>5} {'pred s':>7} {'meas s':>7} {'lat err%':>8} "
         f"{'pred/s':>7} {'meas/s':>7} {'thr err%':>8} {'win pred':>8} {'win meas':>8} "
-        f"{'win err%':>8}"
+        f"{'win err%':>8} {'sweep s':>7} {'swp err%':>8} {'spread%':>7}"
     )
     for r in results:
         for row in r["rows"]:
@@ -348,7 +359,8 @@ def main() -> int:
                 f"{row.measured_latency:7.3f} {row.latency_error:8.1f} "
                 f"{row.predicted_throughput:7.3f} {row.measured_throughput:7.3f} "
                 f"{row.throughput_error:8.1f} {row.predicted_window:8.3f} "
-                f"{row.measured_window:8.3f} {row.window_error:8.1f}"
+                f"{row.measured_window:8.3f} {row.window_error:8.1f} "
+                f"{row.sweep_latency:7.3f} {row.sweep_error:8.1f} {row.repeat_spread:7.1f}"
             )
         print(
             f"{r['workflow']:<9} {'capacity':>7} {'':>5} {'':>7} {'':>7} {'':>8} "
@@ -357,7 +369,8 @@ def main() -> int:
         )
     print(
         f"\n{'workflow':<9} {'median lat err%':>15} {'(window medians)':>16} "
-        f"{'median thr err%':>15} {'capacity err%':>13} target"
+        f"{'(sweep only)':>12} {'spread%':>7} {'median thr err%':>15} {'capacity err%':>13} "
+        "target"
     )
     for r in results:
         s = summary(r)
@@ -368,6 +381,7 @@ def main() -> int:
         print(
             f"{r['workflow']:<9} {s['median_latency_error']:15.1f} "
             f"{s['median_window_latency_error']:16.1f} "
+            f"{s['median_sweep_latency_error']:12.1f} {s['median_repeat_spread']:7.1f} "
             f"{s['median_throughput_error']:15.1f} {s['capacity_error']:13.1f} "
             f"{'ok' if ok else 'OVER TARGET'}"
         )

@@ -2,7 +2,7 @@
 
     scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
                     [--requests N] [--profiles joint|measured|analytic] [--scale tiny|full]
-                    [--joint-order workflow|independent]
+                    [--joint-order workflow|independent] [--point-window S] [--repeats K]
                     [--out DIR] [--json] [--redis-url URL]
 
 For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
@@ -25,7 +25,14 @@ front of them; each LLM of the workflow is a model of the router under its deplo
    load to 80 %), or absolute ``--rates``;
 4. the workflow runs at each rate (Poisson arrivals, ``--requests`` requests but no more than
    ``--seconds`` worth and at least 8, the first tenth warm-up), then once above capacity
-   (1.5 T) to measure the throughput it really reaches;
+   (1.5 T) to measure the throughput it really reaches. With joint profiles, right before each
+   rate's run one more joint step at that rate (``--point-window`` s, default 10; 0: none)
+   adds a point per LLM to the profiles: an operating point measured on the host as the run
+   finds it. The latencies are predicted once every run is done, from the sweep's points and
+   every operating step's, and also from the sweep's points only (printed beside them).
+   ``--repeats K`` runs every rate K times, round robin over the rates (a rate's runs minutes
+   apart, as a profile and a run are): the rows pool them, and the spread of their means is the
+   measurement's own reproducibility;
 5. it prints predicted against measured latency (mean) and throughput with the error, per LLM
    the call latency too, and writes ``validate.csv`` and ``validate.png`` (the plot needs
    matplotlib; without it only the CSV is written, and it says so) into ``--out``.
@@ -96,11 +103,25 @@ def register(sub: Any) -> None:
         help="joint profiles: the pilot's requests replayed wave by wave in the workflow's order "
         "(workflow, default), or each LLM's call groups Poisson on their own (independent)",
     )
+    parser.add_argument(
+        "--point-window",
+        type=float,
+        default=10.0,
+        help="joint profiles: before the workflow runs at a rate, one joint step at that rate "
+        "with a window of this many s, added to the profiles (0: the sweep's points only)",
+    )
     parser.add_argument("--load", help="rates as fractions of the predicted throughput")
     parser.add_argument("--rates", help="absolute rates, requests/s (instead of --load)")
     parser.add_argument("--requests", type=int, default=40, help="requests per rate (40)")
     parser.add_argument(
         "--seconds", type=float, default=90.0, help="at most this long per rate (>= 8 requests)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per rate, round robin over the rates; the spread of their means is printed "
+        "(the measurement's reproducibility)",
     )
     parser.add_argument("--pilot-rate", type=float, default=0.3, help="pilot run, requests/s")
     parser.add_argument("--pilot-requests", type=int, default=12, help="pilot run requests")
@@ -150,6 +171,22 @@ class RateRow:
     # sub-window means, the run's median of 3 stretches' means (``DriveResult.window_latency``)
     predicted_window: float = math.nan
     measured_window: float = math.nan
+    # predicted from the joint sweep's points only (no operating steps; NaN without them)
+    sweep_latency: float = math.nan
+    repeat_latencies: tuple[float, ...] = ()  # each repeat's mean latency (``--repeats``)
+
+    @property
+    def repeat_spread(self) -> float:
+        """How far the repeats' means lie apart, % (largest over smallest - 1): the
+        measurement's own reproducibility, a floor under any prediction's error. NaN for one."""
+        values = [v for v in self.repeat_latencies if math.isfinite(v) and v > 0]
+        if len(values) < 2:
+            return math.nan
+        return (max(values) / min(values) - 1) * 100
+
+    @property
+    def sweep_error(self) -> float:
+        return _ape(self.sweep_latency, self.measured_latency)
 
     @property
     def window_error(self) -> float:
@@ -170,13 +207,26 @@ def _ape(predicted: float, measured: float) -> float:
     return abs(predicted / measured - 1) * 100
 
 
-def _llm_latency(run: DriveResult) -> dict[str, float]:
+def _llm_latency(runs: list[DriveResult]) -> dict[str, float]:
     by_model: dict[str, list[float]] = {}
-    for r in run.measured:
-        for model, call in r.calls:
-            if call.ok:
-                by_model.setdefault(model, []).append(call.latency)
+    for run in runs:
+        for r in run.measured:
+            for model, call in r.calls:
+                if call.ok:
+                    by_model.setdefault(model, []).append(call.latency)
     return {m: float(np.mean(v)) for m, v in sorted(by_model.items())}
+
+
+def _latency_stats(latencies: list[float]) -> dict[str, float]:
+    """Mean, p50 and p99 of the measured requests of every repeat of a rate, pooled."""
+    if not latencies:
+        return {"mean": math.nan, "p50": math.nan, "p99": math.nan}
+    values = np.asarray(latencies, dtype=float)
+    return {
+        "mean": float(values.mean()),
+        "p50": float(np.percentile(values, 50)),
+        "p99": float(np.percentile(values, 99)),
+    }
 
 
 class Validation:
@@ -192,7 +242,8 @@ class Validation:
         self.sources: dict[str, str] = {}
         self.allocation_source = ""
         self.joint: JointMeasurement | None = None
-        self.robust: dict[str, Profile] = {}  # joint profiles of sub-window medians
+        self.sweep: JointSweep | None = None
+        self.keys: dict[str, ProfileKey] = {}  # joint profiles' keys
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -279,7 +330,7 @@ class Validation:
         if self.args.joint_order == "workflow":
             names = {d.model: d.model for d in demand.llms}
             requests = TraceReplay.of(pilot.trace(), self.workflow.name, names).requests
-        sweep = JointSweep(
+        self.sweep = JointSweep(
             self.args.router,
             llms,
             SweepConfig(budget_s=self.args.profile_budget),
@@ -287,24 +338,43 @@ class Validation:
             progress=stderr_progress,
             requests=requests,
         )
-        self.joint = await sweep.run()
-        out: dict[str, Profile] = {}
+        self.joint = await self.sweep.run()
         for j in llms:
             a = allocation[j.name]
-            key = ProfileKey(
-                resolve_model(self.workflow.models[j.name]).name,
-                self.gpu.name,
-                a.tp,
-                a.fraction,
-                "vllm-joint",
-                j.mix.id,
+            model = resolve_model(self.workflow.models[j.name]).name
+            self.keys[j.name] = ProfileKey(
+                model, self.gpu.name, a.tp, a.fraction, "vllm-joint", j.mix.id
             )
-            out[j.name] = self.joint.profile(j.name, key)
-            self.robust[j.name] = self.joint.profile(j.name, key, robust=True)
             self.sources[j.name] = (
                 f"joint ({self.joint.stop_reason}, binding {self.joint.binding or '-'})"
             )
-        return out
+        return self.joint_curves()
+
+    def joint_curves(self, *, robust: bool = False, operating: bool = True) -> dict[str, Profile]:
+        """The joint measurement's profiles (``JointMeasurement.profile``)."""
+        assert self.joint is not None
+        return {
+            name: self.joint.profile(name, key, robust=robust, operating=operating)
+            for name, key in self.keys.items()
+        }
+
+    async def operating_step(self, rate: float) -> None:
+        """One joint step at ``rate`` with ``--point-window``, added to the joint measurement:
+        measured right before the workflow's run at that rate, on the same host state."""
+        window = getattr(self.args, "point_window", 0.0)
+        if self.sweep is None or self.joint is None or not window > 0:
+            return
+        self.log(f"operating step: joint at {rate:.3f}/s, {window:g} s window")
+        step = await self.sweep.measure_at(rate, window, self.joint.idle)
+        self.log(
+            "operating step: "
+            + ", ".join(
+                f"{m} {p.rate:.1f}/s done {p.throughput:.1f}/s mean {p.mean_latency:.3f} s"
+                + (" (behind: not used)" if p.saturated else "")
+                for m, p in step.items()
+            )
+        )
+        self.joint = self.joint.with_operating(step)
 
     def predict_at(
         self,
@@ -345,14 +415,37 @@ class Validation:
             else:
                 loads = _positive_list("--load", args.load) if args.load else list(DEFAULT_LOADS)
                 rates = [f * capacity for f in loads]
+            repeats = getattr(args, "repeats", 1)
+            runs: list[list[DriveResult]] = [[] for _ in rates]
+            for k in range(repeats):  # round robin: a repeat comes minutes after the last one
+                for i, rate in enumerate(rates):
+                    await self.operating_step(rate)
+                    count = min(args.requests, max(8, round(rate * args.seconds)))
+                    self.log(
+                        f"rate {i + 1}/{len(rates)}"
+                        + (f" (repeat {k + 1}/{repeats})" if repeats > 1 else "")
+                        + f": {count} requests at {rate:.3f}/s"
+                    )
+                    seed = args.seed + 10 + i + 1000 * k
+                    runs[i].append(await driver.run(rate, count, seed=seed, warmup=count // 10))
+            # predictions once every operating step is in: each one refines the curves
+            # the others' rates read (the monotone fit pools across them)
+            robust_profiles, sweep_profiles = profiles, {}
+            if self.joint is not None:
+                profiles = self.joint_curves()
+                robust_profiles = self.joint_curves(robust=True)
+                if self.joint.operating:
+                    sweep_profiles = self.joint_curves(operating=False)
             rows: list[RateRow] = []
-            for i, rate in enumerate(rates):
-                count = min(args.requests, max(8, round(rate * args.seconds)))
-                self.log(f"rate {i + 1}/{len(rates)}: {count} requests at {rate:.3f}/s")
-                run = await driver.run(rate, count, seed=args.seed + 10 + i, warmup=count // 10)
+            for rate, repeated in zip(rates, runs, strict=True):
                 prediction = self.predict_at(demand, profiles, allocation, rate)
-                robust = self.predict_at(demand, self.robust or profiles, allocation, rate)
-                stats_ = run.latency_stats()
+                robust = self.predict_at(demand, robust_profiles, allocation, rate)
+                sweep_only = (
+                    self.predict_at(demand, sweep_profiles, allocation, rate).workflows[0].latency
+                    if sweep_profiles
+                    else math.nan
+                )
+                stats_ = _latency_stats([x for run in repeated for x in run.latencies])
                 rows.append(
                     RateRow(
                         rate=rate,
@@ -362,13 +455,15 @@ class Validation:
                         p50=stats_["p50"],
                         p99=stats_["p99"],
                         predicted_throughput=min(rate, capacity),
-                        measured_throughput=run.throughput(),
-                        requests=len(run.measured),
-                        errors=run.errors,
+                        measured_throughput=float(np.mean([r.throughput() for r in repeated])),
+                        requests=sum(len(r.measured) for r in repeated),
+                        errors=sum(r.errors for r in repeated),
                         llm_predicted={m.model: m.call_latency for m in prediction.llms},
-                        llm_measured=_llm_latency(run),
+                        llm_measured=_llm_latency(repeated),
                         predicted_window=robust.workflows[0].latency,
-                        measured_window=run.window_latency(),
+                        measured_window=float(np.median([r.window_latency() for r in repeated])),
+                        sweep_latency=sweep_only,
+                        repeat_latencies=tuple(r.latency_stats()["mean"] for r in repeated),
                     )
                 )
             measured_capacity = math.nan
@@ -428,6 +523,8 @@ def summary(result: Mapping[str, Any]) -> dict[str, float]:
     return {
         "median_latency_error": _median([r.latency_error for r in rows]),
         "median_window_latency_error": _median([r.window_error for r in rows]),
+        "median_sweep_latency_error": _median([r.sweep_error for r in rows]),
+        "median_repeat_spread": _median([r.repeat_spread for r in rows]),
         "median_throughput_error": _median([r.throughput_error for r in rows]),
         "capacity_error": result["throughput_error"],
     }
@@ -459,6 +556,20 @@ def format_result(result: Mapping[str, Any]) -> str:
             f"    rate {r.rate:.3f}: {r.predicted_window:.3f} / {r.measured_window:.3f} "
             f"(error {r.window_error:.1f}%)"
         )
+    if any(math.isfinite(r.sweep_latency) for r in rows):
+        lines.append(
+            "  predicted from the sweep's points only (no operating steps) / measured (s):"
+        )
+        for r in rows:
+            lines.append(
+                f"    rate {r.rate:.3f}: {r.sweep_latency:.3f} / {r.measured_latency:.3f} "
+                f"(error {r.sweep_error:.1f}%)"
+            )
+    if any(len(r.repeat_latencies) > 1 for r in rows):
+        lines.append("  each repeat's mean latency (s), and how far they lie apart:")
+        for r in rows:
+            means = ", ".join(f"{v:.3f}" for v in r.repeat_latencies)
+            lines.append(f"    rate {r.rate:.3f}: {means} (spread {r.repeat_spread:.1f}%)")
     lines.append("  per-LLM call latency, predicted / measured (s):")
     for r in rows:
         parts = [
@@ -471,11 +582,18 @@ def format_result(result: Mapping[str, Any]) -> str:
         f"throughput (capacity): predicted {result['predicted_throughput']:.3f}/s, measured "
         f"{result['measured_throughput']:.3f}/s, error {s['capacity_error']:.1f}%"
     )
+    sweep = (
+        f", sweep's points only: {s['median_sweep_latency_error']:.1f}%"
+        if math.isfinite(s["median_sweep_latency_error"])
+        else ""
+    )
     lines.append(
         f"median error: latency {s['median_latency_error']:.1f}% (medians of window means: "
-        f"{s['median_window_latency_error']:.1f}%), throughput "
+        f"{s['median_window_latency_error']:.1f}%{sweep}), throughput "
         f"{s['median_throughput_error']:.1f}% ({result['seconds']:.0f} s)"
     )
+    if math.isfinite(s["median_repeat_spread"]):
+        lines.append(f"median spread of the repeats: {s['median_repeat_spread']:.1f}%")
     return "\n".join(lines)
 
 
@@ -493,6 +611,8 @@ def result_json(result: Mapping[str, Any]) -> dict[str, Any]:
                     **{f: getattr(value, f) for f in RateRow.__slots__},
                     "latency_error": value.latency_error,
                     "throughput_error": value.throughput_error,
+                    "sweep_error": value.sweep_error,
+                    "repeat_spread": value.repeat_spread,
                 }
             )
         return value
@@ -516,7 +636,7 @@ def write_outputs(result: Mapping[str, Any], out: Path) -> list[str]:
             [
                 "rate", "load", "predicted_latency_s", "measured_latency_s", "latency_error_pct",
                 "p50_s", "p99_s", "predicted_throughput", "measured_throughput",
-                "throughput_error_pct", "requests", "errors",
+                "throughput_error_pct", "requests", "errors", "sweep_latency_s",
             ]
         )  # fmt: skip
         for r in rows:
@@ -526,7 +646,7 @@ def write_outputs(result: Mapping[str, Any], out: Path) -> list[str]:
                     f"{r.measured_latency:.5g}", f"{r.latency_error:.4g}", f"{r.p50:.5g}",
                     f"{r.p99:.5g}", f"{r.predicted_throughput:.5g}",
                     f"{r.measured_throughput:.5g}", f"{r.throughput_error:.4g}", r.requests,
-                    r.errors,
+                    r.errors, f"{r.sweep_latency:.5g}",
                 ]
             )  # fmt: skip
     notes.append(f"wrote {out / 'validate.csv'}")
@@ -583,10 +703,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--requests: must be >= 2, got {args.requests}")
     if not args.seconds > 0:
         raise InvalidInputError(f"--seconds: must be > 0, got {args.seconds}")
+    if getattr(args, "repeats", 1) < 1:
+        raise InvalidInputError(f"--repeats: must be >= 1, got {args.repeats}")
     if args.pilot_requests < 1:
         raise InvalidInputError(f"--pilot-requests: must be >= 1, got {args.pilot_requests}")
     if not args.pilot_rate > 0:
         raise InvalidInputError(f"--pilot-rate: must be > 0, got {args.pilot_rate}")
+    window = getattr(args, "point_window", 0.0)
+    if not (window >= 0 and math.isfinite(window)):
+        raise InvalidInputError(f"--point-window: must be >= 0 s, got {window}")
     if args.capacity_requests < 0:
         raise InvalidInputError(f"--capacity-requests: must be >= 0, got {args.capacity_requests}")
     if not args.router.startswith(("http://", "https://")):

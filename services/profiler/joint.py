@@ -58,8 +58,8 @@ import asyncio
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -126,6 +126,9 @@ class JointMeasurement:
     idle: dict[str, float]  # per LLM, s
     stop_reason: str  # "saturated", "budget" or "rates"
     method: dict[str, Any]
+    # per LLM, steps measured after the sweep at chosen workflow rates (``JointSweep.measure_at``:
+    # the rates a validation runs the workflow at); they refine the curve, not the saturation
+    operating: dict[str, tuple[RatePoint, ...]] = field(default_factory=dict)
 
     def llm(self, name: str) -> JointLlm:
         for d in self.llms:
@@ -161,16 +164,29 @@ class JointMeasurement:
         """Workflow requests/s: the least over LLMs of replicas x saturation / n."""
         return min(self.saturation_rate(d.name) * d.replicas / d.calls for d in self.llms)
 
-    def profile(self, name: str, key: ProfileKey, *, robust: bool = False) -> Profile:
+    def with_operating(self, step: Mapping[str, RatePoint]) -> JointMeasurement:
+        """This measurement with one more operating step (a point per LLM)."""
+        if set(step) != set(self.points):
+            raise InvalidInputError(
+                f"operating step: one point per LLM {sorted(self.points)}, got {sorted(step)}"
+            )
+        grown = {m: (*self.operating.get(m, ()), step[m]) for m in self.points}
+        return replace(self, operating=grown)
+
+    def profile(
+        self, name: str, key: ProfileKey, *, robust: bool = False, operating: bool = True
+    ) -> Profile:
         """``name``'s profile at per-replica rates, its latencies made non-decreasing in the rate
         (``monotone``, weighted by the calls). ``robust``: each point's latency is the median of
         its sub-window means (``RatePoint.median_window_latency``), as
-        ``DriveResult.window_latency`` measures a workflow run."""
+        ``DriveResult.window_latency`` measures a workflow run. ``operating``: the operating
+        steps' points too, in rate order among the sweep's (``False``: the sweep's only)."""
         d = self.llm(name)
         sat = self.saturation_rate(name)
+        steps = [*self.points[name], *(self.operating.get(name, ()) if operating else ())]
         kept = [
             p
-            for p in self.points[name]
+            for p in sorted(steps, key=lambda p: p.rate)
             if p.ok > 0
             and not p.saturated
             and math.isfinite(p.mean_latency)
@@ -178,18 +194,40 @@ class JointMeasurement:
         ]
         if not kept:
             raise UnavailableError(f"joint profile of {name}: no step below saturation succeeded")
+        # steps at one rate (an operating step measured twice, or at a sweep's rate) are one
+        # point: each field the calls-weighted mean of theirs
+        rows: list[list[RatePoint]] = []
+        for p in kept:
+            if rows and rows[-1][0].rate == p.rate:
+                rows[-1].append(p)
+            else:
+                rows.append([p])
+
+        def pooled(group: list[RatePoint], value: Callable[[RatePoint], float]) -> float:
+            pairs = [(value(p), float(p.ok)) for p in group if math.isfinite(value(p))]
+            if not pairs:
+                return math.nan
+            return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+        def latency_of(p: RatePoint) -> float:
+            if robust and math.isfinite(p.median_window_latency):
+                return p.median_window_latency
+            return p.mean_latency
+
         latency = monotone(
-            [
-                p.median_window_latency
-                if robust and math.isfinite(p.median_window_latency)
-                else p.mean_latency
-                for p in kept
-            ],
-            [float(p.ok) for p in kept],
+            [pooled(group, latency_of) for group in rows],
+            [float(sum(p.ok for p in group)) for group in rows],
         )
         points = tuple(
-            ProfilePoint(p.rate / d.replicas, value, p.p50_latency, p.p99_latency, p.ttft, p.tpot)
-            for p, value in zip(kept, latency, strict=True)
+            ProfilePoint(
+                group[0].rate / d.replicas,
+                value,
+                pooled(group, lambda p: p.p50_latency),
+                pooled(group, lambda p: p.p99_latency),
+                pooled(group, lambda p: p.ttft),
+                pooled(group, lambda p: p.tpot),
+            )
+            for group, value in zip(rows, latency, strict=True)
         )
         return Profile(key, points, sat, group=max(1.0, d.mean_group / d.replicas))
 
@@ -217,6 +255,9 @@ class JointMeasurement:
             "stop_reason": self.stop_reason,
             "capacity": self.capacity(),
             "method": self.method,
+            "operating": {
+                m: [_finite(asdict(p)) for p in pts] for m, pts in self.operating.items()
+            },
         }
 
 
@@ -370,8 +411,29 @@ class JointSweep:
             # which the step still counts
             await asyncio.wait(wave)
 
-    async def _step(self, session: aiohttp.ClientSession, lam: float) -> dict[str, RatePoint]:
-        cfg = self.config
+    async def measure_at(
+        self, lam: float, window_s: float, idle: Mapping[str, float]
+    ) -> dict[str, RatePoint]:
+        """One step at workflow rate ``lam`` with a ``window_s`` window (the sweep's warm-up and
+        drain), each LLM's point marked saturated as the sweep marks it against ``idle`` (a
+        ``JointMeasurement``'s): an operating step (``JointMeasurement.with_operating``)."""
+        if not (lam > 0 and math.isfinite(lam)):
+            raise InvalidInputError(f"operating step: rate must be > 0, got {lam}")
+        if not window_s > 0:
+            raise InvalidInputError(f"operating step: window_s must be > 0, got {window_s}")
+        cfg = replace(self.config, window_s=window_s)
+        unbounded = replace(cfg, latency_bound=math.inf)
+        async with direct_session() as session:
+            points = await self._step(session, lam, cfg)
+        return {
+            name: replace(point, saturated=saturated(point, idle[name], unbounded))
+            for name, point in points.items()
+        }
+
+    async def _step(
+        self, session: aiohttp.ClientSession, lam: float, cfg: SweepConfig | None = None
+    ) -> dict[str, RatePoint]:
+        cfg = cfg or self.config
         # a window long enough for a few groups of the sparsest LLM, up to 3x the configured
         sparsest = min(lam * d.calls / d.mean_group for d in self.llms)
         length = min(max(cfg.window_s, cfg.min_groups / sparsest), 3 * cfg.window_s)

@@ -10,6 +10,7 @@ import contextvars
 import csv
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import main
-from services.cli.validate import Validation
+from services.cli.validate import RateRow, Validation
 from services.core.errors import NotFoundError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
@@ -46,6 +47,9 @@ REPO = Path(__file__).resolve().parents[2]
         (["--load", "0,0.5"], "error: --load: numbers > 0"),
         (["--requests", "1"], "error: --requests: must be >= 2, got 1"),
         (["--router", "127.0.0.1:8000"], "error: --router: an http(s) base URL"),
+        (["--repeats", "0"], "error: --repeats: must be >= 1, got 0"),
+        (["--point-window", "-1"], "error: --point-window: must be >= 0 s, got -1.0"),
+        (["--point-window", "nan"], "error: --point-window: must be >= 0 s, got nan"),
     ],
 )
 def test_bad_flags_are_exit_2_naming_the_flag(
@@ -131,11 +135,13 @@ def test_validate_prints_predicted_against_measured_and_writes_the_plot(
     time.sleep(1.0)  # the router refreshes its replicas every 0.2 s
     capsys.readouterr()
     argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "analytic"]
-    argv += ["--rates", "0.3,0.6", "--requests", "6", "--pilot-requests", "4"]
+    argv += ["--rates", "0.3,0.6", "--requests", "6", "--pilot-requests", "4", "--repeats", "2"]
     argv += ["--capacity-requests", "8", "--out", str(tmp_path / "out"), *store_flags]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "workflow rag (tiny) on cpu" in out
+    # each rate ran twice (6 requests each, pooled), each repeat's mean and their spread printed
+    assert "each repeat's mean latency" in out and "median spread of the repeats" in out
     assert "reranker n=" in out and "generator n=1.00" in out
     assert "throughput (capacity): predicted" in out and "median error: latency" in out
     with (tmp_path / "out" / "validate.csv").open() as fh:
@@ -143,7 +149,7 @@ def test_validate_prints_predicted_against_measured_and_writes_the_plot(
     assert [float(r["rate"]) for r in rows] == [0.3, 0.6]
     for r in rows:
         assert float(r["measured_latency_s"]) > 0 and float(r["predicted_latency_s"]) > 0
-        assert int(r["errors"]) == 0
+        assert int(r["errors"]) == 0 and int(r["requests"]) == 12
         measured, predicted = float(r["measured_latency_s"]), float(r["predicted_latency_s"])
         assert float(r["latency_error_pct"]) == pytest.approx(
             abs(predicted / measured - 1) * 100, rel=1e-3
@@ -271,8 +277,8 @@ def test_validate_with_joint_profiles_names_them(
     capsys.readouterr()
     argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "joint"]
     argv += ["--load", "0.3", "--requests", "6", "--pilot-requests", "4", "--json"]
-    argv += ["--capacity-requests", "0", "--profile-budget", "45", *store_flags]
-    assert main(argv) == 0
+    argv += ["--capacity-requests", "0", "--profile-budget", "45", "--point-window", "2"]
+    assert main([*argv, *store_flags]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["allocation_source"] == "registered endpoints"
     assert result["replicas"] == {"reranker": 1, "generator": 1}
@@ -283,6 +289,36 @@ def test_validate_with_joint_profiles_names_them(
     assert result["predicted_throughput"] == pytest.approx(joint["capacity"], rel=1e-6)
     (row,) = result["rows"]
     assert row["load"] == pytest.approx(0.3) and row["errors"] == 0
+    # one operating step at the row's rate, each LLM at its share of it, before the run
+    calls = {d["name"]: d["calls"] for d in joint["llms"]}
+    for name, (step,) in joint["operating"].items():
+        assert step["rate"] == pytest.approx(row["rate"] * calls[name])
+        assert step["ok"] > 0
+    # the prediction from the sweep's points alone is reported beside it
+    assert row["sweep_latency"] > 0 and row["sweep_error"] is not None
+
+
+def test_a_rows_repeat_spread_is_its_repeats_largest_over_smallest_mean() -> None:
+    row = RateRow(
+        rate=1.0,
+        load=0.5,
+        predicted_latency=1.0,
+        measured_latency=1.1,
+        p50=1.0,
+        p99=2.0,
+        predicted_throughput=1.0,
+        measured_throughput=1.0,
+        requests=20,
+        errors=0,
+        llm_predicted={},
+        llm_measured={},
+        repeat_latencies=(1.0, 1.25, 1.1),
+    )
+    assert row.repeat_spread == pytest.approx(25.0)
+    assert math.isnan(replace(row, repeat_latencies=(1.0,)).repeat_spread)
+    assert math.isnan(replace(row, repeat_latencies=(1.0, math.nan)).repeat_spread)
+    # no operating steps: no sweep-only prediction, no error for it
+    assert math.isinf(row.sweep_error)
 
 
 def test_monotone_pools_a_stalled_window_with_its_neighbours() -> None:

@@ -152,3 +152,52 @@ def test_the_binding_llm_is_the_one_that_allows_the_least_workflow_rate() -> Non
     assert slower.binding == "generator" and slower.capacity() == pytest.approx(2.6)
     # no saturation, no binding LLM
     assert replace(measurement, stop_reason="budget").binding == ""
+
+
+def test_operating_steps_refine_the_curve_but_not_the_saturation() -> None:
+    generate = JointLlm("generator", MIX, calls=1, group=1, replicas=1)
+    measurement = JointMeasurement(
+        (generate,),
+        (1.0, 3.0, 4.0),
+        {"generator": (point(1.0, 0.1), point(3.0, 0.3), replace(point(4.0, 0.4), saturated=True))},
+        {"generator": 0.05},
+        "budget",
+        {},
+    )
+    key = ProfileKey("tiny-llama", "cpu", 1, 1.0, "vllm-joint", MIX.id)
+    before = measurement.profile("generator", key)
+    # an operating step at 2 calls/s between the sweep's points; one past saturation is dropped
+    grown = measurement.with_operating({"generator": point(2.0, 0.5)})
+    grown = grown.with_operating({"generator": point(4.5, 0.2)})
+    assert grown.saturation_rate("generator") == measurement.saturation_rate("generator")
+    after = grown.profile("generator", key)
+    assert [p.rate for p in before.points] == [1.0, 3.0]
+    assert [p.rate for p in after.points] == [1.0, 2.0, 3.0]
+    # 0.5 at 2/s then 0.3 at 3/s: pooled, the curve stays non-decreasing
+    assert [p.mean_latency for p in after.points] == pytest.approx([0.1, 0.4, 0.4])
+    assert grown.profile("generator", key, operating=False) == before
+    assert [p["rate"] for p in grown.to_dict()["operating"]["generator"]] == [2.0, 4.5]
+    with pytest.raises(InvalidInputError, match="one point per LLM"):
+        measurement.with_operating({"reranker": point(2.0, 0.5)})
+
+
+def test_steps_at_one_rate_are_one_point_of_their_calls_weighted_mean() -> None:
+    generate = JointLlm("generator", MIX, calls=1, group=1, replicas=1)
+    measurement = JointMeasurement(
+        (generate,),
+        (1.0, 3.0),
+        {"generator": (point(1.0, 0.1), point(3.0, 0.3))},
+        {"generator": 0.05},
+        "rates",
+        {},
+    )
+    # an operating step repeated at 2/s (10 and 30 calls), one at the sweep's 3/s
+    twice = measurement.with_operating({"generator": point(2.0, 0.2)})
+    twice = twice.with_operating({"generator": replace(point(2.0, 0.4), ok=30)})
+    twice = twice.with_operating({"generator": point(3.0, 0.5)})
+    key = ProfileKey("tiny-llama", "cpu", 1, 1.0, "vllm-joint", MIX.id)
+    profile = twice.profile("generator", key)
+    assert [p.rate for p in profile.points] == [1.0, 2.0, 3.0]
+    # (0.2 x 10 + 0.4 x 30) / 40 = 0.35; (0.3 + 0.5) / 2 = 0.4
+    assert [p.mean_latency for p in profile.points] == pytest.approx([0.1, 0.35, 0.4])
+    assert profile.points[1].ttft == pytest.approx(0.175)
