@@ -430,13 +430,20 @@ class JointSweep:
             for name, point in points.items()
         }
 
+    def window_length(self, lam: float, cfg: SweepConfig) -> float:
+        """A step's window at workflow rate ``lam``: long enough for ``min_groups`` groups of the
+        sparsest LLM, up to 3x ``cfg.window_s``; in the workflow's order a request's groups come
+        together (one request's waves), so for as many requests."""
+        sparsest = min(lam * d.calls / d.mean_group for d in self.llms)
+        if self.requests:
+            sparsest = min(sparsest, lam)
+        return min(max(cfg.window_s, cfg.min_groups / sparsest), 3 * cfg.window_s)
+
     async def _step(
         self, session: aiohttp.ClientSession, lam: float, cfg: SweepConfig | None = None
     ) -> dict[str, RatePoint]:
         cfg = cfg or self.config
-        # a window long enough for a few groups of the sparsest LLM, up to 3x the configured
-        sparsest = min(lam * d.calls / d.mean_group for d in self.llms)
-        length = min(max(cfg.window_s, cfg.min_groups / sparsest), 3 * cfg.window_s)
+        length = self.window_length(lam, cfg)
         span = cfg.warmup_s + length
         t0 = time.monotonic()
         tasks: list[tuple[asyncio.Task[CallOutcome], float, JointLlm]] = []

@@ -11,9 +11,10 @@ import pytest
 from services.core.errors import InvalidInputError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
+from services.core.sim.replay import ReplayRequest
 from services.core.workload.trace import Status, TraceCall
 from services.profiler.joint import JointLlm, JointMeasurement, JointSweep, fan_outs
-from services.profiler.vllm_backend import RatePoint
+from services.profiler.vllm_backend import RatePoint, SweepConfig
 
 MIX = RequestMix.fixed(40, 1)
 
@@ -201,3 +202,20 @@ def test_steps_at_one_rate_are_one_point_of_their_calls_weighted_mean() -> None:
     # (0.2 x 10 + 0.4 x 30) / 40 = 0.35; (0.3 + 0.5) / 2 = 0.4
     assert [p.mean_latency for p in profile.points] == pytest.approx([0.1, 0.35, 0.4])
     assert profile.points[1].ttft == pytest.approx(0.175)
+
+
+def test_an_ordered_step_holds_a_few_requests_not_a_few_groups() -> None:
+    # beam-like: 22.4 calls per request of each LLM in groups of 6.67 (3.4 per request)
+    policy = JointLlm("policy", MIX, calls=22.4, sizes=(4, 8, 8))
+    prm = JointLlm("prm", MIX, calls=22.4, sizes=(4, 8, 8))
+    wave = (0.0, (("policy", 60, 8), ("prm", 60, 1)))
+    cfg = SweepConfig(window_s=4.0, min_groups=6)
+    independent = JointSweep("http://unused", [policy, prm])
+    ordered = JointSweep("http://unused", [policy, prm], requests=[ReplayRequest((wave,), 0.0)])
+    # 0.3 requests/s: 1.0 groups/s of each LLM (mean group 6.67), 6 groups in 5.95 s;
+    # 6 requests take 20 s, past the 3x cap
+    assert independent.window_length(0.3, cfg) == pytest.approx(6 / (0.3 * 22.4 / (20 / 3)))
+    assert ordered.window_length(0.3, cfg) == pytest.approx(12.0)
+    assert ordered.window_length(1.0, cfg) == pytest.approx(6.0)
+    # busy rates: the configured window either way
+    assert ordered.window_length(3.0, cfg) == independent.window_length(3.0, cfg) == 4.0
