@@ -83,6 +83,7 @@ from services.runtime.engines import (  # noqa: E402
     stop_engines,
     vllm_executable,
 )
+from services.runtime.hostload import Sampler  # noqa: E402
 from services.runtime.redis_server import RedisServer, free_port  # noqa: E402
 from services.runtime.store import Store  # noqa: E402
 
@@ -219,8 +220,39 @@ def per_call_report(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def host_report(result: dict[str, Any], sampler: Sampler) -> None:
+    """Each operating step and run of ``result`` beside what the host's CPUs did meanwhile."""
+    names = list(sampler.names)
+    print(
+        f"\nhost during {result['workflow']}'s windows (cores used; steal: share of CPU time "
+        "the hypervisor gave away)"
+    )
+    print(
+        f"  {'window':<10} {'rate/s':>7} {'s':>5} {'latency':>8} "
+        + " ".join(f"{n:>9}" for n in names)
+        + f" {'host':>6} {'steal%':>6}   per-LLM mean call latency"
+    )
+    for w in result["windows"]:
+        share = sampler.share(w["start"], w["end"])
+        if share is None:
+            continue
+        cores = sampler.cores(share)
+        kind = "run" if w["kind"] == "run" else "operating"
+        latency = w.get("latency", math.nan)
+        llms = ", ".join(f"{m} {v:.3f}" for m, v in w["llm_latency"].items())
+        print(
+            f"  {kind:<10} {w['rate']:7.3f} {w['end'] - w['start']:5.1f} {latency:8.3f} "
+            + " ".join(f"{cores[n]:9.2f}" for n in names)
+            + f" {share.busy:6.2f} {share.steal * 100:6.1f}   {llms}"
+        )
+
+
 async def run_all(
-    args: argparse.Namespace, redis_url: str, router_url: str, urls: dict[str, str]
+    args: argparse.Namespace,
+    redis_url: str,
+    router_url: str,
+    urls: dict[str, str],
+    sampler: Sampler | None = None,
 ) -> list[dict[str, Any]]:
     store = Store.connect(redis_url, namespace=NAMESPACE)
     results = []
@@ -254,6 +286,8 @@ async def run_all(
             )
             result = await Validation(ns, store).run()
             print(format_result(result), flush=True)
+            if sampler is not None:
+                host_report(result, sampler)
             if args.out is not None:
                 for note in write_outputs(result, args.out / workflow):
                     print(note)
@@ -315,6 +349,7 @@ def main() -> int:
         env=env,
         stdout=(work / "router.log").open("wb"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, for the host report
     )
     engines: list[LocalEngine] = []
     started = time.monotonic()
@@ -332,7 +367,14 @@ def main() -> int:
         for engine in engines:
             engine.wait_ready(time.monotonic() + 300)
         urls = {name: e.base_url for name, e in zip(ENGINES, engines, strict=True)}
-        results = asyncio.run(run_all(args, redis.url, router_url, urls))
+        # engines run in their own sessions: each one's process group is its pid
+        groups = {f"engine {n}": e.pid for n, e in zip(ENGINES, engines, strict=True) if e.pid}
+        groups.update(router=router.pid, client=os.getpgid(0))
+        sampler = Sampler(groups).start()
+        try:
+            results = asyncio.run(run_all(args, redis.url, router_url, urls, sampler))
+        finally:
+            sampler.stop()
     finally:
         stop_engines(engines)
         router.terminate()

@@ -244,6 +244,8 @@ class Validation:
         self.joint: JointMeasurement | None = None
         self.sweep: JointSweep | None = None
         self.keys: dict[str, ProfileKey] = {}  # joint profiles' keys
+        # what ran when (time.monotonic()): a benchmark lines them up with the host's load
+        self.windows: list[dict[str, Any]] = []
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -365,7 +367,17 @@ class Validation:
         if self.sweep is None or self.joint is None or not window > 0:
             return
         self.log(f"operating step: joint at {rate:.3f}/s, {window:g} s window")
+        t0 = time.monotonic()
         step = await self.sweep.measure_at(rate, window, self.joint.idle)
+        self.windows.append(
+            {
+                "kind": "operating",
+                "rate": rate,
+                "start": t0,
+                "end": time.monotonic(),
+                "llm_latency": {m: p.mean_latency for m, p in step.items()},
+            }
+        )
         self.log(
             "operating step: "
             + ", ".join(
@@ -427,7 +439,20 @@ class Validation:
                         + f": {count} requests at {rate:.3f}/s"
                     )
                     seed = args.seed + 10 + i + 1000 * k
-                    runs[i].append(await driver.run(rate, count, seed=seed, warmup=count // 10))
+                    t0 = time.monotonic()
+                    run = await driver.run(rate, count, seed=seed, warmup=count // 10)
+                    runs[i].append(run)
+                    self.windows.append(
+                        {
+                            "kind": "run",
+                            "rate": rate,
+                            "repeat": k,
+                            "start": t0,
+                            "end": time.monotonic(),
+                            "latency": run.latency_stats()["mean"],
+                            "llm_latency": _llm_latency([run]),
+                        }
+                    )
             # predictions once every operating step is in: each one refines the curves
             # the others' rates read (the monotone fit pools across them)
             robust_profiles, sweep_profiles = profiles, {}
@@ -489,6 +514,7 @@ class Validation:
             "throughput_error": _ape(capacity, measured_capacity),
             "rows": rows,
             "joint": self.joint.to_dict() if self.joint is not None else None,
+            "windows": self.windows,
             "seconds": round(time.monotonic() - started, 1),
         }
 

@@ -296,6 +296,11 @@ def test_validate_with_joint_profiles_names_them(
         assert step["ok"] > 0
     # the prediction from the sweep's points alone is reported beside it
     assert row["sweep_latency"] > 0 and row["sweep_error"] is not None
+    # what ran when, for a benchmark to line up with the host's load: the step, then the run
+    step, run = result["windows"]
+    assert (step["kind"], run["kind"]) == ("operating", "run")
+    assert step["start"] < step["end"] <= run["start"] < run["end"]
+    assert run["latency"] == pytest.approx(row["measured_latency"])
 
 
 def test_a_rows_repeat_spread_is_its_repeats_largest_over_smallest_mean() -> None:
