@@ -14,7 +14,8 @@ profiles with the operating steps and from the sweep's points only. Target: medi
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
         [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 60] [--profiles measured]
-        [--joint-order workflow|independent] [--point-window 10] [--repeats-per-rate 2] [--out DIR]
+        [--joint-order workflow|independent] [--point-window 10] [--repeats-per-rate 2] [--confine]
+        [--out DIR]
         [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2] [--conditions FDTWO]]
 
 ``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
@@ -324,6 +325,12 @@ def main() -> int:
     parser.add_argument(
         "--repeats-per-rate", type=int, default=2, help="workflow runs per rate, round robin"
     )
+    parser.add_argument(
+        "--confine",
+        action="store_true",
+        help="every process of each engine on its core (EngineSpec.cpus), not only its OpenMP "
+        "threads",
+    )
     args = parser.parse_args()
     if not args.conditions or set(args.conditions) - set("FDTWO"):
         parser.error(f"--conditions: letters of FDTWO, got {args.conditions!r}")
@@ -360,6 +367,7 @@ def main() -> int:
                 served[0],
                 extra_args=["--served-model-name", *served],
                 env={"VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1))},
+                cpus=(core % (os.cpu_count() or 1),) if args.confine else None,
             )
             engine = LocalEngine(spec, work / f"engine-{name}.log")
             engine.start()

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -130,6 +131,9 @@ class EngineSpec:
     ``port`` 0 means "pick a free port when starting". Optional fields left as ``None`` are not
     passed, so vLLM's own defaults apply. ``env`` holds environment overrides as pairs (a frozen
     dataclass stays hashable); ``cuda_visible_devices`` sets ``CUDA_VISIBLE_DEVICES`` on GPU hosts.
+    ``cpus`` confines every process of the engine (its API server and engine core, not only the
+    OpenMP threads ``VLLM_CPU_OMP_THREADS_BIND`` binds) to those cores: two cpu engines on a
+    2-core host otherwise split the cores unevenly, window by window (README, issue 11).
     """
 
     model: str
@@ -145,6 +149,7 @@ class EngineSpec:
     cuda_visible_devices: tuple[int, ...] | None = None
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default=())
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -164,6 +169,8 @@ class EngineSpec:
         utilization = self.gpu_memory_utilization
         if utilization is not None and not 0.0 < utilization <= 1.0:
             raise ConfigError(f"engine gpu_memory_utilization: {utilization} is not in (0, 1]")
+        if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
+            raise ConfigError(f"engine cpus: core numbers >= 0, at least one, got {self.cpus}")
         devices = self.cuda_visible_devices
         if devices is not None and len(devices) != self.tensor_parallel_size:
             raise ConfigError(
@@ -182,6 +189,7 @@ class EngineSpec:
         port: int = 0,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        cpus: Sequence[int] | None = None,
     ) -> EngineSpec:
         """A spec for the ``vllm-cpu`` build: float32 (bfloat16 eager crashed workers with
         SIGILL), eager mode (skips a 40 s torch.compile), a 1 GiB KV cache, offline Hub."""
@@ -195,6 +203,7 @@ class EngineSpec:
             enforce_eager=True,
             extra_args=tuple(extra_args),
             env=CPU_ENV + tuple((env or {}).items()),
+            cpus=None if cpus is None else tuple(cpus),
         )
 
     def with_port(self, port: int) -> EngineSpec:
@@ -235,6 +244,14 @@ class EngineSpec:
             result["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cuda_visible_devices))
         result.update(self.env)
         return result
+
+
+# sets the cores of argv[1] (comma-separated) on this process, then becomes argv[2:]
+_CONFINE = (
+    "import os, sys; "
+    "os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 def process_group_alive(pgid: int) -> list[int]:
@@ -319,10 +336,21 @@ class LocalEngine:
         if self._spec.port == 0:
             self._spec = self._spec.with_port(free_ports(1, self._spec.host)[0])
         vllm = self._vllm if self._vllm is not None else vllm_executable()
+        argv = self._spec.argv(vllm)
+        cpus = self._spec.cpus
+        if cpus is not None:
+            allowed = os.sched_getaffinity(0)
+            if not set(cpus) <= allowed:
+                raise ConfigError(
+                    f"engine cpus: {sorted(set(cpus) - allowed)} not among this process's "
+                    f"cores {sorted(allowed)}"
+                )
+            # set in the child before it becomes vllm; its processes inherit it
+            argv = [sys.executable, "-c", _CONFINE, ",".join(map(str, cpus)), *argv]
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self._log_path.open("wb")
         self._process = subprocess.Popen(
-            self._spec.argv(vllm),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
