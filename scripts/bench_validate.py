@@ -13,9 +13,9 @@ profiles with the operating steps and from the sweep's points only. Target: medi
 15 % for latency and throughput, light load to 80 % of T.
 
     flock /tmp/scepsy-engines.lock .venv/bin/python scripts/bench_validate.py
-        [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 60] [--profiles measured]
-        [--joint-order workflow|independent] [--point-window 10] [--repeats-per-rate 2] [--confine]
-        [--out DIR]
+        [--workflows rag,beam] [--load 0.2,0.5,0.8] [--requests 500] [--seconds 30]
+        [--profiles measured] [--joint-order workflow|independent] [--point-window 10]
+        [--repeats-per-rate 2] [--no-confine] [--out DIR]
         [--per-call [--per-call-rates rag=1.5/4.0,beam=0.4/1.0] [--reps 2] [--conditions FDTWO]]
 
 ``--per-call`` measures, instead, where a workflow's calls differ from a joint profile's: at each
@@ -302,8 +302,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", default="rag,beam")
     parser.add_argument("--load", default="0.2,0.5,0.8")
-    parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--seconds", type=float, default=45.0, help="at most per rate")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=30.0, help="at most per rate")
     parser.add_argument("--pilot-rate", type=float, default=0.3)
     parser.add_argument("--pilot-requests", type=int, default=10)
     parser.add_argument("--capacity-requests", type=int, default=30)
@@ -327,9 +327,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--confine",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="every process of each engine on its core (EngineSpec.cpus), not only its OpenMP "
-        "threads",
+        "threads (default; --no-confine: the OpenMP threads only)",
     )
     args = parser.parse_args()
     if not args.conditions or set(args.conditions) - set("FDTWO"):
