@@ -83,12 +83,14 @@ class _Connection(asyncio.Protocol):
         "idle_since",
         "key",
         "loop",
+        "open",
         "response",
         "transport",
     )
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, open_: set[_Connection]) -> None:
         self.key = key
+        self.open = open_  # the pool's open connections: this one while it is
         self.loop = asyncio.get_running_loop()  # kept: each look-up is a system call (3.11)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -120,6 +122,7 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+        self.open.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -128,6 +131,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._linger = None
+        self.open.discard(self)
         if self.response is None:
             return
         if self._head_waiter is not None:
@@ -512,6 +516,7 @@ class Http1Pool:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: dict[str, deque[_Connection]] = {}
+        self._open: set[_Connection] = set()  # idle, in use, or waiting for a body's end
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
         self._closed = False
 
@@ -586,7 +591,9 @@ class Http1Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, connection = await loop.create_connection(lambda: _Connection(key), host, port)
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(key, self._open), host, port
+                )
         except TimeoutError:
             raise Http1ConnectError(
                 f"cannot connect to {host}:{port}: no answer in {self._connect_timeout_s:g} s"
@@ -617,12 +624,17 @@ class Http1Pool:
         self._idle.setdefault(connection.key, deque()).append(connection)
 
     def close(self) -> None:
-        """Close every idle connection; connections in use close when released."""
+        """Close every connection: idle, in use (a reader of its answer gets
+        ``Http1BodyError``), or released at an SSE ``[DONE]`` and waiting for the body's last
+        chunk. None outlives the pool: one left open would be a socket that only the garbage
+        collector closes, after its event loop is gone."""
         self._closed = True
-        for idle in self._idle.values():
-            for connection in idle:
-                connection._close()
         self._idle.clear()
+        for connection in list(self._open):
+            connection._fail_body(Http1BodyError("connection pool closed"))
+            connection._fail_head(Http1DisconnectedError("connection pool closed"))
+            connection._close()
+        self._open.clear()
 
 
 def _why(what: str, exc: BaseException | None) -> str:

@@ -17,6 +17,7 @@ from services.router.http1 import (
 )
 from services.router.scripted_upstream import ScriptedUpstream
 from services.runtime.redis_server import free_port
+from tests.router.conftest import wait_until
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RawServer = Callable[[Answer], Awaitable[tuple[str, list[int]]]]
@@ -156,6 +157,39 @@ async def test_a_stream_released_at_done_returns_its_connection_once_the_last_ch
     again.close()
     assert len(accepted) == 1
     pool.close()
+
+
+async def test_closing_the_pool_closes_connections_in_use_and_waiting_for_a_last_chunk(
+    raw_server: RawServer,
+) -> None:
+    # One stream released at [DONE] whose last chunk never comes, one answer still being read:
+    # closing the pool closes both (the engine sees each end), and the reader is told.
+    event = b"data: [DONE]\n\n"
+    ended: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(CHUNKED_HEAD + b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        ended.append(await reader.read())  # b"" once the client closed its end
+
+    url, accepted = await raw_server(answer)
+    pool = Http1Pool(connect_timeout_s=2.0)
+    released = await pool.post(url, "/x", b"{}")
+    assert await released.readany() == event
+    released.release()  # waits for the last chunk, which never comes
+    reading = await pool.post(url, "/x", b"{}")
+    assert await reading.readany() == event
+    reader = asyncio.create_task(reading.readany())
+    await asyncio.sleep(0.05)
+    assert len(accepted) == 2 and not ended and not reader.done()
+    pool.close()
+    with pytest.raises(Http1BodyError, match="pool closed"):
+        await asyncio.wait_for(reader, 5)
+    await wait_until(lambda: len(ended) == 2)
+    assert ended == [b"", b""]
+    with pytest.raises(Http1ConnectError, match="pool closed"):
+        await pool.post(url, "/x", b"{}")
 
 
 async def test_failures_are_told_apart() -> None:
