@@ -72,7 +72,13 @@ from services.core.workload.demand import WorkflowDemand
 from services.core.workload.stats import WorkflowStats, workflow_stats
 from services.profiler.joint import JointLlm, JointMeasurement, JointSweep, fan_outs
 from services.profiler.vllm_backend import SweepConfig, VllmBackend, stderr_progress
-from services.runtime.driver import DriveResult, WorkflowDriver, direct_session, tiny_workflow
+from services.runtime.driver import (
+    DriveResult,
+    WorkflowDriver,
+    direct_session,
+    latency_stats,
+    tiny_workflow,
+)
 from services.runtime.store import Store
 
 DEFAULT_LOADS = (0.2, 0.4, 0.6, 0.8)
@@ -217,18 +223,6 @@ def _llm_latency(runs: list[DriveResult]) -> dict[str, float]:
     return {m: float(np.mean(v)) for m, v in sorted(by_model.items())}
 
 
-def _latency_stats(latencies: list[float]) -> dict[str, float]:
-    """Mean, p50 and p99 of the measured requests of every repeat of a rate, pooled."""
-    if not latencies:
-        return {"mean": math.nan, "p50": math.nan, "p99": math.nan}
-    values = np.asarray(latencies, dtype=float)
-    return {
-        "mean": float(values.mean()),
-        "p50": float(np.percentile(values, 50)),
-        "p99": float(np.percentile(values, 99)),
-    }
-
-
 class Validation:
     """One ``scepsy validate`` run (module docstring)."""
 
@@ -363,7 +357,7 @@ class Validation:
     async def operating_step(self, rate: float) -> None:
         """One joint step at ``rate`` with ``--point-window``, added to the joint measurement:
         measured right before the workflow's run at that rate, on the same host state."""
-        window = getattr(self.args, "point_window", 0.0)
+        window = self.args.point_window
         if self.sweep is None or self.joint is None or not window > 0:
             return
         self.log(f"operating step: joint at {rate:.3f}/s, {window:g} s window")
@@ -427,7 +421,7 @@ class Validation:
             else:
                 loads = _positive_list("--load", args.load) if args.load else list(DEFAULT_LOADS)
                 rates = [f * capacity for f in loads]
-            repeats = getattr(args, "repeats", 1)
+            repeats = args.repeats
             runs: list[list[DriveResult]] = [[] for _ in rates]
             for k in range(repeats):  # round robin: a repeat comes minutes after the last one
                 for i, rate in enumerate(rates):
@@ -470,7 +464,7 @@ class Validation:
                     if sweep_profiles
                     else math.nan
                 )
-                stats_ = _latency_stats([x for run in repeated for x in run.latencies])
+                stats_ = latency_stats([x for run in repeated for x in run.latencies])
                 rows.append(
                     RateRow(
                         rate=rate,
@@ -729,13 +723,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--requests: must be >= 2, got {args.requests}")
     if not args.seconds > 0:
         raise InvalidInputError(f"--seconds: must be > 0, got {args.seconds}")
-    if getattr(args, "repeats", 1) < 1:
+    if args.repeats < 1:
         raise InvalidInputError(f"--repeats: must be >= 1, got {args.repeats}")
     if args.pilot_requests < 1:
         raise InvalidInputError(f"--pilot-requests: must be >= 1, got {args.pilot_requests}")
     if not args.pilot_rate > 0:
         raise InvalidInputError(f"--pilot-rate: must be > 0, got {args.pilot_rate}")
-    window = getattr(args, "point_window", 0.0)
+    window = args.point_window
     if not (window >= 0 and math.isfinite(window)):
         raise InvalidInputError(f"--point-window: must be >= 0 s, got {window}")
     if args.capacity_requests < 0:

@@ -229,14 +229,7 @@ class DriveResult:
         return [r.latency for r in self.measured if r.status == "ok"]
 
     def latency_stats(self) -> dict[str, float]:
-        values = np.asarray(self.latencies, dtype=float)
-        if values.size == 0:
-            return {"mean": math.nan, "p50": math.nan, "p99": math.nan}
-        return {
-            "mean": float(values.mean()),
-            "p50": float(np.percentile(values, 50)),
-            "p99": float(np.percentile(values, 99)),
-        }
+        return latency_stats(self.latencies)
 
     def window_latency(self, parts: int = 3) -> float:
         """The median over ``parts`` equal stretches of the run (by request start) of the mean
@@ -526,3 +519,15 @@ def tiny_workflow(name: str) -> Workflow:
             f"workflow: no tiny variant of {name!r} (choose from {', '.join(sorted(workflows))})"
         )
     return workflows[name]
+
+
+def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
+    """Mean, p50 and p99 of request latencies (NaN for none)."""
+    values = np.asarray(latencies, dtype=float)
+    if values.size == 0:
+        return {"mean": math.nan, "p50": math.nan, "p99": math.nan}
+    return {
+        "mean": float(values.mean()),
+        "p50": float(np.percentile(values, 50)),
+        "p99": float(np.percentile(values, 99)),
+    }
