@@ -53,7 +53,7 @@ from services.runtime.engines import (
     process_group_alive,
     vllm_executable,
 )
-from services.runtime.launch import LaunchHost, MpsDaemon, device_of, engine_cpus, engine_spec
+from services.runtime.launch import LaunchHost, MpsDaemon, device_of, engine_spec
 from services.runtime.logging import get_logger
 from services.runtime.store import Store
 
@@ -514,7 +514,7 @@ class EngineManager:
             engine.port = self._port()
         engine.cpu_slot = self._cpu_slot(intent, occupants)
         spec = engine_spec(intent, self._s.host, engine.port, engine.cpu_slot)
-        engine.cpus = engine_cpus(spec)
+        engine.cpus = spec.cpus or ()
         engine.log_path = str(self._s.engine_dir / f"{intent.id}.log")
         process = LocalEngine(spec, Path(engine.log_path), vllm=self._s.vllm)
         try:

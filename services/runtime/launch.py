@@ -12,7 +12,10 @@ an ``EngineSpec`` (``services.runtime.engines``), for the two kinds of hosts:
   declared ``cpu`` device stands for an equal slice of the host's cores; the memory cap sets the
   KV cache space (``VLLM_CPU_KVCACHE_SPACE``, GiB of the device's memory) and the compute share
   the cores the engine's threads bind to (``VLLM_CPU_OMP_THREADS_BIND``), so engines sharing a
-  host do not fight over the same cores.
+  host do not fight over the same cores. Every process of the engine (API server, engine core,
+  tokenizer threads) is confined to those cores too (``EngineSpec.cpus``): with only the OpenMP
+  threads bound, the rest floats onto a neighbour's cores and one engine ran 0.5-0.9 cores while
+  its neighbour took 1.0-1.4 (``scripts/bench_validate.py`` host report).
 
 Every engine gets ``--shutdown-timeout``: on SIGTERM vLLM waits at most that long for running
 requests, then aborts them and closes their streams (the agent drains an engine before it stops
@@ -117,6 +120,7 @@ def engine_spec(intent: EngineIntent, host: LaunchHost, port: int, cpu_slot: int
             enforce_eager=True,
             extra_args=extra,
             env=tuple(sorted(env.items())),
+            cpus=tuple(sorted({c for rank in ranks for c in rank})),
         )
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     if intent.shares_gpus:
@@ -145,12 +149,6 @@ def _shares_cores(intent: EngineIntent, host: LaunchHost) -> bool:
     """Whether a cpu engine's cores may run another engine too: a share of a device, or more
     devices than cores."""
     return intent.shares_gpus or host.devices > len(host.cpus)
-
-
-def engine_cpus(spec: EngineSpec) -> tuple[int, ...]:
-    """The cores a cpu engine spec binds to (empty for GPU engines)."""
-    bind = dict(spec.env).get("VLLM_CPU_OMP_THREADS_BIND", "")
-    return tuple(int(c) for rank in bind.split("|") for c in rank.split(",") if c.isdigit())
 
 
 class MpsDaemon:

@@ -256,6 +256,9 @@ def test_apply_serves_both_models_then_a_higher_rate_changes_only_what_must(
     assert sorted(e.model for e in ready.values()) == ["gen", "rerank", "rerank"]
     assert all(e.endpoint.startswith("http://127.0.0.1:") for e in ready.values())
     assert len({tuple(e.cpus) for e in ready.values()}) == 2  # gen alone on its core
+    for e in ready.values():  # every process of an engine (not only its OpenMP threads) on them
+        allowed = {frozenset(os.sched_getaffinity(pid)) for pid in process_group_alive(e.pid)}
+        assert allowed == {frozenset(e.cpus)}, (e.id, allowed)
     from openai import OpenAI
 
     client = OpenAI(base_url=suite.router, api_key="unused", timeout=60, max_retries=0)

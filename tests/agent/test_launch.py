@@ -21,7 +21,6 @@ from services.runtime.launch import (
     MpsDaemon,
     cpu_binding,
     device_cores,
-    engine_cpus,
     engine_spec,
 )
 
@@ -73,6 +72,7 @@ def test_gpu_engines_follow_their_placement(
         assert _flag(argv, "--max-model-len") == "4096" and "--seed" in argv
         assert _flag(argv, "--shutdown-timeout") == str(GPU_HOST.shutdown_timeout_s)
         assert "--dtype" not in argv and "--enforce-eager" not in argv  # CPU-only choices
+        assert spec.cpus is None  # a GPU engine's processes are not confined to cores
         if a.units < K:  # a share of a GPU runs under MPS with its compute share
             assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == str(a.mps_percentage)
             assert a.mps_percentage == round(100 * a.units / K)
@@ -97,7 +97,7 @@ def test_cpu_engines_get_their_cores_and_kv_space() -> None:
     assert cpu_binding(half, host, slot=2) == ((6, 7),)
     spec = engine_spec(half, host, 9000, cpu_slot=2)
     env = spec.environment({})
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "6,7" and engine_cpus(spec) == (6, 7)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "6,7" and spec.cpus == (6, 7)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # floor(0.475 x 8 GiB)
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # a half device: its cores are shared
     assert tuple(spec.argv()[spec.argv().index("--dtype") :][:2]) == ("--dtype", "float32")
@@ -108,6 +108,7 @@ def test_cpu_engines_get_their_cores_and_kv_space() -> None:
     assert engine_spec(two, host, 9001).environment({})["VLLM_CPU_OMP_THREADS_BIND"] == (
         "0,1,2,3|4,5,6,7"
     )
+    assert engine_spec(two, host, 9001).cpus == (0, 1, 2, 3, 4, 5, 6, 7)  # every rank's cores
     tiny_share = cpu_intent((0,), 1, 0.2)
     small_host = LaunchHost(device="cpu", cpus=(0, 1), devices=1, device_memory_gib=1)
     assert cpu_binding(tiny_share, small_host, slot=3) == ((1,),)
