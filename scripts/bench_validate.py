@@ -59,6 +59,7 @@ from services.cli.validate import (  # noqa: E402
     Validation,
     _stats_of,
     format_result,
+    run_pilot,
     summary,
     write_outputs,
 )
@@ -135,7 +136,10 @@ async def per_call(args: argparse.Namespace, router_url: str) -> list[dict[str, 
         for name in args.workflows.split(","):
             workflow = tiny_workflow(name)
             driver = WorkflowDriver(router_url, workflow, session)
-            pilot = await driver.run(args.pilot_rate, args.pilot_requests, seed=1)
+            pilot = await run_pilot(
+                driver, args.pilot_rate, args.pilot_requests, args.pilot_precision,
+                args.pilot_max_requests, 1, print,
+            )  # fmt: skip
             stats = _stats_of(pilot, workflow.name)
             sizes = fan_outs(pilot.trace().calls)
             fixed = [
@@ -277,6 +281,8 @@ async def run_all(
                 seconds=args.seconds,
                 pilot_rate=args.pilot_rate,
                 pilot_requests=args.pilot_requests,
+                pilot_precision=args.pilot_precision,
+                pilot_max_requests=args.pilot_max_requests,
                 capacity_requests=args.capacity_requests,
                 profile_budget=args.profile_budget,
                 profile_via=args.profile_via,
@@ -304,8 +310,12 @@ def main() -> int:
     parser.add_argument("--load", default="0.2,0.5,0.8")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=30.0, help="at most per rate")
-    parser.add_argument("--pilot-rate", type=float, default=0.3)
-    parser.add_argument("--pilot-requests", type=int, default=10)
+    parser.add_argument("--pilot-rate", type=float, default=1.0)
+    parser.add_argument("--pilot-requests", type=int, default=12, help="at least")
+    parser.add_argument(
+        "--pilot-precision", type=float, default=0.05, help="see scepsy validate --help"
+    )
+    parser.add_argument("--pilot-max-requests", type=int, default=120, help="at most")
     parser.add_argument("--capacity-requests", type=int, default=30)
     parser.add_argument("--profile-budget", type=float, default=100.0)
     parser.add_argument("--profiles", choices=PROFILE_SOURCES, default="joint")

@@ -3,14 +3,20 @@
     scepsy validate --workflow rag --router URL [--load 0.2,0.4,0.6,0.8 | --rates R,R,...]
                     [--requests N] [--profiles joint|measured|analytic] [--scale tiny|full]
                     [--joint-order workflow|independent] [--point-window S] [--repeats K]
-                    [--out DIR] [--json] [--redis-url URL]
+                    [--pilot-rate R] [--pilot-requests N] [--pilot-precision 0.05]
+                    [--pilot-max-requests 120] [--out DIR] [--json] [--redis-url URL]
 
 For a deployment already serving (engines registered with ``scepsy endpoints add``, a router in
 front of them; each LLM of the workflow is a model of the router under its deployment name):
 
 1. a pilot run drives the workflow's program (``services.runtime.driver``) through the router at
    a light rate; its trace gives the workflow's demand (n_m, p_m, stages, tool time) and each
-   LLM's request mix, as the planner would read them from the router's recorded trace;
+   LLM's request mix, as the planner would read them from the router's recorded trace. The
+   pilot is a sample, and a profile measured at a sample's mix is off by the sample's error:
+   after ``--pilot-requests`` it goes on until each LLM's mean prompt and completion tokens per
+   request have a relative standard error of at most ``--pilot-precision`` (default 5 %), up to
+   ``--pilot-max-requests`` (``pilot_size``). Twelve requests of tiny RAG gave the generator
+   1.21x the workflow's mean completion length, and every profile inherited it;
 2. each LLM's profile at that mix: ``joint`` (default) - every LLM of the workflow measured at
    once through the router at its share of the workflow's rate, its calls in groups whose sizes
    are drawn from the pilot trace's fan-outs (``services.profiler.joint``): by default the
@@ -50,7 +56,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +136,19 @@ def register(sub: Any) -> None:
         "(the measurement's reproducibility)",
     )
     parser.add_argument("--pilot-rate", type=float, default=0.3, help="pilot run, requests/s")
-    parser.add_argument("--pilot-requests", type=int, default=12, help="pilot run requests")
+    parser.add_argument(
+        "--pilot-requests", type=int, default=12, help="pilot run requests, at least"
+    )
+    parser.add_argument(
+        "--pilot-precision",
+        type=float,
+        default=0.05,
+        help="the pilot goes on until each LLM's mean tokens per request have at most this "
+        "relative standard error (0.05)",
+    )
+    parser.add_argument(
+        "--pilot-max-requests", type=int, default=120, help="pilot run requests, at most (120)"
+    )
     parser.add_argument(
         "--capacity-requests", type=int, default=40, help="requests of the capacity run (0: none)"
     )
@@ -396,14 +414,26 @@ class Validation:
             {demand.name: rate},
         )
 
+    async def pilot(self, driver: WorkflowDriver) -> DriveResult:
+        """The pilot run (module docstring, step 1)."""
+        a = self.args
+        return await run_pilot(
+            driver,
+            a.pilot_rate,
+            a.pilot_requests,
+            a.pilot_precision,
+            a.pilot_max_requests,
+            a.seed + 1,
+            self.log,
+        )
+
     async def run(self) -> dict[str, Any]:
         args = self.args
         started = time.monotonic()
         urls = await self.replicas()
         async with direct_session() as session:
             driver = WorkflowDriver(args.router, self.workflow, session, store=self.store)
-            self.log(f"pilot: {args.pilot_requests} requests at {args.pilot_rate:g}/s")
-            pilot = await driver.run(args.pilot_rate, args.pilot_requests, seed=args.seed + 1)
+            pilot = await self.pilot(driver)
             stats = _stats_of(pilot, self.workflow.name)
             demand = WorkflowDemand.from_stats(stats)
             allocation = await self.allocation(urls)
@@ -498,6 +528,7 @@ class Validation:
             "profiles": self.sources,
             "replicas": replicas,
             "allocation_source": self.allocation_source,
+            "pilot_requests": len(pilot.requests),
             "demand": {
                 "llms": {d.model: {"n": d.n, "p": d.p} for d in demand.llms},
                 "stages": [list(s) for s in demand.stages],
@@ -520,6 +551,50 @@ def _sizes_text(llm: JointLlm) -> str:
     lo, hi = min(llm.sizes), max(llm.sizes)
     span = f"{lo}" if lo == hi else f"{lo}-{hi}"
     return f"{span} (mean {llm.mean_group:.2f})"
+
+
+async def run_pilot(
+    driver: WorkflowDriver,
+    rate: float,
+    first: int,
+    precision: float,
+    most: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> DriveResult:
+    """``first`` requests at ``rate``, then as many more as ``pilot_size`` asks for at
+    ``precision``, up to ``most`` in all; one run of them all."""
+    log(f"pilot: {first} requests at {rate:g}/s")
+    run = await driver.run(rate, first, seed=seed)
+    needed = min(most, pilot_size(run, precision))
+    if needed > len(run.requests):
+        more = needed - len(run.requests)
+        log(f"pilot: {more} more, for a {precision:.0%} standard error of each LLM's tokens")
+        extra = await driver.run(rate, more, seed=seed + 1)
+        run = DriveResult(run.workflow, run.rate, run.requests + extra.requests)
+    return run
+
+
+def pilot_size(run: DriveResult, precision: float) -> int:
+    """The requests a pilot needs so that each LLM's mean prompt tokens and mean completion
+    tokens per request have a relative standard error of at most ``precision``:
+    ``ceil((cv / precision)^2)`` for the largest coefficient of variation among them over the
+    run's ok requests. Per request, so that the calls' count (n_m: beam's rounds) varies too; a
+    request without a call to the LLM counts 0. With fewer than two ok requests: their number
+    (nothing to estimate from)."""
+    ok = [r for r in run.measured if r.status == "ok"]
+    if len(ok) < 2:
+        return len(ok)
+    models = sorted({m for r in ok for m, _ in r.calls})
+    worst = 0.0
+    for model in models:
+        per_request = [[c for m, c in r.calls if m == model and c.ok] for r in ok]
+        for field in ("prompt_tokens", "completion_tokens"):
+            totals = np.array([sum(getattr(c, field) for c in calls) for calls in per_request])
+            mean = float(totals.mean())
+            if mean > 0:
+                worst = max(worst, float(totals.std(ddof=1)) / mean)
+    return max(len(ok), math.ceil((worst / precision) ** 2))
 
 
 def _stats_of(run: DriveResult, name: str) -> WorkflowStats:
@@ -558,7 +633,7 @@ def format_result(result: Mapping[str, Any]) -> str:
         + ", ".join(f"{m} x{r}" for m, r in result["replicas"].items())
         + f" ({result.get('allocation_source', '')}); profiles "
         + ", ".join(f"{m}: {s}" for m, s in result["profiles"].items()),
-        "demand (pilot trace): "
+        f"demand (pilot trace, {result['pilot_requests']} requests): "
         + ", ".join(f"{m} n={v['n']:.2f} p={v['p']:.2f}" for m, v in demand["llms"].items())
         + f", stages {demand['stages']}, tool {demand['tool_time_s']:.3f} s",
         f"  {'rate/s':>7} {'load':>5} {'pred s':>7} {'meas s':>7} {'err %':>6} {'p50 s':>6} "
@@ -729,6 +804,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--pilot-requests: must be >= 1, got {args.pilot_requests}")
     if not args.pilot_rate > 0:
         raise InvalidInputError(f"--pilot-rate: must be > 0, got {args.pilot_rate}")
+    if not (args.pilot_precision > 0 and math.isfinite(args.pilot_precision)):
+        raise InvalidInputError(f"--pilot-precision: must be > 0, got {args.pilot_precision}")
+    if args.pilot_max_requests < 1:
+        raise InvalidInputError(
+            f"--pilot-max-requests: must be >= 1, got {args.pilot_max_requests}"
+        )
     window = args.point_window
     if not (window >= 0 and math.isfinite(window)):
         raise InvalidInputError(f"--point-window: must be >= 0 s, got {window}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import main
-from services.cli.validate import RateRow, Validation
+from services.cli.validate import RateRow, Validation, pilot_size
 from services.core.errors import NotFoundError
 from services.core.perf.analytic import RequestMix
 from services.core.perf.profile import ProfileKey
@@ -32,6 +32,7 @@ from services.core.planning.profiles import SpecProfiles
 from services.core.sim.replay import ReplayRequest
 from services.profiler.joint import JointLlm, JointSweep, monotone
 from services.profiler.vllm_backend import SweepConfig
+from services.runtime.driver import CallOutcome, DriveResult, RequestOutcome
 from services.runtime.engines import EngineSpec, LocalEngine, run_engine_module, vllm_executable
 from services.runtime.redis_server import free_port
 from services.runtime.store import Store
@@ -50,6 +51,8 @@ REPO = Path(__file__).resolve().parents[2]
         (["--repeats", "0"], "error: --repeats: must be >= 1, got 0"),
         (["--point-window", "-1"], "error: --point-window: must be >= 0 s, got -1.0"),
         (["--point-window", "nan"], "error: --point-window: must be >= 0 s, got nan"),
+        (["--pilot-precision", "0"], "error: --pilot-precision: must be > 0, got 0.0"),
+        (["--pilot-max-requests", "0"], "error: --pilot-max-requests: must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_are_exit_2_naming_the_flag(
@@ -60,6 +63,35 @@ def test_bad_flags_are_exit_2_naming_the_flag(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and captured.out == ""
+
+
+def _pilot(*requests: list[tuple[str, int, int]], failed: int = 0) -> DriveResult:
+    """A pilot run: per request its calls (LLM, prompt tokens, completion tokens); ``failed``
+    more requests that failed (with calls that would change every figure)."""
+
+    def outcome(calls: list[tuple[str, int, int]], status: str) -> RequestOutcome:
+        made = tuple((m, CallOutcome(0.0, 1.0, 0.1, p, c)) for m, p, c in calls)
+        return RequestOutcome("r", 0.0, 0.0, 1.0, status, made, 0.0)  # type: ignore[arg-type]
+
+    done = [outcome(calls, "ok") for calls in requests]
+    done += [outcome([("gen", 999, 999)], "error") for _ in range(failed)]
+    return DriveResult("rag", 1.0, tuple(done))
+
+
+def test_the_pilot_is_long_enough_for_each_llms_tokens_per_request_to_the_precision() -> None:
+    # every request alike: nothing to estimate, the requests run are enough
+    same = _pilot(*[[("rank", 50, 1), ("gen", 90, 30)]] * 5)
+    assert pilot_size(same, 0.05) == 5
+    # gen's completions 10, 20, 30: cv 0.5, so (0.5 / 0.2)^2 = 6.25 -> 7 requests
+    spread = _pilot(*[[("rank", 50, 1), ("gen", 90, c)] for c in (10, 20, 30)], failed=2)
+    assert pilot_size(spread, 0.2) == 7
+    assert pilot_size(spread, 0.05) == 100  # (0.5 / 0.05)^2
+    # a request without a call to an LLM counts 0 for it (beam's rounds): prompts 10, 0, 20
+    # per request have cv 1; a second call in one request adds to that request's total
+    rounds = _pilot([("gen", 10, 5)], [], [("gen", 5, 5), ("gen", 15, 5)])
+    assert pilot_size(rounds, 0.4) == 7  # (1 / 0.4)^2 = 6.25
+    # fewer than two ok requests: nothing to estimate from
+    assert pilot_size(_pilot([("gen", 10, 5)], failed=3), 0.05) == 1
 
 
 def test_no_registered_engine_is_named(
@@ -137,6 +169,7 @@ def test_validate_prints_predicted_against_measured_and_writes_the_plot(
     argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "analytic"]
     argv += ["--rates", "0.3,0.6", "--requests", "6", "--pilot-requests", "4", "--repeats", "2"]
     argv += ["--capacity-requests", "8", "--out", str(tmp_path / "out"), *store_flags]
+    argv += ["--pilot-max-requests", "4"]  # 4 requests: no more
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "workflow rag (tiny) on cpu" in out
@@ -278,8 +311,11 @@ def test_validate_with_joint_profiles_names_them(
     argv = ["validate", "--workflow", "rag", "--router", router, "--profiles", "joint"]
     argv += ["--load", "0.3", "--requests", "6", "--pilot-requests", "4", "--json"]
     argv += ["--capacity-requests", "0", "--profile-budget", "45", "--point-window", "2"]
+    argv += ["--pilot-max-requests", "7"]
     assert main([*argv, *store_flags]) == 0
     result = json.loads(capsys.readouterr().out)
+    # 4 pilot requests are far from a 5 % error on the generator's tokens: 3 more, the most
+    assert result["pilot_requests"] == 7
     assert result["allocation_source"] == "registered endpoints"
     assert result["replicas"] == {"reranker": 1, "generator": 1}
     assert all(s.startswith("joint (") for s in result["profiles"].values())
