@@ -602,6 +602,9 @@ class Http1Pool:
             raise Http1ConnectError(
                 f"cannot connect to {host}:{port}: {exc.strerror or exc}"
             ) from None
+        if self._closed:  # closed while this connection was being made: it must not outlive it
+            connection._close()
+            raise Http1ConnectError("connection pool closed")
         return connection
 
     def _take(self, key: str) -> _Connection | None:

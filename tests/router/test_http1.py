@@ -191,6 +191,20 @@ async def test_closing_the_pool_closes_connections_in_use_and_waiting_for_a_last
     with pytest.raises(Http1ConnectError, match="pool closed"):
         await pool.post(url, "/x", b"{}")
 
+    # closed while a connection was being made: that one is closed too, not handed out
+    async def until_closed(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+        ended.append(await reader.read())
+
+    url, accepted = await raw_server(until_closed)
+    other = Http1Pool(connect_timeout_s=2.0)
+    connecting = asyncio.create_task(other.post(url, "/x", b"{}"))
+    await asyncio.sleep(0)  # the post is inside create_connection now
+    other.close()
+    with pytest.raises(Http1ConnectError, match="pool closed"):
+        await asyncio.wait_for(connecting, 5)
+    await wait_until(lambda: len(ended) == 3)
+    assert len(accepted) == 1 and ended[2] == b""
+
 
 async def test_failures_are_told_apart() -> None:
     pool = Http1Pool(connect_timeout_s=2.0)
