@@ -184,8 +184,10 @@ def test_validate_prints_predicted_against_measured_and_writes_the_plot(
         assert float(r["measured_latency_s"]) > 0 and float(r["predicted_latency_s"]) > 0
         assert int(r["errors"]) == 0 and int(r["requests"]) == 12
         measured, predicted = float(r["measured_latency_s"]), float(r["predicted_latency_s"])
+        # the latencies are written to 5 significant digits: their ratio to about 1e-4, so the
+        # error recomputed from them to about 0.01 percentage points (more when it is small)
         assert float(r["latency_error_pct"]) == pytest.approx(
-            abs(predicted / measured - 1) * 100, rel=1e-3
+            abs(predicted / measured - 1) * 100, rel=1e-3, abs=0.02
         )
     assert (tmp_path / "out" / "validate.png").stat().st_size > 1000
 
