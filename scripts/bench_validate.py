@@ -372,13 +372,14 @@ def main() -> int:
     engines: list[LocalEngine] = []
     started = time.monotonic()
     try:
-        for core, (name, served) in enumerate(ENGINES.items()):
+        for i, (name, served) in enumerate(ENGINES.items()):
+            core = i % (os.cpu_count() or 1)
             spec = EngineSpec.cpu(
                 model_dir,
                 served[0],
                 extra_args=["--served-model-name", *served],
-                env={"VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1))},
-                cpus=(core % (os.cpu_count() or 1),) if args.confine else None,
+                env={"VLLM_CPU_OMP_THREADS_BIND": str(core)},
+                cpus=(core,) if args.confine else None,
             )
             engine = LocalEngine(spec, work / f"engine-{name}.log")
             engine.start()
