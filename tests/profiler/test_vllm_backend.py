@@ -208,9 +208,16 @@ def test_a_sweep_saturated_early_fills_in_rates_below(engine: LocalEngine) -> No
         probe_calls=16,
         rate_steps=(3.0, 6.0, 10.0),
         drain_s=3.0,
-        budget_s=60.0,
+        # a budget the sweep does not meet on a stalled host either: a CI run's warm-up, probe
+        # and first step took most of 60 s, and its one window held a single unfinished call
+        budget_s=180.0,
     )
-    backend = VllmBackend(endpoint=engine.base_url, config=config, progress=lines.append)
+
+    def progress(line: str) -> None:  # printed too: pytest shows it when the sweep raises
+        lines.append(line)
+        print(line)
+
+    backend = VllmBackend(endpoint=engine.base_url, config=config, progress=progress)
     result = backend.measure(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 16), seed=1)
     assert result.stop_reason == "saturated", lines
     filled = result.method["filled_rates"]
