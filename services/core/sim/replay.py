@@ -15,6 +15,8 @@ order. The run then carries the trace's mean work within O(1/n) rather than O(1/
 matters where a few requests carry most of it (co-serving RAG with a 10% share of beam search:
 CV 2.3; one allocation at one rate scored 5.4-7.0 s over six seeds of 2,175 iid draws, where
 long runs measure 6.5 s); the order, and so how heavy requests bunch in time, stays random.
+``StratifiedMix`` does the same for several workflows served at once, each at exactly its
+share of the run's requests.
 
 The waves keep what the ALP's closed form loses: fan-outs arriving together, and stages that
 alternate behind a barrier each round (beam search's policy and reward model). They lose
@@ -24,10 +26,11 @@ still runs waits for the whole wave here), so the replay errs towards more laten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.sim.program import Llm, Parallel, Program, Tool
@@ -165,6 +168,92 @@ class StratifiedReplay:
 
     def mean_calls(self) -> dict[str, float]:
         return self.base.mean_calls()
+
+
+@dataclass(frozen=True, slots=True)
+class StratifiedMix:
+    """A run of several workflows' replays served at once, each at exactly its share of the
+    run's requests (module docstring): request i of the run is request ``index[i]`` of part
+    ``part[i]``'s stratified run. A ``workflows.Mix`` draws each request's part, so a run (and a
+    trace of one) holds a draw of the shares; for co-serving RAG with a 10% share of beam
+    search, whose requests carry most of the latency, a traced 8,000 requests held 9.66% beam,
+    and every run replayed from it scored that allocation 4-6% faster than the program's
+    long runs."""
+
+    name: str
+    models: Mapping[str, str]
+    parts: tuple[StratifiedReplay, ...]
+    shares: tuple[float, ...]
+    part: tuple[int, ...]  # per request of the run, its part
+    index: tuple[int, ...]  # ... and its position in that part's run
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        parts: Sequence[TraceReplay],
+        shares: Sequence[float],
+        requests: int,
+        seed: int,
+    ) -> StratifiedMix:
+        """The run of ``requests`` requests (at least one) with ``seed``: part k's
+        ``requests x shares[k]`` rounded by largest remainder, each part's drawn stratified
+        (``StratifiedReplay.of``, seeds ``[seed, k]``), in random order."""
+        if requests < 1:
+            raise InvalidInputError(f"requests: need at least 1, got {requests}")
+        if len(parts) != len(shares) or not parts or min(shares) <= 0:
+            raise InvalidInputError(f"{name}: one share > 0 per part, at least one part")
+        exact = np.asarray(shares, dtype=float) / sum(shares) * requests
+        counts = np.floor(exact).astype(np.int64)
+        left = requests - int(counts.sum())
+        counts[np.argsort(-(exact - counts), kind="stable")[:left]] += 1
+        runs = tuple(
+            StratifiedReplay.of(p, max(int(c), 1), _part_seed(seed, k))
+            for k, (p, c) in enumerate(zip(parts, counts, strict=True))
+        )
+        part = np.repeat(np.arange(len(parts)), counts)
+        index = np.concatenate([np.arange(c) for c in counts])
+        order = np.random.default_rng(seed).permutation(requests)
+        models: dict[str, str] = {}
+        for p in parts:
+            models.update(p.models)
+        return cls(
+            name,
+            dict(sorted(models.items())),
+            runs,
+            tuple(float(s) for s in shares),
+            tuple(int(k) for k in part[order]),
+            tuple(int(i) for i in index[order]),
+        )
+
+    def program(self, rng: np.random.Generator) -> Program:
+        """A request past the run's length: a part drawn by share, a uniform draw of it."""
+        k = int(rng.choice(len(self.parts), p=np.asarray(self.shares) / sum(self.shares)))
+        return self.parts[k].program(rng)
+
+    def program_at(self, index: int, rng: np.random.Generator) -> Program:
+        if index >= len(self.part):
+            return self.program(rng)
+        return self.parts[self.part[index]].program_at(self.index[index], rng)
+
+    def groups(self, requests: int) -> npt.NDArray[np.int64]:
+        """Per request of the run's first ``requests`` (at most its length), its part
+        (``measure.measure``'s ``groups``)."""
+        if requests > len(self.part):
+            raise InvalidInputError(f"requests: the run has {len(self.part)}, asked {requests}")
+        return np.asarray(self.part[:requests], dtype=np.int64)
+
+    def mean_calls(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        total = sum(self.shares)
+        for part, share in zip(self.parts, self.shares, strict=True):
+            for k, v in part.mean_calls().items():
+                out[k] = out.get(k, 0.0) + share / total * v
+        return out
+
+
+def _part_seed(seed: int, part: int) -> int:
+    return int(np.random.default_rng([seed, part]).integers(2**31))
 
 
 def _tokens(request: ReplayRequest) -> int:

@@ -19,7 +19,8 @@ same way.
   draw of requests and arrivals, its budget the LLM calls simulated (``simulated``), so a plan
   does not depend on the host's speed.
 
-Several workflows are replayed as one ``Mix`` at their shares of the requests.
+Several workflows are replayed as one ``Mix``, each run holding each workflow at exactly its
+share of the requests (``replay.StratifiedMix``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import re
 import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-
-import numpy as np
 
 from services.core.allocation import Allocation
 from services.core.cluster.hardware import GpuSpec
@@ -47,7 +46,7 @@ from services.core.sim.measure import (
     work_rate,
 )
 from services.core.sim.program import Workflow
-from services.core.sim.replay import StratifiedReplay, TraceReplay
+from services.core.sim.replay import StratifiedMix, StratifiedReplay, TraceReplay
 from services.core.sim.simulator import Deployment, SimOptions, SimResult, simulate
 from services.core.sim.workflows import Mix
 from services.core.workload.trace import Trace
@@ -185,9 +184,8 @@ class ReplayScorer:
     """Scores of allocations on ``workflow`` (a replay, or a ``Mix`` of replays) served by
     ``models`` on ``gpu`` (module docstring). ``isolated_latency`` (s, a request served alone)
     and ``spread_requests`` (``spread_requests`` of the trace at ``settings.run_error``) size the
-    runs; ``groups`` (per request of a single replay, the index of the workflow it came from,
-    when several were traced as one) makes each workflow's backlog count on its own
-    (``measure.measure``), as a ``Mix``'s parts do."""
+    runs. A ``Mix``'s runs hold each workflow at exactly its share (``run_workflow``), and
+    each workflow's backlog counts on its own (``run_groups``, ``measure.measure``)."""
 
     workflow: Workflow
     gpu: GpuSpec
@@ -196,7 +194,6 @@ class ReplayScorer:
     options: SimOptions = field(default_factory=SimOptions)
     settings: RefineSettings = field(default_factory=RefineSettings)
     spread_requests: int = 0
-    groups: tuple[int, ...] = ()  # per replayed request, its workflow (class docstring)
     scores: dict[tuple[str, float, int], Scored] = field(default_factory=dict)
     simulated: int = 0  # LLM calls simulated by ``score`` and ``capacity`` so far
 
@@ -319,19 +316,24 @@ class ReplayScorer:
 
     def run_workflow(self, requests: int, seed: int) -> Workflow:
         """What a run of ``requests`` requests replays: a single workflow's trace stratified by
-        work (``replay.StratifiedReplay``), the same draw for every allocation and rate at one
-        ``seed``; a ``Mix`` draws each part's requests independently."""
-        if isinstance(self.workflow, TraceReplay):
-            return StratifiedReplay.of(self.workflow, requests, seed)
-        return self.workflow
+        work (``replay.StratifiedReplay``), several workflows' each at exactly its share and
+        stratified (``replay.StratifiedMix``); the same draw for every allocation and rate at
+        one ``seed``."""
+        wf = self.workflow
+        if isinstance(wf, TraceReplay):
+            return StratifiedReplay.of(wf, requests, seed)
+        if isinstance(wf, Mix) and all(isinstance(p, TraceReplay) for p in wf.parts):
+            parts = [p for p in wf.parts if isinstance(p, TraceReplay)]
+            return StratifiedMix.of(wf.name, parts, wf.shares, requests, seed)
+        return wf
 
     def run_groups(self, run: Workflow, seed: int, requests: int) -> IntArray | None:
         """Per request of ``run`` (``run_workflow``'s, simulated with ``seed``), the index of
         its workflow when several are served; None for one."""
+        if isinstance(run, StratifiedMix):
+            return run.groups(requests)
         if isinstance(run, Mix):
             return run.groups(seed, requests)
-        if isinstance(run, StratifiedReplay) and self.groups:
-            return np.asarray([self.groups[i] for i in run.order[:requests]], dtype=np.int64)
         return None
 
     def refiner(self, rate: float) -> Refiner:

@@ -32,7 +32,7 @@ Systems (``SYSTEMS``), each ``plan(context, gpus, rate) -> Setup``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -242,8 +242,14 @@ class Context:
         """Allocations scored on the replayed warm-up trace (``services.core.sim.scoring``):
         the isolated latency of the warm-up probe sizes the runs."""
         if self._scorer is None:
-            name = self.workflow.name
-            replay = TraceReplay.of(self.warmup, name, self.workflow.models)
+            wf = self.workflow
+            replay: Workflow
+            if isinstance(wf, Mix):  # each part's traced requests, at the mix's shares
+                tagged = tag_parts(self.warmup, wf, warmup_seed(self.options))
+                parts = tuple(TraceReplay.of(tagged, p.name, wf.models) for p in wf.parts)
+                replay = Mix(wf.name, parts, wf.shares)
+            else:
+                replay = TraceReplay.of(self.warmup, wf.name, wf.models)
             settings = self.refine or RefineSettings()
             self._scorer = ReplayScorer(
                 replay,
@@ -253,16 +259,8 @@ class Context:
                 self.options,
                 settings,
                 self.spread_requests(settings.run_error),
-                self.trace_groups(replay.request_ids),
             )
         return self._scorer
-
-    def trace_groups(self, request_ids: Sequence[str]) -> tuple[int, ...]:
-        """Per warm-up request (``r<index>``), its part of a ``Mix``; () for one workflow."""
-        if not isinstance(self.workflow, Mix):
-            return ()
-        seed = warmup_seed(self.options)
-        return tuple(self.workflow.part_number(seed, int(rid[1:])) for rid in request_ids)
 
     def groups(self, requests: int) -> npt.NDArray[np.int64] | None:
         """Per request of a ``serve`` run of ``requests`` requests, its part of a ``Mix``
@@ -343,7 +341,7 @@ def warmup_needed(trace: Trace, name: str, error: float) -> int:
 
 def warmup_seed(options: SimOptions) -> int:
     """The simulation seed of the warm-up run (``warmup_trace``): what tells a ``Mix``'s parts
-    apart in its trace (``tag_parts``, ``Context.trace_groups``)."""
+    apart in its trace (``tag_parts``)."""
     return options.seed + 1
 
 
