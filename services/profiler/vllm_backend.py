@@ -30,7 +30,9 @@ completion lengths from a trace, or fixed). A sweep:
    (``fill_rates``), in rising order, each measured as a step is (recheck and saturation check
    included), as long as the next one fits ``budget_s``. A filled-in rate that falls behind is
    kept, marked saturated, and is no profile point; while points are still short, the next
-   round fills in below the lowest such rate (``FILL_ROUNDS`` rounds at most).
+   round fills in below the lowest such rate (``FILL_ROUNDS`` rounds at most). When no call
+   completed at all (an engine stalled from the first rate on), the fill-in goes below the
+   lowest rate tried.
    ``method["filled_rates"]`` lists the rates filled in, in the order measured.
 
 The profile's saturation rate is the highest throughput achieved at a rate (filled-in rates
@@ -531,7 +533,10 @@ class Sweep:
             saturation = max((p.throughput for p in points), default=0.0)
             filled: list[RatePoint] = []
             if stop == "saturated":
-                filled = await self._fill(session, name, points, saturation, idle_latency, started)
+                # nothing completed (the engine stalled from the first rate on): fill in below
+                # the lowest rate tried
+                ceiling = saturation if saturation > 0 else min(p.rate for p in points)
+                filled = await self._fill(session, name, points, ceiling, idle_latency, started)
                 points = sorted([*points, *filled], key=lambda p: p.rate)
                 saturation = max(p.throughput for p in points)
         # Otherwise the capacity is at least the highest rate the engine kept up with (a burst's

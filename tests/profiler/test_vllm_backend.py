@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,53 @@ def test_a_sweep_saturated_early_fills_in_rates_below(engine: LocalEngine) -> No
     assert result.method["rates_tried"] == [p.rate for p in result.points]
     assert any(": fill 1/" in line for line in lines), lines
     assert len(result.profile().points) == len(kept)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_an_engine_stalled_from_the_first_rate_on_is_profiled_below_it(
+    engine: LocalEngine,
+) -> None:
+    # The host stalls the engine (SIGSTOP to its process group) after the probe, until its
+    # first rate has fallen behind twice (the recheck): no call completes, so there is no
+    # throughput to fill in below; the sweep fills in below the lowest rate tried instead.
+    pgid = engine.pid
+    assert pgid is not None
+    lines: list[str] = []
+    stalled: list[bool] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        print(line)
+        if "idle latency" in line and not stalled:
+            os.killpg(pgid, signal.SIGSTOP)
+            stalled.append(True)
+        elif ": rate 1/" in line:
+            os.killpg(pgid, signal.SIGCONT)
+
+    config = SweepConfig(
+        warmup_s=0.5,
+        window_s=2.0,
+        probe_calls=8,
+        rate_steps=(0.5, 1.0, 2.0),
+        drain_s=2.0,
+        budget_s=180.0,
+    )
+    backend = VllmBackend(endpoint=engine.base_url, config=config, progress=progress)
+    try:
+        result = backend.measure(TINY, CPU, 1, 1.0, RequestMix.fixed(32, 16), seed=5)
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    assert stalled and result.stop_reason == "saturated", lines
+    first = result.method["rates_tried"][-1]  # the highest rate: the stalled step
+    stalled_point = next(p for p in result.points if p.rate == first)
+    assert stalled_point.saturated and stalled_point.ok == 0
+    assert stalled_point.error_kinds.get("unfinished", 0) >= 3
+    filled = result.method["filled_rates"]
+    assert filled and all(rate < first for rate in filled), lines
+    kept = result.profile_points()
+    assert kept and all(p.rate in filled for p in kept)
+    assert result.saturation_rate == max(p.throughput for p in result.points) > 0
 
 
 @pytest.mark.engine
