@@ -177,8 +177,8 @@ class StratifiedMix:
     ``part[i]``'s stratified run. A ``workflows.Mix`` draws each request's part, so a run (and a
     trace of one) holds a draw of the shares; for co-serving RAG with a 10% share of beam
     search, whose requests carry most of the latency, a traced 8,000 requests held 9.66% beam,
-    and every run replayed from it scored that allocation 4-6% faster than the program's
-    long runs."""
+    and runs replayed from it scored one allocation at 7.17-7.65 s on four seeds of 8,788
+    requests where the program measured 7.00-8.84 s (mean 7.97 s)."""
 
     name: str
     models: Mapping[str, str]
@@ -198,7 +198,7 @@ class StratifiedMix:
     ) -> StratifiedMix:
         """The run of ``requests`` requests (at least one) with ``seed``: part k's
         ``requests x shares[k]`` rounded by largest remainder, each part's drawn stratified
-        (``StratifiedReplay.of``, seeds ``[seed, k]``), in random order."""
+        (``StratifiedReplay.of``, its seed drawn from ``[seed, k]``), in random order."""
         if requests < 1:
             raise InvalidInputError(f"requests: need at least 1, got {requests}")
         if len(parts) != len(shares) or not parts or min(shares) <= 0:
