@@ -26,7 +26,7 @@ still runs waits for the whole wave here), so the replay errs towards more laten
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from services.core.errors import InvalidInputError
 from services.core.sim.program import Llm, Parallel, Program, Tool
+from services.core.sim.workflows import Mix
 from services.core.workload.trace import Trace, TraceCall
 
 # (gap before the wave in s, the wave's calls as (model, prompt tokens, completion tokens))
@@ -180,56 +181,48 @@ class StratifiedMix:
     and runs replayed from it scored one allocation at 7.17-7.65 s on four seeds of 8,788
     requests where the program measured 7.00-8.84 s (mean 7.97 s)."""
 
-    name: str
-    models: Mapping[str, str]
-    parts: tuple[StratifiedReplay, ...]
-    shares: tuple[float, ...]
+    mix: Mix  # its parts are ``TraceReplay``s
+    parts: tuple[StratifiedReplay, ...]  # per part of ``mix``, its stratified run
     part: tuple[int, ...]  # per request of the run, its part
     index: tuple[int, ...]  # ... and its position in that part's run
 
     @classmethod
-    def of(
-        cls,
-        name: str,
-        parts: Sequence[TraceReplay],
-        shares: Sequence[float],
-        requests: int,
-        seed: int,
-    ) -> StratifiedMix:
+    def of(cls, mix: Mix, requests: int, seed: int) -> StratifiedMix:
         """The run of ``requests`` requests (at least one) with ``seed``: part k's
         ``requests x shares[k]`` rounded by largest remainder, each part's drawn stratified
-        (``StratifiedReplay.of``, its seed drawn from ``[seed, k]``), in random order."""
+        (``StratifiedReplay.of``, its seed drawn from ``[seed, k]``), in random order. Raises
+        ``InvalidInputError`` unless every part of ``mix`` is a ``TraceReplay``."""
         if requests < 1:
             raise InvalidInputError(f"requests: need at least 1, got {requests}")
-        if len(parts) != len(shares) or not parts or min(shares) <= 0:
-            raise InvalidInputError(f"{name}: one share > 0 per part, at least one part")
-        exact = np.asarray(shares, dtype=float) / sum(shares) * requests
+        replays = [p for p in mix.parts if isinstance(p, TraceReplay)]
+        if len(replays) != len(mix.parts):
+            raise InvalidInputError(f"{mix.name}: every part must be a trace replay")
+        exact = np.asarray(mix.shares, dtype=float) * requests
         counts = np.floor(exact).astype(np.int64)
         left = requests - int(counts.sum())
         counts[np.argsort(-(exact - counts), kind="stable")[:left]] += 1
         runs = tuple(
             StratifiedReplay.of(p, max(int(c), 1), _part_seed(seed, k))
-            for k, (p, c) in enumerate(zip(parts, counts, strict=True))
+            for k, (p, c) in enumerate(zip(replays, counts, strict=True))
         )
-        part = np.repeat(np.arange(len(parts)), counts)
+        part = np.repeat(np.arange(len(replays)), counts)
         index = np.concatenate([np.arange(c) for c in counts])
         order = np.random.default_rng(seed).permutation(requests)
-        models: dict[str, str] = {}
-        for p in parts:
-            models.update(p.models)
         return cls(
-            name,
-            dict(sorted(models.items())),
-            runs,
-            tuple(float(s) for s in shares),
-            tuple(int(k) for k in part[order]),
-            tuple(int(i) for i in index[order]),
+            mix, runs, tuple(int(k) for k in part[order]), tuple(int(i) for i in index[order])
         )
 
+    @property
+    def name(self) -> str:
+        return self.mix.name
+
+    @property
+    def models(self) -> Mapping[str, str]:
+        return self.mix.models
+
     def program(self, rng: np.random.Generator) -> Program:
-        """A request past the run's length: a part drawn by share, a uniform draw of it."""
-        k = int(rng.choice(len(self.parts), p=np.asarray(self.shares) / sum(self.shares)))
-        return self.parts[k].program(rng)
+        """A request past the run's length: the mix's own draw."""
+        return self.mix.program(rng)
 
     def program_at(self, index: int, rng: np.random.Generator) -> Program:
         if index >= len(self.part):
@@ -244,12 +237,7 @@ class StratifiedMix:
         return np.asarray(self.part[:requests], dtype=np.int64)
 
     def mean_calls(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        total = sum(self.shares)
-        for part, share in zip(self.parts, self.shares, strict=True):
-            for k, v in part.mean_calls().items():
-                out[k] = out.get(k, 0.0) + share / total * v
-        return out
+        return self.mix.mean_calls()
 
 
 def _part_seed(seed: int, part: int) -> int:

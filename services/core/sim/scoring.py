@@ -323,8 +323,7 @@ class ReplayScorer:
         if isinstance(wf, TraceReplay):
             return StratifiedReplay.of(wf, requests, seed)
         if isinstance(wf, Mix) and all(isinstance(p, TraceReplay) for p in wf.parts):
-            parts = [p for p in wf.parts if isinstance(p, TraceReplay)]
-            return StratifiedMix.of(wf.name, parts, wf.shares, requests, seed)
+            return StratifiedMix.of(wf, requests, seed)
         return wf
 
     def run_groups(self, run: Workflow, seed: int, requests: int) -> IntArray | None:

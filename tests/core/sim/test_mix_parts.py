@@ -90,7 +90,7 @@ def test_a_stratified_mix_holds_each_parts_work_and_share() -> None:
     assert isinstance(beam, TraceReplay)
     parts = (light, beam)
     for requests in (7, 50, 333):
-        run = StratifiedMix.of("m", parts, (0.85, 0.15), requests, seed=requests)
+        run = StratifiedMix.of(Mix("m", parts, (0.85, 0.15)), requests, seed=requests)
         counts = np.bincount(run.groups(requests), minlength=2)
         assert counts.sum() == requests
         assert abs(counts[1] - 0.15 * requests) < 1  # rounding, never a draw
@@ -105,11 +105,11 @@ def test_a_stratified_mix_holds_each_parts_work_and_share() -> None:
             if n >= len(part.work):  # every traced request at least n // N times
                 assert np.mean(drawn) == pytest.approx(np.mean(part.work), rel=0.15)
     with pytest.raises(InvalidInputError, match="requests"):
-        StratifiedMix.of("m", parts, (0.5, 0.5), 0, seed=1)
+        StratifiedMix.of(Mix("m", parts, (0.5, 0.5)), 0, seed=1)
     with pytest.raises(InvalidInputError, match="share"):
-        StratifiedMix.of("m", parts, (1.0, 0.0), 5, seed=1)
+        StratifiedMix.of(Mix("m", parts, (1.0, 0.0)), 5, seed=1)
     with pytest.raises(InvalidInputError, match="requests"):
-        StratifiedMix.of("m", parts, (0.5, 0.5), 5, seed=1).groups(6)
+        StratifiedMix.of(Mix("m", parts, (0.5, 0.5)), 5, seed=1).groups(6)
 
 
 def test_one_workflow_has_no_groups() -> None:
